@@ -1,0 +1,71 @@
+"""A PLASA program file: its EVOLVE-BLOCKs, and loading it as a module."""
+
+import importlib.util
+import itertools
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK_START = "# EVOLVE-BLOCK-START"
+BLOCK_END = "# EVOLVE-BLOCK-END"
+_module_ids = itertools.count()
+
+
+@dataclass
+class Block:
+    name: str  # the word after EVOLVE-BLOCK-START, or block<i>
+    start: int  # 0-based line index of the START marker
+    end: int  # 0-based line index of the END marker
+    body: str  # the lines strictly between the markers
+
+
+class BlockError(ValueError):
+    """The markers are missing, nested or unbalanced."""
+
+
+def split_blocks(text: str) -> tuple[list[str], list[Block]]:
+    """Cut a program into the text outside the blocks (one segment before, between and after
+    the blocks, markers included) and the blocks. len(outside) == len(blocks) + 1."""
+    lines = text.splitlines(keepends=True)
+    outside, blocks, current, open_at = [], [], [], None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith(BLOCK_START):
+            if open_at is not None:
+                raise BlockError(f"line {i + 1}: EVOLVE-BLOCK-START inside the block opened at line {open_at + 1}")
+            current.append(line)
+            outside.append("".join(current))
+            current, open_at = [], i
+        elif stripped.startswith(BLOCK_END):
+            if open_at is None:
+                raise BlockError(f"line {i + 1}: EVOLVE-BLOCK-END without a START")
+            name = lines[open_at].strip()[len(BLOCK_START):].strip() or f"block{len(blocks)}"
+            blocks.append(Block(name, open_at, i, "".join(current)))
+            current, open_at = [line], None
+        else:
+            current.append(line)
+    if open_at is not None:
+        raise BlockError(f"line {open_at + 1}: EVOLVE-BLOCK-START never closed")
+    outside.append("".join(current))
+    return outside, blocks
+
+
+def block_line_ranges(text: str) -> list[range]:
+    """0-based line indices strictly inside each block."""
+    return [range(b.start + 1, b.end) for b in split_blocks(text)[1]]
+
+
+def load_program(path: str | Path):
+    """Import a program file as a fresh module (a new name each time, so two loads never share state)."""
+    path = Path(path)
+    name = f"plasa_program_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -1,0 +1,169 @@
+"""The initial PLASA program: the formula, causality, selection, schedule, size, training signal."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.probes import causality_violation, probe_model
+from plasa_lab.program import load_program
+
+SCHEDULE_NAMES = ["PROGRESSIVE_SPARSE", "AGGRESSIVE_MIDDLE", "DENSE_TO_SPARSE", "UNIFORM", "DENSE"]
+
+
+def build(module, schedule="PROGRESSIVE_SPARSE", seed=0):
+    module.SCHEDULE = schedule
+    try:
+        torch.manual_seed(seed)
+        return module.build_model().eval()
+    finally:
+        module.SCHEDULE = "PROGRESSIVE_SPARSE"
+
+
+def test_index_score_matches_naive_loop(program):
+    torch.manual_seed(1)
+    indexer = program.LightningIndexer(d_model=16, n_heads=3, head_dim=5)
+    for p in indexer.parameters():
+        torch.nn.init.normal_(p)  # large random weights: most ReLUs active, some not
+    x = torch.randn(2, 7, 16)
+    q, k, w = indexer.components(x)
+    expected = torch.zeros(2, 7, 7)
+    for b in range(2):
+        for t in range(7):
+            for s in range(7):
+                expected[b, t, s] = sum(w[b, t, j] * torch.relu(q[b, t, j] @ k[b, s]) for j in range(3))
+    assert torch.allclose(indexer(x), expected, atol=1e-5)
+    assert (expected == 0).any() and (expected != 0).any()
+
+
+def test_indexer_has_four_heads_of_32_and_one_shared_key(program):
+    indexer = build(program).plasa_layers()[0].indexer
+    q, k, w = indexer.components(torch.randn(1, 5, 128))
+    assert q.shape == (1, 5, 4, 32) and k.shape == (1, 5, 32) and w.shape == (1, 5, 4)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_changing_future_tokens_leaves_past_logits_unchanged(program, schedule, random_tokens):
+    model = build(program, schedule)
+    with torch.no_grad():
+        assert causality_violation(model, random_tokens, [0, 1, 17, 31, 63, 100, 126], 49152) is None
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_every_behavioural_probe_passes(program, schedule, random_tokens):
+    assert probe_model(build(program, schedule), random_tokens, 49152) is None
+
+
+def test_selector_without_causal_and_is_caught_by_causality_check(tmp_path, random_tokens):
+    source = INITIAL_PROGRAM.read_text()
+    leaky = source.replace("    return selected & causal\n", "    return selected\n")
+    assert leaky != source
+    (tmp_path / "leaky.py").write_text(leaky)
+    model = build(load_program(tmp_path / "leaky.py"))
+    with torch.no_grad():
+        failure = causality_violation(model, random_tokens, [0, 17, 63], 49152)
+    assert failure is not None and "future tokens" in failure
+    assert "selects key" in probe_model(model, random_tokens, 49152)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_selection_is_causal_and_keeps_min_k_t_plus_1_keys_per_query(program, schedule, random_tokens):
+    model = build(program, schedule)
+    with torch.no_grad():
+        model(random_tokens)
+    T = random_tokens.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer in model.plasa_layers():
+        sel = layer.last_selection
+        assert sel.dtype == torch.bool and sel.shape == (2, T, T)
+        assert not (sel & ~causal).any()
+        expected = torch.arange(1, T + 1).clamp(max=layer.k).expand(2, T)
+        assert torch.equal(sel.sum(-1), expected)
+
+
+def test_sparse_layer_keeps_the_highest_scoring_past_keys(program):
+    scores = torch.tensor([[[5.0, 0, 0, 0], [1, 3, 9, 9], [2, 1, 3, 9], [4, 1, 3, 2]]])
+    selected = program.select_topk(scores, 2)
+    assert selected.tolist() == [[[True, False, False, False], [True, True, False, False],
+                                  [True, False, True, False], [True, False, True, False]]]
+
+
+def test_progressive_schedule_is_128_32_32_64(program):
+    assert program.layer_k_schedule(4, 128) == [128, 32, 32, 64]
+    assert [layer.k for layer in build(program).plasa_layers()] == [128, 32, 32, 64]
+
+
+@pytest.mark.parametrize("schedule, ks", [
+    ("AGGRESSIVE_MIDDLE", [128, 16, 16, 64]),
+    ("DENSE_TO_SPARSE", [128, 64, 32, 16]),
+    ("UNIFORM", [64, 64, 64, 64]),
+    ("DENSE", [128, 128, 128, 128]),
+])
+def test_named_schedules(program, schedule, ks):
+    assert [layer.k for layer in build(program, schedule).plasa_layers()] == ks
+
+
+def test_model_config_is_the_benchmark_model(program):
+    assert program.MODEL_CONFIG == dict(n_layers=4, d_model=128, n_heads=4, seq_len=128, vocab_size=49152, dropout=0.1)
+
+
+def test_nonembedding_parameters_about_1_5M_with_untied_embedding(program):
+    model = build(program)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel() + model.lm_head.weight.numel()
+    assert model.embed.weight.data_ptr() != model.lm_head.weight.data_ptr()
+    assert 1_400_000 <= total - embedding <= 1_600_000
+
+
+def test_output_is_logits_and_aux_loss_in_training_only(program, random_tokens):
+    model = build(program).train()
+    out = model(random_tokens)
+    assert out["logits"].shape == (2, 128, 49152)
+    assert out["aux_loss"].ndim == 0 and torch.isfinite(out["aux_loss"]) and out["aux_loss"] > 0
+    assert "aux_loss" not in model.eval()(random_tokens)
+
+
+def test_indexer_learns_from_aux_loss_alone(program, random_tokens):
+    model = build(program).train()
+    out = model(random_tokens)
+    lm_loss = torch.nn.functional.cross_entropy(out["logits"][:, :-1].flatten(0, 1), random_tokens[:, 1:].flatten())
+    indexer_params = [p for layer in model.plasa_layers() for p in layer.indexer.parameters()]
+    lm_grads = torch.autograd.grad(lm_loss, indexer_params, retain_graph=True, allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in lm_grads)  # top-k passes no gradient
+    aux_grads = torch.autograd.grad(out["aux_loss"], indexer_params)
+    for layer_grads in zip(*[iter(aux_grads)] * 3):  # q, k, w of each layer
+        assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in layer_grads)
+
+
+def test_aux_loss_is_zero_when_index_scores_match_attention(program):
+    attn = torch.softmax(torch.randn(1, 4, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    selected = torch.ones(1, 6, 6, dtype=torch.bool).tril()
+    p = attn.sum(1) / attn.sum(1).sum(-1, keepdim=True)
+    assert program.indexer_aux_loss(attn, p.log(), selected).abs() < 1e-5
+    assert program.indexer_aux_loss(attn, torch.zeros(1, 6, 6), selected) > 1e-3
+
+
+def test_running_program_alone_trains_on_synthetic_tokens():
+    run = subprocess.run([sys.executable, str(INITIAL_PROGRAM), "--steps", "3"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads(run.stdout.strip().splitlines()[-1])
+    assert metrics["k_schedule"] == [128, 32, 32, 64] and metrics["val_loss"] > 0
+
+
+def test_running_program_alone_reads_a_token_file(tmp_path):
+    tokens = torch.randint(0, 49152, (5000,), dtype=torch.int32).to(torch.uint16)
+    (tmp_path / "t.bin").write_bytes(tokens.numpy().tobytes())
+    run = subprocess.run([sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin"), "--steps", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1])["train_loss"] > 0
+
+
+def test_running_program_alone_on_too_few_tokens_fails_with_one_line(tmp_path):
+    (tmp_path / "t.bin").write_bytes(b"\x01\x00" * 10)
+    run = subprocess.run([sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "need at least" in run.stderr
