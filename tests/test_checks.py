@@ -1,0 +1,77 @@
+"""Static checks: what a child may write inside its EVOLVE-BLOCKs, before any of it runs."""
+
+import pytest
+
+from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.checks import static_violation
+
+REFERENCE = INITIAL_PROGRAM.read_text()
+ANCHOR = "def init_indexer(indexer):\n"  # inside the indexer_training block
+
+
+def with_block_code(code):
+    assert ANCHOR in REFERENCE
+    return REFERENCE.replace(ANCHOR, code + "\n" + ANCHOR)
+
+
+def test_initial_program_passes_every_static_check():
+    assert static_violation(REFERENCE, REFERENCE) is None
+
+
+def test_harmless_reformatting_outside_blocks_is_accepted():
+    reformatted = REFERENCE.replace("import math\n", "import math   \n") + "\n\n"
+    assert static_violation(reformatted, REFERENCE) is None
+
+
+def test_child_editing_outside_blocks_is_rejected():
+    edited = REFERENCE.replace("FFN_HIDDEN = 768", "FFN_HIDDEN = 1024")
+    failure = static_violation(edited, REFERENCE)
+    assert "outside the EVOLVE-BLOCKs changed" in failure and "line 29" in failure
+
+
+def test_child_adding_code_after_the_last_block_is_rejected():
+    assert "added or removed" in static_violation(REFERENCE + "\nprint('hi')\n", REFERENCE)
+
+
+def test_changed_model_config_line_is_rejected():
+    edited = REFERENCE.replace("n_layers=4, d_model=128", "n_layers=6, d_model=128")
+    assert "outside the EVOLVE-BLOCKs changed" in static_violation(edited, REFERENCE)
+
+
+def test_removed_block_marker_is_rejected():
+    edited = REFERENCE.replace("# EVOLVE-BLOCK-END\n", "", 1)
+    assert "markers broken" in static_violation(edited, REFERENCE)
+
+
+def test_syntax_error_names_its_line():
+    assert static_violation(with_block_code("def f(:"), REFERENCE).startswith("syntax error at line")
+
+
+@pytest.mark.parametrize("code, rule", [
+    ("import os", "import of 'os' is not allowed"),
+    ("import subprocess", "import of 'subprocess'"),
+    ("from torch.utils import cpp_extension", "import of 'torch.utils'"),
+    ("from torch import load", "importing 'load'"),
+    ("x = open('/etc/passwd').read()", "'open' is not allowed"),
+    ("x = eval('1')", "'eval' is not allowed"),
+    ("x = __import__('os')", "'__import__' is not allowed"),
+    ("x = getattr(torch, 'lo' + 'ad')", "'getattr' is not allowed"),
+    ("x = torch.load", "attribute 'load'"),
+    ("x = ().__class__.__bases__", "dunder attribute"),
+    ("x = torch._C", "private attribute '_C'"),
+    ("F.cross_entropy = lambda *a, **k: 0", "assignment to 'F.cross_entropy'"),
+    ("def f():\n    T = torch.Tensor\n    T.exp = None", "assignment to 'T.exp'"),
+    ("MODEL_CONFIG['n_layers'] = 8", "assignment into 'MODEL_CONFIG'"),
+    ("def f():\n    global SCHEDULE", "global/nonlocal"),
+    ("def apply_rope(x, cos, sin):\n    return x", "redefines 'apply_rope'"),
+    ("FFN_HIDDEN = 4096", "redefines 'FFN_HIDDEN'"),
+    ("import math as torch", "redefines 'torch'"),
+])
+def test_forbidden_block_code_is_rejected_with_its_rule(code, rule):
+    failure = static_violation(with_block_code(code), REFERENCE)
+    assert failure is not None and rule in failure and failure.startswith("line ")
+
+
+def test_reimporting_the_same_modules_inside_a_block_is_allowed():
+    code = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\nimport math"
+    assert static_violation(with_block_code(code), REFERENCE) is None
