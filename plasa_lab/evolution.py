@@ -8,12 +8,13 @@ child could be evaluated (OpenEvolve exits 0 then).
 """
 
 import asyncio
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import yaml
 from . import INITIAL_PROGRAM, PROJECT_ROOT, data
 from .evaluation import Settings, evaluate_file
 from .mutator import NAME as OFFLINE_MODEL_NAME
-from .profiles import PPL_CAP, get_profile
+from .profiles import get_profile
 
 OUTPUT_ROOT = PROJECT_ROOT / "openevolve_output"
 EVALUATOR = PROJECT_ROOT / "evaluator.py"
@@ -213,10 +214,11 @@ def child_ppl(metrics: dict | None):
 class Progress(threading.Thread):
     """Tails the evolution trace: one line per finished iteration and a live bar on a terminal."""
 
-    def __init__(self, run_dir: Path, first: int, last: int, best_ppl):
+    def __init__(self, run_dir: Path, first: int, last: int, best: dict | None):
         super().__init__(daemon=True)
         from rich.console import Console
-        self.run_dir, self.first, self.last, self.best_ppl = run_dir, first, last, best_ppl
+        self.run_dir, self.first, self.last = run_dir, first, last
+        self.best_score, self.best_ppl = (best["combined_score"], best["val_ppl"]) if best else (0.0, None)
         self.console = Console(stderr=True)
         self.seen, self.stop_event, self.started = set(), threading.Event(), time.monotonic()
 
@@ -244,7 +246,8 @@ class Progress(threading.Thread):
             eta = (time.monotonic() - self.started) / len(self.seen) * (self.last - self.first + 1 - len(self.seen))
             ppl = child_ppl(metrics) if metrics is not None else None
             if ppl is not None:
-                self.best_ppl = min(self.best_ppl or PPL_CAP, ppl)
+                if metrics["combined_score"] > self.best_score:  # OpenEvolve's notion of best
+                    self.best_score, self.best_ppl = metrics["combined_score"], ppl
                 outcome = f"val_ppl {ppl:.1f}"
             elif metrics is not None:
                 outcome = f"rejected: {str(artifacts.get('failure', 'score 0'))[:110]}"
@@ -294,7 +297,8 @@ def run(options: RunOptions) -> int:
     if previous and profile.name != previous["profile"]["name"]:
         raise RunError(f"this run uses the {previous['profile']['name']} profile; resuming it with "
                        f"{profile.name} would mix incomparable scores")
-    total = options.iterations or (previous or {}).get("iterations_total") or config.max_iterations
+    total = options.iterations if options.iterations is not None else (
+        (previous or {}).get("iterations_total") or config.max_iterations)
     if total < 1:
         raise RunError(f"--iterations must be at least 1, got {total}")
 
@@ -317,8 +321,11 @@ def run(options: RunOptions) -> int:
         raise RunError(f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
                        f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare")
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.update(PLASA_PROFILE=profile.name, PLASA_CORPUS=corpus.name, PLASA_LEDGER=str(run_dir / "ledger.sqlite"),
+    # The evaluator reads these in OpenEvolve's worker processes (they inherit the environment).
+    # A ledger given in $PLASA_LEDGER is shared between runs; by default each run has its own.
+    os.environ.update(PLASA_PROFILE=profile.name, PLASA_CORPUS=corpus.name,
                       PLASA_PARALLEL=str(config.evaluator.parallel_evaluations))
+    os.environ.setdefault("PLASA_LEDGER", str(run_dir / "ledger.sqlite"))
     if options.device:
         os.environ["PLASA_DEVICE"] = options.device
     if options.target_ppl is not None and options.target_ppl <= 0:
@@ -328,7 +335,7 @@ def run(options: RunOptions) -> int:
     record.update(command=" ".join(sys.argv), config=raw_config, config_path=str(options.config),
                   versions=_versions(), corpus=dict(corpus.summary()), profile=profile.as_dict(),
                   llm=dict(mode=choice.mode, models=choice.models, api_base=choice.api_base, note=choice.note),
-                  iterations_total=total, target_ppl=options.target_ppl)
+                  iterations_total=total, target_ppl=options.target_ppl, ledger=os.environ["PLASA_LEDGER"])
     if checkpoint:
         record["resumes"].append(dict(at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                       checkpoint=str(checkpoint[0]), iteration=done))
@@ -336,10 +343,12 @@ def run(options: RunOptions) -> int:
     print(f"run: {run_dir} | profile {profile.name} | {choice.note} | corpus {corpus.name} "
           f"({corpus.fingerprint[:12]}) | iterations {done + 1}..{total}", file=sys.stderr)
 
-    best_ppl = None
-    if not checkpoint:
-        best_ppl = _evaluate_initial_program()
-    return _evolve(config, run_dir, checkpoint, done, total, options.target_ppl, best_ppl)
+    if checkpoint:  # the best so far, for the progress line
+        info = checkpoint[0] / "best_program_info.json"
+        seed_metrics = json.loads(info.read_text()).get("metrics") if info.exists() else None
+    else:
+        seed_metrics = _evaluate_initial_program()
+    return _evolve(config, run_dir, checkpoint, done, total, options.target_ppl, seed_metrics)
 
 
 def _evaluate_initial_program():
@@ -350,25 +359,30 @@ def _evaluate_initial_program():
                                on_line=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     if not evaluation.passed:
         raise RunError(f"the initial program fails its own evaluation: {evaluation.artifacts.get('failure')}")
-    ppl = evaluation.metrics["val_ppl"]
-    print(f"initial program: val_ppl {ppl:.1f}, val_acc {evaluation.metrics['val_acc']:.3f}", file=sys.stderr)
-    return ppl
+    m = evaluation.metrics
+    print(f"initial program: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f}", file=sys.stderr)
+    return m
 
 
-def _quiet_console_logging():
-    """OpenEvolve logs INFO to the console; keep that in the log file and show progress instead."""
+def _construct_quietly(*args, **kwargs):
+    """OpenEvolve(...) with its console handler turned down to warnings: INFO goes to the run's
+    log file, and the console shows our progress instead."""
+    from openevolve.controller import OpenEvolve
+    with contextlib.redirect_stderr(io.StringIO()):  # the handler it adds would print the set-up chatter
+        controller = OpenEvolve(*args, **kwargs)
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.WARNING)
+            handler.setStream(sys.stderr)
+    return controller
 
 
-def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl, best_ppl) -> int:
-    from openevolve.controller import EvolutionFailedError, OpenEvolve
+def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl, seed_metrics) -> int:
+    from openevolve.controller import EvolutionFailedError
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    controller = OpenEvolve(str(INITIAL_PROGRAM), str(EVALUATOR), config, output_dir=str(run_dir))
-    _quiet_console_logging()
-    progress = Progress(run_dir, done + 1, total, best_ppl)
+    controller = _construct_quietly(str(INITIAL_PROGRAM), str(EVALUATOR), config, output_dir=str(run_dir))
+    progress = Progress(run_dir, done + 1, total, seed_metrics)
     progress.start()
     target = 1.0 / target_ppl if target_ppl else None
     failed = None

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     artifacts TEXT NOT NULL,
     seconds REAL NOT NULL,
     created_at REAL NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 1,  -- how many times it was actually run: more than 1 means paid twice
     PRIMARY KEY (code_sha256, stage, profile, seed, fingerprint, harness_version)
 )
 """
@@ -62,8 +63,11 @@ class Ledger:
 
     def put(self, key: dict, metrics: dict, artifacts: dict, seconds: float):
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (*self._values(key), json.dumps(metrics), json.dumps(artifacts), seconds, time.time()))
+            db.execute(
+                "INSERT INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,1) ON CONFLICT DO UPDATE SET "
+                "metrics=excluded.metrics, artifacts=excluded.artifacts, seconds=excluded.seconds, "
+                "created_at=excluded.created_at, runs=runs + 1",
+                (*self._values(key), json.dumps(metrics), json.dumps(artifacts), seconds, time.time()))
 
     def rows(self):
         with self._connect() as db:

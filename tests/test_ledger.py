@@ -40,3 +40,11 @@ def test_two_processes_writing_at_once_lose_no_row(tmp_path):
     rows = Ledger(path).rows()
     assert len(rows) == 300
     assert {r["code_sha256"].split("-")[0] for r in rows} == {"a", "b"}
+
+
+def test_each_actual_run_is_counted(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.put(KEY, {"combined_score": 0.5}, {}, seconds=1.0)
+    assert ledger.rows()[0]["runs"] == 1
+    ledger.put(KEY, {"combined_score": 0.6}, {}, seconds=1.0)
+    assert [(r["runs"], r["metrics"]) for r in ledger.rows()] == [(2, '{"combined_score": 0.6}')]

@@ -1,0 +1,264 @@
+"""Evolution runs: the config, the prompts, the offline mutator, and real runs end to end
+(scripts/evolve.py in a subprocess, OpenEvolve's workers, sandboxed evaluations) on the smoke profile."""
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_llm_server import FakeLLMServer, outside_edit_reply
+from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.checks import static_violation
+from plasa_lab.evolution import latest_checkpoint, read_jsonl, unknown_config_keys
+from plasa_lab.mutator import OfflineMutator, format_diff, parent_program, propose_edits
+
+SOURCE = INITIAL_PROGRAM.read_text()
+CONFIG = PROJECT_ROOT / "config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# config and prompts
+
+def test_config_has_only_keys_openevolve_knows():
+    assert unknown_config_keys(yaml.safe_load(CONFIG.read_text())) == []
+
+
+def test_a_misspelled_config_key_is_caught():
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["databse"] = {}
+    raw["evaluator"]["cascade_treshold"] = [0.1]
+    raw["llm"]["models"][0]["temprature"] = 0.1
+    assert sorted(unknown_config_keys(raw)) == ["databse", "evaluator.cascade_treshold", "llm.models[0].temprature"]
+
+
+def test_config_loads_through_openevolve_with_our_choices():
+    from openevolve.config import Config
+    config = Config.from_yaml(CONFIG)
+    assert config.database.feature_dimensions == ["density", "indexer_params"]
+    assert config.evaluator.cascade_evaluation and config.evaluator.max_retries == 0
+    assert config.random_seed == 42 and config.diff_based_evolution and config.enforce_evolve_blocks
+    assert config.max_code_length > len(SOURCE)
+    assert Path(config.prompt.template_dir) == PROJECT_ROOT / "prompts"
+    assert "api_key" not in CONFIG.read_text()
+
+
+def test_cascade_threshold_admits_every_passing_stage1_score():
+    from openevolve.config import Config
+    threshold = Config.from_yaml(CONFIG).evaluator.cascade_thresholds[0]
+    assert 1 / 10000 >= threshold > 0.0  # passing stage 1 scores 1/min(ppl, 1e4) >= 1e-4; failures 0.0
+
+
+PROMPT_KEYS = {"metrics", "fitness_score", "feature_coords", "feature_dimensions", "improvement_areas",
+               "evolution_history", "current_program", "language", "artifacts"}
+
+
+def test_prompt_templates_use_only_placeholders_openevolve_fills():
+    user = (PROJECT_ROOT / "prompts" / "diff_user.txt").read_text()
+    fields = {f for _, f, _, _ in string.Formatter().parse(user) if f}
+    assert fields <= PROMPT_KEYS and {"current_program", "metrics", "artifacts"} <= fields
+
+
+def build_prompt(code, metrics=None):
+    from openevolve.config import Config
+    from openevolve.prompt.sampler import PromptSampler
+    config = Config.from_yaml(CONFIG)
+    metrics = metrics or {"combined_score": 0.0018, "val_ppl": 556.4, "density": 0.655, "indexer_params": 83968.0}
+    return PromptSampler(config.prompt).build_prompt(
+        current_program=code, program_metrics=metrics, previous_programs=[], top_programs=[], inspirations=[],
+        language="python", evolution_round=3, diff_based_evolution=True,
+        feature_dimensions=config.database.feature_dimensions,
+        program_artifacts={"failure": "stage 1: example failure line"})
+
+
+def test_prompt_builds_with_the_task_the_program_and_its_metrics():
+    prompt = build_prompt(SOURCE)
+    assert "Per-Layer Adaptive Sparse Attention" in prompt["system"] and "a leak" in prompt["system"].lower()
+    assert "<<<<<<< SEARCH" in prompt["system"] and ">>>>>>> REPLACE" in prompt["user"]
+    assert SOURCE.strip() in prompt["user"] and "val_ppl: 556.4" in prompt["user"]
+    assert "example failure line" in prompt["user"]
+    assert parent_program(prompt["user"]).strip() == SOURCE.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# the offline mutator
+
+def test_offline_mutator_edits_only_inside_blocks_with_valid_diffs():
+    from openevolve.utils.code_utils import apply_diff, extract_diffs
+    kinds = set()
+    for seed in range(200):
+        edits = propose_edits(SOURCE, random.Random(seed))
+        kinds |= {name for name, _, _ in edits}
+        diff = format_diff(edits)
+        assert len(extract_diffs(diff)) == len(edits) >= 1
+        child = apply_diff(SOURCE, diff)
+        assert child != SOURCE and static_violation(child, SOURCE) is None
+    assert kinds == {"indexer loss weight", "indexer heads / head size", "index score activation",
+                     "named schedule", "schedule rule", "indexer init scale"}
+
+
+def test_offline_mutator_schedule_entries_stay_within_1_and_L():
+    from openevolve.utils.code_utils import apply_diff
+    from plasa_lab.program import load_program
+    code = SOURCE
+    for seed in range(30):  # a chain of schedule moves
+        edits = [e for e in propose_edits(code, random.Random(seed), max_edits=2) if "schedule" in e[0]]
+        if edits:
+            code = apply_diff(code, format_diff(edits))
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"chain_{os.getpid()}.py"
+    path.write_text(code)
+    ks = load_program(path).layer_k_schedule(4, 128)
+    assert code != SOURCE and all(1 <= k <= 128 for k in ks)
+
+
+def test_offline_mutator_is_seeded_by_parent_and_iteration():
+    import asyncio
+    prompt = build_prompt(SOURCE)["user"]
+    ask = lambda seed: asyncio.run(OfflineMutator().generate_with_context("", [{"role": "user", "content": prompt}], seed=seed))
+    assert ask(1) == ask(1)
+    assert len({ask(s) for s in range(8)}) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# runs end to end
+
+@pytest.fixture(scope="module")
+def shared_ledger(tmp_path_factory):
+    """One ledger for the module's runs: the initial program is trained once, then answered from it."""
+    return str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
+
+
+def evolve(*args, ledger, env=None, wait=True):
+    environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    environment.update(PLASA_LEDGER=ledger, **(env or {}))
+    command = [sys.executable, "scripts/evolve.py", "--profile", "smoke", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(tmp_path, shared_ledger):
+    run_dir = tmp_path / "run"
+    proc = evolve("--iterations", "3", "--llm", "offline", "--output", str(run_dir), ledger=shared_ledger, wait=False)
+    try:
+        wait_for(lambda: latest_checkpoint(run_dir) is not None, 300, "the first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hard kill: no chance to clean up
+        output = proc.communicate()[0]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["llm"]["mode"] == "offline" and "offline mutator" in record["llm"]["note"]
+    assert record["profile"]["name"] == "smoke" and record["corpus"]["fingerprint"] and record["versions"]["openevolve"]
+    assert "offline mutator" in output
+    killed_at = latest_checkpoint(run_dir)[1]
+    assert 1 <= killed_at < 3
+
+    resumed = evolve("--resume", "--output", str(run_dir), "--iterations", "3", ledger=shared_ledger)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert latest_checkpoint(run_dir)[1] == 3
+    assert (run_dir / "best" / "best_program.py").exists()
+    assert json.loads((run_dir / "run.json").read_text())["resumes"][0]["iteration"] == killed_at
+    children = read_jsonl(run_dir / "evolution_trace.jsonl")
+    assert {r["iteration"] for r in children} == {1, 2, 3}
+    assert all(r["child_metrics"]["combined_score"] > 0 for r in children)
+    for r in children:  # every child differs from its parent only inside the blocks
+        assert static_violation(r["child_code"], SOURCE) is None and r["child_code"] != r["parent_code"]
+    with sqlite3.connect(shared_ledger) as db:
+        runs = db.execute("SELECT code_sha256, stage, runs FROM evaluations").fetchall()
+    assert runs and all(n == 1 for _, _, n in runs)  # nothing was trained twice
+    assert "done: iteration 3 of 3" in resumed.stderr
+
+
+def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path, shared_ledger):
+    run_dir = tmp_path / "run"
+    proc = evolve("--iterations", "20", "--llm", "offline", "--output", str(run_dir), ledger=shared_ledger, wait=False)
+    try:
+        wait_for(lambda: read_jsonl(run_dir / "evolution_trace.jsonl"), 300, "the first child")
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output[-3000:]
+    assert "Resume with: python scripts/evolve.py --resume" in output
+    assert latest_checkpoint(run_dir)[1] >= 1 and (run_dir / "best" / "best_program.py").exists()
+
+
+def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
+    server = FakeLLMServer()
+    try:
+        run = evolve("--iterations", "1", "--llm", "local", "--api-base", server.url, "--model", "fake-llm",
+                     "--output", str(tmp_path / "run"), ledger=shared_ledger)
+    finally:
+        server.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert server.requests and server.requests[0]["model"] == "fake-llm"
+    assert server.requests[0]["messages"][0]["role"] == "system"
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["llm"] == dict(mode="local", models=["fake-llm"], api_base=server.url, note=f"local LLM at {server.url}")
+
+
+def test_child_editing_outside_blocks_never_enters_the_database_as_a_success(tmp_path, shared_ledger):
+    # OpenEvolve 0.4.0 lost enforce_evolve_blocks on its way to the workers: switch it off to show
+    # that the evaluator alone keeps such a child out.
+    config = yaml.safe_load(CONFIG.read_text())
+    config["enforce_evolve_blocks"] = False
+    config["prompt"]["template_dir"] = str(PROJECT_ROOT / "prompts")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    server = FakeLLMServer(reply=outside_edit_reply)
+    try:
+        run = evolve("--iterations", "2", "--llm", "local", "--api-base", server.url, "--config", str(tmp_path / "config.yaml"),
+                     "--output", str(tmp_path / "run"), ledger=shared_ledger)
+    finally:
+        server.close()
+    assert run.returncode == 1 and "no child could be evaluated" in run.stderr
+    assert "outside the EVOLVE-BLOCKs changed" in run.stderr
+    children = read_jsonl(tmp_path / "run" / "evolution_trace.jsonl")
+    assert len(children) == 2 and all(r["child_metrics"]["combined_score"] == 0.0 for r in children)
+    assert all("FFN_HIDDEN = 1024" in r["child_code"] for r in children)
+    best = json.loads((tmp_path / "run" / "best" / "best_program_info.json").read_text())
+    assert "FFN_HIDDEN = 768" in (tmp_path / "run" / "best" / "best_program.py").read_text()
+    assert best["metrics"]["combined_score"] > 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_api_base_fails_fast_with_a_clear_error(tmp_path, shared_ledger):
+    start = time.monotonic()
+    run = evolve("--llm", "local", "--api-base", f"http://127.0.0.1:{free_port()}/v1", "--output", str(tmp_path / "run"),
+                 ledger=shared_ledger)
+    assert run.returncode == 1 and "cannot reach the LLM endpoint" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "--output", "/nonexistent/run"], "nothing to resume"),
+    (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--llm", "local"], "--llm local needs --api-base"),
+    (["--config", "/nonexistent/config.yaml"], "cannot read the config"),
+])
+def test_bad_input_exits_nonzero_with_one_line(args, message, shared_ledger):
+    run = evolve(*args, ledger=shared_ledger, env={"OPENAI_API_BASE": ""})
+    assert run.returncode == 1 and message in run.stderr
+    assert len([l for l in run.stderr.splitlines() if "error" in l]) == 1
