@@ -62,8 +62,9 @@ def run_local(job: dict, on_line=None) -> dict:
         limits = Limits(wall_seconds=job["timeout"],
                         memory_bytes=None if may_use_gpu(job["device"]) else int(job["memory_gb"] * (1 << 30)))
         result_path = Path(workdir, "result.json")
+        hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if job["device"] == "cpu" else None  # nothing probes a GPU it may not use
         run = run_sandboxed([sys.executable, "-I", "-m", "plasa_lab.harness", "job.json", "result.json"],
-                            workdir, limits, threads=job["threads"], on_stderr_line=on_line)
+                            workdir, limits, threads=job["threads"], env_extra=hide_gpus, on_stderr_line=on_line)
         result = _read_result(result_path)
         failure = _sandbox_failure(run, limits) if result is None or run.output_exceeded or run.timed_out else None
         if failure:
