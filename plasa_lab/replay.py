@@ -1,0 +1,311 @@
+"""Replay: re-evaluate the top programs of a run (or program files) over several seeds, next to the
+initial program, and say which differences are beyond seed noise.
+
+Every evaluation goes through the same sandboxed pipeline as the search (evaluation.evaluate_code,
+stage 1 then stage 2) and through the ledger, so an interrupted replay resumes where it stopped,
+and the seeds a run already trained (42) are not trained again.
+
+The verdict rule (VERDICT_RULE) compares each program's val_loss (log perplexity) across seeds
+with the initial program's: Welch's t-test, two-sided, alpha 0.05.
+"""
+
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import INITIAL_PROGRAM
+from .evaluation import Settings, evaluate_code
+from .evolution import OUTPUT_ROOT
+from .ledger import code_sha256
+from .profiles import PPL_CAP, get_profile
+from .reporting import ReportError, load_run
+
+VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
+ALPHA = 0.05
+DEFAULT_SEEDS = (42, 43, 44)
+SCHEDULE_LINE = 'SCHEDULE = "PROGRESSIVE_SPARSE"'
+VERDICT_RULE = (
+    f"Welch's t-test (unequal variances, two-sided) on val_loss = log(val_ppl) over the seeds, each program "
+    f"against the initial program: p < {ALPHA} and a lower mean loss -> `better beyond noise`; p < {ALPHA} and a "
+    f"higher mean loss -> `worse beyond noise`; otherwise `within noise`, and also with fewer than 2 seeds or no "
+    f"variance in either sample (no estimate of the noise). A failed evaluation counts as val_ppl {PPL_CAP:.0f} "
+    f"(val_loss log {PPL_CAP:.0f}) and is flagged; a program that failed on any seed is never called better.")
+REPLAYS_ROOT = OUTPUT_ROOT / "replays"  # ledger and report of replays of program files
+
+
+class ReplayError(Exception):
+    """Why a replay cannot start; one line."""
+
+
+@dataclass
+class Candidate:
+    name: str  # what the tables call it
+    kind: str  # initial | baseline | program
+    code: str
+    source: str  # where it came from: a run program (id, iteration) or a file
+    uniform: bool = False  # a uniform-k baseline: evaluated with allow_uniform_schedule
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    val_ppl: float
+    val_loss: float
+    val_acc: float
+    passed: bool
+    failure: str | None
+    from_ledger: bool
+    seconds: float
+
+
+@dataclass
+class Plan:
+    candidates: list[Candidate]  # the initial program first
+    seeds: list[int]
+    profile: str
+    corpus: str | None
+    ledger: Path
+    out_dir: Path
+    title: str
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to replay
+
+def schedule_variant(code: str, schedule: str) -> str:
+    """The initial program with another named k schedule (DENSE, UNIFORM): a baseline."""
+    if code.count(SCHEDULE_LINE) != 1:
+        raise ReplayError(f"the initial program has no line {SCHEDULE_LINE!r} to make the {schedule} baseline from")
+    return code.replace(SCHEDULE_LINE, f'SCHEDULE = "{schedule}"')
+
+
+def reference_candidates(initial_code: str, source: str, baselines: bool) -> list[Candidate]:
+    refs = [Candidate("initial", "initial", initial_code, source)]
+    if baselines:
+        refs += [Candidate(s, "baseline", schedule_variant(initial_code, s), f"initial program with SCHEDULE = \"{s}\"",
+                           uniform=True) for s in ("DENSE", "UNIFORM")]
+    return refs
+
+
+def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: bool = False, profile: str | None = None,
+                ledger=None, out_dir=None) -> Plan:
+    """A run folder (default: the newest run), or program files: what to evaluate, where to record it."""
+    targets = [Path(t) for t in targets or []]
+    for t in targets:
+        if not t.exists():
+            raise ReplayError(f"no such file or folder: {t}")
+    folders = [t for t in targets if t.is_dir()]
+    if folders and (len(targets) > 1):
+        raise ReplayError("give one run folder, or program files, not both or several folders")
+    if top < 1:
+        raise ReplayError(f"--top must be at least 1, got {top}")
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise ReplayError("give at least one seed")
+    if profile is not None:
+        get_profile(profile)  # an unknown name fails here, before any training
+
+    if not targets or folders:
+        try:
+            view = load_run(folders[0] if folders else None)
+        except ReportError as e:
+            raise ReplayError(str(e)) from None
+        record = view.record
+        initial = view.initial
+        initial_code = initial.code if initial else INITIAL_PROGRAM.read_text()
+        refs = reference_candidates(initial_code, "the run's initial program" if initial else str(INITIAL_PROGRAM), baselines)
+        programs, seen = [], {code_sha256(c.code) for c in refs}
+        for p in view.population:
+            if len(programs) == top:
+                break
+            if p.passed and code_sha256(p.code) not in seen:
+                seen.add(code_sha256(p.code))
+                programs.append(Candidate(p.short_id, "program", p.code,
+                                          f"run program {p.id} (iteration {p.iteration}, seed-42 val_ppl {p.val_ppl:.1f})"))
+        notes = list(view.warnings)
+        if not programs:
+            notes.append("the run has no passing program other than the initial one: only the references are replayed")
+        run_profile = (record.get("profile") or {}).get("name")
+        if profile and run_profile and profile != run_profile:
+            notes.append(f"profile {profile} differs from the run's ({run_profile}): the run's own numbers do not compare")
+        ledger_path = Path(ledger) if ledger else _run_ledger(view.run_dir, record)
+        return Plan(refs + programs, seeds, get_profile(profile or run_profile).name,
+                    (record.get("corpus") or {}).get("corpus"), ledger_path,
+                    Path(out_dir) if out_dir else view.run_dir / "report", f"run {view.run_dir}", notes)
+
+    programs = []
+    for t in targets:
+        try:
+            code = t.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ReplayError(f"cannot read the program {t}: {getattr(e, 'strerror', None) or e}") from None
+        programs.append(Candidate(t.name, "program", code, str(t)))
+    refs = reference_candidates(INITIAL_PROGRAM.read_text(), str(INITIAL_PROGRAM), baselines)
+    seen = {code_sha256(c.code) for c in refs}
+    programs = [p for p in programs if code_sha256(p.code) not in seen]
+    return Plan(refs + programs, seeds, get_profile(profile).name, None,
+                Path(ledger) if ledger else REPLAYS_ROOT / "ledger.sqlite",
+                Path(out_dir) if out_dir else REPLAYS_ROOT / "report", "program files")
+
+
+def _run_ledger(run_dir: Path, record: dict) -> Path:
+    """The run's own ledger if it has one, else the (shared) ledger run.json names if it exists."""
+    own = run_dir / "ledger.sqlite"
+    named = Path(record["ledger"]) if record.get("ledger") else None
+    if not own.exists() and named is not None and named.exists():
+        return named
+    return own
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating
+
+def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
+    """Evaluate every candidate on every seed (ledger first), with a progress bar and an ETA."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    console = console or Console(stderr=True)
+    jobs = [(c, s) for c in plan.candidates for s in plan.seeds]
+    results = {c.name: [] for c in plan.candidates}
+    trained = []  # seconds of the evaluations that actually ran (not from the ledger): the ETA's basis
+    columns = (TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[eta]}"), TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("", total=len(jobs), eta="ETA ?")
+        for done, (candidate, seed) in enumerate(jobs):
+            label = f"{candidate.name} seed {seed}"
+            bar.update(task, description=label)
+            settings = Settings(profile=plan.profile, seed=seed, corpus=plan.corpus, ledger=str(plan.ledger),
+                                allow_uniform_schedule=candidate.uniform)
+            start = time.monotonic()
+            evaluation = evaluate_code(candidate.code, "all", settings,
+                                       on_line=lambda line: bar.update(task, description=f"{label}: {line.strip()[:60]}"))
+            seconds = time.monotonic() - start
+            if not evaluation.from_ledger:
+                trained.append(seconds)
+            m = evaluation.metrics
+            run = SeedRun(seed, m["val_ppl"], m["val_loss"], m["val_acc"], evaluation.passed,
+                          evaluation.artifacts.get("failure"), evaluation.from_ledger, round(seconds, 1))
+            results[candidate.name].append(run)
+            outcome = f"val_ppl {run.val_ppl:.1f}" if run.passed else f"FAILED ({run.failure})"
+            bar.console.print(f"{label}: {outcome} "
+                              f"({'from the ledger' if run.from_ledger else f'trained in {seconds:.0f} s'})", highlight=False)
+            remaining = len(jobs) - done - 1
+            eta = f"ETA {statistics.mean(trained) * remaining / 60:.1f} min" if trained else "ETA ?"
+            bar.update(task, completed=done + 1, eta=eta if remaining else "")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging
+
+def verdict(losses: list[float], reference: list[float]) -> tuple[str, float | None]:
+    """(verdict, p) of one program's val_losses against the initial program's (VERDICT_RULE)."""
+    if len(losses) < 2 or len(reference) < 2:
+        return "within noise", None
+    if statistics.pvariance(losses) == 0 and statistics.pvariance(reference) == 0:
+        return "within noise", None
+    from scipy.stats import ttest_ind
+    with warnings.catch_warnings():  # nearly identical samples: scipy warns, the p-value says enough
+        warnings.simplefilter("ignore")
+        p = float(ttest_ind(losses, reference, equal_var=False).pvalue)
+    if not math.isfinite(p) or p >= ALPHA:
+        return "within noise", (p if math.isfinite(p) else None)
+    return ("better beyond noise" if statistics.mean(losses) < statistics.mean(reference) else "worse beyond noise"), p
+
+
+def _mean_sd(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
+    """Everything replay.json holds: the set-up, the rule, and one entry per program."""
+    reference = results[plan.candidates[0].name]
+    ref_losses = [r.val_loss for r in reference]
+    ref_ppl = statistics.mean(r.val_ppl for r in reference)
+    entries = []
+    for c in plan.candidates:
+        runs = results[c.name]
+        ppl_mean, ppl_sd = _mean_sd([r.val_ppl for r in runs])
+        acc_mean, acc_sd = _mean_sd([r.val_acc for r in runs])
+        failed = [r for r in runs if not r.passed]
+        word, p = verdict([r.val_loss for r in runs], ref_losses)
+        if failed and word == "better beyond noise":
+            word = "within noise"
+        entries.append(dict(
+            name=c.name, kind=c.kind, source=c.source, code_sha256=code_sha256(c.code), uniform_schedule=c.uniform,
+            val_ppl_mean=ppl_mean, val_ppl_sd=ppl_sd, val_acc_mean=acc_mean, val_acc_sd=acc_sd,
+            val_loss_mean=statistics.mean(r.val_loss for r in runs),
+            change_vs_initial_pct=100.0 * (ppl_mean - ref_ppl) / ref_ppl, p_value=p, verdict=word,
+            failed_seeds=[r.seed for r in failed], runs=[asdict(r) for r in runs]))
+    return dict(title=plan.title, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                profile=plan.profile, seeds=plan.seeds, corpus=plan.corpus, ledger=str(plan.ledger),
+                reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
+                programs=entries)
+
+
+def _pm(mean, sd, digits):
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    rows = []
+    for e in summary["programs"]:
+        reference = e["kind"] == "initial"
+        rows.append([e["name"], e["kind"], str(len(e["runs"])), _pm(e["val_ppl_mean"], e["val_ppl_sd"], 1),
+                     _pm(e["val_acc_mean"], e["val_acc_sd"], 4),
+                     "reference" if reference else f"{e['change_vs_initial_pct']:+.2f}%",
+                     "-" if e["p_value"] is None or reference else f"{e['p_value']:.3g}",
+                     e["verdict"] + (" (reference)" if reference else ""),
+                     ", ".join(map(str, e["failed_seeds"])) or "-"])
+    return rows
+
+
+COLUMNS = ("program", "kind", "seeds", "val_ppl mean ± sd", "val_acc mean ± sd", "change vs initial (mean ppl)",
+           "p (Welch)", "verdict", "failed seeds")
+
+
+def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
+    """replay.json (everything) and replay.md (the table, the rule, the failures) in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "replay.json", out_dir / "replay.md"
+    json_path.write_text(json.dumps(summary, indent=2))
+    lines = [f"# Replay: {summary['title']}", "",
+             f"Profile `{summary['profile']}`, seeds {', '.join(map(str, summary['seeds']))}, corpus "
+             f"`{summary['corpus'] or 'default'}`, ledger `{summary['ledger']}`; {summary['created']}.", "",
+             f"**Rule.** {summary['rule']}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(summary)]
+    lines += ["", "## Programs", ""]
+    lines += [f"- `{e['name']}`: {e['source']} (code sha256 {e['code_sha256'][:12]})" for e in summary["programs"]]
+    failures = [(e["name"], r) for e in summary["programs"] for r in e["runs"] if not r["passed"]]
+    if failures:
+        lines += ["", "## Failed evaluations (counted as val_ppl 10000)", ""]
+        lines += [f"- `{name}` seed {r['seed']}: {r['failure']}" for name, r in failures]
+    if summary["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, json_path
+
+
+def print_table(summary: dict, console=None):
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console(width=None if Console().is_terminal else 160)
+    table = Table(title=f"Replay of {summary['title']}: profile {summary['profile']}, seeds "
+                        f"{', '.join(map(str, summary['seeds']))}", title_justify="left")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("program", "kind", "verdict") else "right")
+    for row in table_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"Rule: {summary['rule']}", highlight=False)
+    for note in summary["notes"]:
+        print(note, file=sys.stderr)

@@ -1,0 +1,154 @@
+"""replay.py: the verdict rule, the baselines, what a replay plans, a real two-seed replay of the
+smoke fixture run through the sandboxed evaluator and its ledger, and bad input."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.checks import static_violation
+from plasa_lab.evaluation import Settings, evaluate_code
+from plasa_lab.replay import (REPLAYS_ROOT, SCHEDULE_LINE, VERDICTS, Plan, Candidate, ReplayError, SeedRun, plan_replay,
+                              schedule_variant, summarise, verdict)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
+SOURCE = INITIAL_PROGRAM.read_text()
+
+
+def replay(*args, timeout=500):
+    return subprocess.run([sys.executable, "scripts/replay.py", *map(str, args)], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule
+
+def test_verdict_words_are_exactly_the_three_of_the_contract():
+    assert VERDICTS == ("better beyond noise", "within noise", "worse beyond noise")
+
+
+def test_clearly_lower_loss_across_seeds_is_better_beyond_noise_and_higher_is_worse():
+    reference = [6.30, 6.32, 6.31]
+    assert verdict([6.00, 6.02, 6.01], reference)[0] == "better beyond noise"
+    assert verdict([6.60, 6.62, 6.61], reference)[0] == "worse beyond noise"
+    word, p = verdict([6.60, 6.62, 6.61], reference)
+    assert p < 0.05
+
+
+def test_overlapping_seeds_are_within_noise():
+    word, p = verdict([6.29, 6.35, 6.27], [6.30, 6.32, 6.31])
+    assert word == "within noise" and p >= 0.05
+
+
+def test_one_seed_or_no_variance_is_within_noise():
+    assert verdict([5.0], [6.0]) == ("within noise", None)
+    assert verdict([5.0, 5.0], [6.0, 6.0]) == ("within noise", None)
+
+
+def seed_runs(losses, failed=()):
+    return [SeedRun(42 + i, math.exp(l), l, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0)
+            for i, l in enumerate(losses)]
+
+
+def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
+    plan = Plan([Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")],
+                [42, 43, 44], "smoke", None, Path("ledger"), Path("out"), "test")
+    summary = summarise(plan, {"initial": seed_runs([10.1, 10.12, 10.11]),
+                               "child": seed_runs([9.0, 9.01, math.log(10000)], failed=(2,))})
+    child = summary["programs"][1]
+    assert child["failed_seeds"] == [44] and child["verdict"] == "within noise"
+    assert summary["programs"][0]["verdict"] == "within noise" and summary["programs"][0]["change_vs_initial_pct"] == 0
+    assert "Welch" in summary["rule"] and "never called better" in summary["rule"]
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines and plans
+
+def test_dense_and_uniform_baselines_change_only_the_schedule_line():
+    for schedule in ("DENSE", "UNIFORM"):
+        code = schedule_variant(SOURCE, schedule)
+        changed = [(a, b) for a, b in zip(SOURCE.splitlines(), code.splitlines()) if a != b]
+        assert changed == [(SCHEDULE_LINE, f'SCHEDULE = "{schedule}"')]
+        assert static_violation(code, SOURCE) is None
+    with pytest.raises(ReplayError, match="no line"):
+        schedule_variant(SOURCE.replace(SCHEDULE_LINE, 'SCHEDULE = "DENSE"'), "UNIFORM")
+
+
+def test_uniform_baseline_passes_stage_1_only_as_a_baseline():
+    code = schedule_variant(SOURCE, "UNIFORM")
+    as_baseline = evaluate_code(code, 1, Settings(profile="smoke", allow_uniform_schedule=True, ledger=""))
+    assert as_baseline.passed, as_baseline.artifacts.get("failure")
+    as_child = evaluate_code(code, 1, Settings(profile="smoke", ledger=""))
+    assert not as_child.passed
+
+
+def test_a_run_replay_plans_the_initial_program_first_then_the_top_programs():
+    plan = plan_replay([FIXTURE], top=2, seeds=[42, 43], baselines=True)
+    names = [c.name for c in plan.candidates]
+    assert names[:3] == ["initial", "DENSE", "UNIFORM"] and len(names) == 5
+    assert [c.uniform for c in plan.candidates[:3]] == [False, True, True]
+    assert plan.profile == "smoke" and plan.corpus and plan.ledger == FIXTURE / "ledger.sqlite"
+    assert plan.out_dir == FIXTURE / "report"
+    assert len({c.code for c in plan.candidates}) == 5
+
+
+def test_program_files_replay_into_the_replays_folder(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(schedule_variant(SOURCE, "DENSE").replace('"DENSE"', '"AGGRESSIVE_MIDDLE"'))
+    plan = plan_replay([child], seeds=[42], profile="smoke")
+    assert [c.name for c in plan.candidates] == ["initial", "child.py"]
+    assert plan.ledger == REPLAYS_ROOT / "ledger.sqlite" and plan.out_dir == REPLAYS_ROOT / "report"
+
+
+# ---------------------------------------------------------------------------------------------
+# a real replay
+
+def test_smoke_replay_with_two_seeds_writes_report_and_verdicts_then_resumes_from_the_ledger(tmp_path):
+    run_dir = Path(shutil.copytree(FIXTURE, tmp_path / "run"))
+    done = replay(run_dir, "--top", "1", "--seeds", "42,43")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((run_dir / "report" / "replay.json").read_text())
+    assert report["seeds"] == [42, 43] and report["profile"] == "smoke"
+    programs = report["programs"]
+    assert [p["kind"] for p in programs] == ["initial", "program"]
+    for p in programs:
+        assert p["verdict"] in VERDICTS and [r["seed"] for r in p["runs"]] == [42, 43]
+        assert p["val_ppl_mean"] > 0 and p["val_ppl_sd"] is not None and 0 <= p["val_acc_mean"] <= 1
+    markdown = (run_dir / "report" / "replay.md").read_text()
+    assert "Welch" in markdown and programs[1]["verdict"] in markdown and "± " in markdown
+    assert "val_ppl" in done.stdout and programs[1]["verdict"] in done.stdout
+    assert "initial seed 43" in done.stderr  # progress names the evaluation in flight
+
+    again = replay(run_dir, "--top", "1", "--seeds", "42,43")  # an interrupted replay resumes like this
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((run_dir / "report" / "replay.json").read_text())
+    assert all(r["from_ledger"] for p in rerun["programs"] for r in p["runs"])
+    assert [p["val_ppl_mean"] for p in rerun["programs"]] == [p["val_ppl_mean"] for p in programs]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/run"], "no such file or folder"),
+    (["EMPTY"], "is not a run folder"),
+    (["FIXTURE", "PROGRAM"], "not both"),
+    (["FIXTURE", "--top", "0"], "--top must be at least 1"),
+])
+def test_bad_input_exits_nonzero_with_one_line(args, message, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "program.py").write_text(SOURCE)
+    names = {"EMPTY": tmp_path / "empty", "FIXTURE": FIXTURE, "PROGRAM": tmp_path / "program.py"}
+    done = replay(*[names.get(a, a) for a in args])
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+def test_malformed_seeds_are_refused_before_anything_runs():
+    done = replay(FIXTURE, "--seeds", "42,x")
+    assert done.returncode == 2 and "seeds must be integers" in done.stderr
