@@ -377,7 +377,8 @@ def write_plots(view: RunView, out_dir: Path) -> dict[str, Path]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if passed:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     save(fig, "ppl_per_iteration.png", "best and median val_ppl per iteration")
 
     grid, bins, ranges = map_elites_grid(view)
@@ -413,7 +414,8 @@ def write_plots(view: RunView, out_dir: Path) -> dict[str, Path]:
                 label="Pareto front (lower ppl and lower density are better)")
         ax.set_yscale("log")
     ax.set(xlabel="density (fraction of causal keys attended)", ylabel="val_ppl", title="val_ppl against density")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     save(fig, "ppl_vs_density.png", "val_ppl against density, Pareto front marked")
     return written
 
@@ -533,7 +535,7 @@ PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td.text { text-align: left; }
+th { background: #f2f2f2; text-align: center; } td.text { text-align: left; }
 pre.diff { background: #fafafa; border: 1px solid #ddd; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 .add { color: #116611; background: #eaffea; } .del { color: #991111; background: #ffecec; } .hunk { color: #555; }
 .warn { color: #a60; } img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }

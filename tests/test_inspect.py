@@ -158,6 +158,17 @@ def test_plots_are_written_as_non_empty_pngs(reported):
         assert f"wrote {png}" in done.stdout
 
 
+def test_plots_are_written_even_when_every_child_failed(run_copy):
+    for path in [*(run_copy / "checkpoints").glob("*/programs/*.json")]:
+        program = json.loads(path.read_text())
+        program["metrics"].update(combined_score=0.0, val_ppl=10000.0)
+        path.write_text(json.dumps(program))
+    view = load_run(run_copy)
+    assert not any(p.passed for p in view.population)
+    plots = reporting.write_plots(view, run_copy / "report")
+    assert len(plots) == 3 and all(p.read_bytes().startswith(PNG) for p in plots.values())
+
+
 class Page(HTMLParser):
     def __init__(self):
         super().__init__()
