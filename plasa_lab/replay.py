@@ -149,10 +149,17 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         programs.append(Candidate(t.name, "program", code, str(t)))
     refs = reference_candidates(INITIAL_PROGRAM.read_text(), str(INITIAL_PROGRAM), baselines)
     seen = {code_sha256(c.code) for c in refs}
+    notes = [f"{p.source} is the initial program (or a baseline) itself: replayed once, as the reference"
+             for p in programs if code_sha256(p.code) in seen]
     programs = [p for p in programs if code_sha256(p.code) not in seen]
+    names = [c.name for c in refs]
+    for p in programs:  # two files of the same name in different folders: tell them apart
+        if p.name in names:
+            p.name = f"{p.name}#{sum(n.split('#')[0] == p.name for n in names) + 1}"
+        names.append(p.name)
     return Plan(refs + programs, seeds, get_profile(profile).name, None,
                 Path(ledger) if ledger else REPLAYS_ROOT / "ledger.sqlite",
-                Path(out_dir) if out_dir else REPLAYS_ROOT / "report", "program files")
+                Path(out_dir) if out_dir else REPLAYS_ROOT / "report", "program files", notes)
 
 
 def _run_ledger(run_dir: Path, record: dict) -> Path:

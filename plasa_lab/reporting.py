@@ -13,7 +13,6 @@ import base64
 import csv
 import difflib
 import html
-import io
 import json
 import math
 import re

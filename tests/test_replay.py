@@ -97,12 +97,17 @@ def test_a_run_replay_plans_the_initial_program_first_then_the_top_programs():
     assert len({c.code for c in plan.candidates}) == 5
 
 
-def test_program_files_replay_into_the_replays_folder(tmp_path):
-    child = tmp_path / "child.py"
-    child.write_text(schedule_variant(SOURCE, "DENSE").replace('"DENSE"', '"AGGRESSIVE_MIDDLE"'))
-    plan = plan_replay([child], seeds=[42], profile="smoke")
-    assert [c.name for c in plan.candidates] == ["initial", "child.py"]
+def test_program_files_replay_into_the_replays_folder_each_under_its_own_name(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [tmp_path / "a" / "child.py", tmp_path / "b" / "child.py", tmp_path / "same.py"]
+    files[0].write_text(SOURCE.replace(SCHEDULE_LINE, 'SCHEDULE = "AGGRESSIVE_MIDDLE"'))
+    files[1].write_text(SOURCE.replace(SCHEDULE_LINE, 'SCHEDULE = "DENSE_TO_SPARSE"'))
+    files[2].write_text(SOURCE)
+    plan = plan_replay(files, seeds=[42], profile="smoke")
+    assert [c.name for c in plan.candidates] == ["initial", "child.py", "child.py#2"]
     assert plan.ledger == REPLAYS_ROOT / "ledger.sqlite" and plan.out_dir == REPLAYS_ROOT / "report"
+    assert any("same.py is the initial program" in note for note in plan.notes)
 
 
 # ---------------------------------------------------------------------------------------------
