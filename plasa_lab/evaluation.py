@@ -58,11 +58,16 @@ class Settings:
         self.profile = get_profile(self.profile).name
         self.corpus = self.corpus or env("PLASA_CORPUS") or "auto"
         self.device = self.device or env("PLASA_DEVICE") or "auto"
+        self.runner = self.runner or env("PLASA_RUNNER") or "local"
+        # Threads per evaluation: locally the cores shared by the parallel evaluations; on a Ray
+        # cluster the CPUs each task asks of a node.
         workers = max(1, int(env("PLASA_PARALLEL", "1")))
-        self.threads = int(self.threads or env("PLASA_THREADS") or max(1, (os.cpu_count() or 1) // workers))
+        local_share = max(1, (os.cpu_count() or 1) // workers)
+        self.threads = int(self.threads or env("PLASA_THREADS") or (2 if self.runner == "ray" else local_share))
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
-        self.runner = self.runner or env("PLASA_RUNNER") or "local"
+        if self.runner not in ("local", "ray"):
+            raise ValueError(f"unknown runner {self.runner!r}: choose local or ray")
 
 
 def score(val_ppl: float) -> float:
@@ -128,7 +133,7 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> E
     if result.get("stderr"):
         artifacts["stderr"] = result["stderr"][-STDERR_ARTIFACT_CHARS:]
     seconds = time.monotonic() - start
-    if ledger and not result.get("timed_out"):  # a timeout may be the machine's fault: try again next time
+    if ledger and not result.get("retry_later"):  # a timeout or a lost worker: try again next time
         ledger.put(key, metrics, artifacts, seconds)
     return Evaluation(metrics, artifacts)
 

@@ -2,7 +2,9 @@
 
 A job is plain JSON-able data (the program's code, not its path), so it travels to a Ray
 worker as it is; each runner turns it into the harness's result dict:
-{ok, failure, metrics, stderr, stdout, seconds}.
+{ok, failure, metrics, stderr, stdout, seconds, retry_later}, where retry_later marks a
+failure that may be the machine's, not the program's (timeout, lost worker): the ledger
+does not keep it.
 """
 
 import json
@@ -69,7 +71,8 @@ def run_local(job: dict, on_line=None) -> dict:
         failure = _sandbox_failure(run, limits) if result is None or run.output_exceeded or run.timed_out else None
         if failure:
             result = dict(ok=False, failure=failure, metrics=(result or {}).get("metrics", {}))
-        result.update(stderr=run.stderr, stdout=run.stdout, seconds=run.seconds, timed_out=run.timed_out)
+        result.update(stderr=run.stderr, stdout=run.stdout, seconds=run.seconds,
+                      retry_later=run.timed_out)  # a timeout may be the machine's fault (load)
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

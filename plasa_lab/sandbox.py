@@ -135,13 +135,15 @@ def run_sandboxed(argv: list[str], workdir: str, limits: Limits, threads: int = 
     out.start(), err.start()
     timed_out = False
     deadline = start + limits.wall_seconds
-    while proc.poll() is None and not budget.exceeded.is_set():
-        if time.monotonic() > deadline:
-            timed_out = True
-            break
-        budget.exceeded.wait(0.05)
-    kill_group(proc.pid)  # the child may have left grandchildren in its group, finished or not
-    proc.wait()
+    try:
+        while proc.poll() is None and not budget.exceeded.is_set():
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            budget.exceeded.wait(0.05)
+    finally:  # Ctrl-C in the parent too: the group goes
+        kill_group(proc.pid)  # the child may have left grandchildren in its group, finished or not
+        proc.wait()
     out.join(5), err.join(5)
     rc = proc.returncode
     return SandboxResult(
