@@ -272,6 +272,7 @@ class RunOptions:
     config: Path = PROJECT_ROOT / "config.yaml"
     device: str | None = None
     corpus: str | None = None
+    runner: str | None = None
 
 
 def _run_dir(options: RunOptions):
@@ -321,6 +322,17 @@ def run(options: RunOptions) -> int:
         raise RunError(f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
                        f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if options.runner:
+        os.environ["PLASA_RUNNER"] = options.runner
+    if os.environ.get("PLASA_RUNNER") == "ray":
+        from .ray_runner import parallel_evaluations
+        threads = int(os.environ.get("PLASA_THREADS", "2"))
+        try:
+            config.evaluator.parallel_evaluations = parallel_evaluations(threads)
+        except (ConnectionError, OSError, subprocess.SubprocessError) as e:
+            raise RunError(str(e))
+        print(f"ray: {config.evaluator.parallel_evaluations} evaluations at once on the cluster "
+              f"({threads} CPUs each, or one GPU each where the cluster has GPUs)", file=sys.stderr)
     # The evaluator reads these in OpenEvolve's worker processes (they inherit the environment).
     # A ledger given in $PLASA_LEDGER is shared between runs; by default each run has its own.
     os.environ.update(PLASA_PROFILE=profile.name, PLASA_CORPUS=corpus.name,

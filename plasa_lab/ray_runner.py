@@ -117,8 +117,26 @@ def drive(job: dict) -> dict:
         ray.shutdown()
 
 
+def parallel_evaluations(threads: int) -> int:
+    """How many evaluations the cluster runs at once: one per GPU, else one per `threads` CPUs.
+    Asked in a subprocess, so that the caller (which OpenEvolve forks later) never joins Ray."""
+    run = subprocess.run([sys.executable, "-m", "plasa_lab.ray_runner", "--capacity"], capture_output=True,
+                         text=True, timeout=120)
+    try:
+        resources = json.loads(run.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConnectionError(f"cannot use the Ray cluster at {os.environ.get('RAY_ADDRESS') or 'auto'}: {tail}")
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    return max(1, gpus if gpus else cpus // max(1, threads))
+
+
 def main(argv=None):
-    job_path, result_path = (argv or sys.argv[1:])[:2]
+    argv = argv or sys.argv[1:]
+    if argv == ["--capacity"]:
+        print(json.dumps(cluster_resources()))
+        return
+    job_path, result_path = argv[:2]
     try:
         result = drive(json.loads(Path(job_path).read_text()))
     except Exception as e:  # cannot connect, bad address ...

@@ -27,6 +27,9 @@ def main(argv=None):
     parser.add_argument("--config", type=Path, default=RunOptions.config)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where children train (default: auto)")
     parser.add_argument("--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: auto)")
+    parser.add_argument("--runner", choices=["local", "ray"],
+                        help="where evaluations run: local subprocesses or a Ray cluster at $RAY_ADDRESS "
+                             "(default: $PLASA_RUNNER or local)")
     args = parser.parse_args(argv)
     try:
         return run(RunOptions(**vars(args)))

@@ -107,3 +107,8 @@ def test_unreachable_cluster_is_a_clear_failure_not_a_hang(monkeypatch):
     assert evaluation.metrics["combined_score"] == 0.0
     assert "cannot use the cluster at 127.0.0.1" in evaluation.artifacts["failure"]
     assert time.monotonic() - start < 120
+
+
+def test_parallel_evaluations_follow_the_cluster_capacity(ray_cluster):
+    from plasa_lab.ray_runner import parallel_evaluations
+    assert parallel_evaluations(threads=2) == 1 and parallel_evaluations(threads=1) == 2  # 2 CPUs, no GPU
