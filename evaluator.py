@@ -13,23 +13,31 @@ import sys
 
 from openevolve.evaluation_result import EvaluationResult
 
-from plasa_lab.evaluation import Settings, evaluate_file
+from plasa_lab.evaluation import Settings, evaluate_file, failure_metrics
 
 
-def _result(evaluation):
-    return EvaluationResult(metrics=evaluation.metrics, artifacts=evaluation.artifacts)
+def _evaluate(program_path, stage):
+    """Never raises: OpenEvolve drops a child whose metrics lack a feature dimension, and
+    counts an exception as a crash of the program. A set-up error is a failure with its reason."""
+    try:
+        evaluation = evaluate_file(program_path, stage)
+        return EvaluationResult(metrics=evaluation.metrics, artifacts=evaluation.artifacts)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return EvaluationResult(metrics=failure_metrics(),
+                                artifacts={"failure": f"evaluator set-up error: {type(e).__name__}: {reason}"})
 
 
 def evaluate_stage1(program_path):
-    return _result(evaluate_file(program_path, 1))
+    return _evaluate(program_path, 1)
 
 
 def evaluate_stage2(program_path):
-    return _result(evaluate_file(program_path, 2))
+    return _evaluate(program_path, 2)
 
 
 def evaluate(program_path):
-    return _result(evaluate_file(program_path, "all"))
+    return _evaluate(program_path, "all")
 
 
 def main(argv=None):

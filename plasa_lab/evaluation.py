@@ -68,6 +68,8 @@ class Settings:
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         if self.runner not in ("local", "ray"):
             raise ValueError(f"unknown runner {self.runner!r}: choose local or ray")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}: choose auto, cpu or cuda")
 
 
 def score(val_ppl: float) -> float:

@@ -200,3 +200,11 @@ def test_cli_prints_metrics_as_json_on_the_last_line(tmp_path):
 def test_cli_bad_input_exits_nonzero_with_one_line(args, message):
     run = subprocess.run([sys.executable, "evaluator.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and message in run.stderr and run.stdout == ""
+
+
+def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monkeypatch, tmp_path):
+    import evaluator
+    monkeypatch.setenv("PLASA_PROFILE", "no-such-profile")
+    result = evaluator.evaluate_stage1(str(INITIAL_PROGRAM))
+    assert set(METRIC_KEYS) <= set(result.metrics) and result.metrics["combined_score"] == 0.0
+    assert "evaluator set-up error" in result.artifacts["failure"] and "no-such-profile" in result.artifacts["failure"]
