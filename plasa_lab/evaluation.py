@@ -25,7 +25,7 @@ from .profiles import DEFAULT_SEED, PPL_CAP, get_profile
 HARNESS_VERSION = "1"  # part of the ledger key: bump when the harness's numbers would change
 METRIC_KEYS = ("combined_score", "val_ppl", "val_loss", "val_acc", "train_loss", "density", "indexer_params",
                "nonembed_params", "train_seconds", "stage1_passed", "stage2_passed")
-DESCRIPTIVE_KEYS = ("density", "indexer_params", "nonembed_params", "train_seconds")  # kept on failure
+DESCRIPTIVE_KEYS = ("density", "indexer_params", "nonembed_params", "train_seconds", "stage1_passed")  # kept on failure
 STDERR_ARTIFACT_CHARS = 4000
 
 

@@ -231,6 +231,7 @@ def stage1(job, metrics):
 def stage2(job, metrics):
     """The benchmark: the profile's full training and validation, then the probes again."""
     module, model, corpus, profile, device, (random_tokens, probe_tokens) = prepare(job, metrics)
+    metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's
     batches = data.train_batches(corpus.train, profile.batch_size, profile.seq_len, job["seed"])
     log(f"training {profile.steps} steps ({profile.name} profile, seed {job['seed']}, {device.type})")
     start = time.perf_counter()

@@ -27,14 +27,19 @@ def variant(old, new):
 
 
 def harness_processes():
+    """Harness processes this test process started and that are still there (grandchildren are
+    covered by the sandbox tests, which kill whole groups)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"plasa_lab.harness" in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
+                cmdline = f.read()
+            with open(f"/proc/{pid}/status") as f:
+                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+        except (OSError, StopIteration):
+            continue
+        if b"plasa_lab.harness" in cmdline and ppid == os.getpid():
+            found.append(pid)
     return found
 
 
@@ -208,3 +213,13 @@ def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monke
     result = evaluator.evaluate_stage1(str(INITIAL_PROGRAM))
     assert set(METRIC_KEYS) <= set(result.metrics) and result.metrics["combined_score"] == 0.0
     assert "evaluator set-up error" in result.artifacts["failure"] and "no-such-profile" in result.artifacts["failure"]
+
+
+def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
+    # The aux loss turns NaN after 16 training steps: stage 1 (12 steps) passes, stage 2 (20) fails.
+    code = variant("def indexer_aux_loss(attn_probs, scores, selected):\n",
+                   "CALLS = [0]\n\n\ndef indexer_aux_loss(attn_probs, scores, selected):\n"
+                   "    CALLS[0] += 1\n    if CALLS[0] > 4 * 16:\n        scores = scores * float('nan')\n")
+    evaluation = evaluate_code(code, "all", smoke)
+    assert_rejected(evaluation, "stage 2: training aux_loss became nan at step 17")
+    assert evaluation.metrics["stage1_passed"] == 1.0 and evaluation.metrics["stage2_passed"] == 0.0
