@@ -22,7 +22,7 @@ from .checks import static_violation
 from .ledger import Ledger, code_sha256
 from .profiles import DEFAULT_SEED, PPL_CAP, get_profile
 
-HARNESS_VERSION = "1"  # part of the ledger key: bump when the harness's numbers would change
+HARNESS_VERSION = "2"  # part of the ledger key: bump when the harness's numbers would change
 METRIC_KEYS = ("combined_score", "val_ppl", "val_loss", "val_acc", "train_loss", "density", "indexer_params",
                "nonembed_params", "train_seconds", "stage1_passed", "stage2_passed")
 DESCRIPTIVE_KEYS = ("density", "indexer_params", "nonembed_params", "train_seconds", "stage1_passed")  # kept on failure
@@ -132,8 +132,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> E
         metrics = failure_metrics(result["metrics"]) if failure else _passed_metrics(result["metrics"], stage)
     if failure:
         artifacts["failure"] = f"stage {stage}: {failure}"
-    if result.get("stderr"):
-        artifacts["stderr"] = result["stderr"][-STDERR_ARTIFACT_CHARS:]
+        if result.get("stderr"):  # what the child printed before it failed (a passing one's is only progress)
+            artifacts["stderr"] = result["stderr"][-STDERR_ARTIFACT_CHARS:]
     seconds = time.monotonic() - start
     if ledger and not result.get("retry_later"):  # a timeout or a lost worker: try again next time
         ledger.put(key, metrics, artifacts, seconds)

@@ -156,24 +156,38 @@ def train(model, batches, steps, device):
 
 
 def validate(model, windows, batch_size, device):
-    """Mean loss and accuracy over every predicted token of the windows; density from selections."""
+    """Mean loss and accuracy over every predicted token of the windows; density from selections.
+
+    The child cannot tell validation from probing: batches come in an order it cannot predict
+    (a window it cached is random context, not the text before), and a random tenth of them,
+    at a random cut, also goes through the causality probe. Sums are exact (math.fsum), so the
+    order does not change the result."""
     model.eval()
-    loss_sum, correct, count, density_sum, density_n = 0.0, 0, 0, 0.0, 0
+    rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    starts = range(0, len(windows), batch_size)
+    order = torch.randperm(len(starts), generator=rng).tolist()
+    spot_checked = set(order[:max(1, len(starts) // 10)])
+    losses, correct, count, densities = [], 0, 0, []
     with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i:i + batch_size].to(device)
-            logits = model(batch[:, :-1])["logits"].float()
-            targets = batch[:, 1:]
+        for i in order:
+            batch = windows[starts[i]:starts[i] + batch_size].to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            logits = model(inputs)["logits"].float()
             if not torch.isfinite(logits).all():
                 raise Rejection("validation logits contain NaN or inf: keep every score finite")
-            loss_sum += _cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            losses.append(_cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").double().sum().item())
             correct += (logits.argmax(-1) == targets).sum().item()
             count += targets.numel()
-            density_sum += measured_density(model)
-            density_n += 1
-    val_loss = loss_sum / count
+            densities.append(measured_density(model))
+            if i in spot_checked:
+                cut = int(torch.randint(0, inputs.shape[1] - 1, (1,), generator=rng))
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+                failure = probes.causality_violation(model, inputs, [cut], VOCAB_SIZE, seed=seed)
+                if failure:
+                    raise Rejection(f"during validation: {failure}")
+    val_loss = math.fsum(losses) / count
     return dict(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_acc=correct / count,
-                density=density_sum / density_n)
+                density=math.fsum(densities) / len(densities))
 
 
 def measured_density(model):

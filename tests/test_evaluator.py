@@ -223,3 +223,21 @@ def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
     evaluation = evaluate_code(code, "all", smoke)
     assert_rejected(evaluation, "stage 2: training aux_loss became nan at step 17")
     assert evaluation.metrics["stage1_passed"] == 1.0 and evaluation.metrics["stage2_passed"] == 0.0
+
+
+def test_leak_switched_on_only_for_validation_is_caught_by_spot_checks(smoke):
+    # Causal during every probe, leaky for the first eval calls after training: the validation.
+    code = variant("        self.w_proj = nn.Linear(d_model, n_heads, bias=False)\n",
+                   "        self.w_proj = nn.Linear(d_model, n_heads, bias=False)\n"
+                   "        self.trained, self.eval_calls = False, 0\n")
+    code = code.replace("        q, k, w = self.components(x)\n        dots",
+                        "        q, k, w = self.components(x)\n"
+                        "        if self.training:\n"
+                        "            self.trained, self.eval_calls = True, 0\n"
+                        "        elif self.trained:\n"
+                        "            self.eval_calls += 1\n"
+                        "            if self.eval_calls <= 6:\n"
+                        "                k = k + k.mean(dim=1, keepdim=True)\n"
+                        "        dots", 1)
+    assert "self.eval_calls <= 6" in code
+    assert_rejected(evaluate_code(code, "all", smoke), "during validation", "sees future tokens")
