@@ -316,7 +316,8 @@ def run(options: RunOptions) -> int:
         print(f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on).")
         return 0
 
-    corpus = data.prepare_corpus(options.corpus or os.environ.get("PLASA_CORPUS") or "auto",
+    corpus_name = options.corpus or (previous["corpus"]["corpus"] if previous else None)  # a resume keeps its corpus
+    corpus = data.prepare_corpus(corpus_name or os.environ.get("PLASA_CORPUS") or "auto",
                                  log=lambda line: print(line, file=sys.stderr))
     if previous and previous["corpus"]["fingerprint"] != corpus.fingerprint:
         raise RunError(f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
@@ -337,7 +338,7 @@ def run(options: RunOptions) -> int:
     # A ledger given in $PLASA_LEDGER is shared between runs; by default each run has its own.
     os.environ.update(PLASA_PROFILE=profile.name, PLASA_CORPUS=corpus.name,
                       PLASA_PARALLEL=str(config.evaluator.parallel_evaluations))
-    os.environ.setdefault("PLASA_LEDGER", str(run_dir / "ledger.sqlite"))
+    os.environ.setdefault("PLASA_LEDGER", (previous or {}).get("ledger") or str(run_dir / "ledger.sqlite"))
     if options.device:
         os.environ["PLASA_DEVICE"] = options.device
     if options.target_ppl is not None and options.target_ppl <= 0:

@@ -67,7 +67,7 @@ def test_initial_program_passes_both_stages_with_finite_metrics(smoke):
     assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
     assert m["density"] == pytest.approx((1 + 2 * 3600 / 8256 + 6176 / 8256) / 4, abs=1e-6)  # k = 128, 32, 32, 64
     assert m["nonembed_params"] == 1_526_912 and m["indexer_params"] == 4 * 20_992
-    assert "failure" not in evaluation.artifacts and "wiki" in evaluation.artifacts["corpus"] + "text"
+    assert "failure" not in evaluation.artifacts and "fingerprint" in evaluation.artifacts["corpus"]
 
     start = time.monotonic()
     again = evaluate_file(INITIAL_PROGRAM, "all", smoke)
