@@ -52,6 +52,7 @@ class Settings:
     ledger: str | None = None
     runner: str = None
     allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
+    whole_validation: bool = False  # stage 2 validates on every window of the split (replay), not the profile's
 
     def __post_init__(self):
         env = os.environ.get
@@ -86,11 +87,12 @@ def failure_metrics(measured: dict | None = None) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _corpus_summary(corpus: str):
-    """(name, fingerprint, description) of the corpus, built or loaded once per process."""
+    """(name, fingerprint, description, validation tokens) of the corpus, built or loaded once per process."""
     c = data.prepare_corpus(corpus, log=lambda line: print(line, file=sys.stderr, flush=True))
     m = c.manifest
-    return c.name, c.fingerprint, (f"{c.name} ({m.get('tokenizer')}; train {m.get('train_tokens')} tokens, "
-                                   f"val {m.get('val_tokens')} tokens; fingerprint {c.fingerprint[:16]})")
+    description = (f"{c.name} ({m.get('tokenizer')}; train {m.get('train_tokens')} tokens, "
+                   f"val {m.get('val_tokens')} tokens; fingerprint {c.fingerprint[:16]})")
+    return c.name, c.fingerprint, description, len(c.val)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,26 +100,31 @@ def _reference_text():
     return INITIAL_PROGRAM.read_text()
 
 
-def _run_stage(code, stage, settings, corpus_name, fingerprint, on_line):
+def _run_stage(code, stage, settings, corpus_name, fingerprint, val_tokens, on_line):
     from .runners import get_runner, stage_timeout
     profile = get_profile(settings.profile)
     steps = profile.steps if stage == 2 else 0
+    whole = settings.whole_validation and stage == 2
+    val_windows = val_tokens // (profile.seq_len + 1) if whole else profile.val_batches * profile.batch_size
+    val_batches = -(-val_windows // profile.batch_size) if stage == 2 else 1
     job = dict(code=code, stage=stage, profile=profile.name, seed=settings.seed, corpus=corpus_name,
                fingerprint=fingerprint, device=settings.device, threads=settings.threads,
-               memory_gb=settings.memory_gb, timeout=stage_timeout(stage, steps),
-               allow_uniform_schedule=settings.allow_uniform_schedule)
+               memory_gb=settings.memory_gb, timeout=stage_timeout(stage, steps, val_batches),
+               allow_uniform_schedule=settings.allow_uniform_schedule, whole_validation=whole)
     return get_runner(settings.runner)(job, on_line)
 
 
 def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> Evaluation:
     """One stage of one program: from the ledger if known, else checked and run in a sandbox."""
-    corpus_name, fingerprint, corpus_text = _corpus_summary(settings.corpus)
+    corpus_name, fingerprint, corpus_text, val_tokens = _corpus_summary(settings.corpus)
     profile = get_profile(settings.profile)
+    whole = settings.whole_validation and stage == 2
+    validation = "the whole validation split" if whole else f"{profile.val_batches} val batches"
     artifacts = dict(profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
-                             f"{profile.val_batches} val batches, seed {settings.seed}", corpus=corpus_text)
+                             f"{validation}, seed {settings.seed}", corpus=corpus_text)
     key = dict(code_sha256=code_sha256(code) + ("+uniform" if settings.allow_uniform_schedule else ""),
-               stage=stage, profile=profile.name, seed=settings.seed, fingerprint=fingerprint,
-               harness_version=HARNESS_VERSION)
+               stage=stage, profile=profile.name + ("+whole-val" if whole else ""), seed=settings.seed,
+               fingerprint=fingerprint, harness_version=HARNESS_VERSION)
     ledger = Ledger(settings.ledger) if settings.ledger else None
     if ledger and (known := ledger.get(key)):
         return Evaluation(known[0], known[1], from_ledger=True)
@@ -127,7 +134,7 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> E
     if failure:
         metrics, result = failure_metrics(), {}
     else:
-        result = _run_stage(code, stage, settings, corpus_name, fingerprint, on_line)
+        result = _run_stage(code, stage, settings, corpus_name, fingerprint, val_tokens, on_line)
         failure = None if result["ok"] else result["failure"]
         metrics = failure_metrics(result["metrics"]) if failure else _passed_metrics(result["metrics"], stage)
     if failure:

@@ -74,6 +74,7 @@ class Plan:
     out_dir: Path
     title: str
     notes: list[str] = field(default_factory=list)
+    whole_validation: bool = False  # validate on the whole split instead of the profile's first windows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def reference_candidates(initial_code: str, source: str, baselines: bool) -> lis
 
 
 def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: bool = False, profile: str | None = None,
-                ledger=None, out_dir=None) -> Plan:
+                ledger=None, out_dir=None, whole_validation: bool = False) -> Plan:
     """A run folder (default: the newest run), or program files: what to evaluate, where to record it."""
     targets = [Path(t) for t in targets or []]
     for t in targets:
@@ -138,7 +139,7 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         ledger_path = Path(ledger) if ledger else _run_ledger(view.run_dir, record)
         return Plan(refs + programs, seeds, get_profile(profile or run_profile).name,
                     (record.get("corpus") or {}).get("corpus"), ledger_path,
-                    Path(out_dir) if out_dir else view.run_dir / "report", f"run {view.run_dir}", notes)
+                    Path(out_dir) if out_dir else view.run_dir / "report", f"run {view.run_dir}", notes, whole_validation)
 
     programs = []
     for t in targets:
@@ -159,7 +160,7 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         names.append(p.name)
     return Plan(refs + programs, seeds, get_profile(profile).name, None,
                 Path(ledger) if ledger else REPLAYS_ROOT / "ledger.sqlite",
-                Path(out_dir) if out_dir else REPLAYS_ROOT / "report", "program files", notes)
+                Path(out_dir) if out_dir else REPLAYS_ROOT / "report", "program files", notes, whole_validation)
 
 
 def _run_ledger(run_dir: Path, record: dict) -> Path:
@@ -190,7 +191,7 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
             label = f"{candidate.name} seed {seed}"
             bar.update(task, description=label)
             settings = Settings(profile=plan.profile, seed=seed, corpus=plan.corpus, ledger=str(plan.ledger),
-                                allow_uniform_schedule=candidate.uniform)
+                                allow_uniform_schedule=candidate.uniform, whole_validation=plan.whole_validation)
             start = time.monotonic()
             evaluation = evaluate_code(candidate.code, "all", settings,
                                        on_line=lambda line: bar.update(task, description=f"{label}: {line.strip()[:60]}"))
@@ -254,8 +255,14 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
             failed_seeds=[r.seed for r in failed], runs=[asdict(r) for r in runs]))
     return dict(title=plan.title, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 profile=plan.profile, seeds=plan.seeds, corpus=plan.corpus, ledger=str(plan.ledger),
-                reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
+                validation=validation_text(plan.profile, plan.whole_validation), reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
                 programs=entries)
+
+
+def validation_text(profile: str, whole: bool) -> str:
+    p = get_profile(profile)
+    return ("the whole validation split" if whole else
+            f"the first {p.val_batches * p.batch_size} windows of {p.seq_len + 1} tokens of the validation split")
 
 
 def _pm(mean, sd, digits):
@@ -286,7 +293,8 @@ def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(summary, indent=2))
     lines = [f"# Replay: {summary['title']}", "",
              f"Profile `{summary['profile']}`, seeds {', '.join(map(str, summary['seeds']))}, corpus "
-             f"`{summary['corpus'] or 'default'}`, ledger `{summary['ledger']}`; {summary['created']}.", "",
+             f"`{summary['corpus'] or 'default'}`, validated on {summary['validation']}, ledger `{summary['ledger']}`; "
+             f"{summary['created']}.", "",
              f"**Rule.** {summary['rule']}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(summary)]
@@ -307,7 +315,8 @@ def print_table(summary: dict, console=None):
     from rich.table import Table
     console = console or Console(width=None if Console().is_terminal else 160)
     table = Table(title=f"Replay of {summary['title']}: profile {summary['profile']}, seeds "
-                        f"{', '.join(map(str, summary['seeds']))}", title_justify="left")
+                        f"{', '.join(map(str, summary['seeds']))}, validated on {summary['validation']}",
+                  title_justify="left")
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("program", "kind", "verdict") else "right")
     for row in table_rows(summary):

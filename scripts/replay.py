@@ -2,6 +2,7 @@
 program, with a verdict per program (see README, "In the morning").
 
     python scripts/replay.py [RUN_DIR | PROGRAM ...] [--top K] [--seeds 42,43,44] [--baselines] [--profile ...]
+                             [--whole-val]
 """
 
 import argparse
@@ -32,6 +33,9 @@ def main(argv=None):
                         help="also the DENSE and UNIFORM schedules of the initial program (always: the initial program)")
     parser.add_argument("--profile", choices=["full", "quick", "smoke"],
                         help="default: the run's profile (program files: $PLASA_PROFILE or full)")
+    parser.add_argument("--whole-val", action="store_true",
+                        help="validate on the whole validation split, not the profile's first windows (full: 200 "
+                             "windows); the search's own seed-42 numbers then do not carry over")
     parser.add_argument("--ledger", type=Path, help="SQLite ledger (default: the run's; program files: "
                                                     "openevolve_output/replays/ledger.sqlite)")
     parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report; program files: "
@@ -39,9 +43,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         plan = plan_replay(args.targets, top=args.top, seeds=args.seeds, baselines=args.baselines,
-                           profile=args.profile, ledger=args.ledger, out_dir=args.out)
+                           profile=args.profile, ledger=args.ledger, out_dir=args.out, whole_validation=args.whole_val)
         print(f"replaying {len(plan.candidates)} programs x {len(plan.seeds)} seeds of {plan.title} "
-              f"(profile {plan.profile}, ledger {plan.ledger})", file=sys.stderr)
+              f"(profile {plan.profile}{', whole validation split' if plan.whole_validation else ''}, ledger {plan.ledger})",
+              file=sys.stderr)
         summary = summarise(plan, run_plan(plan))
         paths = write_reports(summary, plan.out_dir)
     except (ReplayError, ValueError, OSError) as e:

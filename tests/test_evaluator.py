@@ -119,7 +119,7 @@ def test_api_key_is_not_in_the_sandbox_even_past_the_static_checks(smoke, monkey
             "str(os.environ.get('OPENAI_API_KEY')))\n")
     code = variant(INDEXER_TRAINING, leak + INDEXER_TRAINING)
     from plasa_lab.evaluation import _corpus_summary
-    name, fingerprint, _ = _corpus_summary(smoke.corpus)
+    name, fingerprint, _, _ = _corpus_summary(smoke.corpus)
     result = run_local(dict(code=code, stage=1, profile="smoke", seed=42, corpus=name, fingerprint=fingerprint,
                             device="cpu", threads=1, memory_gb=4, timeout=120))
     assert not result["ok"] and "env: " in result["failure"] and "None" in result["failure"]

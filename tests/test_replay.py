@@ -3,6 +3,7 @@ smoke fixture run through the sandboxed evaluator and its ledger, and bad input.
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 SOURCE = INITIAL_PROGRAM.read_text()
 
 
-def replay(*args, timeout=500):
+def replay(*args, timeout=500, env=None):
     return subprocess.run([sys.executable, "scripts/replay.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +135,45 @@ def test_smoke_replay_with_two_seeds_writes_report_and_verdicts_then_resumes_fro
     rerun = json.loads((run_dir / "report" / "replay.json").read_text())
     assert all(r["from_ledger"] for p in rerun["programs"] for r in p["runs"])
     assert [p["val_ppl_mean"] for p in rerun["programs"]] == [p["val_ppl_mean"] for p in programs]
+
+
+def small_text_corpus() -> str:
+    """A generated text: corpus whose validation split is a few windows longer than the smoke
+    profile's 8, so validating on all of it is quick (a fixed path: its token cache is reused)."""
+    import random
+    rng = random.Random(0)
+    words = SOURCE.replace("\n", " ").split()[:400]
+    documents = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(100)]
+    path = PROJECT_ROOT / ".cache" / "test-corpora" / "whole_val.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != "\n\n".join(documents):
+        path.write_text("\n\n".join(documents))
+    return f"text:{path}"
+
+
+def test_whole_val_replay_validates_on_the_whole_split_under_its_own_ledger_key(tmp_path):
+    corpus = small_text_corpus()
+    program = tmp_path / "program.py"
+    program.write_text(SOURCE)
+    ledger, out = tmp_path / "ledger.sqlite", tmp_path / "out"
+    done = replay(program, "--seeds", "42", "--profile", "smoke", "--whole-val", "--ledger", ledger, "--out", out,
+                  env=dict(os.environ, PLASA_CORPUS=corpus))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "replay.json").read_text())
+    assert report["validation"] == "the whole validation split"
+    assert "validated on the whole validation split" in (out / "replay.md").read_text()
+
+    # The same training (seed 42), validated on the profile's first 8 windows instead: another number,
+    # recorded beside it, so neither answers for the other.
+    whole = evaluate_code(SOURCE, 2, Settings(profile="smoke", corpus=corpus, ledger=str(ledger), whole_validation=True))
+    first_windows = evaluate_code(SOURCE, 2, Settings(profile="smoke", corpus=corpus, ledger=str(ledger)))
+    assert whole.from_ledger and not first_windows.from_ledger
+    assert "the whole validation split" in whole.artifacts["profile"] and "4 val batches" in first_windows.artifacts["profile"]
+    assert whole.metrics["train_loss"] == first_windows.metrics["train_loss"]
+    assert whole.metrics["val_ppl"] != first_windows.metrics["val_ppl"]
+    assert whole.metrics["val_ppl"] == report["programs"][0]["runs"][0]["val_ppl"]
+    from plasa_lab.ledger import Ledger
+    assert sorted(r["profile"] for r in Ledger(ledger).rows() if r["stage"] == "2") == ["smoke", "smoke+whole-val"]
 
 
 # ---------------------------------------------------------------------------------------------
