@@ -129,6 +129,8 @@ def test_smoke_replay_with_two_seeds_writes_report_and_verdicts_then_resumes_fro
     assert "Welch" in markdown and programs[1]["verdict"] in markdown and "± " in markdown
     assert "val_ppl" in done.stdout and programs[1]["verdict"] in done.stdout
     assert "initial seed 43" in done.stderr  # progress names the evaluation in flight
+    # the run itself trained seed 42 of both programs: replay reads those from the run's ledger
+    assert [r["from_ledger"] for p in programs for r in p["runs"]] == [True, False, True, False]
 
     again = replay(run_dir, "--top", "1", "--seeds", "42,43")  # an interrupted replay resumes like this
     assert again.returncode == 0, again.stderr[-3000:]
