@@ -30,6 +30,7 @@ _AdamW = torch.optim.AdamW
 
 SMOKE_TRAINING_STEPS = 12
 PROGRESS_EVERY = 50
+SPOT_CHECK_CUTS = 3  # causality cuts per spot-checked validation batch
 
 
 class Rejection(Exception):
@@ -159,14 +160,16 @@ def validate(model, windows, batch_size, device):
     """Mean loss and accuracy over every predicted token of the windows; density from selections.
 
     The child cannot tell validation from probing: batches come in an order it cannot predict
-    (a window it cached is random context, not the text before), and a random tenth of them,
-    at a random cut, also goes through the causality probe. Sums are exact (math.fsum), so the
-    order does not change the result."""
+    (a window it cached is random context, not the text before), and a random tenth of them
+    (at least two) also go through the causality probe at SPOT_CHECK_CUTS random cuts, against
+    the very logits that were scored. Several cuts, because a leak through the top-k selection
+    cannot show at a cut before the sparse layers' k (there every causal key is selected anyway).
+    Sums are exact (math.fsum), so the order does not change the result."""
     model.eval()
     rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     starts = range(0, len(windows), batch_size)
     order = torch.randperm(len(starts), generator=rng).tolist()
-    spot_checked = set(order[:max(1, len(starts) // 10)])
+    spot_checked = set(order[:max(2, len(starts) // 10)])
     losses, correct, count, densities = [], 0, 0, []
     with torch.no_grad():
         for i in order:
@@ -180,9 +183,9 @@ def validate(model, windows, batch_size, device):
             count += targets.numel()
             densities.append(measured_density(model))
             if i in spot_checked:
-                cut = int(torch.randint(0, inputs.shape[1] - 1, (1,), generator=rng))
+                cuts = torch.randperm(inputs.shape[1] - 1, generator=rng)[:SPOT_CHECK_CUTS].tolist()
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
-                failure = probes.causality_violation(model, inputs, [cut], VOCAB_SIZE, seed=seed)
+                failure = probes.causality_violation(model, inputs, cuts, VOCAB_SIZE, seed=seed, base=logits)
                 if failure:
                     raise Rejection(f"during validation: {failure}")
     val_loss = math.fsum(losses) / count

@@ -62,10 +62,11 @@ def selection_violation(model, tokens):
     return None
 
 
-def causality_violation(model, tokens, cut_points, vocab_size, seed=0):
-    """Change every token after position p: the logits at positions <= p must not move."""
+def causality_violation(model, tokens, cut_points, vocab_size, seed=0, base=None):
+    """Change every token after position p: the logits at positions <= p must not move (from
+    `base`, the logits of `tokens` if already computed, e.g. the ones validation just scored)."""
     g = torch.Generator().manual_seed(seed)
-    base = _forward_logits(model, tokens)
+    base = _forward_logits(model, tokens) if base is None else base
     for p in cut_points:
         changed = tokens.clone()
         shift = torch.randint(1, vocab_size, changed[:, p + 1:].shape, generator=g).to(tokens.device)
