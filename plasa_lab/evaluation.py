@@ -100,17 +100,29 @@ def _reference_text():
     return INITIAL_PROGRAM.read_text()
 
 
-def _run_stage(code, stage, settings, corpus_name, fingerprint, val_tokens, on_line):
+def validation_windows(profile, val_tokens: int, whole: bool) -> int:
+    """How many windows stage 2 validates on: the profile's first ones, or every window of the split."""
+    return val_tokens // (profile.seq_len + 1) if whole else profile.val_batches * profile.batch_size
+
+
+def describe_validation(profile, whole: bool) -> str:
+    if whole:
+        return "the whole validation split"
+    return (f"{profile.val_batches} val batches (the first {profile.val_batches * profile.batch_size} windows of "
+            f"{profile.seq_len + 1} tokens)")
+
+
+def _run_stage(code, stage, settings, corpus_name, fingerprint, val_windows, on_line):
     from .runners import get_runner, stage_timeout
     profile = get_profile(settings.profile)
-    steps = profile.steps if stage == 2 else 0
-    whole = settings.whole_validation and stage == 2
-    val_windows = val_tokens // (profile.seq_len + 1) if whole else profile.val_batches * profile.batch_size
-    val_batches = -(-val_windows // profile.batch_size) if stage == 2 else 1
+    if stage == 2:
+        timeout = stage_timeout(2, profile.steps, val_batches=-(-val_windows // profile.batch_size))
+    else:
+        timeout = stage_timeout(1, 0)
     job = dict(code=code, stage=stage, profile=profile.name, seed=settings.seed, corpus=corpus_name,
                fingerprint=fingerprint, device=settings.device, threads=settings.threads,
-               memory_gb=settings.memory_gb, timeout=stage_timeout(stage, steps, val_batches),
-               allow_uniform_schedule=settings.allow_uniform_schedule, whole_validation=whole)
+               memory_gb=settings.memory_gb, timeout=timeout, val_windows=val_windows,
+               allow_uniform_schedule=settings.allow_uniform_schedule)
     return get_runner(settings.runner)(job, on_line)
 
 
@@ -118,10 +130,9 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> E
     """One stage of one program: from the ledger if known, else checked and run in a sandbox."""
     corpus_name, fingerprint, corpus_text, val_tokens = _corpus_summary(settings.corpus)
     profile = get_profile(settings.profile)
-    whole = settings.whole_validation and stage == 2
-    validation = "the whole validation split" if whole else f"{profile.val_batches} val batches"
+    whole = settings.whole_validation and stage == 2  # stage 1 always scores one batch
     artifacts = dict(profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
-                             f"{validation}, seed {settings.seed}", corpus=corpus_text)
+                             f"{describe_validation(profile, whole)}, seed {settings.seed}", corpus=corpus_text)
     key = dict(code_sha256=code_sha256(code) + ("+uniform" if settings.allow_uniform_schedule else ""),
                stage=stage, profile=profile.name + ("+whole-val" if whole else ""), seed=settings.seed,
                fingerprint=fingerprint, harness_version=HARNESS_VERSION)
@@ -134,7 +145,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> E
     if failure:
         metrics, result = failure_metrics(), {}
     else:
-        result = _run_stage(code, stage, settings, corpus_name, fingerprint, val_tokens, on_line)
+        result = _run_stage(code, stage, settings, corpus_name, fingerprint,
+                            validation_windows(profile, val_tokens, whole), on_line)
         failure = None if result["ok"] else result["failure"]
         metrics = failure_metrics(result["metrics"]) if failure else _passed_metrics(result["metrics"], stage)
     if failure:

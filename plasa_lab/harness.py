@@ -256,10 +256,7 @@ def stage2(job, metrics):
     metrics["train_seconds"] = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10):]
     metrics["train_loss"] = sum(tail) / len(tail)  # mean over the last 10% of steps
-    n_windows = profile.val_batches * profile.batch_size
-    if job.get("whole_validation"):  # every full window of the split (replay's --whole-val)
-        n_windows = len(corpus.val) // (profile.seq_len + 1)
-    windows = data.val_windows(corpus.val, n_windows, profile.seq_len)
+    windows = data.val_windows(corpus.val, job["val_windows"], profile.seq_len)  # evaluation.validation_windows
     metrics.update(validate(model, windows, profile.batch_size, device))
     run_probes(model, random_tokens, "after training, on random tokens")
     run_probes(model, probe_tokens, "after training, on validation tokens")

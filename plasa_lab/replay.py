@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import INITIAL_PROGRAM
-from .evaluation import Settings, evaluate_code
+from .evaluation import Settings, describe_validation, evaluate_code
 from .evolution import OUTPUT_ROOT
 from .ledger import code_sha256
 from .profiles import PPL_CAP, get_profile
@@ -255,14 +255,9 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
             failed_seeds=[r.seed for r in failed], runs=[asdict(r) for r in runs]))
     return dict(title=plan.title, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 profile=plan.profile, seeds=plan.seeds, corpus=plan.corpus, ledger=str(plan.ledger),
-                validation=validation_text(plan.profile, plan.whole_validation), reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
+                validation=describe_validation(get_profile(plan.profile), plan.whole_validation),
+                reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
                 programs=entries)
-
-
-def validation_text(profile: str, whole: bool) -> str:
-    p = get_profile(profile)
-    return ("the whole validation split" if whole else
-            f"the first {p.val_batches * p.batch_size} windows of {p.seq_len + 1} tokens of the validation split")
 
 
 def _pm(mean, sd, digits):

@@ -146,10 +146,10 @@ def small_text_corpus() -> str:
     rng = random.Random(0)
     words = SOURCE.replace("\n", " ").split()[:400]
     documents = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(100)]
-    path = PROJECT_ROOT / ".cache" / "test-corpora" / "whole_val.txt"
+    text, path = "\n\n".join(documents), PROJECT_ROOT / ".cache" / "test-corpora" / "whole_val.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != "\n\n".join(documents):
-        path.write_text("\n\n".join(documents))
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
     return f"text:{path}"
 
 
