@@ -30,17 +30,22 @@ FFN_HIDDEN = 768  # SwiGLU hidden size: 4 layers then hold ~1.53M non-embedding 
 
 
 # EVOLVE-BLOCK-START lightning_indexer
-# May change: how the indexer scores keys (heads, dims, activation, weighting, positions).
+# May change: how the indexer scores keys (heads, dims, activation, weighting, positions), per layer.
 # Must hold: forward(x[B,T,C]) -> scores[B,T,T] where scores[b,t,s] uses only x[b,:t+1] and x[b,s].
-class LightningIndexer(nn.Module):
-    """I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]): H_I query heads, one key shared by all heads."""
+INDEXER_HEADS = 4  # H_I query heads
+INDEXER_HEAD_DIM = 32  # d_I, also the size of the one key shared by all heads
 
-    def __init__(self, d_model, n_heads=4, head_dim=32):
+
+class LightningIndexer(nn.Module):
+    """I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]): H_I query heads, one key shared by all heads.
+    `layer` (0 = first) is the attention layer this indexer serves: every layer may differ."""
+
+    def __init__(self, d_model, layer):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, head_dim
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, head_dim, bias=False)
-        self.w_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.n_heads, self.head_dim = INDEXER_HEADS, INDEXER_HEAD_DIM
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.head_dim, bias=False)
+        self.w_proj = nn.Linear(d_model, self.n_heads, bias=False)
 
     def components(self, x):
         """q[B,T,H,D], k[B,T,D], w[B,T,H]; the 1/sqrt scales live here so the score is the bare formula."""
@@ -60,8 +65,8 @@ class LightningIndexer(nn.Module):
 # EVOLVE-BLOCK-START topk_selector
 # May change: which keys each query keeps, given index scores and the layer's budget k.
 # Must hold: returns BoolTensor[B,T,T]; row t keeps between 1 and min(k, t+1) keys, all with s <= t.
-def select_topk(scores, k):
-    """Keep the min(k, t+1) highest-scoring keys s <= t of every query t."""
+def select_topk(scores, k, layer):
+    """Keep the min(k, t+1) highest-scoring keys s <= t of every query t (the same rule in every layer)."""
     T = scores.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
     if k >= T:
@@ -78,41 +83,15 @@ def select_topk(scores, k):
 # EVOLVE-BLOCK-START k_schedule
 # May change: how many keys each layer keeps (the per-layer sparsity schedule).
 # Must hold: layer_k_schedule(n_layers, seq_len) -> list of n_layers ints in [1, seq_len], not all equal.
-def progressive_sparse(depth, L):
-    """Dense early (depth < 1/3), L/4 in the middle (< 2/3), L/2 late."""
-    return L if depth < 1 / 3 else L // 4 if depth < 2 / 3 else L // 2
-
-
-def aggressive_middle(depth, L):
-    return L if depth < 1 / 4 else L // 8 if depth < 3 / 4 else L // 2
-
-
-def dense_to_sparse(depth, L):
-    return L if depth < 1 / 4 else L // 2 if depth < 1 / 2 else L // 4 if depth < 3 / 4 else L // 8
-
-
-def uniform(depth, L):
-    return L // 2
-
-
-def dense(depth, L):
-    return L
-
-
-SCHEDULES = dict(
-    PROGRESSIVE_SPARSE=progressive_sparse,
-    AGGRESSIVE_MIDDLE=aggressive_middle,
-    DENSE_TO_SPARSE=dense_to_sparse,
-    UNIFORM=uniform,
-    DENSE=dense,
-)
-SCHEDULE = "PROGRESSIVE_SPARSE"
-
-
 def layer_k_schedule(n_layers, seq_len):
-    """k of each layer under SCHEDULE; layer i sits at relative depth (i + 0.5) / n_layers."""
-    rule = SCHEDULES[SCHEDULE]
-    return [max(1, min(seq_len, int(rule((i + 0.5) / n_layers, seq_len)))) for i in range(n_layers)]
+    """PROGRESSIVE_SPARSE: dense early (relative depth < 1/3), L/4 in the middle (< 2/3), L/2 late;
+    layer i sits at relative depth (i + 0.5) / n_layers. For 4 layers and L = 128: 128, 32, 32, 64."""
+    ks = []
+    for i in range(n_layers):
+        depth = (i + 0.5) / n_layers
+        k = seq_len if depth < 1 / 3 else seq_len // 4 if depth < 2 / 3 else seq_len // 2
+        ks.append(max(1, min(seq_len, k)))
+    return ks
 # EVOLVE-BLOCK-END
 
 
@@ -122,11 +101,12 @@ def layer_k_schedule(n_layers, seq_len):
 INDEXER_LOSS_WEIGHT = 0.1  # small next to the LM loss: the indexer only has to rank keys
 
 
-def indexer_aux_loss(attn_probs, scores, selected):
+def indexer_aux_loss(attn_probs, scores, selected, layer):
     """DeepSeek-V3.2's indexer loss: KL(p || softmax(I)) over each query's selected keys.
 
     attn_probs[B,H,T,T] is the main attention (already detached), summed over heads and
-    renormalised into the target p; scores[B,T,T] are the index scores; selected[B,T,T] the keys kept.
+    renormalised into the target p; scores[B,T,T] are the index scores; selected[B,T,T] the keys
+    kept; `layer` the attention layer (0 = first).
     """
     target = attn_probs.sum(dim=1)
     target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -135,7 +115,7 @@ def indexer_aux_loss(attn_probs, scores, selected):
     return INDEXER_LOSS_WEIGHT * kl.sum(dim=-1).mean()
 
 
-def init_indexer(indexer):
+def init_indexer(indexer, layer):
     for p in indexer.parameters():
         nn.init.normal_(p, mean=0.0, std=0.02)
 # EVOLVE-BLOCK-END
@@ -170,13 +150,13 @@ def apply_rope(x, cos, sin):
 class PLASAAttention(nn.Module):
     """Attention of each query over the keys its selector keeps, and nothing else."""
 
-    def __init__(self, d_model, n_heads, k, dropout):
+    def __init__(self, d_model, n_heads, k, dropout, layer):
         super().__init__()
-        self.n_heads, self.head_dim, self.k = n_heads, d_model // n_heads, k
+        self.n_heads, self.head_dim, self.k, self.layer = n_heads, d_model // n_heads, k, layer
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.indexer = LightningIndexer(d_model)
+        self.indexer = LightningIndexer(d_model, layer)
         self.last_selection = None
 
     def forward(self, x, cos, sin):
@@ -184,12 +164,12 @@ class PLASAAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         scores = self.indexer(x)
-        selected = select_topk(scores, self.k)
+        selected = select_topk(scores, self.k, self.layer)
         self.last_selection = selected.detach()
         att = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
         att = att.masked_fill(~selected[:, None], float("-inf")).softmax(dim=-1)
         y = (self.dropout(att) @ v).transpose(1, 2).reshape(B, T, C)
-        aux = indexer_aux_loss(att.detach(), scores, selected) if self.training else None
+        aux = indexer_aux_loss(att.detach(), scores, selected, self.layer) if self.training else None
         return self.proj(y), aux
 
 
@@ -205,10 +185,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model, n_heads, k, dropout):
+    def __init__(self, d_model, n_heads, k, dropout, layer):
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = PLASAAttention(d_model, n_heads, k, dropout)
+        self.attn = PLASAAttention(d_model, n_heads, k, dropout, layer)
         self.ffn_norm = RMSNorm(d_model)
         self.ffn = SwiGLU(d_model, FFN_HIDDEN)
         self.dropout = nn.Dropout(dropout)
@@ -224,18 +204,18 @@ class PLASAModel(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         ks = layer_k_schedule(n_layers, seq_len)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, k, dropout) for k in ks)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, k, dropout, layer) for layer, k in enumerate(ks))
         self.norm = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)  # untied from the embedding
         cos, sin = rope_tables(seq_len, d_model // n_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             # GPT-2's scaled init of the projections that write into the residual stream
             for p in (block.attn.proj.weight, block.ffn.down.weight):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
-            init_indexer(block.attn.indexer)
+            init_indexer(block.attn.indexer, layer)
 
     @staticmethod
     def _init_weights(module):

@@ -2,8 +2,8 @@
 
 It reads the parent program from the prompt and answers with one or two SEARCH/REPLACE edits
 inside the EVOLVE-BLOCKs, each one a small move among sensible alternatives: the indexer loss
-weight, the indexer's heads and head size, the activation of the index score, the named
-schedule, a schedule rule's divisor or depth threshold, the indexer's init scale. It is the
+weight, the indexer's heads and head size, the activation of the index score, a divisor or depth
+threshold of the schedule rule, the indexer's init scale. It is the
 no-LLM baseline of the system and lets the whole pipeline run without a network.
 
 Plugged in through OpenEvolve's `init_client` (see `offline_client`), which must be a
@@ -16,7 +16,6 @@ import re
 
 from .program import split_blocks
 
-SCHEDULE_NAMES = ("PROGRESSIVE_SPARSE", "AGGRESSIVE_MIDDLE", "DENSE_TO_SPARSE")  # not uniform: children must adapt k
 ACTIVATIONS = ("F.relu", "F.gelu", "F.silu", "F.softplus", "torch.sigmoid")
 FRACTIONS = ("1 / 8", "1 / 4", "1 / 3", "1 / 2", "2 / 3", "3 / 4", "7 / 8")
 DIVISORS = (1, 2, 4, 8, 16)
@@ -33,27 +32,22 @@ def _loss_weight(m, rng):
     return f"{m['head']}{_number(min(max(new, 1e-4), 10.0))}{m['tail']}"
 
 
-def _indexer_shape(m, rng):
-    if rng.random() < 0.5:
-        return f"{m['a']}{rng.choice([h for h in (1, 2, 4, 8) if h != int(m['heads'])])}{m['b']}{m['dim']}{m['c']}"
-    return f"{m['a']}{m['heads']}{m['b']}{rng.choice([d for d in (8, 16, 32, 64) if d != int(m['dim'])])}{m['c']}"
+def _choice_other(m, rng, options):
+    return f"{m['head']}{rng.choice([o for o in options if o != int(m['value'])])}{m['tail']}"
 
 
 def _activation(m, rng):
     return f"{m['head']}{rng.choice([a for a in ACTIVATIONS if a != m['act']])}{m['tail']}"
 
 
-def _schedule_name(m, rng):
-    return f"{m['head']}{rng.choice([s for s in SCHEDULE_NAMES if s != m['name']])}{m['tail']}"
-
-
 def _schedule_rule(m, rng):
-    """Change one divisor (L // n) or one depth threshold (a / b) of a schedule rule."""
+    """Change one divisor (seq_len // n) or one depth threshold (a / b) of the schedule rule."""
     line = m.string
-    spots = [("div", x) for x in re.finditer(r"L // (\d+)", line)] + [("frac", x) for x in re.finditer(r"\d+ / \d+", line)]
+    spots = ([("div", x) for x in re.finditer(r"seq_len // (\d+)", line)]
+             + [("frac", x) for x in re.finditer(r"\d+ / \d+", line)])
     kind, spot = rng.choice(spots)
     if kind == "div":
-        new = f"L // {rng.choice([d for d in DIVISORS if d != int(spot[1])])}"
+        new = f"seq_len // {rng.choice([d for d in DIVISORS if d != int(spot[1])])}"
     else:
         new = rng.choice([f for f in FRACTIONS if f != spot[0]])
     return line[:spot.start()] + new + line[spot.end():]
@@ -65,13 +59,13 @@ def _init_std(m, rng):
 
 OPERATORS = [
     ("indexer loss weight", re.compile(r"^(?P<head>INDEXER_LOSS_WEIGHT = )(?P<value>[0-9.e+-]+)(?P<tail>.*)$"), _loss_weight),
-    ("indexer heads / head size",
-     re.compile(r"^(?P<a>\s+def __init__\(self, d_model, n_heads=)(?P<heads>\d+)(?P<b>, head_dim=)(?P<dim>\d+)(?P<c>\):.*)$"),
-     _indexer_shape),
+    ("indexer heads", re.compile(r"^(?P<head>INDEXER_HEADS = )(?P<value>\d+)(?P<tail>.*)$"),
+     lambda m, rng: _choice_other(m, rng, (1, 2, 4, 8))),
+    ("indexer head size", re.compile(r"^(?P<head>INDEXER_HEAD_DIM = )(?P<value>\d+)(?P<tail>.*)$"),
+     lambda m, rng: _choice_other(m, rng, (8, 16, 32, 64))),
     ("index score activation", re.compile(r"^(?P<head>.*\b)(?P<act>F\.relu|F\.gelu|F\.silu|F\.softplus|torch\.sigmoid)(?P<tail>\(dots\).*)$"),
      _activation),
-    ("named schedule", re.compile(r'^(?P<head>SCHEDULE = ")(?P<name>[A-Z_]+)(?P<tail>".*)$'), _schedule_name),
-    ("schedule rule", re.compile(r"^\s+return L( if depth < \d+ / \d+ else L // \d+)+( if .*)?$|^\s+return L // \d+$"), _schedule_rule),
+    ("schedule rule", re.compile(r"^\s+k = seq_len( if depth < \d+ / \d+ else seq_len // \d+)+( if .*)?$"), _schedule_rule),
     ("indexer init scale", re.compile(r"^(?P<head>\s+nn\.init\.normal_\(p, mean=0\.0, std=)(?P<value>[0-9.e+-]+)(?P<tail>\).*)$"),
      _init_std),
 ]
@@ -82,17 +76,12 @@ def propose_edits(code: str, rng: random.Random, max_edits: int = 2) -> list[tup
     in the program (OpenEvolve replaces the first match)."""
     lines = code.splitlines()
     inside = [i for b in split_blocks(code)[1] for i in range(b.start + 1, b.end)]
-    active = re.search(r'^SCHEDULE = "(\w+)"', code, re.MULTILINE)
-    active_rule = f"def {active[1].lower()}(" if active else None
     candidates = []
     for i in inside:
         for name, pattern, rewrite in OPERATORS:
             m = pattern.match(lines[i])
-            if not m or lines.count(lines[i]) != 1:
-                continue
-            if name == "schedule rule" and _enclosing_def(lines, i) != active_rule:
-                continue  # a rule no layer uses: changing it would change nothing
-            candidates.append((name, i, m, rewrite))
+            if m and lines.count(lines[i]) == 1:
+                candidates.append((name, i, m, rewrite))
     rng.shuffle(candidates)
     wanted, edits = rng.randint(1, max_edits), []
     for name, i, m, rewrite in candidates:
@@ -100,14 +89,6 @@ def propose_edits(code: str, rng: random.Random, max_edits: int = 2) -> list[tup
         if new and new != lines[i] and len(edits) < wanted:
             edits.append((name, lines[i], new))
     return edits
-
-
-def _enclosing_def(lines, i):
-    """The `def name(` that line i sits in (nearest top-level def above it)."""
-    for line in reversed(lines[:i]):
-        if line.startswith("def "):
-            return line[: line.index("(") + 1]
-    return None
 
 
 def format_diff(edits) -> str:
