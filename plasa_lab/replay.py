@@ -19,24 +19,26 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import INITIAL_PROGRAM
+from . import INITIAL_PROGRAM, rundir
+from .constants import PPL_CAP, get_profile
 from .evaluation import Settings, describe_validation, evaluate_code
-from .evolution import OUTPUT_ROOT
 from .ledger import code_sha256
-from .profiles import PPL_CAP, get_profile
-from .reporting import ReportError, load_run
+from .program import BlockError, split_blocks
+from .reporting import ReportError, load_run, sandbox_warning
+from .util import atomic_write
 
 VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
 ALPHA = 0.05
 DEFAULT_SEEDS = (42, 43, 44)
-SCHEDULE_LINE = 'SCHEDULE = "PROGRESSIVE_SPARSE"'
+SCHEDULE_BLOCK = "k_schedule"
+BASELINE_K = {"DENSE": "seq_len", "UNIFORM": "seq_len // 2"}  # the k of every layer in each baseline
 VERDICT_RULE = (
     f"Welch's t-test (unequal variances, two-sided) on val_loss = log(val_ppl) over the seeds, each program "
     f"against the initial program: p < {ALPHA} and a lower mean loss -> `better beyond noise`; p < {ALPHA} and a "
     f"higher mean loss -> `worse beyond noise`; otherwise `within noise`, and also with fewer than 2 seeds or no "
     f"variance in either sample (no estimate of the noise). A failed evaluation counts as val_ppl {PPL_CAP:.0f} "
     f"(val_loss log {PPL_CAP:.0f}) and is flagged; a program that failed on any seed is never called better.")
-REPLAYS_ROOT = OUTPUT_ROOT / "replays"  # ledger and report of replays of program files
+REPLAYS_ROOT = rundir.OUTPUT_ROOT / "replays"  # ledger and report of replays of program files
 
 
 class ReplayError(Exception):
@@ -75,23 +77,40 @@ class Plan:
     title: str
     notes: list[str] = field(default_factory=list)
     whole_validation: bool = False  # validate on the whole split instead of the profile's first windows
+    sandbox_warning: str | None = None  # the run's children were not isolated: every report says so first
 
 
 # ---------------------------------------------------------------------------------------------
 # What to replay
 
 def schedule_variant(code: str, schedule: str) -> str:
-    """The initial program with another named k schedule (DENSE, UNIFORM): a baseline."""
-    if code.count(SCHEDULE_LINE) != 1:
-        raise ReplayError(f"the initial program has no line {SCHEDULE_LINE!r} to make the {schedule} baseline from")
-    return code.replace(SCHEDULE_LINE, f'SCHEDULE = "{schedule}"')
+    """The initial program with the same k in every layer (DENSE: every key; UNIFORM: half): a
+    baseline. Only the k_schedule block changes: its comment lines stay, its code becomes one
+    layer_k_schedule that returns BASELINE_K[schedule] for every layer."""
+    try:
+        outside, blocks = split_blocks(code)
+    except BlockError as e:
+        raise ReplayError(f"cannot make the {schedule} baseline: {e}") from None
+    names = [b.name for b in blocks]
+    if names.count(SCHEDULE_BLOCK) != 1:
+        raise ReplayError(f"the initial program has no EVOLVE-BLOCK {SCHEDULE_BLOCK!r} to make the {schedule} baseline from")
+    k = BASELINE_K[schedule]
+    bodies = [b.body for b in blocks]
+    lines = bodies[names.index(SCHEDULE_BLOCK)].splitlines(keepends=True)
+    comments = lines[:next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
+    bodies[names.index(SCHEDULE_BLOCK)] = "".join(comments) + (
+        f"def layer_k_schedule(n_layers, seq_len):\n"
+        f'    """{schedule} baseline: k = {k} in every layer."""\n'
+        f"    return [{k}] * n_layers\n")
+    return "".join(segment + body for segment, body in zip(outside, bodies + [""]))
 
 
 def reference_candidates(initial_code: str, source: str, baselines: bool) -> list[Candidate]:
     refs = [Candidate("initial", "initial", initial_code, source)]
     if baselines:
-        refs += [Candidate(s, "baseline", schedule_variant(initial_code, s), f"initial program with SCHEDULE = \"{s}\"",
-                           uniform=True) for s in ("DENSE", "UNIFORM")]
+        refs += [Candidate(s, "baseline", schedule_variant(initial_code, s),
+                           f"initial program with k = {BASELINE_K[s]} in every layer", uniform=True)
+                 for s in BASELINE_K]
     return refs
 
 
@@ -112,6 +131,7 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         raise ReplayError("give at least one seed")
     if profile is not None:
         get_profile(profile)  # an unknown name fails here, before any training
+    default_profile = lambda name: Settings(profile=name).profile  # None: $PLASA_PROFILE, else full
 
     if not targets or folders:
         try:
@@ -137,9 +157,10 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         if profile and run_profile and profile != run_profile:
             notes.append(f"profile {profile} differs from the run's ({run_profile}): the run's own numbers do not compare")
         ledger_path = Path(ledger) if ledger else _run_ledger(view.run_dir, record)
-        return Plan(refs + programs, seeds, get_profile(profile or run_profile).name,
+        return Plan(refs + programs, seeds, default_profile(profile or run_profile),
                     (record.get("corpus") or {}).get("corpus"), ledger_path,
-                    Path(out_dir) if out_dir else view.run_dir / "report", f"run {view.run_dir}", notes, whole_validation)
+                    Path(out_dir) if out_dir else view.run_dir / rundir.REPORT, f"run {view.run_dir}", notes,
+                    whole_validation, sandbox_warning(record))
 
     programs = []
     for t in targets:
@@ -158,14 +179,14 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         if p.name in names:
             p.name = f"{p.name}#{sum(n.split('#')[0] == p.name for n in names) + 1}"
         names.append(p.name)
-    return Plan(refs + programs, seeds, get_profile(profile).name, None,
-                Path(ledger) if ledger else REPLAYS_ROOT / "ledger.sqlite",
-                Path(out_dir) if out_dir else REPLAYS_ROOT / "report", "program files", notes, whole_validation)
+    return Plan(refs + programs, seeds, default_profile(profile), None,
+                Path(ledger) if ledger else REPLAYS_ROOT / rundir.LEDGER,
+                Path(out_dir) if out_dir else REPLAYS_ROOT / rundir.REPORT, "program files", notes, whole_validation)
 
 
 def _run_ledger(run_dir: Path, record: dict) -> Path:
     """The run's own ledger if it has one, else the (shared) ledger run.json names if it exists."""
-    own = run_dir / "ledger.sqlite"
+    own = run_dir / rundir.LEDGER
     named = Path(record["ledger"]) if record.get("ledger") else None
     if not own.exists() and named is not None and named.exists():
         return named
@@ -253,11 +274,12 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
             val_loss_mean=statistics.mean(r.val_loss for r in runs),
             change_vs_initial_pct=100.0 * (ppl_mean - ref_ppl) / ref_ppl, p_value=p, verdict=word,
             failed_seeds=[r.seed for r in failed], runs=[asdict(r) for r in runs]))
+    extra = dict(sandbox_warning=plan.sandbox_warning) if plan.sandbox_warning else {}
     return dict(title=plan.title, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 profile=plan.profile, seeds=plan.seeds, corpus=plan.corpus, ledger=str(plan.ledger),
                 validation=describe_validation(get_profile(plan.profile), plan.whole_validation),
                 reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
-                programs=entries)
+                programs=entries, **extra)
 
 
 def _pm(mean, sd, digits):
@@ -285,13 +307,15 @@ def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     """replay.json (everything) and replay.md (the table, the rule, the failures) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "replay.json", out_dir / "replay.md"
-    json_path.write_text(json.dumps(summary, indent=2))
-    lines = [f"# Replay: {summary['title']}", "",
-             f"Profile `{summary['profile']}`, seeds {', '.join(map(str, summary['seeds']))}, corpus "
-             f"`{summary['corpus'] or 'default'}`, validated on {summary['validation']}, ledger `{summary['ledger']}`; "
-             f"{summary['created']}.", "",
-             f"**Rule.** {summary['rule']}", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    atomic_write(json_path, json.dumps(summary, indent=2))
+    lines = [f"# Replay: {summary['title']}", ""]
+    if summary.get("sandbox_warning"):
+        lines += [f"> **{summary['sandbox_warning']}**", ""]
+    lines += [f"Profile `{summary['profile']}`, seeds {', '.join(map(str, summary['seeds']))}, corpus "
+              f"`{summary['corpus'] or 'default'}`, validated on {summary['validation']}, ledger `{summary['ledger']}`; "
+              f"{summary['created']}.", "",
+              f"**Rule.** {summary['rule']}", "",
+              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(summary)]
     lines += ["", "## Programs", ""]
     lines += [f"- `{e['name']}`: {e['source']} (code sha256 {e['code_sha256'][:12]})" for e in summary["programs"]]
@@ -301,7 +325,7 @@ def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
         lines += [f"- `{name}` seed {r['seed']}: {r['failure']}" for name, r in failures]
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
-    md_path.write_text("\n".join(lines) + "\n")
+    atomic_write(md_path, "\n".join(lines) + "\n")
     return md_path, json_path
 
 
@@ -309,6 +333,8 @@ def print_table(summary: dict, console=None):
     from rich.console import Console
     from rich.table import Table
     console = console or Console(width=None if Console().is_terminal else 160)
+    if summary.get("sandbox_warning"):
+        console.print(summary["sandbox_warning"], style="bold red", highlight=False)
     table = Table(title=f"Replay of {summary['title']}: profile {summary['profile']}, seeds "
                         f"{', '.join(map(str, summary['seeds']))}, validated on {summary['validation']}",
                   title_justify="left")

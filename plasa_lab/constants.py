@@ -1,0 +1,52 @@
+"""What every evaluation holds fixed (CONTRACT.md sections 2 and 4): the model's shape, the training
+recipe, the profiles, the metrics, and the versions that key the ledger. A leaf module: it imports
+nothing of the package, so every other module (and the sandboxed worker) can import it."""
+
+from dataclasses import asdict, dataclass
+
+# Bump when the judge's numbers for the same program could change: the ledger keys on it, so
+# results of an older judge are never reused.
+HARNESS_VERSION = "3"
+
+DEFAULT_SEED = 42
+VOCAB_SIZE = 49152
+MODEL_CONFIG = dict(n_layers=4, d_model=128, n_heads=4, seq_len=128, vocab_size=VOCAB_SIZE, dropout=0.1)
+OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+GRAD_CLIP = 1.0
+MAX_NONEMBED_PARAMS = 2_000_000  # every parameter and buffer of the snapshot except the embedding and LM head
+FIXED_WEIGHTS = ("embed.weight", "lm_head.weight")  # names in the fixed code: excluded from the budget
+PPL_CAP = 10_000.0
+
+METRIC_KEYS = ("combined_score", "val_ppl", "val_loss", "val_acc", "train_loss", "density", "indexer_params",
+               "nonembed_params", "train_seconds", "stage1_passed", "stage2_passed")
+DESCRIPTIVE_KEYS = ("density", "indexer_params", "nonembed_params", "train_seconds", "stage1_passed")  # kept on failure
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    val_batches: int
+
+    def as_dict(self):
+        return asdict(self)
+
+    @property
+    def val_windows(self) -> int:
+        return self.val_batches * self.batch_size
+
+
+PROFILES = {
+    "full": Profile("full", steps=1000, batch_size=2, seq_len=128, val_batches=100),
+    "quick": Profile("quick", steps=200, batch_size=2, seq_len=128, val_batches=20),
+    "smoke": Profile("smoke", steps=20, batch_size=2, seq_len=128, val_batches=4),
+}
+STAGE1_TRAINING_STEPS = 12  # stage 1 screens: the loss must be finite and falling after this many steps
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
+    return PROFILES[name]

@@ -1,0 +1,62 @@
+"""What crosses module and process boundaries: a stage to evaluate (Job) and its outcome (StageResult).
+
+Both are plain data that travel as JSON (to a Ray node and back), so every runner speaks the same
+shape and no module builds, renames or extends a dict of its own.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage of one program, with everything needed to run it anywhere."""
+    code: str
+    stage: int  # 1 (screening) or 2 (the benchmark)
+    profile: str
+    seed: int
+    corpus: str  # the concrete corpus name (never "auto")
+    fingerprint: str  # of the token cache: a node with other tokens refuses the job
+    device: str  # auto | cpu | cuda
+    threads: int
+    memory_gb: float
+    time_limit: float  # wall seconds for the whole stage
+    time_limit_reason: str  # how the limit was set, for the failure line
+    val_windows: int  # windows of the validation split that stage 2 scores
+    sandbox: str = "bwrap"  # bwrap | none
+    allow_uniform_schedule: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        raw = json.loads(text)
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+
+
+@dataclass
+class StageResult:
+    ok: bool
+    failure: str | None = None  # one line: the rule broken and the fix
+    metrics: dict = field(default_factory=dict)  # finite floats only
+    stderr: str = ""  # what the sandboxed processes printed (head and tail)
+    seconds: float = 0.0
+    retry_later: bool = False  # the machine's fault, maybe (timeout, lost worker): the ledger does not keep it
+
+    def __post_init__(self):
+        self.metrics = {k: float(v) for k, v in self.metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "StageResult":
+        raw = json.loads(text)
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+
+    @classmethod
+    def infrastructure_failure(cls, message: str) -> "StageResult":
+        return cls(ok=False, failure=message, retry_later=True)

@@ -1,0 +1,170 @@
+"""The run folder, in one place: what `openevolve_output/<run>/` holds, and the rules for reading it back.
+
+Both sides use this module: the run that writes the folder (evolution) and the reports that read
+it (reporting, replay). It imports nothing but the standard library, so reading a run never
+imports the orchestrator, OpenEvolve or torch.
+
+    run.json                          the run's record (config, versions, corpus, profile, llm, sandbox)
+    ledger.sqlite                     every evaluation once
+    checkpoints/checkpoint_N/         OpenEvolve's database after iteration N (metadata.json, programs/)
+    best/best_program.py              OpenEvolve's best program at the end
+    evolution_trace.jsonl             one line per evaluated child
+    evolution_trace_failures.jsonl    one line per iteration that produced no child
+    llm_responses.jsonl               one line per LLM call (LLM_OUTCOMES)
+    report/                           what inspect_run.py and replay.py write
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import PROJECT_ROOT
+from .util import first_line
+
+OUTPUT_ROOT = PROJECT_ROOT / "openevolve_output"
+RUN_RECORD = "run.json"
+LEDGER = "ledger.sqlite"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+BEST_PROGRAM = "best/best_program.py"
+TRACE = "evolution_trace.jsonl"
+TRACE_FAILURES = "evolution_trace_failures.jsonl"
+LLM_RESPONSES = "llm_responses.jsonl"
+REPORT = "report"
+LOGS = "logs"
+
+# What became of one LLM response (the `outcome` of an llm_responses.jsonl line), in pipeline order.
+LLM_OUTCOMES = ("applied", "no diff", "diff did not apply", "llm error", "rejected by a check", "passed")
+
+
+class RunDirError(Exception):
+    """Why a run folder (or a file of it) cannot be read; one line."""
+
+
+def newest_run(root: Path | None = None) -> Path | None:
+    """The most recently modified run folder (one holding run.json) under root (default OUTPUT_ROOT)."""
+    root = Path(root) if root is not None else OUTPUT_ROOT
+    runs = [p for p in root.glob("*/") if (p / RUN_RECORD).exists()]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def read_run_record(run_dir: Path) -> dict | None:
+    """run.json as a dict; None when the folder has none; RunDirError when it cannot be read."""
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path} is unreadable: {first_line(e)}") from None
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path} is not a JSON object")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoint_number(path: Path) -> int | None:
+    """N of a folder named checkpoint_N, else None."""
+    m = re.fullmatch(r"checkpoint_(\d+)", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_iteration(path: Path) -> int:
+    """The last_iteration of a complete checkpoint; RunDirError saying why one is not complete.
+
+    The one rule for "complete": OpenEvolve writes metadata.json after every program file, so a
+    readable metadata.json with last_iteration means the save finished; a kill mid-save leaves none.
+    """
+    path = Path(path)
+    try:
+        metadata = json.loads((path / "metadata.json").read_text())
+        return int(metadata["last_iteration"])
+    except FileNotFoundError:
+        raise RunDirError(f"{path.name}: metadata.json missing (partly written?)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{path.name}: metadata.json unreadable ({first_line(e)})") from None
+
+
+def latest_checkpoint(run_dir: Path, skipped: list | None = None) -> tuple[Path, int] | None:
+    """(path, iteration) of the newest complete checkpoint, or None when there is none.
+
+    Newest means the highest last_iteration (then the highest N). Incomplete checkpoints newer than
+    the one chosen are appended to `skipped` as one line each ("checkpoint_5: metadata.json missing
+    (partly written?)"), so a report can say what it passed over."""
+    found, problems = [], []
+    for path in (Path(run_dir) / CHECKPOINTS).glob("checkpoint_*"):
+        number = checkpoint_number(path)
+        if number is None or not path.is_dir():
+            continue
+        try:
+            found.append((checkpoint_iteration(path), number, path))
+        except RunDirError as e:
+            problems.append((number, str(e)))
+    if not found:
+        if skipped is not None:
+            skipped.extend(problem for _, problem in sorted(problems, reverse=True))
+        return None
+    iteration, number, path = max(found, key=lambda f: (f[0], f[1]))
+    if skipped is not None:
+        skipped.extend(problem for n, problem in sorted(problems, reverse=True) if n > number)
+    return path, iteration
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL records
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete lines of a JSONL file that may be being written (a torn last line is skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+@dataclass
+class Trace:
+    """What evolution_trace.jsonl and evolution_trace_failures.jsonl say, up to an iteration."""
+    children: list[dict] = field(default_factory=list)  # one per evaluated child
+    failures: list[dict] = field(default_factory=list)  # one per iteration that produced no child
+    left_out: int = 0  # records of later iterations (children and failures): not in the checkpoint read
+
+
+def _iteration(record: dict) -> int:
+    try:
+        return int(record.get("iteration") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def read_trace(run_dir: Path, up_to_iteration: int | None = None) -> Trace:
+    """The run's trace; with up_to_iteration (a checkpoint's last_iteration), only what that
+    checkpoint's population can hold. A record of a later iteration belongs to a child whose
+    checkpoint was not read (or never written: a kill during the save), so it is counted in
+    left_out instead, never reported as part of the population."""
+    children, failures = read_jsonl(Path(run_dir) / TRACE), read_jsonl(Path(run_dir) / TRACE_FAILURES)
+    if up_to_iteration is None:
+        return Trace(children, failures)
+    keep = lambda records: [r for r in records if _iteration(r) <= up_to_iteration]
+    kept_children, kept_failures = keep(children), keep(failures)
+    left_out = len(children) - len(kept_children) + len(failures) - len(kept_failures)
+    return Trace(kept_children, kept_failures, left_out)
+
+
+def read_llm_responses(run_dir: Path, up_to_iteration: int | None = None) -> list[dict]:
+    """llm_responses.jsonl (one line per LLM call; [] when the run wrote none), up to an iteration."""
+    records = read_jsonl(Path(run_dir) / LLM_RESPONSES)
+    if up_to_iteration is None:
+        return records
+    return [r for r in records if _iteration(r) <= up_to_iteration]

@@ -1,0 +1,100 @@
+"""How to evaluate, in one object: explicit values, else the PLASA_* environment, else defaults.
+
+This is the only module that reads PLASA_* variables. They exist because OpenEvolve calls the
+evaluator in worker processes with nothing but a program path: `evolve.py` resolves a Settings
+once, hands it to its workers with `to_env()`, and records `record()` in run.json, so a run can be
+reproduced from its folder.
+"""
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from . import PROJECT_ROOT
+from .constants import DEFAULT_SEED, PROFILES
+
+ENVIRONMENT = {  # field -> variable
+    "profile": "PLASA_PROFILE",
+    "corpus": "PLASA_CORPUS",
+    "device": "PLASA_DEVICE",
+    "runner": "PLASA_RUNNER",
+    "parallel": "PLASA_PARALLEL",
+    "threads": "PLASA_THREADS",
+    "memory_gb": "PLASA_MEMORY_GB",
+    "ledger": "PLASA_LEDGER",
+    "time_limit": "PLASA_TIME_LIMIT",
+    "sandbox": "PLASA_SANDBOX",
+    "seeds": "PLASA_SEEDS",
+    "noise_aware": "PLASA_NOISE_AWARE",
+    "confirm_margin": "PLASA_CONFIRM_MARGIN",
+}
+DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
+CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
+CHOICES = dict(device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"),
+               profile=tuple(PROFILES))
+
+
+@dataclass
+class Settings:
+    profile: str = None  # full | quick | smoke
+    seed: int = DEFAULT_SEED  # the training seed of a single evaluation
+    corpus: str = None  # auto | wikitext2 | wiki-summaries | text:PATH
+    device: str = None  # auto | cpu | cuda (resolved inside the sandbox)
+    runner: str = None  # local | ray
+    parallel: int = None  # evaluations at once on this machine (OpenEvolve's parallel_evaluations)
+    threads: int = None  # threads per evaluation (default: the cores shared by the parallel evaluations)
+    memory_gb: float = None  # address-space limit of a sandboxed process on CPU
+    ledger: str | None = None  # SQLite file that answers repeats and records results
+    time_limit: float = None  # a stage may take this many times what the initial program needed
+    sandbox: str = None  # bwrap (isolated by the OS) | none (an explicit, recorded opt-out)
+    seeds: tuple = None  # noise floor and confirmation seeds; the first is the search's own seed
+    noise_aware: bool = None  # stage 2 confirms contenders on every seed (an evolution run sets it)
+    confirm_margin: float = None  # a contender's first-seed loss is at most this many noise sds above the best
+    allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
+    whole_validation: bool = False  # stage 2 validates on every window of the split (replay)
+    time_reference: str | None = None  # code whose measured time sets the limits (default: the initial program)
+
+    def __post_init__(self):
+        env = os.environ.get
+        self.profile = self.profile or env("PLASA_PROFILE") or "full"
+        self.corpus = self.corpus or env("PLASA_CORPUS") or "auto"
+        self.device = self.device or env("PLASA_DEVICE") or "auto"
+        self.runner = self.runner or env("PLASA_RUNNER") or "local"
+        self.sandbox = self.sandbox or env("PLASA_SANDBOX") or "bwrap"
+        for name in ("profile", "device", "runner", "sandbox"):
+            if getattr(self, name) not in CHOICES[name]:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(CHOICES[name])}")
+        self.parallel = max(1, int(self.parallel or env("PLASA_PARALLEL") or 1))
+        default_threads = 2 if self.runner == "ray" else max(1, (os.cpu_count() or 1) // self.parallel)
+        self.threads = max(1, int(self.threads or env("PLASA_THREADS") or default_threads))
+        self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
+        self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
+        self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)
+        if self.time_limit < 1:
+            raise ValueError(f"PLASA_TIME_LIMIT must be at least 1 (a multiple of the initial program's time), "
+                             f"got {self.time_limit}")
+        seeds = self.seeds if self.seeds is not None else env("PLASA_SEEDS") or "42,43,44"
+        self.seeds = tuple(dict.fromkeys(int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds)))
+        if not self.seeds:
+            raise ValueError("PLASA_SEEDS must name at least one seed")
+        if self.noise_aware is None:
+            self.noise_aware = env("PLASA_NOISE_AWARE", "0") not in ("", "0", "false")
+        if self.confirm_margin is None:
+            self.confirm_margin = float(env("PLASA_CONFIRM_MARGIN") or DEFAULT_CONFIRM_MARGIN)
+
+    def to_env(self) -> dict:
+        """The variables that give OpenEvolve's worker processes these settings."""
+        values = {name: getattr(self, name) for name in ENVIRONMENT}
+        values["seeds"] = ",".join(map(str, self.seeds))
+        values["noise_aware"] = "1" if self.noise_aware else "0"
+        return {ENVIRONMENT[name]: str(v) for name, v in values.items() if v is not None}
+
+    def record(self) -> dict:
+        """What run.json keeps: every resolved value."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)
+                if f.name != "time_reference"}
+
+
+def cache_root() -> Path:
+    """The data cache: $PLASA_CACHE, else the project's .cache/ folder."""
+    return Path(os.environ.get(CACHE_VARIABLE) or PROJECT_ROOT / ".cache")
