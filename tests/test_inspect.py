@@ -1,6 +1,8 @@
 """inspect_run.py on a real smoke run (tests/fixtures/smoke_run: 4 offline-mutator iterations, logs
-dropped, the last checkpoint kept): the ranking, the lineage, the block diff, plots, the HTML page,
-exports, partly written checkpoints and bad input. Real subprocesses for the command line."""
+dropped, the last checkpoint kept): the ranking (OpenEvolve's), the lineage, the block diff, the
+MAP-Elites grid as OpenEvolve saved it, plots, the HTML page, exports, the marks newer runs add
+(confirmation, sandbox, LLM responses), partly written checkpoints and bad input. Real
+subprocesses for the command line."""
 
 import base64
 import csv
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from plasa_lab import PROJECT_ROOT, reporting
+from plasa_lab import PROJECT_ROOT, reporting, rundir
 from plasa_lab.program import block_line_ranges
-from plasa_lab.reporting import Program, ReportError, block_diffs, load_run, pareto_front, rank_key, resolve_target
+from plasa_lab.reporting import Program, ReportError, block_diffs, load_run, map_elites_grid, pareto_front, rank, \
+    resolve_target
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 CHECKPOINT = "checkpoint_4"
@@ -37,10 +40,38 @@ def run_copy(tmp_path):
     return Path(shutil.copytree(FIXTURE, tmp_path / "run"))
 
 
+def edit_programs(run_dir, edit):
+    """Apply edit(program dict) to every program file of the fixture's checkpoint."""
+    for path in (run_dir / "checkpoints" / CHECKPOINT / "programs").glob("*.json"):
+        program = json.loads(path.read_text())
+        edit(program)
+        path.write_text(json.dumps(program))
+
+
+def edit_metadata(run_dir, edit):
+    path = run_dir / "checkpoints" / CHECKPOINT / "metadata.json"
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+def make_a_child_the_best(run_dir) -> str:
+    """On the smoke fixture every score ties and OpenEvolve's best is the initial program; here the
+    child with the lowest ppl scores higher and is the checkpoint's best_program_id, as OpenEvolve
+    would have made it. Returns its id."""
+    child = min((json.loads(p.read_text()) for p in (run_dir / "checkpoints" / CHECKPOINT / "programs").glob("*.json")
+                 if json.loads(p.read_text())["parent_id"]), key=lambda d: d["metrics"]["val_ppl"])["id"]
+    edit_programs(run_dir, lambda d: d["metrics"].update(combined_score=2e-4) if d["id"] == child else None)
+    edit_metadata(run_dir, lambda m: m.update(best_program_id=child))
+    return child
+
+
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
-    """One inspect_run.py call with every output on a copy of the fixture: (run folder, the process)."""
+    """One inspect_run.py call with every output on a copy of the fixture whose best is a child:
+    (run folder, the process)."""
     run_dir = Path(shutil.copytree(FIXTURE, tmp_path_factory.mktemp("inspect") / "run"))
+    make_a_child_the_best(run_dir)
     done = inspect(run_dir, "--top", "3", "--plots", "--html", "--json", run_dir / "table.json",
                    "--csv", run_dir / "table.csv")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,21 +81,39 @@ def reported(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # the table, the lineage, the diff
 
-def test_table_ranks_by_score_then_by_lower_ppl():
+def test_ranked_first_is_openevolves_best_program_the_one_in_best_folder():
     view = load_run(FIXTURE)
-    assert len(view.population) >= 3
-    assert view.population == sorted(view.population, key=rank_key)
+    metadata = json.loads((FIXTURE / "checkpoints" / CHECKPOINT / "metadata.json").read_text())
+    assert view.best.id == metadata["best_program_id"]
+    assert view.best.id == json.loads((FIXTURE / "best" / "best_program_info.json").read_text())["id"]
+    assert view.best.code == (FIXTURE / "best" / "best_program.py").read_text()
+    assert view.warnings == []
+
+
+def test_tied_scores_rank_in_the_order_openevolve_found_them():
+    view = load_run(FIXTURE)
     scores = [p.metrics["combined_score"] for p in view.population]
-    assert scores == sorted(scores, reverse=True)
-    tied = [p.val_ppl for p in view.population if p.metrics["combined_score"] == scores[0]]
-    assert tied == sorted(tied)  # smoke: every ppl is above 10000, every score 1e-4, so ppl decides
+    assert len(set(scores)) == 1 and len(view.population) == 5  # smoke: every ppl above 10000 scores 1e-4
+    assert [p.iteration for p in view.population] == [0, 1, 2, 3, 4]
+    assert sorted(p.val_ppl for p in view.population) != [p.val_ppl for p in view.population]  # not by ppl
 
 
-def test_a_failed_program_ranks_below_passing_ones_whatever_its_ppl_number():
-    passing = Program("a", "", None, 0, 0, 0, dict(combined_score=1e-4, val_ppl=24000.0))
-    failed = Program("b", "", "a", 1, 1, 0, dict(combined_score=0.0, val_ppl=10000.0))
-    better = Program("c", "", "a", 1, 2, 0, dict(combined_score=1 / 500, val_ppl=500.0))
-    assert sorted([failed, passing, better], key=rank_key) == [better, passing, failed]
+def test_a_strictly_higher_score_ranks_first_and_openevolves_pick_leads_its_tie():
+    first = Program("a", "", None, 0, 0, 0, dict(combined_score=1e-4, val_ppl=24000.0), timestamp=1.0)
+    failed = Program("b", "", "a", 1, 1, 0, dict(combined_score=0.0, val_ppl=10000.0), timestamp=2.0)
+    better = Program("c", "", "a", 1, 2, 0, dict(combined_score=1 / 500, val_ppl=500.0), timestamp=3.0)
+    tied = Program("d", "", "a", 1, 3, 0, dict(combined_score=1 / 500, val_ppl=500.0), timestamp=4.0)
+    assert rank([failed, tied, first, better]) == [better, tied, first, failed]
+    # parallel evaluations enter the database in completion order: OpenEvolve's own pick leads its tie
+    assert rank([failed, tied, first, better], best_id="d") == [tied, better, first, failed]
+
+
+def test_a_best_program_id_that_is_not_the_highest_score_is_warned_about(run_copy):
+    edit_metadata(run_copy, lambda m: m.update(best_program_id="not-a-program"))
+    view = load_run(run_copy)
+    assert view.best.iteration == 0
+    assert view.warnings == [f"warning: {CHECKPOINT}'s best_program_id not-a-pr is not among its programs; "
+                             f"#1 here is {view.best.short_id}"]
 
 
 def test_command_line_table_lists_the_top_programs_in_rank_order(reported):
@@ -73,11 +122,12 @@ def test_command_line_table_lists_the_top_programs_in_rank_order(reported):
     table = done.stdout.split("Top 3")[1].split("Lineage")[0]
     rows = [re.search(r"[0-9a-f]{8}", line).group() for line in table.splitlines() if line.startswith("│")]
     assert rows == ranked[:3]
-    assert "ranked by combined_score" in done.stdout and "broken by val_ppl" in done.stdout
+    assert "ranked by combined_score" in done.stdout and "#1 is its best_program_id" in done.stdout
 
 
-def test_lineage_of_the_best_ends_at_the_initial_program():
-    view = load_run(FIXTURE)
+def test_lineage_of_the_best_ends_at_the_initial_program(run_copy):
+    make_a_child_the_best(run_copy)
+    view = load_run(run_copy)
     chain = view.chain
     assert chain[-1] is view.best and len(chain) >= 2
     assert chain[0].parent_id is None and chain[0].iteration == 0 and chain[0].generation == 0
@@ -86,6 +136,7 @@ def test_lineage_of_the_best_ends_at_the_initial_program():
 
 
 def test_lineage_reaches_the_initial_program_through_the_trace_when_the_checkpoint_dropped_it(run_copy):
+    make_a_child_the_best(run_copy)
     view = load_run(run_copy)
     initial = view.chain[0]
     (run_copy / "checkpoints" / CHECKPOINT / "programs" / f"{initial.id}.json").unlink()  # displaced
@@ -114,8 +165,9 @@ def changed_lines(diff_text):
     return removed, added
 
 
-def test_diff_of_the_best_touches_only_evolve_block_lines_and_misses_none():
-    view = load_run(FIXTURE)
+def test_diff_of_the_best_touches_only_evolve_block_lines_and_misses_none(run_copy):
+    make_a_child_the_best(run_copy)
+    view = load_run(run_copy)
     before, after = view.initial.code, view.best.code
     diffs = block_diffs(before, after)
     assert diffs, "the fixture's best should differ from the initial program"
@@ -141,9 +193,77 @@ def test_command_line_shows_the_lineage_and_the_block_diff(reported):
     assert re.search(r"--- initial \[\w+\]", done.stdout) and re.search(r"\+\+\+ best \[\w+\]", done.stdout)
 
 
+def test_when_the_best_is_the_initial_program_no_block_changed():
+    done = inspect(FIXTURE)
+    assert done.returncode == 0, done.stderr
+    assert "no block(s) changed" in done.stdout and "--- initial [" not in done.stdout
+
+
 def test_pareto_front_keeps_points_no_other_beats_in_both_ppl_and_density():
     points = [(0.2, 300.0), (0.5, 200.0), (0.6, 250.0), (0.9, 100.0), (0.3, 400.0)]
     assert pareto_front(points) == [(0.2, 300.0), (0.5, 200.0), (0.9, 100.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the MAP-Elites grid: OpenEvolve's own cells
+
+def test_grid_cells_are_the_ones_openevolve_saved_in_the_checkpoint():
+    view = load_run(FIXTURE)
+    metadata = json.loads((FIXTURE / "checkpoints" / CHECKPOINT / "metadata.json").read_text())
+    saved = {}
+    for island_map in metadata["island_feature_maps"]:
+        for key, pid in island_map.items():
+            saved.setdefault(tuple(map(int, key.split("-"))), set()).add(pid)
+    grid = map_elites_grid(view)
+    assert grid.dims == ("density", "indexer_params") and grid.bins == (10, 8)  # run.json's feature_bins
+    assert {cell: {p.id for p in members} for cell, members in grid.cells.items()} == saved
+    # the initial program entered alone: OpenEvolve scaled it to the middle (0.5), cell 5-4, and it stays there
+    initial = view.initial.id
+    assert [cell for cell, members in grid.cells.items() if initial in {p.id for p in members}] == [(5, 4)]
+    assert grid.ranges["density"] == (metadata["feature_stats"]["density"]["min"],
+                                      metadata["feature_stats"]["density"]["max"])
+
+
+def test_a_cell_shows_its_best_program_by_the_report_ranking():
+    view = load_run(FIXTURE)
+    grid = map_elites_grid(view)
+    ranked = [p.id for p in view.population]
+    shared = [members for members in grid.cells.values() if len(members) > 1]
+    assert shared, "two islands share cell 9-0 in the fixture"
+    for members in grid.cells.values():
+        assert [p.id for p in members] == sorted((p.id for p in members), key=ranked.index)
+
+
+def test_grid_labels_only_programs_of_the_population(run_copy):
+    edit_metadata(run_copy, lambda m: m["island_feature_maps"][1].update({"2-2": "gone-from-the-population"}))
+    grid = map_elites_grid(load_run(run_copy))
+    population = {p.id for p in load_run(run_copy).population}
+    assert (2, 2) not in grid.cells and grid.dropped == 1
+    assert all(p.id in population for members in grid.cells.values() for p in members)
+
+
+# ---------------------------------------------------------------------------------------------
+# a child whose checkpoint was never written
+
+def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
+    """kill -9 during checkpoint_5's save: the trace holds iteration 5, no checkpoint does."""
+    trace = run_copy / "evolution_trace.jsonl"
+    record = json.loads(trace.read_text().splitlines()[-1])
+    record.update(iteration=5, child_id="unsaved-child", child_metrics=dict(record["child_metrics"], val_ppl=50.0,
+                                                                              combined_score=0.02))
+    with trace.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    partial = run_copy / "checkpoints" / "checkpoint_5"
+    (partial / "programs").mkdir(parents=True)
+
+    view = load_run(run_copy)
+    assert view.checkpoint.name == CHECKPOINT and "unsaved-child" not in view.known
+    assert [i for i, _ in reporting.history(view)] == [0, 1, 2, 3, 4] and len(view.trace) == 4
+    assert view.warnings[-1] == ("warning: left out 1 trace record(s) of iterations after 4 (checkpoint_4's last): "
+                                 "not in its population; no later checkpoint was written (e.g. killed during a save)")
+    done = inspect(run_copy)
+    assert done.returncode == 0 and "children: 4 evaluated" in done.stdout and "unsaved-" not in done.stdout
+    assert "left out 1 trace record(s)" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +325,15 @@ def test_html_report_is_one_self_contained_page_with_tables_diffs_and_decodable_
     assert '<pre class="diff">' in text and "initial program" in text
 
 
+def test_html_page_escapes_what_the_run_wrote(run_copy):
+    child = make_a_child_the_best(run_copy)
+    edit_programs(run_copy, lambda d: d["metadata"].update(changes="<script>alert('x')</script> & more")
+                  if d["id"] == child else None)
+    page = reporting.write_html(load_run(run_copy), run_copy / "report", 3, {}).read_text()
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page
+    assert "<script>alert" not in page and page.count("<script>") == 1  # the page's own image check only
+
+
 def browser_dom(html_file: Path, profile_dir: Path) -> str:
     done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                            "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -239,6 +368,90 @@ def test_json_and_csv_export_every_program_in_rank_order(reported):
 
 
 # ---------------------------------------------------------------------------------------------
+# marks newer runs add: confirmation on several seeds, the sandbox, LLM responses
+
+def confirm(run_dir, confirmed: dict):
+    """Give every program `seeds`, `confirmed` and per-seed losses: {id prefix: number of seeds confirmed}."""
+    def edit(d):
+        seeds = next((n for prefix, n in confirmed.items() if d["id"].startswith(prefix)), 1)
+        d["metrics"].update(seeds=float(seeds), confirmed=1.0 if seeds > 1 else 0.0,
+                            **{f"val_loss_seed{42 + i}": 10.0 + i / 10 for i in range(seeds)})
+    edit_programs(run_dir, edit)
+
+
+def test_table_marks_unconfirmed_programs_and_summary_names_the_best_confirmed(run_copy):
+    confirm(run_copy, {"17afba42": 3})  # the #2 is confirmed on 3 seeds; the #1 rests on one
+    done = inspect(run_copy, "--json", run_copy / "t.json", "--csv", run_copy / "t.csv")
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if line.startswith("┃") and "val_ppl" in line)
+    assert header.index("val_ppl") < header.index("seeds") < header.index("val_acc")
+    table = done.stdout.split("Top 5 of 5")[1].split("Lineage")[0]
+    rows = {line.split()[1]: line for line in table.splitlines() if re.match(r"│ [0-9a-f]{8} ", line)}
+    assert "3 seeds ✓" in rows["17afba42"] and "1 seed " in rows["f9a30ed1"] and "✓" not in rows["f9a30ed1"]
+    assert ("best confirmed program: 17afba42 (val_ppl 24589.1, 3 seeds ✓, #2 in the ranking); "
+            "the #1, f9a30ed1, is not confirmed (1 seed)") in done.stdout
+    exported = {p["id"][:8]: p for p in json.loads((run_copy / "t.json").read_text())["programs"]}
+    assert exported["17afba42"]["confirmed"] == 1.0 and exported["17afba42"]["val_loss_seed44"] == 10.2
+    assert exported["f9a30ed1"]["val_loss_seed44"] is None
+    with (run_copy / "t.csv").open() as f:
+        assert {"seeds", "confirmed", "val_loss_seed42", "val_loss_seed44"} <= set(next(csv.DictReader(f)))
+
+
+def test_without_confirmation_marks_the_table_and_exports_keep_their_columns(reported):
+    run_dir, done = reported
+    assert "seeds" not in done.stdout and "confirmed" not in done.stdout
+    with (run_dir / "table.csv").open() as f:
+        assert next(csv.reader(f)) == [*reporting.TABLE_COLUMNS, "combined_score", "passed"]
+
+
+def test_unsandboxed_run_puts_its_warning_first_in_every_report(run_copy):
+    record = json.loads((run_copy / "run.json").read_text())
+    record["sandbox"] = dict(isolation="none", warning="bwrap is not installed: children ran as this user")
+    (run_copy / "run.json").write_text(json.dumps(record))
+    done = inspect(run_copy, "--html")
+    assert done.returncode == 0, done.stderr
+    expected = ("WARNING: this run's children were not isolated (sandbox isolation: none, not bwrap): "
+                "bwrap is not installed: children ran as this user")
+    assert done.stdout.splitlines()[0] == expected
+    page = (run_copy / "report" / "report.html").read_text()
+    assert page.index('<p class="sandbox">') < page.index("<h1>") and expected.replace("'", "&#39;") in page
+
+
+def test_bwrap_runs_and_runs_that_do_not_say_show_no_sandbox_warning(run_copy):
+    record = json.loads((run_copy / "run.json").read_text())
+    assert reporting.sandbox_warning(record) is None  # the fixture predates the sandbox record
+    assert reporting.sandbox_warning(dict(record, sandbox=dict(isolation="bwrap"))) is None
+    assert "not isolated" in reporting.sandbox_warning(dict(record, sandbox=dict(isolation="none")))
+
+
+def test_llm_responses_are_counted_per_model_and_outcome(run_copy):
+    calls = [dict(iteration=i, model=model, prompt_chars=9000, prompt_tokens=None, seconds=seconds, outcome=outcome,
+                  error=None, response="...")
+             for i, model, seconds, outcome in [(1, "qwen", 2.0, "applied"), (2, "qwen", 4.0, "no diff"),
+                                                (3, "qwen", 6.0, "applied"), (3, "gpt", 1.0, "llm error"),
+                                                (9, "qwen", 100.0, "applied")]]  # iteration 9: after the checkpoint
+    (run_copy / "llm_responses.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls) + '{"torn')
+    done = inspect(run_copy, "--html")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("LLM responses per model")[1]
+    assert "4 calls in llm_responses.jsonl, up to iteration 4" in table
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in table.splitlines() if line.startswith("│")}
+    header = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("┃")).split("┃")[1:-1]]
+    assert header == ["model", "responses", "applied", "no diff", "diff did not apply", "llm error",
+                      "rejected by a check", "passed", "mean s/response"]
+    assert rows["qwen"] == ["3", "2", "1", "0", "0", "0", "0", "4.0"]
+    assert rows["gpt"] == ["1", "0", "0", "0", "1", "0", "0", "1.0"]
+    assert "LLM responses per model" in (run_copy / "report" / "report.html").read_text()
+
+
+def test_runs_without_llm_responses_show_no_llm_table(reported):
+    run_dir, done = reported
+    assert "LLM responses" not in done.stdout
+    assert "LLM responses" not in (run_dir / "report" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
 # where to look, and what cannot be read
 
 def test_a_checkpoint_folder_can_be_inspected_directly():
@@ -253,9 +466,9 @@ def test_without_an_argument_the_newest_run_is_inspected(tmp_path, monkeypatch):
     shutil.copytree(FIXTURE, newer)
     os.utime(older, (1_000_000_000, 1_000_000_000))
     os.utime(newer, (1_000_000_100, 1_000_000_100))
-    monkeypatch.setattr(reporting, "OUTPUT_ROOT", tmp_path)
+    monkeypatch.setattr(rundir, "OUTPUT_ROOT", tmp_path)
     assert resolve_target(None) == (newer, None)
-    monkeypatch.setattr(reporting, "OUTPUT_ROOT", tmp_path / "empty")
+    monkeypatch.setattr(rundir, "OUTPUT_ROOT", tmp_path / "empty")
     with pytest.raises(ReportError, match="no run under"):
         resolve_target(None)
 

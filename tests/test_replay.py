@@ -14,8 +14,9 @@ import pytest
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
 from plasa_lab.evaluation import Settings, evaluate_code
-from plasa_lab.replay import (REPLAYS_ROOT, SCHEDULE_LINE, VERDICTS, Plan, Candidate, ReplayError, SeedRun, plan_replay,
-                              schedule_variant, summarise, verdict)
+from plasa_lab.program import load_program, split_blocks
+from plasa_lab.replay import (REPLAYS_ROOT, VERDICTS, Plan, Candidate, ReplayError, SeedRun, plan_replay,
+                              schedule_variant, summarise, verdict, write_reports)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -70,14 +71,36 @@ def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
 # ---------------------------------------------------------------------------------------------
 # baselines and plans
 
-def test_dense_and_uniform_baselines_change_only_the_schedule_line():
-    for schedule in ("DENSE", "UNIFORM"):
-        code = schedule_variant(SOURCE, schedule)
-        changed = [(a, b) for a, b in zip(SOURCE.splitlines(), code.splitlines()) if a != b]
-        assert changed == [(SCHEDULE_LINE, f'SCHEDULE = "{schedule}"')]
-        assert static_violation(code, SOURCE) is None
-    with pytest.raises(ReplayError, match="no line"):
-        schedule_variant(SOURCE.replace(SCHEDULE_LINE, 'SCHEDULE = "DENSE"'), "UNIFORM")
+def block_bodies(code):
+    return {b.name: b.body for b in split_blocks(code)[1]}
+
+
+@pytest.mark.parametrize("schedule, k", [("DENSE", 128), ("UNIFORM", 64)])
+def test_dense_and_uniform_baselines_change_only_the_k_schedule(schedule, k, tmp_path):
+    code = schedule_variant(SOURCE, schedule)
+    before, after = block_bodies(SOURCE), block_bodies(code)
+    assert [name for name in before if before[name] != after[name]] == ["k_schedule"]
+    assert static_violation(code, SOURCE) is None
+    comments = [line for line in before["k_schedule"].splitlines() if line.startswith("#")]
+    assert after["k_schedule"].splitlines()[:len(comments)] == comments  # what must hold still says so
+    (tmp_path / "baseline.py").write_text(code)
+    assert load_program(tmp_path / "baseline.py").layer_k_schedule(4, 128) == [k] * 4
+
+
+def test_baselines_of_a_run_are_made_from_the_runs_own_initial_program():
+    """The fixture run predates the current initial program: its baselines come from its own code."""
+    initial = json.loads((FIXTURE / "evolution_trace.jsonl").read_text().splitlines()[0])["parent_code"]
+    plan = plan_replay([FIXTURE], top=1, seeds=[42], baselines=True)
+    assert plan.candidates[0].code == initial
+    for candidate in plan.candidates[1:3]:
+        before, after = block_bodies(initial), block_bodies(candidate.code)
+        assert [name for name in before if before[name] != after[name]] == ["k_schedule"]
+
+
+def test_a_program_without_a_k_schedule_block_has_no_baseline():
+    without = SOURCE.replace("# EVOLVE-BLOCK-START k_schedule", "# EVOLVE-BLOCK-START schedule")
+    with pytest.raises(ReplayError, match="no EVOLVE-BLOCK 'k_schedule'"):
+        schedule_variant(without, "UNIFORM")
 
 
 def test_uniform_baseline_passes_stage_1_only_as_a_baseline():
@@ -102,13 +125,28 @@ def test_program_files_replay_into_the_replays_folder_each_under_its_own_name(tm
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     files = [tmp_path / "a" / "child.py", tmp_path / "b" / "child.py", tmp_path / "same.py"]
-    files[0].write_text(SOURCE.replace(SCHEDULE_LINE, 'SCHEDULE = "AGGRESSIVE_MIDDLE"'))
-    files[1].write_text(SOURCE.replace(SCHEDULE_LINE, 'SCHEDULE = "DENSE_TO_SPARSE"'))
+    files[0].write_text(SOURCE.replace("INDEXER_LOSS_WEIGHT = 0.1", "INDEXER_LOSS_WEIGHT = 0.2"))
+    files[1].write_text(SOURCE.replace("INDEXER_LOSS_WEIGHT = 0.1", "INDEXER_LOSS_WEIGHT = 0.3"))
     files[2].write_text(SOURCE)
     plan = plan_replay(files, seeds=[42], profile="smoke")
     assert [c.name for c in plan.candidates] == ["initial", "child.py", "child.py#2"]
     assert plan.ledger == REPLAYS_ROOT / "ledger.sqlite" and plan.out_dir == REPLAYS_ROOT / "report"
     assert any("same.py is the initial program" in note for note in plan.notes)
+
+
+def test_an_unsandboxed_run_puts_its_warning_first_in_the_replay_reports(tmp_path):
+    run_dir = Path(shutil.copytree(FIXTURE, tmp_path / "run"))
+    record = json.loads((run_dir / "run.json").read_text())
+    record["sandbox"] = dict(isolation="none", warning="PLASA_SANDBOX=none was set")
+    (run_dir / "run.json").write_text(json.dumps(record))
+    plan = plan_replay([run_dir], top=1, seeds=[42, 43])
+    assert "not isolated" in plan.sandbox_warning and "PLASA_SANDBOX=none was set" in plan.sandbox_warning
+    summary = summarise(plan, {c.name: seed_runs([10.1, 10.2]) for c in plan.candidates})
+    md, js = write_reports(summary, tmp_path / "report")
+    assert md.read_text().splitlines()[2] == f"> **{plan.sandbox_warning}**"
+    assert json.loads(js.read_text())["sandbox_warning"] == plan.sandbox_warning
+
+    assert plan_replay([FIXTURE], top=1, seeds=[42]).sandbox_warning is None  # the fixture does not say
 
 
 # ---------------------------------------------------------------------------------------------
