@@ -260,7 +260,7 @@ def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
     assert view.checkpoint.name == CHECKPOINT and "unsaved-child" not in view.known
     assert [i for i, _ in reporting.history(view)] == [0, 1, 2, 3, 4] and len(view.trace) == 4
     assert view.warnings[-1] == ("warning: left out 1 trace record(s) of iterations after 4 (checkpoint_4's last): "
-                                 "not in its population; no later checkpoint was written (e.g. killed during a save)")
+                                 "no checkpoint holds them (killed during a save?)")
     done = inspect(run_copy)
     assert done.returncode == 0 and "children: 4 evaluated" in done.stdout and "unsaved-" not in done.stdout
     assert "left out 1 trace record(s)" in done.stderr
@@ -458,6 +458,15 @@ def test_a_checkpoint_folder_can_be_inspected_directly():
     done = inspect(FIXTURE / "checkpoints" / CHECKPOINT)
     assert done.returncode == 0, done.stderr
     assert f"checkpoint {CHECKPOINT}" in done.stdout
+
+
+def test_an_older_checkpoint_named_shows_the_run_as_it_was_then(run_copy):
+    older = run_copy / "checkpoints" / "checkpoint_2"
+    shutil.copytree(run_copy / "checkpoints" / CHECKPOINT, older)
+    metadata = json.loads((older / "metadata.json").read_text())
+    (older / "metadata.json").write_text(json.dumps(dict(metadata, last_iteration=2)))
+    view = load_run(older)
+    assert [r["iteration"] for r in view.trace] == [1, 2] and view.warnings == []  # checkpoint_4 holds the rest
 
 
 def test_without_an_argument_the_newest_run_is_inspected(tmp_path, monkeypatch):

@@ -164,13 +164,6 @@ def _known_programs(population: list[Program], trace: list[dict]) -> dict[str, P
     return known
 
 
-def _left_out_warning(left_out: int, checkpoint: Path, iteration: int, newest: bool) -> str:
-    where = ("no later checkpoint was written (e.g. killed during a save)" if newest
-             else "a later checkpoint holds them")
-    return (f"warning: left out {left_out} trace record(s) of iterations after {iteration} ({checkpoint.name}'s last): "
-            f"not in its population; {where}")
-
-
 def read_run(path=None) -> RunView:
     """Everything a report needs from a run folder (or one of its checkpoints, or the newest run),
     population in file order (analyse.prepare ranks it)."""
@@ -190,9 +183,11 @@ def read_run(path=None) -> RunView:
         raise ReportError(f"{run_dir}: {e}") from None
 
     trace = rundir.read_trace(run_dir, up_to_iteration=iteration)
-    if trace.left_out:
-        latest = rundir.latest_checkpoint(run_dir)
-        warnings.append(_left_out_warning(trace.left_out, checkpoint, iteration, latest is None or latest[1] <= iteration))
+    latest = rundir.latest_checkpoint(run_dir)
+    # Named on purpose, an older checkpoint leaves later records out silently: a later checkpoint holds them.
+    if trace.left_out and (latest is None or latest[1] <= iteration):
+        warnings.append(f"warning: left out {trace.left_out} trace record(s) of iterations after {iteration} "
+                        f"({checkpoint.name}'s last): no checkpoint holds them (killed during a save?)")
     return RunView(run_dir, record, checkpoint, iteration, population, _known_programs(population, trace.children),
                    trace.children, trace.failures, warnings, metadata=metadata,
                    llm_calls=rundir.read_llm_responses(run_dir, up_to_iteration=iteration))
