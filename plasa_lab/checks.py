@@ -1,16 +1,19 @@
-"""Static checks of a child's source, run before any of its code does.
+"""Static checks of a child's source, run before any of its code does: a quick, friendly first filter.
 
-Each returns None or one line that names the rule, the place and the fix. The rules are
-allow-lists where that is possible (imports, the form of attribute assignment) and a short
-deny-list of capabilities a model never needs (files, processes, network, introspection).
-Behaviour (causality, selection, budgets) is checked at run time by probes.py and the harness.
+They are not the security boundary (Python is not a sandbox: the OS isolates the child and the
+judge scores it from outside, see plasa_lab.judge); they turn the common mistakes and the obvious
+attempts into one line that names the rule, the place and the fix, before anything is paid for.
+The rules are allow-lists where that is possible (imports; attribute assignment only as
+`self.<name> = ...` where `self` is a method's first parameter) and a short deny-list of
+capabilities a model never needs (files, processes, network, introspection of frames and code).
+Behaviour (causality, selection, budgets) is checked at run time by the judge.
 """
 
 import ast
 
 from .program import BlockError, split_blocks
 
-ALLOWED_IMPORTS = {"math", "torch", "torch.nn", "torch.nn.functional", "functools", "typing"}
+ALLOWED_IMPORTS = {"math", "torch", "torch.nn", "torch.nn.functional"}
 FORBIDDEN_NAMES = {
     # code loading and introspection
     "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "getattr", "setattr",
@@ -26,8 +29,14 @@ FORBIDDEN_ATTRIBUTES = {
     "load_library", "cpp_extension", "utils", "multiprocessing", "distributed", "package", "jit",
     "set_num_threads", "set_num_interop_threads", "manual_seed", "seed", "set_rng_state",
     "set_default_dtype", "set_default_device", "set_default_tensor_type", "use_deterministic_algorithms",
-    "set_flush_denormal", "backends", "environ", "system", "popen",
+    "set_flush_denormal", "backends", "environ", "system", "popen", "profiler", "export_chrome_trace",
+    "export_stacks", "export_memory_timeline", "register_module_forward_hook", "register_module_forward_pre_hook",
+    "register_module_full_backward_hook", "register_module_backward_hook", "register_module_buffer_registration_hook",
+    "register_module_parameter_registration_hook", "register_module_module_registration_hook",
 }
+# Frames, generators, coroutines, tracebacks and code objects: the way from a value back to the
+# interpreter (a caller's frame, its globals, its builtins). No model reads them.
+INTROSPECTION_PREFIXES = ("f_", "gi_", "cr_", "ag_", "co_", "tb_")
 
 
 def syntax_violation(text: str):
@@ -117,6 +126,8 @@ def _node_violation(node):
             return f"private attribute {node.attr!r} is not allowed (only self._name)"
         if node.attr in FORBIDDEN_ATTRIBUTES:
             return f"attribute {node.attr!r} is not allowed (no file I/O, code loading or process-wide settings)"
+        if node.attr.startswith(INTROSPECTION_PREFIXES):
+            return f"attribute {node.attr!r} is not allowed (no frames, generators, tracebacks or code objects)"
     elif isinstance(node, (ast.Global, ast.Nonlocal)):
         return "global/nonlocal statements are not allowed"
     elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete, ast.For, ast.With)):
@@ -132,6 +143,49 @@ def _node_violation(node):
     return None
 
 
+def _method_selves(statements) -> set[int]:
+    """ids of the `self` parameter nodes that are the first parameter of a function defined
+    directly in a class body: the only `self` a block may bind."""
+    selves = set()
+    for node in ast.walk(ast.Module(body=statements, type_ignores=[])):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    params = item.args.posonlyargs + item.args.args
+                    if params and params[0].arg == "self":
+                        selves.add(id(params[0]))
+    return selves
+
+
+def _self_violation(node, selves):
+    """`self` may only be a method's first parameter (so `self.x = ...` always means the object)."""
+    if isinstance(node, ast.arg) and node.arg == "self" and id(node) not in selves:
+        return "a parameter named 'self' that is not the first parameter of a method"
+    if isinstance(node, ast.Name) and node.id == "self" and isinstance(node.ctx, (ast.Store, ast.Del)):
+        return "assignment to the name 'self'"
+    if isinstance(node, ast.alias) and (node.asname or node.name) == "self":
+        return "importing as 'self'"
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == "self":
+        return "a function or class named 'self'"
+    return None
+
+
+def _annotation_violation(node):
+    """Annotations may name types but never hold strings: some library code evaluates string
+    annotations, which would run them as code."""
+    annotations = []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        args = node.args
+        params = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+        annotations = [p.annotation for p in params if p.annotation] + ([node.returns] if getattr(node, "returns", None) else [])
+    elif isinstance(node, ast.AnnAssign):
+        annotations = [node.annotation]
+    for annotation in annotations:
+        if any(isinstance(sub, ast.Constant) and isinstance(sub.value, str) for sub in ast.walk(annotation)):
+            return "string annotations are not allowed (write the type itself, or leave the annotation out)"
+    return None
+
+
 def block_code_violation(text: str, reference: str):
     """Every statement inside the blocks keeps to the allow-lists and binds no fixed name."""
     tree = ast.parse(text)
@@ -139,7 +193,11 @@ def block_code_violation(text: str, reference: str):
     outside_statements = [n for n in tree.body if n.lineno not in inside]
     block_statements = [n for n in tree.body if n.lineno in inside]
     fixed = _top_level_bindings(outside_statements)
+    selves = _method_selves(block_statements)
     for node in ast.walk(ast.Module(body=block_statements, type_ignores=[])):
+        rule = _self_violation(node, selves) or _annotation_violation(node)
+        if rule and hasattr(node, "lineno"):
+            return f"line {node.lineno}: {rule}"
         if not hasattr(node, "lineno"):
             continue
         rule = _node_violation(node)

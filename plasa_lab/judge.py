@@ -344,7 +344,8 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         train_text = next(train_batches(corpus.train, profile.batch_size, profile.seq_len, job.seed))[:, :-1]
         log("checking behaviour (causality, selection, batch independence, no state)")
         check_behaviour(servers[0], spec.layer_ks, {"on random tokens": random_tokens, "on training text": train_text})
-        metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is the stage's own
+        if job.stage == 2:
+            metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own
         log(f"validating on {n_windows} windows, {max(2, n_windows // CHECKED_FRACTION)} of them re-run cut by the other process")
         metrics.update(validate(servers, windows, profile.batch_size, rng))
         return StageResult(ok=True, metrics=metrics, stderr=_stderr(workers), seconds=time.monotonic() - start)

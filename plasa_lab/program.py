@@ -69,3 +69,24 @@ def load_program(path: str | Path):
         sys.modules.pop(name, None)
         raise
     return module
+
+
+# The seed's named schedules, as the one line of `layer_k_schedule` that sets k (depth is the
+# layer's relative depth (i + 0.5) / n). The initial program uses PROGRESSIVE_SPARSE; replay's
+# baselines and the tests make the others from it.
+SCHEDULE_RULES = {
+    "PROGRESSIVE_SPARSE": "seq_len if depth < 1 / 3 else seq_len // 4 if depth < 2 / 3 else seq_len // 2",
+    "AGGRESSIVE_MIDDLE": "seq_len if depth < 1 / 4 else seq_len // 8 if depth < 3 / 4 else seq_len // 2",
+    "DENSE_TO_SPARSE": ("seq_len if depth < 1 / 4 else seq_len // 2 if depth < 1 / 2 else seq_len // 4 "
+                        "if depth < 3 / 4 else seq_len // 8"),
+    "UNIFORM": "seq_len // 2",
+    "DENSE": "seq_len",
+}
+
+
+def with_schedule(code: str, name: str) -> str:
+    """The program with another named schedule: its `k = <PROGRESSIVE_SPARSE rule>` line replaced."""
+    line = f"        k = {SCHEDULE_RULES['PROGRESSIVE_SPARSE']}\n"
+    if code.count(line) != 1:
+        raise ValueError(f"the program has no line {line.strip()!r} to make the {name} schedule from")
+    return code.replace(line, f"        k = {SCHEDULE_RULES[name]}\n")

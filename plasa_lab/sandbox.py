@@ -183,16 +183,19 @@ def _child_setup(limits: Limits, cpu_seconds: int):
 
 
 class _OutputBudget:
-    """Bytes written to the drained streams together; sets `exceeded` past OUTPUT_LIMIT."""
+    """Bytes written to the drained streams together; past OUTPUT_LIMIT sets `exceeded` and calls
+    `on_exceeded` (which stops the child: a flood must not run on while the parent waits)."""
 
-    def __init__(self):
-        self.total, self.lock, self.exceeded = 0, threading.Lock(), threading.Event()
+    def __init__(self, on_exceeded=None):
+        self.total, self.lock, self.exceeded, self.on_exceeded = 0, threading.Lock(), threading.Event(), on_exceeded
 
     def add(self, n):
         with self.lock:
             self.total += n
-            if self.total > OUTPUT_LIMIT:
+            if self.total > OUTPUT_LIMIT and not self.exceeded.is_set():
                 self.exceeded.set()
+                if self.on_exceeded:
+                    self.on_exceeded()
 
 
 class _Drain(threading.Thread):
@@ -258,7 +261,7 @@ class SandboxedProcess:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             preexec_fn=_child_setup(limits, cpu_seconds), close_fds=True,
         )
-        self.budget = _OutputBudget()
+        self.budget = _OutputBudget(on_exceeded=lambda: kill_group(self.proc.pid))
         self.err = _Drain(self.proc.stderr, self.budget, on_stderr_line)
         self.err.start()
         self.out = _Drain(self.proc.stdout, self.budget) if drain_stdout else None

@@ -48,6 +48,8 @@ def log(message: str):
 
 def describe(exc: BaseException, doing: str) -> str:
     """`doing: TypeName at line N of the program: message` (the line of the child's file, if any)."""
+    if isinstance(exc, MemoryError):
+        return f"{doing}: ran out of memory: use less memory"
     program = os.path.abspath(PROGRAM_FILE)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) == program]
     where = f" at line {frames[-1].lineno} of the program" if frames else ""

@@ -6,7 +6,7 @@ from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.checks import static_violation
 
 REFERENCE = INITIAL_PROGRAM.read_text()
-ANCHOR = "def init_indexer(indexer):\n"  # inside the indexer_training block
+ANCHOR = "def init_indexer(indexer, layer):\n"  # inside the indexer_training block
 
 
 def with_block_code(code):
@@ -62,7 +62,20 @@ def test_syntax_error_names_its_line():
     ("F.cross_entropy = lambda *a, **k: 0", "assignment to 'F.cross_entropy'"),
     ("def f():\n    T = torch.Tensor\n    T.exp = None", "assignment to 'T.exp'"),
     ("MODEL_CONFIG['n_layers'] = 8", "assignment into 'MODEL_CONFIG'"),
-    ("def f():\n    global SCHEDULE", "global/nonlocal"),
+    ("def f():\n    global INDEXER_LOSS_WEIGHT", "global/nonlocal"),
+    # self is only ever a method's first parameter, so self.x = ... always means the object
+    ("import math as self\nself.sqrt = abs", "importing as 'self'"),
+    ("self = F\nself.cross_entropy = abs", "assignment to the name 'self'"),
+    ("def patch(self):\n    self.cross_entropy = abs", "not the first parameter of a method"),
+    ("class A:\n    def f(a, self):\n        self.x = 1", "not the first parameter of a method"),
+    # the ways from a value back to the interpreter
+    ("def g():\n    yield 1\nFRAME = g().gi_frame", "attribute 'gi_frame'"),
+    ("def f(e):\n    return e.tb_frame.f_back", "attribute 'f_back'"),
+    ("def f(fn):\n    return fn.co_consts", "attribute 'co_consts'"),
+    ("def f(x: 'print(1)'):\n    return x", "string annotations"),
+    ("import functools", "import of 'functools'"),
+    ("import typing", "import of 'typing'"),
+    ("torch.nn.modules.module.register_module_forward_hook(print)", "register_module_forward_hook"),
     ("def apply_rope(x, cos, sin):\n    return x", "redefines 'apply_rope'"),
     ("FFN_HIDDEN = 4096", "redefines 'FFN_HIDDEN'"),
     ("import math as torch", "redefines 'torch'"),
@@ -74,4 +87,9 @@ def test_forbidden_block_code_is_rejected_with_its_rule(code, rule):
 
 def test_reimporting_the_same_modules_inside_a_block_is_allowed():
     code = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\nimport math"
+    assert static_violation(with_block_code(code), REFERENCE) is None
+
+
+def test_methods_may_assign_to_self():
+    code = "class Gate(nn.Module):\n    def __init__(self, d):\n        super().__init__()\n        self.w = nn.Linear(d, 1)"
     assert static_violation(with_block_code(code), REFERENCE) is None

@@ -1,12 +1,16 @@
-"""The trusted evaluator, end to end with real sandboxed subprocesses on the smoke profile.
+"""The trusted evaluator end to end: real bubblewrap sandboxes, real worker processes, smoke profile.
 
-Every cheat or breakage gets combined_score 0.0, a one-line `failure` an LLM can act on, every
-metric key, and leaves no process behind.
+Every cheat or breakage is rejected with combined_score 0.0 and a one-line `failure` an LLM can act
+on, or scored honestly; nothing is written outside the sandbox, no process is left, no secret is
+visible, and evaluator.py itself always ends with its JSON line. Most attacks are run twice over:
+once as a child would send them (the static checks answer first, as a friendly filter), and
+once past the static checks (`judged`), because the boundary is the OS and the judge, not them.
 """
 
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,11 +18,19 @@ import time
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.evaluation import METRIC_KEYS, Settings, evaluate_code, evaluate_file
+from plasa_lab.constants import METRIC_KEYS, VOCAB_SIZE
+from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file
+from plasa_lab.jobs import Job
 from plasa_lab.runners import run_local
+from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
-INDEXER_TRAINING = "def init_indexer(indexer):\n"  # an anchor inside the last block
+INDEXER_TRAINING = "def init_indexer(indexer, layer):\n"  # an anchor inside the last block
+INDEXER_FORWARD = '''    def forward(self, x):
+        q, k, w = self.components(x)
+        dots = torch.einsum("bthd,bsd->bhts", q, k)
+        return torch.einsum("bth,bhts->bts", w, F.relu(dots))
+'''
 
 
 def variant(old, new):
@@ -26,19 +38,33 @@ def variant(old, new):
     return SOURCE.replace(old, new, 1)
 
 
-def harness_processes():
-    """Harness processes this test process started and that are still there (grandchildren are
-    covered by the sandbox tests, which kill whole groups)."""
+def at_import(code):
+    """The initial program with `code` run when it is imported (inside the last block)."""
+    return variant(INDEXER_TRAINING, code + "\n\n" + INDEXER_TRAINING)
+
+
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+    except (OSError, StopIteration):
+        return 0
+
+
+def worker_processes():
+    """plasa_lab.worker processes (and their bwrap parents) descended from this test process (other
+    test runs on the machine have their own)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            with open(f"/proc/{pid}/status") as f:
-                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
-        except (OSError, StopIteration):
+        except OSError:
             continue
-        if b"plasa_lab.harness" in cmdline and ppid == os.getpid():
+        ancestor = int(pid)
+        while ancestor > 1 and ancestor != os.getpid():
+            ancestor = parent_of(ancestor)
+        if b"plasa_lab.worker" in cmdline and ancestor == os.getpid():
             found.append(pid)
     return found
 
@@ -48,6 +74,15 @@ def smoke(tmp_path):
     return Settings(profile="smoke", ledger=str(tmp_path / "ledger.sqlite"))
 
 
+def judged(code, stage=1, time_limit=240.0):
+    """One stage judged directly, past the static checks: what the OS and the judge alone allow."""
+    corpus = corpus_of("auto")
+    job = Job(code=code, stage=stage, profile="smoke", seed=42, corpus=corpus.name, fingerprint=corpus.fingerprint,
+              device="cpu", threads=2, memory_gb=4, time_limit=time_limit,
+              time_limit_reason=f"the test's limit of {time_limit:.0f} s", val_windows=8)
+    return run_local(job)
+
+
 def assert_rejected(evaluation, *phrases):
     assert set(METRIC_KEYS) <= set(evaluation.metrics)
     assert evaluation.metrics["combined_score"] == 0.0
@@ -55,19 +90,34 @@ def assert_rejected(evaluation, *phrases):
     assert "\n" not in failure
     for phrase in phrases:
         assert phrase in failure, failure
-    assert harness_processes() == []
+    assert worker_processes() == []
 
+
+def assert_failed(result, *phrases):
+    assert not result.ok and "\n" not in result.failure, result
+    for phrase in phrases:
+        assert phrase in result.failure, result.failure
+    assert worker_processes() == []
+
+
+HONEST_SMOKE_LOSS = 9.5  # a 12- or 20-step model scores val_loss ~10.1-10.4; a fooled judge would report far less
+
+
+# ---------------------------------------------------------------------------------------------
+# honest programs
 
 def test_initial_program_passes_both_stages_with_finite_metrics(smoke):
     evaluation = evaluate_file(INITIAL_PROGRAM, "all", smoke)
     m = evaluation.metrics
-    assert set(m) == set(METRIC_KEYS) and all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    assert set(METRIC_KEYS) <= set(m) and all(isinstance(v, float) and math.isfinite(v) for v in m.values())
     assert m["stage1_passed"] == m["stage2_passed"] == 1.0
     assert m["combined_score"] == 1 / min(m["val_ppl"], 10000) > 0
-    assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
+    assert m["val_ppl"] == pytest.approx(min(10000.0, math.exp(m["val_loss"])))
+    assert m["val_loss"] > HONEST_SMOKE_LOSS
     assert m["density"] == pytest.approx((1 + 2 * 3600 / 8256 + 6176 / 8256) / 4, abs=1e-6)  # k = 128, 32, 32, 64
     assert m["nonembed_params"] == 1_526_912 and m["indexer_params"] == 4 * 20_992
     assert "failure" not in evaluation.artifacts and "fingerprint" in evaluation.artifacts["corpus"]
+    assert worker_processes() == []
 
     start = time.monotonic()
     again = evaluate_file(INITIAL_PROGRAM, "all", smoke)
@@ -75,60 +125,45 @@ def test_initial_program_passes_both_stages_with_finite_metrics(smoke):
     assert time.monotonic() - start < 2.0
 
 
-def test_stage1_alone_screens_without_the_full_training(smoke):
-    m = evaluate_code(SOURCE, 1, smoke).metrics
-    assert m["stage1_passed"] == 1.0 and m["stage2_passed"] == 0.0 and m["combined_score"] > 0
+def test_reformatted_program_is_answered_from_the_ledger_without_training(smoke):
+    first = evaluate_code(SOURCE, 1, smoke)
+    reformatted = variant("    return selected & causal\n", "    # the AND is what keeps it causal\n    return (selected & causal)\n")
+    start = time.monotonic()
+    again = evaluate_code(reformatted, 1, smoke)
+    assert again.from_ledger and again.metrics == first.metrics and time.monotonic() - start < 2.0
 
+
+# ---------------------------------------------------------------------------------------------
+# breakage a careless child brings
 
 def test_syntax_error_is_rejected_before_anything_runs(smoke):
-    assert_rejected(evaluate_code(variant(INDEXER_TRAINING, "def broken(:\n" + INDEXER_TRAINING), 1, smoke),
-                    "stage 1: syntax error at line")
+    assert_rejected(evaluate_code(at_import("def broken(:"), 1, smoke), "stage 1: syntax error at line")
 
 
 def test_exception_at_import_is_rejected_with_its_line(smoke):
-    code = variant(INDEXER_TRAINING, "raise RuntimeError('boom')\n" + INDEXER_TRAINING)
+    code = at_import("raise RuntimeError('boom')")
     line = code.splitlines().index("raise RuntimeError('boom')") + 1
     assert_rejected(evaluate_code(code, 1, smoke), "importing the program failed", f"line {line}", "boom")
 
 
-def test_endless_loop_times_out_and_its_process_group_is_gone(smoke, monkeypatch):
-    monkeypatch.setenv("PLASA_TIMEOUT_SCALE", "0.05")  # stage 1 limit: 9 s
+def test_endless_loop_times_out_and_every_process_is_gone():
     start = time.monotonic()
-    evaluation = evaluate_code(variant(INDEXER_TRAINING, "while True:\n    pass\n" + INDEXER_TRAINING), 1, smoke)
-    assert_rejected(evaluation, "timed out after 9 s")
-    assert time.monotonic() - start < 30
+    result = judged(at_import("while True:\n    pass"), time_limit=10)
+    assert_failed(result, "took more than the test's limit of 10 s", "killed")
+    assert result.retry_later and time.monotonic() - start < 30
 
 
 def test_memory_bomb_hits_the_memory_limit_quickly(tmp_path):
-    settings = Settings(profile="smoke", memory_gb=3)
-    bomb = "BOMB = [torch.ones(1 << 27) for _ in range(1000)]\n"  # 512 MiB each
+    settings = Settings(profile="smoke", memory_gb=3, ledger=str(tmp_path / "l.sqlite"))
+    bomb = "BOMB = [torch.ones(1 << 27) for _ in range(1000)]"  # 512 MiB each
     start = time.monotonic()
-    assert_rejected(evaluate_code(variant(INDEXER_TRAINING, bomb + INDEXER_TRAINING), 1, settings), "memory")
+    assert_rejected(evaluate_code(at_import(bomb), 1, settings), "memory")
     assert time.monotonic() - start < 60
 
 
-def test_child_reading_an_api_key_is_stopped_statically(smoke):
-    code = variant(INDEXER_TRAINING, "import os\nKEY = os.environ.get('OPENAI_API_KEY')\n" + INDEXER_TRAINING)
-    assert_rejected(evaluate_code(code, 1, smoke), "import of 'os' is not allowed")
-
-
-def test_api_key_is_not_in_the_sandbox_even_past_the_static_checks(smoke, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
-    monkeypatch.setenv("PLASA_SECRET_TOKEN", "tok-secret")
-    leak = ("import os\nraise RuntimeError('env: ' + ' '.join(sorted(k for k in os.environ)) + ' ' + "
-            "str(os.environ.get('OPENAI_API_KEY')))\n")
-    code = variant(INDEXER_TRAINING, leak + INDEXER_TRAINING)
-    from plasa_lab.evaluation import _corpus_summary
-    name, fingerprint, _, _ = _corpus_summary(smoke.corpus)
-    result = run_local(dict(code=code, stage=1, profile="smoke", seed=42, corpus=name, fingerprint=fingerprint,
-                            device="cpu", threads=1, memory_gb=4, timeout=120))
-    assert not result["ok"] and "env: " in result["failure"] and "None" in result["failure"]
-    assert "secret" not in result["failure"] + result["stderr"] and "PLASA_SECRET_TOKEN" not in result["failure"]
-
-
 def test_selector_without_causal_and_is_rejected(smoke):
-    code = variant("    return selected & causal\n", "    return selected\n")
-    assert_rejected(evaluate_code(code, 1, smoke), "selects key", "must be causal")
+    assert_rejected(evaluate_code(variant("    return selected & causal\n", "    return selected\n"), 1, smoke),
+                    "selects key", "must be causal")
 
 
 def test_indexer_that_peeks_at_the_future_is_caught_by_the_causality_probe(smoke):
@@ -149,46 +184,247 @@ def test_edit_outside_the_blocks_is_rejected(smoke):
                     "outside the EVOLVE-BLOCKs changed")
 
 
-def test_forbidden_import_is_rejected(smoke):
-    assert_rejected(evaluate_code(variant(INDEXER_TRAINING, "import subprocess\n" + INDEXER_TRAINING), 1, smoke),
-                    "import of 'subprocess' is not allowed")
-
-
 def test_nan_logits_are_rejected(smoke):
     code = variant("    return selected & causal\n", "    return selected & causal & False\n")
-    assert_rejected(evaluate_code(code, 1, smoke), "NaN")
+    assert_rejected(evaluate_code(code, 1, smoke), "became nan")
 
 
 def test_model_config_changed_from_a_block_is_rejected(smoke):
-    code = variant(INDEXER_TRAINING, "MODEL_CONFIG.update(n_layers=2)\n" + INDEXER_TRAINING)
-    assert_rejected(evaluate_code(code, 1, smoke), "MODEL_CONFIG is", "must stay")
+    assert_rejected(evaluate_code(at_import("MODEL_CONFIG.update(n_layers=2)"), 1, smoke), "MODEL_CONFIG is", "must stay")
 
 
 def test_uniform_schedule_is_rejected_for_children(smoke):
-    code = variant('SCHEDULE = "PROGRESSIVE_SPARSE"', 'SCHEDULE = "UNIFORM"')
-    assert_rejected(evaluate_code(code, 1, smoke), "every layer k=64")
+    from plasa_lab.program import with_schedule
+    assert_rejected(evaluate_code(with_schedule(SOURCE, "UNIFORM"), 1, smoke), "every layer k=64")
 
 
-def test_oversized_indexer_is_rejected(smoke):
-    code = variant("def __init__(self, d_model, n_heads=4, head_dim=32):", "def __init__(self, d_model, n_heads=64, head_dim=32):")
-    assert_rejected(evaluate_code(code, 1, smoke), "over the budget of 2,000,000")
+def test_oversized_indexer_is_rejected_before_training(smoke):
+    start = time.monotonic()
+    assert_rejected(evaluate_code(variant("INDEXER_HEADS = 4", "INDEXER_HEADS = 64"), 1, smoke),
+                    "over the budget of 2,000,000")
+    assert time.monotonic() - start < 20
 
 
 def test_flood_of_stdout_is_cut_without_hanging(smoke):
-    flood = "for _ in range(200):\n    print('x' * 50_000)\n"  # 10 MB
     start = time.monotonic()
-    evaluation = evaluate_code(variant(INDEXER_TRAINING, flood + INDEXER_TRAINING), 1, smoke)
+    evaluation = evaluate_code(at_import("for _ in range(200):\n    print('x' * 50_000)"), 1, smoke)  # 10 MB
     assert_rejected(evaluation, "limit 1 MiB")
     assert time.monotonic() - start < 30
 
 
-def test_missing_program_file_scores_zero_with_a_reason(smoke, tmp_path):
-    assert_rejected(evaluate_file(tmp_path / "nope.py", 1, smoke), "cannot read the program")
+def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
+    # The aux loss turns NaN after 16 training steps: stage 1 (12 steps) passes, stage 2 (20) fails.
+    code = variant("def indexer_aux_loss(attn_probs, scores, selected, layer):\n",
+                   "CALLS = [0]\n\n\ndef indexer_aux_loss(attn_probs, scores, selected, layer):\n"
+                   "    CALLS[0] += 1\n    if CALLS[0] > 4 * 16:\n        scores = scores * float('nan')\n")
+    evaluation = evaluate_code(code, "all", smoke)
+    assert_rejected(evaluation, "stage 2: training aux_loss became nan at step 17")
+    assert evaluation.metrics["stage1_passed"] == 1.0 and evaluation.metrics["stage2_passed"] == 0.0
 
+
+# ---------------------------------------------------------------------------------------------
+# attacks: fooling the score
+
+def test_patching_a_scoring_function_through_an_alias_is_refused_and_would_not_fool_the_judge(smoke):
+    patch = "self = F\nself.cross_entropy = lambda *args, **kwargs: torch.zeros(()) + 0.01"
+    assert_rejected(evaluate_code(at_import(patch), 1, smoke), "assignment to the name 'self'")
+    # Past the static checks it patches only its own process: the judge computes the loss itself.
+    result = judged(at_import(patch))
+    assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
+
+
+def test_reading_the_callers_frames_finds_no_targets(smoke):
+    peek = ("import sys\n"
+            "def steal_targets():\n"
+            "    frame = sys._getframe()\n"
+            "    while frame is not None:\n"
+            "        for name in ('targets', 'target', 'labels'):\n"
+            "            if torch.is_tensor(frame.f_locals.get(name)):\n"
+            "                return frame.f_locals[name]\n"
+            "        frame = frame.f_back\n"
+            "    return None\n"
+            "def cheat(module, inputs, output):\n"
+            "    found = steal_targets()\n"
+            "    if found is not None and isinstance(output, dict) and found.shape == output['logits'].shape[:2]:\n"
+            "        output['logits'] = F.one_hot(found, output['logits'].shape[-1]).float() * 100\n"
+            "    return output\n"
+            "torch.nn.modules.module.register_module_forward_hook(cheat)")
+    assert_rejected(evaluate_code(at_import(peek), 1, smoke), "import of 'sys' is not allowed")
+    result = judged(at_import(peek), stage=2)
+    assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
+
+
+def test_perfect_logits_from_the_next_input_token_are_a_caught_leak(smoke):
+    # The targets are the inputs shifted by one: "predicting" them is reading the future.
+    cheat = ('''def cheat_forward(module, inputs, output):
+    ids = inputs[0]
+    if not module.training and isinstance(output, dict):
+        nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+        output["logits"] = F.one_hot(nxt, output["logits"].shape[-1]).float() * 30
+    return output
+''')
+    code = (SOURCE + "\n" + cheat + "\n_build = build_model\n\n\ndef build_model(vocab_size=49152):\n"
+            "    m = _build(vocab_size)\n    m.register_forward_hook(cheat_forward)\n    return m\n")
+    result = judged(code)  # past the static checks (it edits outside the blocks)
+    assert_failed(result, "sees future tokens")
+
+
+def test_forged_protocol_messages_fail_the_child_never_the_evaluator(tmp_path):
+    forge = ("import os\n"
+             "for message in [b'{\"ok\": true, \"spec\": ' + b'[' * 100000 + b']' * 100000 + b'}\\n',\n"
+             "                b'{\"ok\": true, \"snapshot_bytes\": ' + b'9' * 400 + b'}\\n',\n"
+             "                b'{\"ok\": true, \"losses\": [NaN], \"train_seconds\": 1e999}\\n']:\n"
+             "    for fd in range(3, 30):\n"
+             "        try:\n"
+             "            os.write(fd, message)\n"
+             "        except OSError:\n"
+             "            pass")
+    program = tmp_path / "forger.py"
+    program.write_text(variant(INDEXER_TRAINING, forge + "\n\n" + INDEXER_TRAINING))
+    # Through the CLI with the static checks: refused at once (import of os).
+    run = subprocess.run([sys.executable, "evaluator.py", str(program), "--stage", "1", "--profile", "smoke"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and json.loads(run.stdout.strip().splitlines()[-1])["combined_score"] == 0.0
+    # Past them: the forged lines reach the judge, which fails the child with one line.
+    result = judged(program.read_text())
+    assert_failed(result, "broke the protocol")
+
+
+@pytest.mark.parametrize("logits, phrase", [
+    ("torch.full_like(logits, float('nan'))", "NaN or inf"),
+    ("logits[:, :, :100]", "shape"),
+    ("logits * 1e30", None),  # huge but finite: scored (badly) or refused, never a crash
+])
+def test_nan_misshapen_or_huge_logits_fail_or_score_honestly(logits, phrase):
+    code = variant('        out = {"logits": self.lm_head(self.norm(x))}\n',
+                   f'        logits = self.lm_head(self.norm(x))\n        out = {{"logits": {logits} if not self.training else logits}}\n')
+    result = judged(code)
+    if phrase:
+        assert_failed(result, phrase)
+    else:
+        assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
+    assert worker_processes() == []
+
+
+def test_memoised_prefix_scores_cannot_hide_a_peek_ahead(smoke):
+    """The indexer peeks one position ahead, and in eval mode replays the scores it remembered for
+    the earlier input sharing the longest prefix, so every re-run with a changed suffix matches
+    within one process (the probes pass). The other validation process has another history."""
+    memoiser = '''    def forward(self, x):
+        q, k, w = self.components(x)
+        k = k + torch.cat([k[:, 1:], k[:, -1:]], dim=1)  # each key also carries the next position
+        dots = torch.einsum("bthd,bsd->bhts", q, k)
+        scores = torch.einsum("bth,bhts->bts", w, F.relu(dots))
+        if self.training:
+            return scores
+        out = scores.clone()
+        for b in range(x.shape[0]):
+            best, shared = None, 0
+            for old_x, old_scores in MEMORY:
+                n = int((old_x == x[b]).all(-1).long().cumprod(0).sum())
+                if n > shared:
+                    best, shared = old_scores, n
+            if best is not None:
+                out[b, :shared, :shared] = best[:shared, :shared]
+            MEMORY.append((x[b].clone(), out[b].clone()))
+        return out
+
+
+MEMORY = []
+'''
+    evaluation = evaluate_code(variant(INDEXER_FORWARD, memoiser), 1, smoke)
+    assert_rejected(evaluation, "during validation", "sees future tokens", "another process")
+
+
+def test_weights_trained_outside_the_state_dict_do_not_reach_the_score(smoke):
+    """A unigram bias over the vocabulary, trained in a plain list by its own optimiser during
+    training: invisible to the parameter budget, and gone in the fresh validation processes."""
+    cheat = ('''
+HIDDEN = [torch.zeros(49152, requires_grad=True)]
+HIDDEN_OPT = torch.optim.SGD(HIDDEN, lr=50.0)
+_forward = PLASAModel.forward
+
+
+def biased_forward(self, input_ids):
+    out = _forward(self, input_ids)
+    out["logits"] = out["logits"] + HIDDEN[0]
+    if self.training:  # a unigram model of the next token, learned on the side
+        nxt = input_ids[:, 1:].flatten()
+        loss = F.cross_entropy(HIDDEN[0].expand(len(nxt), -1), nxt)
+        HIDDEN_OPT.zero_grad()
+        loss.backward(inputs=HIDDEN)
+        HIDDEN_OPT.step()
+    return out
+
+
+PLASAModel.forward = biased_forward
+''')
+    code = SOURCE + cheat  # outside the blocks: only past the static checks
+    honest = judged(SOURCE, stage=2)
+    cheater = judged(code, stage=2)
+    assert honest.ok and cheater.ok, (honest.failure, cheater.failure)
+    # Trained in its own process the bias is worth several nats on smoke; scored from the snapshot it is not there.
+    assert cheater.metrics["val_loss"] > honest.metrics["val_loss"] - 0.2
+    assert cheater.metrics["nonembed_params"] == honest.metrics["nonembed_params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# attacks: escaping the sandbox
+
+def test_code_run_through_an_evaluated_annotation_is_refused_statically(smoke):
+    annotation = "def f(x: '__import__(\"os\").system(\"touch /tmp/pwned\")'):\n    return x"
+    assert_rejected(evaluate_code(at_import(annotation), 1, smoke), "string annotations")
+
+
+def test_escaped_code_cannot_reach_a_shell_the_network_the_parent_or_files_outside(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    corpus = corpus_of("auto")
+    outside = tmp_path / "escaped.txt"
+    marker = f"detached-{os.getpid()}"
+    escape = f'''
+import os, socket, subprocess
+REPORT = []
+def attempt(name, action):
+    try:
+        REPORT.append(f"{{name}}=" + str(action())[:8].replace(" ", "_"))
+    except Exception as e:
+        REPORT.append(f"{{name}}=refused")
+attempt("shell", lambda: subprocess.run(["sh", "-c", "echo pwned > {outside}"], capture_output=True).returncode)
+attempt("socket", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2))
+attempt("parent_env", lambda: [open(f"/proc/{{p}}/environ", "rb").read() for p in os.listdir("/proc") if p.isdigit()])
+attempt("key", lambda: os.environ.get("OPENAI_API_KEY"))
+attempt("val_file", lambda: len(open("{corpus.dir / 'val.bin'}", "rb").read()))
+attempt("write_outside", lambda: open("{outside}", "w").write("pwned"))
+attempt("write_project", lambda: open("{PROJECT_ROOT / 'pwned.txt'}", "w").write("pwned"))
+subprocess.Popen(["setsid", "sh", "-c", "sleep 300 # {marker}"])
+raise RuntimeError("escape report: " + " ".join(REPORT))
+'''
+    try:
+        result = judged(at_import(escape))
+    finally:
+        listener.close()
+    assert_failed(result, "escape report")
+    report = dict(part.split("=", 1) for part in result.failure.split("escape report: ")[1].split())
+    assert report["socket"] == "refused" and report["val_file"] == "refused" and report["write_outside"] == "refused"
+    assert "sk-test-secret" not in result.failure + result.stderr and report["key"] == "None"
+    assert "sk-test" not in report["parent_env"]
+    assert report["shell"] != "0" or not outside.exists()  # a shell may run inside, writing nowhere that lasts
+    assert not outside.exists() and not (PROJECT_ROOT / "pwned.txt").exists()
+    time.sleep(0.5)
+    assert not any(marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+                   for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
 
 def test_cli_prints_metrics_as_json_on_the_last_line(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text(variant(INDEXER_TRAINING, "import os\n" + INDEXER_TRAINING))
+    bad.write_text(at_import("import os"))
     run = subprocess.run([sys.executable, "evaluator.py", str(bad), "--stage", "1", "--profile", "smoke"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0
@@ -201,13 +437,18 @@ def test_cli_prints_metrics_as_json_on_the_last_line(tmp_path):
     (["missing.py"], "No such file"),
     (["initial_program.py", "--profile", "huge"], "invalid choice"),
     (["initial_program.py", "--stage", "3"], "invalid choice"),
+    (["BINARY"], "not a UTF-8 text file"),
 ])
-def test_cli_bad_input_exits_nonzero_with_one_line(args, message):
+def test_cli_bad_input_exits_nonzero_with_one_line(args, message, tmp_path):
+    binary = tmp_path / "program.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    args = [str(binary) if a == "BINARY" else a for a in args]
     run = subprocess.run([sys.executable, "evaluator.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and message in run.stderr and run.stdout == ""
+    assert len(run.stderr.strip().splitlines()) <= 3 and "Traceback" not in run.stderr  # argparse's usage + one line
 
 
-def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monkeypatch, tmp_path):
+def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monkeypatch):
     import evaluator
     monkeypatch.setenv("PLASA_PROFILE", "no-such-profile")
     result = evaluator.evaluate_stage1(str(INITIAL_PROGRAM))
@@ -215,29 +456,5 @@ def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monke
     assert "evaluator set-up error" in result.artifacts["failure"] and "no-such-profile" in result.artifacts["failure"]
 
 
-def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
-    # The aux loss turns NaN after 16 training steps: stage 1 (12 steps) passes, stage 2 (20) fails.
-    code = variant("def indexer_aux_loss(attn_probs, scores, selected):\n",
-                   "CALLS = [0]\n\n\ndef indexer_aux_loss(attn_probs, scores, selected):\n"
-                   "    CALLS[0] += 1\n    if CALLS[0] > 4 * 16:\n        scores = scores * float('nan')\n")
-    evaluation = evaluate_code(code, "all", smoke)
-    assert_rejected(evaluation, "stage 2: training aux_loss became nan at step 17")
-    assert evaluation.metrics["stage1_passed"] == 1.0 and evaluation.metrics["stage2_passed"] == 0.0
-
-
-def test_leak_switched_on_only_for_validation_is_caught_by_spot_checks(smoke):
-    # Causal during every probe, leaky for the first eval calls after training: the validation.
-    code = variant("        self.w_proj = nn.Linear(d_model, n_heads, bias=False)\n",
-                   "        self.w_proj = nn.Linear(d_model, n_heads, bias=False)\n"
-                   "        self.trained, self.eval_calls = False, 0\n")
-    code = code.replace("        q, k, w = self.components(x)\n        dots",
-                        "        q, k, w = self.components(x)\n"
-                        "        if self.training:\n"
-                        "            self.trained, self.eval_calls = True, 0\n"
-                        "        elif self.trained:\n"
-                        "            self.eval_calls += 1\n"
-                        "            if self.eval_calls <= 6:\n"
-                        "                k = k + k.mean(dim=1, keepdim=True)\n"
-                        "        dots", 1)
-    assert "self.eval_calls <= 6" in code
-    assert_rejected(evaluate_code(code, "all", smoke), "during validation", "sees future tokens")
+def test_vocab_constant_matches_the_program():
+    assert f"vocab_size={VOCAB_SIZE}" in SOURCE

@@ -8,24 +8,35 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.probes import causality_violation, probe_model
-from plasa_lab.program import load_program
+from plasa_lab.constants import VOCAB_SIZE
+from plasa_lab.probes import causality_violation, local_forward, probe_model
+from plasa_lab.program import SCHEDULE_RULES, load_program, with_schedule
 
-SCHEDULE_NAMES = ["PROGRESSIVE_SPARSE", "AGGRESSIVE_MIDDLE", "DENSE_TO_SPARSE", "UNIFORM", "DENSE"]
-
-
-def build(module, schedule="PROGRESSIVE_SPARSE", seed=0):
-    module.SCHEDULE = schedule
-    try:
-        torch.manual_seed(seed)
-        return module.build_model().eval()
-    finally:
-        module.SCHEDULE = "PROGRESSIVE_SPARSE"
+SCHEDULE_NAMES = list(SCHEDULE_RULES)
+SOURCE = INITIAL_PROGRAM.read_text()
 
 
-def test_index_score_matches_naive_loop(program):
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    """The initial program with each named schedule, as modules."""
+    folder = tmp_path_factory.mktemp("schedules")
+    modules = {}
+    for name in SCHEDULE_NAMES:
+        (folder / f"{name}.py").write_text(with_schedule(SOURCE, name))
+        modules[name] = load_program(folder / f"{name}.py")
+    return modules
+
+
+def build(module, seed=0):
+    torch.manual_seed(seed)
+    return module.build_model().eval()
+
+
+def test_index_score_matches_naive_loop(program, monkeypatch):
     torch.manual_seed(1)
-    indexer = program.LightningIndexer(d_model=16, n_heads=3, head_dim=5)
+    monkeypatch.setattr(program, "INDEXER_HEADS", 3)
+    monkeypatch.setattr(program, "INDEXER_HEAD_DIM", 5)
+    indexer = program.LightningIndexer(d_model=16, layer=0)
     for p in indexer.parameters():
         torch.nn.init.normal_(p)  # large random weights: most ReLUs active, some not
     x = torch.randn(2, 7, 16)
@@ -46,32 +57,29 @@ def test_indexer_has_four_heads_of_32_and_one_shared_key(program):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
-def test_changing_future_tokens_leaves_past_logits_unchanged(program, schedule, random_tokens):
-    model = build(program, schedule)
-    with torch.no_grad():
-        assert causality_violation(model, random_tokens, [0, 1, 17, 31, 63, 100, 126], 49152) is None
+def test_changing_future_tokens_leaves_past_logits_unchanged(programs, schedule, random_tokens):
+    forward = local_forward(build(programs[schedule]))
+    assert causality_violation(forward, random_tokens, [0, 1, 17, 31, 63, 100, 126], VOCAB_SIZE) is None
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
-def test_every_behavioural_probe_passes(program, schedule, random_tokens):
-    assert probe_model(build(program, schedule), random_tokens, 49152) is None
+def test_every_behavioural_probe_passes(programs, schedule, random_tokens):
+    assert probe_model(build(programs[schedule]), random_tokens, VOCAB_SIZE) is None
 
 
 def test_selector_without_causal_and_is_caught_by_causality_check(tmp_path, random_tokens):
-    source = INITIAL_PROGRAM.read_text()
-    leaky = source.replace("    return selected & causal\n", "    return selected\n")
-    assert leaky != source
+    leaky = SOURCE.replace("    return selected & causal\n", "    return selected\n")
+    assert leaky != SOURCE
     (tmp_path / "leaky.py").write_text(leaky)
     model = build(load_program(tmp_path / "leaky.py"))
-    with torch.no_grad():
-        failure = causality_violation(model, random_tokens, [0, 17, 63], 49152)
+    failure = causality_violation(local_forward(model), random_tokens, [0, 17, 63], VOCAB_SIZE)
     assert failure is not None and "future tokens" in failure
-    assert "selects key" in probe_model(model, random_tokens, 49152)
+    assert "selects key" in probe_model(model, random_tokens, VOCAB_SIZE)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
-def test_selection_is_causal_and_keeps_min_k_t_plus_1_keys_per_query(program, schedule, random_tokens):
-    model = build(program, schedule)
+def test_selection_is_causal_and_keeps_min_k_t_plus_1_keys_per_query(programs, schedule, random_tokens):
+    model = build(programs[schedule])
     with torch.no_grad():
         model(random_tokens)
     T = random_tokens.shape[1]
@@ -86,7 +94,7 @@ def test_selection_is_causal_and_keeps_min_k_t_plus_1_keys_per_query(program, sc
 
 def test_sparse_layer_keeps_the_highest_scoring_past_keys(program):
     scores = torch.tensor([[[5.0, 0, 0, 0], [1, 3, 9, 9], [2, 1, 3, 9], [4, 1, 3, 2]]])
-    selected = program.select_topk(scores, 2)
+    selected = program.select_topk(scores, 2, layer=1)
     assert selected.tolist() == [[[True, False, False, False], [True, True, False, False],
                                   [True, False, True, False], [True, False, True, False]]]
 
@@ -102,8 +110,17 @@ def test_progressive_schedule_is_128_32_32_64(program):
     ("UNIFORM", [64, 64, 64, 64]),
     ("DENSE", [128, 128, 128, 128]),
 ])
-def test_named_schedules(program, schedule, ks):
-    assert [layer.k for layer in build(program, schedule).plasa_layers()] == ks
+def test_named_schedules(programs, schedule, ks):
+    assert [layer.k for layer in build(programs[schedule]).plasa_layers()] == ks
+
+
+def test_every_block_function_learns_which_layer_it_serves(program, monkeypatch):
+    seen = []
+    select = program.select_topk
+    monkeypatch.setattr(program, "select_topk", lambda scores, k, layer: seen.append(layer) or select(scores, k, layer))
+    model = build(program)
+    model(torch.zeros(1, 8, dtype=torch.long))
+    assert seen == [0, 1, 2, 3]
 
 
 def test_model_config_is_the_benchmark_model(program):
@@ -142,8 +159,8 @@ def test_aux_loss_is_zero_when_index_scores_match_attention(program):
     attn = torch.softmax(torch.randn(1, 4, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
     selected = torch.ones(1, 6, 6, dtype=torch.bool).tril()
     p = attn.sum(1) / attn.sum(1).sum(-1, keepdim=True)
-    assert program.indexer_aux_loss(attn, p.log(), selected).abs() < 1e-5
-    assert program.indexer_aux_loss(attn, torch.zeros(1, 6, 6), selected) > 1e-3
+    assert program.indexer_aux_loss(attn, p.log(), selected, layer=0).abs() < 1e-5
+    assert program.indexer_aux_loss(attn, torch.zeros(1, 6, 6), selected, layer=0) > 1e-3
 
 
 def test_running_program_alone_trains_on_synthetic_tokens():
