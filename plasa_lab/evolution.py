@@ -2,9 +2,12 @@
 
 OpenEvolve does the search; this module adds what an overnight run needs around it: a checked
 config, an LLM (API, local server, or the offline mutator), a reachable endpoint before the start,
-the initial program evaluated first (a broken set-up fails in minutes, not in the morning),
-run.json, live progress, resume to a total, a checkpoint on Ctrl-C, and a non-zero exit when no
-child could be evaluated (OpenEvolve exits 0 then).
+OS isolation checked before anything runs, the initial program evaluated first on every seed of
+the run (the noise floor, and the time limits calibrated on this machine, now), run.json, live
+progress with an ETA, resume to a total that says what it resumes from, a trace that agrees with
+the checkpoint after any kill, a checkpoint and the resume command on any stop, a summary of the
+best confirmed program and of where the night's time went, and a non-zero exit when no child
+could be evaluated (OpenEvolve exits 0 then).
 """
 
 import asyncio
@@ -13,9 +16,11 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -26,15 +31,18 @@ from pathlib import Path
 
 import yaml
 
-from . import INITIAL_PROGRAM, PROJECT_ROOT, data
-from .evaluation import Settings, evaluate_file
+from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from .constants import HARNESS_VERSION, get_profile
+from .evaluation import Calibration, benchmark, calibration, corpus_of, evaluate_stage
+from .ledger import Key, Ledger, LedgerError, code_key
 from .mutator import NAME as OFFLINE_MODEL_NAME
-from .profiles import get_profile
+from .rundir import OUTPUT_ROOT, TRACE, TRACE_FAILURES, latest_checkpoint, newest_run, read_jsonl
+from .sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
+from .settings import Settings
+from .util import atomic_write, first_line
 
-OUTPUT_ROOT = PROJECT_ROOT / "openevolve_output"
 EVALUATOR = PROJECT_ROOT / "evaluator.py"
-TRACE = "evolution_trace.jsonl"
-TRACE_FAILURES = "evolution_trace_failures.jsonl"
+TRACE_LOST = "evolution_trace_lost.jsonl"  # records of iterations whose checkpoint was never written
 
 
 class RunError(Exception):
@@ -72,8 +80,13 @@ def load_config(path: Path):
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise RunError(f"cannot read the config {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
     except yaml.YAMLError as e:
-        raise RunError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RunError(f"{path} is not valid YAML{where}: {problem}")
     if not isinstance(raw, dict):
         raise RunError(f"{path} must hold a YAML mapping")
     bad = unknown_config_keys(raw)
@@ -150,25 +163,6 @@ def configure_llm(config, choice: LLMChoice):
 # ---------------------------------------------------------------------------------------------
 # Run folder
 
-def latest_checkpoint(run_dir: Path):
-    """(path, iteration) of the newest complete checkpoint, or None."""
-    best = None
-    for path in (run_dir / "checkpoints").glob("checkpoint_*"):
-        try:
-            meta = json.loads((path / "metadata.json").read_text())
-            iteration = int(meta["last_iteration"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # partly written (killed mid-save): skip it
-        if best is None or iteration > best[1]:
-            best = (path, iteration)
-    return best
-
-
-def newest_run(root: Path = OUTPUT_ROOT):
-    runs = [p for p in root.glob("*/") if (p / "run.json").exists()]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
-
-
 def _versions():
     import openevolve
     import torch
@@ -178,32 +172,87 @@ def _versions():
     except (OSError, subprocess.SubprocessError):
         commit = None
     return dict(python=platform.python_version(), torch=torch.__version__, openevolve=openevolve.__version__,
-                project_commit=commit)
+                project_commit=commit, harness_version=HARNESS_VERSION)
 
 
 def write_run_json(run_dir: Path, record: dict):
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, run_dir / "run.json")
+    try:
+        atomic_write(run_dir / rundir.RUN_RECORD, json.dumps(record, indent=2))
+    except OSError as e:
+        raise RunError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
+
+
+def discard_unsaved_iterations(run_dir: Path, done: int) -> int:
+    """Move the trace records (children, failures, LLM responses) of iterations after the checkpoint
+    we resume from into evolution_trace_lost.jsonl: a kill before or during a checkpoint's save
+    leaves them without a population entry, and the resumed run runs those iterations again (an
+    evaluation it repeats is answered by the ledger). Returns how many records moved."""
+    moved = []
+    for name in (TRACE, TRACE_FAILURES, rundir.LLM_RESPONSES):
+        path = run_dir / name
+        records = read_jsonl(path)
+        keep = [r for r in records if int(r.get("iteration") or 0) <= done]
+        if len(keep) != len(records):
+            moved += [dict(r, lost_from=name) for r in records if int(r.get("iteration") or 0) > done]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
+    if moved:
+        with open(run_dir / TRACE_LOST, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in moved)
+    return len(moved)
+
+
+# ---------------------------------------------------------------------------------------------
+# The initial program: the noise floor and the time limits
+
+@dataclass
+class NoiseFloor:
+    seeds: list[int]
+    val_losses: list[float]  # the initial program's, per seed
+    sd: float | None  # of val_loss over the seeds: the run's noise
+
+    def record(self) -> dict:
+        return dict(seeds=self.seeds, val_losses=self.val_losses, val_loss_sd=self.sd,
+                    val_ppl_per_seed=[round(math.exp(v), 2) for v in self.val_losses])
+
+
+def evaluate_initial_program(settings: Settings, say) -> tuple[NoiseFloor, dict]:
+    """Stage 1, then stage 2 on every seed of the run (ledger first): a broken set-up fails now with
+    its reason, the seeds give the run its noise floor, and the timings calibrate every time limit."""
+    code = INITIAL_PROGRAM.read_text()
+    progress = lambda line: say(f"  {line}")
+    say(f"evaluating the initial program: stage 1, then stage 2 on seed{'s' * (len(settings.seeds) > 1)} "
+        f"{', '.join(map(str, settings.seeds))} (the noise floor)")
+    first = evaluate_stage(code, 1, settings, progress)
+    if not first.passed:
+        raise RunError(f"the initial program fails its own evaluation: {first.artifacts.get('failure')}")
+    losses = []
+    for seed in settings.seeds:
+        evaluation = evaluate_stage(code, 2, settings, progress, seed=seed)
+        if not evaluation.passed:
+            raise RunError(f"the initial program fails its own evaluation (seed {seed}): {evaluation.artifacts.get('failure')}")
+        m = evaluation.metrics
+        losses.append(m["val_loss"])
+        say(f"initial program, seed {seed}: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f} "
+            f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})")
+    floor = NoiseFloor(list(settings.seeds), losses, statistics.stdev(losses) if len(losses) > 1 else None)
+    # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best.
+    return floor, benchmark(code, settings).metrics
+
+
+def expected_seconds_per_child(cal: Calibration, settings: Settings) -> float | None:
+    """One child: stage 1 and stage 2 as the initial program needs them here (contenders add a stage 2
+    per extra seed; that share is measured as the run goes)."""
+    if cal.stage1_seconds is None or cal.stage2_seconds is None:
+        return None
+    return (cal.stage1_seconds + cal.stage2_seconds) / settings.parallel
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 # ---------------------------------------------------------------------------------------------
 # Progress
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete lines of a JSONL file that is being written (a torn last line is skipped)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
-
 
 def child_ppl(metrics: dict | None):
     """A child's val_ppl if it passed evaluation, else None."""
@@ -211,29 +260,58 @@ def child_ppl(metrics: dict | None):
     return metrics.get("val_ppl") if (metrics.get("combined_score") or 0.0) > 0 else None
 
 
-class Progress(threading.Thread):
-    """Tails the evolution trace: one line per finished iteration and a live bar on a terminal."""
+class Best:
+    """The best program as OpenEvolve keeps it: the highest combined_score, the earlier on a tie. With
+    noise-aware scores only a program confirmed on every seed can hold it (see evaluation.benchmark)."""
 
-    def __init__(self, run_dir: Path, first: int, last: int, best: dict | None):
+    def __init__(self, metrics: dict | None, initial_losses: list[float]):
+        self.metrics, self.initial_losses = metrics or {}, initial_losses
+
+    def offer(self, metrics: dict):
+        if (metrics.get("combined_score") or 0) > (self.metrics.get("combined_score") or 0):
+            self.metrics = metrics
+
+    def describe(self) -> str:
+        m = self.metrics
+        if not child_ppl(m):
+            return "no passing program yet"
+        seeds = sorted(int(k.removeprefix("val_loss_seed")) for k in m if k.startswith("val_loss_seed"))
+        if len(seeds) < 2 or len(self.initial_losses) < 2:
+            return f"best val_ppl {m['val_ppl']:.1f}"
+        from .replay import verdict
+        losses = [m[f"val_loss_seed{s}"] for s in seeds]
+        word, p = verdict(losses, self.initial_losses)
+        change = 100 * math.expm1(statistics.fmean(losses) - statistics.fmean(self.initial_losses))  # of the geometric mean ppl
+        p_text = f"p={p:.2g}" if p is not None else "p n/a"
+        return f"best confirmed val_ppl {m['val_ppl']:.1f} ({len(seeds)} seeds, {change:+.2f}% vs initial, {p_text}: {word})"
+
+
+class Progress(threading.Thread):
+    """Tails the evolution trace: one line per finished iteration and a live bar with an ETA."""
+
+    def __init__(self, run_dir: Path, first: int, last: int, best: Best, seconds_per_child: float | None):
         super().__init__(daemon=True)
         from rich.console import Console
-        self.run_dir, self.first, self.last = run_dir, first, last
-        self.best_score, self.best_ppl = (best["combined_score"], best["val_ppl"]) if best else (0.0, None)
+        self.run_dir, self.first, self.last, self.best = run_dir, first, last, best
+        self.estimate = seconds_per_child
         self.console = Console(stderr=True)
         self.seen, self.stop_event, self.started = set(), threading.Event(), time.monotonic()
 
-    def run(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
-        with Bar(TextColumn("[bold]evolve"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                 TextColumn("{task.fields[status]}"), console=self.console, transient=True) as bar:
-            task = bar.add_task("", total=self.last - self.first + 1, status=self._status())
-            while not self.stop_event.wait(1.0):
-                self.poll(lambda line: bar.console.print(line))
-                bar.update(task, completed=len(self.seen), status=self._status())
-            self.poll(lambda line: bar.console.print(line))
+    def eta(self) -> str:
+        remaining = self.last - self.first + 1 - len(self.seen)
+        per_child = (time.monotonic() - self.started) / len(self.seen) if self.seen else self.estimate
+        return f"ETA {hours(per_child * remaining)}" if per_child and remaining else ("ETA ?" if remaining else "")
 
-    def _status(self):
-        return f"best val_ppl {self.best_ppl:.1f}" if self.best_ppl else "no passing child yet"
+    def run(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+        with Bar(TextColumn("[bold]evolve"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[status]}"), console=self.console,
+                 transient=True) as bar:
+            task = bar.add_task("", total=self.last - self.first + 1, eta=self.eta(), status=self.best.describe())
+            while not self.stop_event.wait(1.0):
+                self.poll(lambda line: bar.console.print(line, highlight=False))
+                bar.update(task, completed=len(self.seen), eta=self.eta(), status=self.best.describe())
+            self.poll(lambda line: bar.console.print(line, highlight=False))
 
     def poll(self, emit):
         events = [(r["iteration"], r.get("child_metrics") or {}, r.get("artifacts") or {}, None)
@@ -243,17 +321,16 @@ class Progress(threading.Thread):
             if iteration in self.seen or not self.first <= iteration <= self.last:
                 continue
             self.seen.add(iteration)
-            eta = (time.monotonic() - self.started) / len(self.seen) * (self.last - self.first + 1 - len(self.seen))
             ppl = child_ppl(metrics) if metrics is not None else None
             if ppl is not None:
-                if metrics["combined_score"] > self.best_score:  # OpenEvolve's notion of best
-                    self.best_score, self.best_ppl = metrics["combined_score"], ppl
-                outcome = f"val_ppl {ppl:.1f}"
+                self.best.offer(metrics)
+                seeds = int(metrics.get("seeds") or 1)
+                outcome = f"val_ppl {ppl:.1f} ({seeds} seed{'s' * (seeds > 1)}{', confirmed' * bool(metrics.get('confirmed'))})"
             elif metrics is not None:
                 outcome = f"rejected: {str(artifacts.get('failure', 'score 0'))[:110]}"
             else:
                 outcome = f"no child: {str(error)[:110]}"
-            emit(f"iteration {iteration}/{self.last}: {outcome} | {self._status()} | ETA {eta / 60:.0f} min")
+            emit(f"iteration {iteration}/{self.last}: {outcome} | {self.best.describe()} | {self.eta()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,35 +350,88 @@ class RunOptions:
     device: str | None = None
     corpus: str | None = None
     runner: str | None = None
+    seeds: str | None = None
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM while the run itself (not OpenEvolve) was working."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM raise Stopped here, so any stop ends with a checkpoint (where there is one)
+    and the resume command, never a traceback or a silent exit."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+STOPPED_EXIT = 130  # any stop (Ctrl-C or SIGTERM): what a shell reports for Ctrl-C
+
+
+def resume_line(run_dir: Path) -> str:
+    return f"Resume with: python scripts/evolve.py --resume --output {run_dir}"
 
 
 def _run_dir(options: RunOptions):
     if options.resume:
         run_dir = options.output or newest_run()
-        if run_dir is None or not (Path(run_dir) / "run.json").exists():
+        if run_dir is None or not (Path(run_dir) / rundir.RUN_RECORD).exists():
             raise RunError(f"nothing to resume: {run_dir or OUTPUT_ROOT} holds no run (run.json missing)")
         return Path(run_dir)
     if options.output:
         run_dir = Path(options.output)
-        if (run_dir / "run.json").exists():
+        if (run_dir / rundir.RUN_RECORD).exists():
             raise RunError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --output")
         return run_dir
     return OUTPUT_ROOT / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def _settings(options: RunOptions, previous: dict | None, run_dir: Path) -> Settings:
+    """The run's settings, resolved once: a resume keeps the profile, corpus, seeds and ledger it started with."""
+    before = (previous or {}).get("settings") or {}
+    profile = options.profile or before.get("profile") or (previous or {}).get("profile", {}).get("name")
+    if before and profile != before.get("profile"):
+        raise RunError(f"this run uses the {before.get('profile')} profile; resuming it with {profile} would mix "
+                       f"incomparable scores")
+    seeds = options.seeds or before.get("seeds")
+    if before and options.seeds and [int(s) for s in options.seeds.split(",")] != before.get("seeds"):
+        raise RunError(f"this run confirms on seeds {before.get('seeds')}; resuming it with others would mix scores")
+    try:
+        settings = Settings(profile=profile, corpus=options.corpus or before.get("corpus"),
+                            device=options.device or before.get("device"), runner=options.runner or before.get("runner"),
+                            seeds=seeds, ledger=before.get("ledger") or os.environ.get("PLASA_LEDGER")
+                            or str(run_dir / rundir.LEDGER))
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    settings.noise_aware = len(settings.seeds) > 1
+    return settings
 
 
 def run(options: RunOptions) -> int:
     """Launch or resume a run; returns the process exit code."""
     config, raw_config = load_config(options.config)
     run_dir = _run_dir(options)
-    previous = json.loads((run_dir / "run.json").read_text()) if options.resume else None
-    profile = get_profile(options.profile or (previous["profile"]["name"] if previous else None))
-    if previous and profile.name != previous["profile"]["name"]:
-        raise RunError(f"this run uses the {previous['profile']['name']} profile; resuming it with "
-                       f"{profile.name} would mix incomparable scores")
+    try:
+        previous = rundir.read_run_record(run_dir) if options.resume else None
+    except rundir.RunDirError as e:
+        raise RunError(str(e)) from None
+    settings = _settings(options, previous, run_dir)
+    profile = get_profile(settings.profile)
     total = options.iterations if options.iterations is not None else (
         (previous or {}).get("iterations_total") or config.max_iterations)
     if total < 1:
         raise RunError(f"--iterations must be at least 1, got {total}")
+    if options.target_ppl is not None and options.target_ppl <= 0:
+        raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
 
     same_llm = previous and options.llm in (None, previous["llm"]["mode"])
     choice = choose_llm(options.llm or (previous["llm"]["mode"] if previous else None),
@@ -315,66 +445,92 @@ def run(options: RunOptions) -> int:
     if done >= total:
         print(f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on).")
         return 0
+    try:
+        require_isolation(settings.sandbox)
+    except SandboxUnavailable as e:
+        raise RunError(f"cannot isolate the children: {e}") from None
+    if settings.sandbox != "bwrap":
+        print(f"WARNING: {UNISOLATED_WARNING}", file=sys.stderr)
 
-    corpus_name = options.corpus or (previous["corpus"]["corpus"] if previous else None)  # a resume keeps its corpus
-    corpus = data.prepare_corpus(corpus_name or os.environ.get("PLASA_CORPUS") or "auto",
-                                 log=lambda line: print(line, file=sys.stderr))
+    corpus = corpus_of(settings.corpus)
     if previous and previous["corpus"]["fingerprint"] != corpus.fingerprint:
         raise RunError(f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
                        f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if options.runner:
-        os.environ["PLASA_RUNNER"] = options.runner
-    if os.environ.get("PLASA_RUNNER") == "ray":
+    settings.corpus = corpus.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        Ledger(settings.ledger)
+    except OSError as e:
+        raise RunError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
+    except LedgerError as e:
+        raise RunError(str(e)) from None
+    if settings.runner == "ray":
         from .ray_runner import parallel_evaluations
-        threads = int(os.environ.get("PLASA_THREADS", "2"))
         try:
-            config.evaluator.parallel_evaluations = parallel_evaluations(threads)
+            config.evaluator.parallel_evaluations = parallel_evaluations(settings.threads)
         except (ConnectionError, OSError, subprocess.SubprocessError) as e:
             raise RunError(str(e))
-        print(f"ray: {config.evaluator.parallel_evaluations} evaluations at once on the cluster "
-              f"({threads} CPUs each, or one GPU each where the cluster has GPUs)", file=sys.stderr)
-    # The evaluator reads these in OpenEvolve's worker processes (they inherit the environment).
-    # A ledger given in $PLASA_LEDGER is shared between runs; by default each run has its own.
-    os.environ.update(PLASA_PROFILE=profile.name, PLASA_CORPUS=corpus.name,
-                      PLASA_PARALLEL=str(config.evaluator.parallel_evaluations))
-    os.environ.setdefault("PLASA_LEDGER", (previous or {}).get("ledger") or str(run_dir / "ledger.sqlite"))
-    if options.device:
-        os.environ["PLASA_DEVICE"] = options.device
-    if options.target_ppl is not None and options.target_ppl <= 0:
-        raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
+        print(f"ray: {config.evaluator.parallel_evaluations} evaluations at once on the cluster", file=sys.stderr)
+    settings.parallel = config.evaluator.parallel_evaluations
+    settings.threads = settings.threads_for(settings.parallel)
+    os.environ.update(settings.to_env())  # OpenEvolve's worker processes call the evaluator with these
 
+    if options.resume:
+        lost = discard_unsaved_iterations(run_dir, done)
+        where = (f"checkpoint_{done} (iteration {done} of {total})" if checkpoint else
+                 "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger")
+        print(f"resuming {run_dir} from {where}" + (f"; {lost} record(s) of iterations after it moved to {TRACE_LOST} "
+                                                   f"(their checkpoint was never written)" if lost else ""), file=sys.stderr)
     record = previous or dict(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumes=[])
     record.update(command=" ".join(sys.argv), config=raw_config, config_path=str(options.config),
                   versions=_versions(), corpus=dict(corpus.summary()), profile=profile.as_dict(),
                   llm=dict(mode=choice.mode, models=choice.models, api_base=choice.api_base, note=choice.note),
-                  iterations_total=total, target_ppl=options.target_ppl, ledger=os.environ["PLASA_LEDGER"])
-    if checkpoint:
+                  iterations_total=total, target_ppl=options.target_ppl, ledger=settings.ledger,
+                  settings=settings.record(),
+                  sandbox=dict(isolation=settings.sandbox) if settings.sandbox == "bwrap" else
+                  dict(isolation=settings.sandbox, warning=UNISOLATED_WARNING))
+    if options.resume:
         record["resumes"].append(dict(at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                      checkpoint=str(checkpoint[0]), iteration=done))
+                                      checkpoint=str(checkpoint[0]) if checkpoint else None, iteration=done))
     write_run_json(run_dir, record)
-    print(f"run: {run_dir} | profile {profile.name} | {choice.note} | corpus {corpus.name} "
-          f"({corpus.fingerprint[:12]}) | iterations {done + 1}..{total}", file=sys.stderr)
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    say(f"run: {run_dir} | profile {profile.name} | {choice.note} | corpus {corpus.name} ({corpus.fingerprint[:12]}) "
+        f"| iterations {done + 1}..{total} | seeds {', '.join(map(str, settings.seeds))}")
 
-    if checkpoint:  # the best so far, for the progress line
-        info = checkpoint[0] / "best_program_info.json"
-        seed_metrics = json.loads(info.read_text()).get("metrics") if info.exists() else None
-    else:
-        seed_metrics = _evaluate_initial_program()
-    return _evolve(config, run_dir, checkpoint, done, total, options.target_ppl, seed_metrics)
+    try:
+        with stop_on_signals():
+            floor, initial_metrics = evaluate_initial_program(settings, say)
+    except Stopped as e:
+        say(f"stopped ({e}) while evaluating the initial program, before iteration {done + 1}; its finished "
+            f"evaluations are in the ledger. {resume_line(run_dir)}")
+        return STOPPED_EXIT
+    cal = calibration(settings, Ledger(settings.ledger), corpus.fingerprint)
+    per_child = expected_seconds_per_child(cal, settings)
+    record.update(noise_floor=floor.record(), calibration=cal.record(profile, profile.val_windows),
+                  expected_seconds_per_child=per_child)
+    write_run_json(run_dir, record)
+    if floor.sd is not None:
+        say(f"noise floor: val_loss sd {floor.sd:.4f} over seeds {', '.join(map(str, floor.seeds))} (val_ppl "
+            f"{', '.join(f'{math.exp(v):.1f}' for v in floor.val_losses)}); a child whose first seed comes within "
+            f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win")
+    limits = cal.record(profile, profile.val_windows)["limits_seconds"]
+    say(f"time limits: {cal.multiple:g}x the initial program's time here: stage 1 {limits['stage1']:.0f} s, "
+        f"stage 2 {limits['stage2']:.0f} s (PLASA_TIME_LIMIT sets the multiple)")
+    if per_child:
+        say(f"{total - done} iteration(s): about {hours(per_child * (total - done))} here "
+            f"({per_child / 60:.1f} min per child; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min)")
+    best = Best(_best_so_far(checkpoint) or initial_metrics, floor.val_losses)
+    return _evolve(config, run_dir, checkpoint, done, total, options.target_ppl, best, per_child, settings)
 
 
-def _evaluate_initial_program():
-    """Evaluate the seed ourselves first (OpenEvolve then finds it in the ledger): a broken set-up
-    fails now, with its reason, and the longest single wait shows progress."""
-    print("evaluating the initial program (stage 1, then stage 2)...", file=sys.stderr)
-    evaluation = evaluate_file(INITIAL_PROGRAM, "all", Settings(),
-                               on_line=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
-    if not evaluation.passed:
-        raise RunError(f"the initial program fails its own evaluation: {evaluation.artifacts.get('failure')}")
-    m = evaluation.metrics
-    print(f"initial program: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f}", file=sys.stderr)
-    return m
+def _best_so_far(checkpoint) -> dict | None:
+    """OpenEvolve's best at the checkpoint we resume from."""
+    if checkpoint:
+        try:
+            return json.loads((checkpoint[0] / "best_program_info.json").read_text()).get("metrics")
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def _construct_quietly(*args, **kwargs):
@@ -390,20 +546,27 @@ def _construct_quietly(*args, **kwargs):
     return controller
 
 
-def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl, seed_metrics) -> int:
+def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl, best: Best, per_child,
+            settings: Settings) -> int:
     from openevolve.controller import EvolutionFailedError
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stopped = False
     controller = _construct_quietly(str(INITIAL_PROGRAM), str(EVALUATOR), config, output_dir=str(run_dir))
-    progress = Progress(run_dir, done + 1, total, seed_metrics)
-    progress.start()
+    progress = Progress(run_dir, done + 1, total, best, per_child)
     target = 1.0 / target_ppl if target_ppl else None
-    failed = None
+    failed, started = None, time.time()
+    progress.start()
     try:
-        asyncio.run(controller.run(iterations=total - done, target_score=target,
-                                   checkpoint_path=str(checkpoint[0]) if checkpoint else None))
+        # Until OpenEvolve installs its own graceful handlers, a stop is ours (Stopped); its second
+        # Ctrl-C calls sys.exit(0): both end below with a checkpoint and the resume line.
+        with stop_on_signals():
+            asyncio.run(controller.run(iterations=total - done, target_score=target,
+                                       checkpoint_path=str(checkpoint[0]) if checkpoint else None))
     except EvolutionFailedError as e:
         failed = str(e)
+    except (Stopped, KeyboardInterrupt, SystemExit):
+        stopped = True
     finally:
         signal.signal(signal.SIGINT, handlers[0])  # OpenEvolve leaves its handlers installed
         signal.signal(signal.SIGTERM, handlers[1])
@@ -411,25 +574,49 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
         progress.join(10)
 
     reached = controller.database.last_iteration
-    best = controller.database.get_best_program()
-    best_metrics = best.metrics if best else {}
     finished = {r["iteration"] for name in (TRACE, TRACE_FAILURES) for r in read_jsonl(run_dir / name)}
     missing = set(range(done + 1, total + 1)) - finished  # every finished iteration leaves a trace line
+    best_program = controller.database.get_best_program()
+    best_metrics = best_program.metrics if best_program else {}
     target_hit = bool(target and best_metrics.get("combined_score", 0) >= target)
-    if missing and not target_hit and failed is None:  # stopped by Ctrl-C or SIGTERM
-        controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
-        print(f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / 'checkpoints'}. "
-              f"Resume with: python scripts/evolve.py --resume --output {run_dir}", file=sys.stderr)
-        return 130
+    time_line = _time_accounting(run_dir, settings, started, done, reached)
+    if (missing or stopped) and not target_hit and failed is None:  # stopped by Ctrl-C or SIGTERM
+        with contextlib.suppress(Exception):
+            controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
+        print(f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / rundir.CHECKPOINTS}. "
+              f"{resume_line(run_dir)}", file=sys.stderr)
+        return STOPPED_EXIT
 
-    children = [r for r in read_jsonl(run_dir / TRACE)]
+    children = read_jsonl(run_dir / TRACE)
     passed = [r for r in children if child_ppl(r.get("child_metrics")) is not None]
     if failed or not passed:
         last = next((r.get("artifacts", {}).get("failure") for r in reversed(children)
                      if (r.get("artifacts") or {}).get("failure")), None)
         raise RunError(failed or f"no child could be evaluated: {len(children)} children, none passed"
                        + (f"; last failure: {last}" if last else ""))
-    ppl = best_metrics.get("val_ppl")
-    print(f"done: iteration {reached} of {total}; {len(passed)} of {len(children)} children passed; best val_ppl "
-          f"{ppl:.1f} ({run_dir / 'best' / 'best_program.py'})", file=sys.stderr)
+    summary = Best(best_metrics, best.initial_losses).describe()
+    print(f"done: iteration {reached} of {total}; {len(passed)} of {len(children)} children passed; {summary} "
+          f"({run_dir / rundir.BEST_PROGRAM})", file=sys.stderr)
+    print(time_line, file=sys.stderr)
     return 0
+
+
+def _time_accounting(run_dir: Path, settings: Settings, started: float, done: int, reached: int) -> str:
+    """Where this session's wall time went, per evaluation slot: waiting on the LLM, evaluating, the rest
+    (OpenEvolve's own work, ledger answers, idle slots). Recorded in run.json."""
+    wall = max(1e-9, time.time() - started)
+    slots = wall * max(1, settings.parallel)
+    evaluating = sum(r["seconds"] for r in Ledger(settings.ledger).rows() if r["created_at"] >= started)
+    llm = sum(float(r.get("seconds") or 0) for r in read_jsonl(run_dir / rundir.LLM_RESPONSES)
+              if done < int(r.get("iteration") or 0) <= reached)
+    shares = dict(llm=min(1.0, llm / slots), evaluations=min(1.0, evaluating / slots))
+    shares["idle_or_other"] = max(0.0, 1.0 - shares["llm"] - shares["evaluations"])
+    with contextlib.suppress(Exception):
+        record = rundir.read_run_record(run_dir) or {}
+        record.setdefault("time_accounting", []).append(dict(wall_seconds=round(wall, 1), parallel=settings.parallel,
+                                                             llm_seconds=round(llm, 1), evaluation_seconds=round(evaluating, 1),
+                                                             shares={k: round(v, 3) for k, v in shares.items()}))
+        write_run_json(run_dir, record)
+    limit = "the LLM" if shares["llm"] > shares["evaluations"] else "the evaluations"
+    return (f"time: {hours(wall)} wall, {settings.parallel} evaluation slot(s): {shares['llm']:.0%} waiting on the LLM, "
+            f"{shares['evaluations']:.0%} evaluating, {shares['idle_or_other']:.0%} idle or other; {limit} limited this run")

@@ -65,8 +65,7 @@ class Settings:
             if getattr(self, name) not in CHOICES[name]:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(CHOICES[name])}")
         self.parallel = max(1, int(self.parallel or env("PLASA_PARALLEL") or 1))
-        default_threads = 2 if self.runner == "ray" else max(1, (os.cpu_count() or 1) // self.parallel)
-        self.threads = max(1, int(self.threads or env("PLASA_THREADS") or default_threads))
+        self.threads = max(1, int(self.threads or env("PLASA_THREADS") or self.threads_for(self.parallel)))
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)
@@ -81,6 +80,13 @@ class Settings:
             self.noise_aware = env("PLASA_NOISE_AWARE", "0") not in ("", "0", "false")
         if self.confirm_margin is None:
             self.confirm_margin = float(env("PLASA_CONFIRM_MARGIN") or DEFAULT_CONFIRM_MARGIN)
+
+    def threads_for(self, parallel: int) -> int:
+        """Threads per evaluation: $PLASA_THREADS, else on a Ray cluster 2 (the CPUs a task asks of a
+        node), else this machine's cores shared by the evaluations running at once."""
+        if os.environ.get("PLASA_THREADS"):
+            return max(1, int(os.environ["PLASA_THREADS"]))
+        return 2 if self.runner == "ray" else max(1, (os.cpu_count() or 1) // max(1, parallel))
 
     def to_env(self) -> dict:
         """The variables that give OpenEvolve's worker processes these settings."""

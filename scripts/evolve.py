@@ -1,7 +1,7 @@
 """Launch or resume an evolution run of the PLASA program (see README).
 
     python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile full|quick|smoke]
-                             [--output DIR] [--resume] [--target-ppl X]
+                             [--output DIR] [--resume] [--target-ppl X] [--seeds 42,43,44]
 """
 
 import argparse
@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from plasa_lab.evolution import RunError, RunOptions, run
+from plasa_lab.ledger import LedgerError
+from plasa_lab.tokens import CorpusError
+from plasa_lab.util import first_line
 
 
 def main(argv=None):
@@ -27,6 +30,8 @@ def main(argv=None):
     parser.add_argument("--config", type=Path, default=RunOptions.config)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where children train (default: auto)")
     parser.add_argument("--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: auto)")
+    parser.add_argument("--seeds", help="training seeds of the noise floor and of confirmation, comma-separated "
+                                        "(default 42,43,44; a single seed turns noise-aware fitness off)")
     parser.add_argument("--runner", choices=["local", "ray"],
                         help="where evaluations run: local subprocesses or a Ray cluster at $RAY_ADDRESS "
                              "(default: $PLASA_RUNNER or local)")
@@ -35,6 +40,9 @@ def main(argv=None):
         return run(RunOptions(**vars(args)))
     except (RunError, ValueError) as e:
         print(f"evolve.py: error: {e}", file=sys.stderr)
+        return 1
+    except (LedgerError, CorpusError, OSError) as e:  # the machine's problem, in one line all the same
+        print(f"evolve.py: error: {first_line(e)}", file=sys.stderr)
         return 1
 
 
