@@ -100,7 +100,7 @@ def describe_validation(profile, whole: bool) -> str:
 
 DEFAULT_STAGE1_SECONDS = 300.0  # before anything is measured: generous for a loaded 2-core machine
 DEFAULT_SECONDS_PER_STEP = 1.5  # likewise (about 0.3 s here when idle, far less on a GPU)
-LIMIT_FLOOR_SECONDS = 60.0  # process start-up alone can take seconds on a busy machine
+LIMIT_FLOOR_SECONDS = 30.0  # starting three sandboxed processes alone takes seconds on a busy machine
 
 
 @dataclass
@@ -272,9 +272,16 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
         if on_line and others:
             on_line(f"contender: seed {settings.seed} val_loss {loss:.4f} against the best confirmed mean "
                     f"{'none' if best is None else f'{best:.4f}'}: confirming on seeds {', '.join(map(str, others))}")
-        at_once = len(others) if gpu_device_nodes() and settings.device != "cpu" else 1  # CPU: the cores are taken
-        with ThreadPoolExecutor(max_workers=max(1, at_once)) as pool:
-            confirmations = dict(zip(others, pool.map(lambda s: evaluate_stage(code, 2, settings, on_line, seed=s), others)))
+        confirm = lambda s: evaluate_stage(code, 2, settings, on_line, seed=s)
+        if gpu_device_nodes() and settings.device != "cpu":  # a GPU has room for the seeds side by side
+            with ThreadPoolExecutor(max_workers=len(others)) as pool:
+                confirmations = dict(zip(others, pool.map(confirm, others)))
+        else:  # on CPU the cores are taken: one after the other, stopping at the first failure
+            confirmations = {}
+            for s in others:
+                confirmations[s] = confirm(s)
+                if not confirmations[s].passed:
+                    break
         failed = next(((s, e) for s, e in confirmations.items() if not e.passed), None)
         if failed:
             failure = f"{failed[1].artifacts.get('failure', 'failed')} (confirmation seed {failed[0]})"

@@ -153,6 +153,35 @@ def test_endless_loop_times_out_and_every_process_is_gone():
     assert result.retry_later and time.monotonic() - start < 30
 
 
+def test_time_limits_are_multiples_of_the_reference_programs_measured_time():
+    from plasa_lab.constants import get_profile
+    from plasa_lab.evaluation import Calibration
+    smoke_profile = get_profile("smoke")
+    fast, slow = Calibration(3, stage1_seconds=12, step_seconds=0.3), Calibration(3, stage1_seconds=40, step_seconds=1.2)
+    assert fast.limit(1, smoke_profile, 8)[0] == 36 and slow.limit(1, smoke_profile, 8)[0] == 120
+    assert slow.limit(2, smoke_profile, 8)[0] > fast.limit(2, smoke_profile, 8)[0]  # stage 2 from stage 1's speed
+    measured = Calibration(3, stage1_seconds=12, step_seconds=0.3, stage2_seconds=50)
+    assert measured.limit(2, smoke_profile, 8) == (150, "3x the initial program's time here (50 s)")
+    assert Calibration(3).limit(1, smoke_profile, 8)[1].startswith("the default limit")
+    assert Calibration(3, stage1_seconds=1).limit(1, smoke_profile, 8)[0] == 30  # a floor for start-up
+
+
+def test_a_slow_machine_gets_limits_from_the_slow_programs_own_measured_time(tmp_path):
+    """A slowed machine, simulated by a slow reference program (it computes for seconds when imported,
+    in each of its three processes): the limit a looping child meets is 1.5x what the reference
+    measurably took here, and the failure line says so."""
+    slow = at_import("SLOW = sum(i * i for i in range(3_000_000))")
+    settings = Settings(profile="smoke", ledger=str(tmp_path / "l.sqlite"), time_limit=1.5, time_reference=slow)
+    reference = evaluate_code(slow, 1, settings)
+    assert reference.passed, reference.artifacts
+    start = time.monotonic()
+    looping = evaluate_code(at_import("while True:\n    pass"), 1, settings)
+    took = time.monotonic() - start
+    limit = max(30.0, 1.5 * reference.seconds)
+    assert_rejected(looping, f"took more than 1.5x the initial program's time here ({reference.seconds:.0f} s)")
+    assert limit - 1 <= took <= limit + 15
+
+
 def test_memory_bomb_hits_the_memory_limit_quickly(tmp_path):
     settings = Settings(profile="smoke", memory_gb=3, ledger=str(tmp_path / "l.sqlite"))
     bomb = "BOMB = [torch.ones(1 << 27) for _ in range(1000)]"  # 512 MiB each

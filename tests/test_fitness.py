@@ -1,0 +1,145 @@
+"""Noise-aware fitness: what a run's "best" means, from real ledger rows.
+
+Most tests write the per-seed rows into a real SQLite ledger and let the real pipeline answer from
+it (static checks, corpus, ledger lookup, confirmation, aggregate): the decisions are exact and
+nothing trains. One test trains, to show that common random numbers hold in the worker itself.
+"""
+
+import math
+
+import pytest
+import torch
+
+from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.constants import HARNESS_VERSION
+from plasa_lab.evaluation import CONFIDENCE_Z, benchmark, corpus_of, failure_metrics, passed_metrics
+from plasa_lab.ledger import Key, Ledger, code_key, code_sha256
+from plasa_lab.settings import Settings
+
+SOURCE = INITIAL_PROGRAM.read_text()
+SEEDS = (42, 43, 44)
+INITIAL_LOSSES = {42: 6.30, 43: 6.34, 44: 6.26}  # sd 0.04
+SD = 0.04
+
+
+def child(weight="0.2"):
+    """A program that differs from the initial one (another indexer loss weight)."""
+    return SOURCE.replace("INDEXER_LOSS_WEIGHT = 0.1", f"INDEXER_LOSS_WEIGHT = {weight}", 1)
+
+
+def record(ledger, code, losses: dict, passed=True):
+    fingerprint = corpus_of("auto").fingerprint
+    for seed, loss in losses.items():
+        key = Key(code_key(code), 2, "smoke", seed, fingerprint, HARNESS_VERSION)
+        measured = dict(val_loss=loss, val_ppl=math.exp(loss), val_acc=0.2, train_loss=loss, density=0.6,
+                        indexer_params=83968.0, nonembed_params=1526912.0, train_seconds=1.0)
+        metrics = passed_metrics(measured, 2) if passed else failure_metrics(measured)
+        ledger.put(key, code_sha256(code), metrics, {} if passed else {"failure": "stage 2: broken"}, 1.0)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A noise-aware run's settings and ledger, with the initial program's noise floor recorded."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    record(ledger, SOURCE, INITIAL_LOSSES)
+    settings = Settings(profile="smoke", ledger=str(ledger.path), seeds=SEEDS, noise_aware=True, confirm_margin=0.0)
+    return settings, ledger
+
+
+def trained_seeds(ledger, code):
+    return sorted(r["seed"] for r in ledger.rows() if r["code_key"] == code_key(code))
+
+
+def test_initial_program_is_scored_over_its_seeds_with_the_confidence_penalty(run):
+    settings, ledger = run
+    m = benchmark(SOURCE, settings).metrics
+    mean = sum(INITIAL_LOSSES.values()) / 3
+    assert m["confirmed"] == 1.0 and m["seeds"] == 3.0
+    assert m["val_loss"] == pytest.approx(mean) and m["noise_sd"] == pytest.approx(SD)
+    assert m["combined_score"] == pytest.approx(math.exp(-(mean + CONFIDENCE_Z * SD / math.sqrt(3))))
+    assert {s: m[f"val_loss_seed{s}"] for s in SEEDS} == INITIAL_LOSSES
+
+
+def test_a_contender_is_confirmed_on_every_seed_from_the_ledgers_rows(run):
+    settings, ledger = run
+    code = child()
+    record(ledger, code, {42: 6.25, 43: 6.31, 44: 6.28})  # first seed below the best mean 6.30: a contender
+    m = benchmark(code, settings).metrics
+    assert m["confirmed"] == 1.0 and m["seeds"] == 3.0
+    assert m["val_loss"] == pytest.approx((6.25 + 6.31 + 6.28) / 3)  # the aggregate of the ledger's rows
+    assert [m[f"val_loss_seed{s}"] for s in SEEDS] == [6.25, 6.31, 6.28]
+
+
+def test_a_poor_child_is_not_confirmed_and_pays_its_single_seed_noise_in_full(run):
+    settings, ledger = run
+    code = child()
+    record(ledger, code, {42: 6.50})  # well above the best confirmed mean: not a contender
+    evaluation = benchmark(code, settings)
+    m = evaluation.metrics
+    assert m["confirmed"] == 0.0 and m["seeds"] == 1.0 and "not a contender" in evaluation.artifacts["confirmation"]
+    assert m["combined_score"] == pytest.approx(math.exp(-(6.50 + CONFIDENCE_Z * SD)))
+    assert trained_seeds(ledger, code) == [42]  # nothing else was trained
+
+
+def test_one_lucky_seed_cannot_replace_a_confirmed_best(run):
+    settings, ledger = run
+    best = benchmark(SOURCE, settings).metrics
+    lucky = child("0.3")
+    record(ledger, lucky, {42: 6.22, 43: 6.36, 44: 6.35})  # seed 42 two sds lucky; its mean is worse
+    m = benchmark(lucky, settings).metrics
+    assert m["confirmed"] == 1.0 and m["combined_score"] < best["combined_score"]
+
+
+def test_no_unconfirmed_child_can_outrank_the_confirmed_best(run):
+    """Whatever its first seed, a child that is not a contender scores below the best confirmed."""
+    settings, ledger = run
+    best = benchmark(SOURCE, settings).metrics
+    for i, loss in enumerate([6.301, 6.35, 6.5, 7.0]):  # every non-contender first seed (margin 0)
+        code = child(f"0.{i + 5}")
+        record(ledger, code, {42: loss})
+        m = benchmark(code, settings).metrics
+        assert m["confirmed"] == 0.0 and m["combined_score"] < best["combined_score"]
+
+
+def test_a_child_failing_a_confirmation_seed_fails(run):
+    settings, ledger = run
+    code = child()
+    record(ledger, code, {42: 6.20})
+    record(ledger, code, {43: 6.30}, passed=False)
+    evaluation = benchmark(code, settings)
+    assert evaluation.metrics["combined_score"] == 0.0 and "confirmation seed 43" in evaluation.artifacts["failure"]
+
+
+def test_without_a_noise_floor_the_first_seed_is_the_score(tmp_path):
+    settings = Settings(profile="smoke", ledger=str(tmp_path / "l.sqlite"), seeds=SEEDS, noise_aware=True)
+    ledger = Ledger(settings.ledger)
+    code = child()
+    record(ledger, code, {42: 6.4})
+    m = benchmark(code, settings).metrics
+    assert m["val_loss"] == 6.4 and "confirmed" not in m
+
+
+def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_program(tmp_path, monkeypatch):
+    """Common random numbers: two programs whose initialisations draw different amounts of
+    randomness see the same batches in the same order, the same dropout masks and the same windows."""
+    from plasa_lab import worker
+    from plasa_lab.tokens import train_batches, val_windows
+    monkeypatch.chdir(tmp_path)  # the worker writes program.py into its folder
+    corpus = corpus_of("auto")
+    greedy = SOURCE.replace("def init_indexer(indexer, layer):\n",
+                            "def init_indexer(indexer, layer):\n    torch.randn(12345 * (layer + 1))\n", 1)
+    seen = {}
+    for name, code in (("initial", SOURCE), ("greedy", greedy)):
+        _, model, device, _ = worker.build(dict(code=code, seed=42, device="cpu"))
+        batches, masks = [], []
+
+        def recorded(it):
+            for batch in it:
+                batches.append(batch.clone())
+                yield batch
+        model.blocks[1].dropout.register_forward_hook(lambda m, i, out: masks.append((out == 0).clone()))
+        worker.train(model, recorded(train_batches(corpus.train, 2, 128, 42)), 2, device, 42)
+        seen[name] = (batches, masks)
+    assert all(torch.equal(a, b) for a, b in zip(seen["initial"][0], seen["greedy"][0])) and len(seen["initial"][0]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(seen["initial"][1], seen["greedy"][1])) and seen["initial"][1]
+    assert torch.equal(val_windows(corpus.val, 8, 128), val_windows(corpus.val, 8, 128))
