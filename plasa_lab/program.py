@@ -71,9 +71,9 @@ def load_program(path: str | Path):
     return module
 
 
-# The seed's named schedules, as the one line of `layer_k_schedule` that sets k (depth is the
-# layer's relative depth (i + 0.5) / n). The initial program uses PROGRESSIVE_SPARSE; replay's
-# baselines and the tests make the others from it.
+# The seed's named schedules, as the expression that gives a layer's k from its relative depth
+# (i + 0.5) / n. The initial program uses PROGRESSIVE_SPARSE; replay's baselines (DENSE, UNIFORM)
+# and the tests make the others with `with_schedule`.
 SCHEDULE_RULES = {
     "PROGRESSIVE_SPARSE": "seq_len if depth < 1 / 3 else seq_len // 4 if depth < 2 / 3 else seq_len // 2",
     "AGGRESSIVE_MIDDLE": "seq_len if depth < 1 / 4 else seq_len // 8 if depth < 3 / 4 else seq_len // 2",
@@ -82,11 +82,28 @@ SCHEDULE_RULES = {
     "UNIFORM": "seq_len // 2",
     "DENSE": "seq_len",
 }
+SCHEDULE_BLOCK = "k_schedule"
 
 
 def with_schedule(code: str, name: str) -> str:
-    """The program with another named schedule: its `k = <PROGRESSIVE_SPARSE rule>` line replaced."""
-    line = f"        k = {SCHEDULE_RULES['PROGRESSIVE_SPARSE']}\n"
-    if code.count(line) != 1:
-        raise ValueError(f"the program has no line {line.strip()!r} to make the {name} schedule from")
-    return code.replace(line, f"        k = {SCHEDULE_RULES[name]}\n")
+    """The program with another named schedule: only the k_schedule block changes; its comment lines
+    (what may change, what must hold) stay, its code becomes one layer_k_schedule with that rule.
+    Works on any program with that block (a run's own, older initial program too); raises
+    BlockError when there is none."""
+    outside, blocks = split_blocks(code)
+    names = [b.name for b in blocks]
+    if names.count(SCHEDULE_BLOCK) != 1:
+        raise BlockError(f"the program has no EVOLVE-BLOCK {SCHEDULE_BLOCK!r} to make the {name} schedule from")
+    bodies = [b.body for b in blocks]
+    lines = bodies[names.index(SCHEDULE_BLOCK)].splitlines(keepends=True)
+    comments = lines[:next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
+    bodies[names.index(SCHEDULE_BLOCK)] = "".join(comments) + (
+        f"def layer_k_schedule(n_layers, seq_len):\n"
+        f'    """{name}: layer i sits at relative depth (i + 0.5) / n_layers."""\n'
+        f"    ks = []\n"
+        f"    for i in range(n_layers):\n"
+        f"        depth = (i + 0.5) / n_layers\n"
+        f"        k = {SCHEDULE_RULES[name]}\n"
+        f"        ks.append(max(1, min(seq_len, k)))\n"
+        f"    return ks\n")
+    return "".join(segment + body for segment, body in zip(outside, bodies + [""]))

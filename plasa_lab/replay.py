@@ -21,17 +21,17 @@ from pathlib import Path
 
 from . import INITIAL_PROGRAM, rundir
 from .constants import PPL_CAP, get_profile
-from .evaluation import Settings, describe_validation, evaluate_code
+from .evaluation import describe_validation, evaluate_code
 from .ledger import code_sha256
-from .program import BlockError, split_blocks
+from .settings import Settings
+from .program import SCHEDULE_RULES, BlockError, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
 from .util import atomic_write
 
 VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
 ALPHA = 0.05
 DEFAULT_SEEDS = (42, 43, 44)
-SCHEDULE_BLOCK = "k_schedule"
-BASELINE_K = {"DENSE": "seq_len", "UNIFORM": "seq_len // 2"}  # the k of every layer in each baseline
+BASELINES = ("DENSE", "UNIFORM")  # named schedules (program.SCHEDULE_RULES) with one k in every layer
 VERDICT_RULE = (
     f"Welch's t-test (unequal variances, two-sided) on val_loss = log(val_ppl) over the seeds, each program "
     f"against the initial program: p < {ALPHA} and a lower mean loss -> `better beyond noise`; p < {ALPHA} and a "
@@ -84,33 +84,19 @@ class Plan:
 # What to replay
 
 def schedule_variant(code: str, schedule: str) -> str:
-    """The initial program with the same k in every layer (DENSE: every key; UNIFORM: half): a
-    baseline. Only the k_schedule block changes: its comment lines stay, its code becomes one
-    layer_k_schedule that returns BASELINE_K[schedule] for every layer."""
+    """The initial program with the same k in every layer (DENSE: every key; UNIFORM: half): a baseline."""
     try:
-        outside, blocks = split_blocks(code)
+        return with_schedule(code, schedule)
     except BlockError as e:
         raise ReplayError(f"cannot make the {schedule} baseline: {e}") from None
-    names = [b.name for b in blocks]
-    if names.count(SCHEDULE_BLOCK) != 1:
-        raise ReplayError(f"the initial program has no EVOLVE-BLOCK {SCHEDULE_BLOCK!r} to make the {schedule} baseline from")
-    k = BASELINE_K[schedule]
-    bodies = [b.body for b in blocks]
-    lines = bodies[names.index(SCHEDULE_BLOCK)].splitlines(keepends=True)
-    comments = lines[:next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
-    bodies[names.index(SCHEDULE_BLOCK)] = "".join(comments) + (
-        f"def layer_k_schedule(n_layers, seq_len):\n"
-        f'    """{schedule} baseline: k = {k} in every layer."""\n'
-        f"    return [{k}] * n_layers\n")
-    return "".join(segment + body for segment, body in zip(outside, bodies + [""]))
 
 
 def reference_candidates(initial_code: str, source: str, baselines: bool) -> list[Candidate]:
     refs = [Candidate("initial", "initial", initial_code, source)]
     if baselines:
         refs += [Candidate(s, "baseline", schedule_variant(initial_code, s),
-                           f"initial program with k = {BASELINE_K[s]} in every layer", uniform=True)
-                 for s in BASELINE_K]
+                           f"initial program with k = {SCHEDULE_RULES[s]} in every layer", uniform=True)
+                 for s in BASELINES]
     return refs
 
 

@@ -19,7 +19,8 @@ import yaml
 from fake_llm_server import FakeLLMServer, outside_edit_reply
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
-from plasa_lab.evolution import latest_checkpoint, read_jsonl, unknown_config_keys
+from plasa_lab.evolution import unknown_config_keys
+from plasa_lab.rundir import latest_checkpoint, read_jsonl
 from plasa_lab.mutator import OfflineMutator, format_diff, parent_program, propose_edits
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -102,8 +103,8 @@ def test_offline_mutator_edits_only_inside_blocks_with_valid_diffs():
         assert len(extract_diffs(diff)) == len(edits) >= 1
         child = apply_diff(SOURCE, diff)
         assert child != SOURCE and static_violation(child, SOURCE) is None
-    assert kinds == {"indexer loss weight", "indexer heads / head size", "index score activation",
-                     "named schedule", "schedule rule", "indexer init scale"}
+    assert kinds == {"indexer loss weight", "indexer heads", "indexer head size", "index score activation",
+                     "schedule rule", "indexer init scale"}
 
 
 def test_offline_mutator_schedule_entries_stay_within_1_and_L():
@@ -154,57 +155,134 @@ def wait_for(condition, timeout, what):
         time.sleep(0.5)
 
 
+def worker_processes():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"plasa_lab.worker" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def ledger_runs(ledger):
+    with sqlite3.connect(ledger) as db:
+        return db.execute("SELECT runs FROM evaluations").fetchall()
+
+
+def assert_trace_agrees_with_the_checkpoint(run_dir, total):
+    """One trace record per iteration 1..total, the population holds exactly the passing children and
+    the initial program, and inspect_run.py counts the same."""
+    children = read_jsonl(run_dir / "evolution_trace.jsonl")
+    failures = read_jsonl(run_dir / "evolution_trace_failures.jsonl")
+    iterations = sorted([r["iteration"] for r in children] + [r["iteration"] for r in failures])
+    assert iterations == list(range(1, total + 1))
+    checkpoint, reached = latest_checkpoint(run_dir)
+    assert reached == total
+    population = {p.stem for p in (checkpoint / "programs").glob("*.json")}
+    assert {r["child_id"] for r in children if r["child_metrics"]["combined_score"] > 0} <= population
+    report = subprocess.run([sys.executable, "scripts/inspect_run.py", str(run_dir), "--json", str(run_dir / "t.json")],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert {p["id"] for p in json.loads((run_dir / "t.json").read_text())} == population
+
+
 def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(tmp_path, shared_ledger):
     run_dir = tmp_path / "run"
-    proc = evolve("--iterations", "3", "--llm", "offline", "--output", str(run_dir), ledger=shared_ledger, wait=False)
+    proc = evolve("--iterations", "3", "--llm", "offline", "--seeds", "42,43", "--output", str(run_dir),
+                  ledger=shared_ledger, wait=False)
     try:
-        wait_for(lambda: latest_checkpoint(run_dir) is not None, 300, "the first checkpoint")
+        wait_for(lambda: latest_checkpoint(run_dir) is not None, 420, "the first checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # a hard kill: no chance to clean up
         output = proc.communicate()[0]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["llm"]["mode"] == "offline" and "offline mutator" in record["llm"]["note"]
     assert record["profile"]["name"] == "smoke" and record["corpus"]["fingerprint"] and record["versions"]["openevolve"]
-    assert "offline mutator" in output
+    assert record["noise_floor"]["seeds"] == [42, 43] and record["noise_floor"]["val_loss_sd"] is not None
+    assert record["calibration"]["stage1_seconds"] > 0 and record["sandbox"] == {"isolation": "bwrap"}
+    assert record["settings"]["seeds"] == [42, 43] and record["settings"]["noise_aware"] is True
+    assert "offline mutator" in output and "noise floor: val_loss sd" in output and "iteration(s): about" in output
     killed_at = latest_checkpoint(run_dir)[1]
     assert 1 <= killed_at < 3
 
     resumed = evolve("--resume", "--output", str(run_dir), "--iterations", "3", ledger=shared_ledger)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert latest_checkpoint(run_dir)[1] == 3
-    assert (run_dir / "best" / "best_program.py").exists()
+    assert f"resuming {run_dir} from checkpoint_{killed_at}" in resumed.stderr
     assert json.loads((run_dir / "run.json").read_text())["resumes"][0]["iteration"] == killed_at
+    assert_trace_agrees_with_the_checkpoint(run_dir, 3)
     children = read_jsonl(run_dir / "evolution_trace.jsonl")
-    assert {r["iteration"] for r in children} == {1, 2, 3}
-    assert all(r["child_metrics"]["combined_score"] > 0 for r in children)
+    assert all(r["child_metrics"]["combined_score"] > 0 and r["child_metrics"]["seeds"] >= 1 for r in children)
     for r in children:  # every child differs from its parent only inside the blocks
         assert static_violation(r["child_code"], SOURCE) is None and r["child_code"] != r["parent_code"]
-    with sqlite3.connect(shared_ledger) as db:
-        runs = db.execute("SELECT code_sha256, stage, runs FROM evaluations").fetchall()
-    assert runs and all(n == 1 for _, _, n in runs)  # nothing was trained twice
-    assert "done: iteration 3 of 3" in resumed.stderr
+    assert all(n == 1 for (n,) in ledger_runs(shared_ledger))  # nothing was trained twice
+    assert "done: iteration 3 of 3" in resumed.stderr and "time: " in resumed.stderr
+
+    # A kill during the last checkpoint's save: its folder is there, its metadata.json is not.
+    (run_dir / "checkpoints" / "checkpoint_3" / "metadata.json").unlink()
+    again = evolve("--resume", "--output", str(run_dir), "--iterations", "4", ledger=shared_ledger)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "from checkpoint_2" in again.stderr and "moved to evolution_trace_lost.jsonl" in again.stderr
+    assert [r["iteration"] for r in read_jsonl(run_dir / "evolution_trace_lost.jsonl")] == [3]
+    assert_trace_agrees_with_the_checkpoint(run_dir, 4)
+    assert all(n == 1 for (n,) in ledger_runs(shared_ledger))
 
 
-def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path, shared_ledger):
+def test_ctrl_c_mid_child_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path, shared_ledger):
     run_dir = tmp_path / "run"
-    proc = evolve("--iterations", "20", "--llm", "offline", "--output", str(run_dir), ledger=shared_ledger, wait=False)
+    proc = evolve("--iterations", "20", "--llm", "offline", "--seeds", "42", "--output", str(run_dir),
+                  ledger=shared_ledger, wait=False)
     try:
-        wait_for(lambda: read_jsonl(run_dir / "evolution_trace.jsonl"), 300, "the first child")
+        wait_for(lambda: read_jsonl(run_dir / "evolution_trace.jsonl"), 420, "the first child")
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=120)[0]
+        output = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
-    assert "Resume with: python scripts/evolve.py --resume" in output
-    assert latest_checkpoint(run_dir)[1] >= 1 and (run_dir / "best" / "best_program.py").exists()
+    assert "Resume with: python scripts/evolve.py --resume" in output and "Traceback" not in output
+    stopped_at = latest_checkpoint(run_dir)[1]
+    assert stopped_at >= 1 and (run_dir / "best" / "best_program.py").exists()
+    time.sleep(1)
+    assert worker_processes() == []
+    resumed = evolve("--resume", "--output", str(run_dir), "--iterations", str(stopped_at + 1), ledger=shared_ledger)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_trace_agrees_with_the_checkpoint(run_dir, stopped_at + 1)
+
+
+def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_path):
+    run_dir, ledger = tmp_path / "run", str(tmp_path / "own-ledger.sqlite")  # nothing cached: it must train
+    proc = evolve("--iterations", "1", "--llm", "offline", "--seeds", "42", "--output", str(run_dir), ledger=ledger,
+                  wait=False)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "training 12 steps" in line:  # inside a sandboxed stage of the initial program
+                proc.send_signal(signal.SIGTERM)
+                break
+        output = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output[-3000:]
+    assert "while evaluating the initial program" in output and f"Resume with: python scripts/evolve.py --resume --output {run_dir}" in output
+    assert "Traceback" not in output
+    time.sleep(1)
+    assert worker_processes() == []
+    resumed = evolve("--resume", "--output", str(run_dir), ledger=ledger)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger" in resumed.stderr
+    assert_trace_agrees_with_the_checkpoint(run_dir, 1)
 
 
 def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     server = FakeLLMServer()
     try:
         run = evolve("--iterations", "1", "--llm", "local", "--api-base", server.url, "--model", "fake-llm",
-                     "--output", str(tmp_path / "run"), ledger=shared_ledger)
+                     "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger)
     finally:
         server.close()
     assert run.returncode == 0, run.stderr[-3000:]
@@ -224,7 +302,7 @@ def test_child_editing_outside_blocks_never_enters_the_database_as_a_success(tmp
     server = FakeLLMServer(reply=outside_edit_reply)
     try:
         run = evolve("--iterations", "2", "--llm", "local", "--api-base", server.url, "--config", str(tmp_path / "config.yaml"),
-                     "--output", str(tmp_path / "run"), ledger=shared_ledger)
+                     "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger)
     finally:
         server.close()
     assert run.returncode == 1 and "no child could be evaluated" in run.stderr
@@ -257,8 +335,15 @@ def test_unreachable_api_base_fails_fast_with_a_clear_error(tmp_path, shared_led
     (["--iterations", "0"], "--iterations must be at least 1"),
     (["--llm", "local"], "--llm local needs --api-base"),
     (["--config", "/nonexistent/config.yaml"], "cannot read the config"),
+    (["--config", "BROKEN_YAML"], "is not valid YAML at line 4, column 14"),
+    (["--config", "BINARY"], "is not UTF-8 text"),
+    (["--output", "A_FILE/run", "--llm", "offline"], "cannot write the run folder"),
 ])
-def test_bad_input_exits_nonzero_with_one_line(args, message, shared_ledger):
-    run = evolve(*args, ledger=shared_ledger, env={"OPENAI_API_BASE": ""})
-    assert run.returncode == 1 and message in run.stderr
-    assert len([l for l in run.stderr.splitlines() if "error" in l]) == 1
+def test_bad_input_exits_nonzero_with_one_line(args, message, shared_ledger, tmp_path):
+    (tmp_path / "broken.yaml").write_text("max_iterations: 3\nllm:\n  models: [unclosed\n  temperature: 0.7\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "a_file").write_text("not a folder")
+    places = {"BROKEN_YAML": tmp_path / "broken.yaml", "BINARY": tmp_path / "binary.yaml", "A_FILE/run": tmp_path / "a_file" / "run"}
+    run = evolve(*[str(places.get(a, a)) for a in args], ledger=shared_ledger, env={"OPENAI_API_BASE": ""})
+    assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
+    assert len([line for line in run.stderr.splitlines() if "error" in line]) == 1 and "Traceback" not in run.stderr
