@@ -182,16 +182,21 @@ def expected_snapshot_bytes(spec: Spec) -> int:
 # Serving
 
 class Server(Worker):
-    """A worker that loaded the trained weights and answers forward passes."""
+    """A worker that builds a fresh model (started while the training runs), loads the trained weights
+    and answers forward passes."""
 
-    def __init__(self, job, name, deadline, threads, weights: bytes, spec: Spec, on_line=None):
+    def __init__(self, job, name, deadline, threads, on_line=None):
         super().__init__(job, name, deadline, threads, on_line=on_line)
-        self.send("loading the trained weights", dict(mode="serve", code=job.code, seed=job.seed, device=job.device,
-                                                      threads=threads, snapshot_bytes=len(weights)), weights)
-        served = Spec.parse(self.receive_ok("loading the trained weights").get("spec"))
+        self.send("starting", dict(mode="serve", code=job.code, seed=job.seed, device=job.device, threads=threads))
+        self.layers = None
+
+    def load(self, weights: bytes, spec: Spec):
+        served = Spec.parse(self.receive_ok("building a fresh model").get("spec"))
         if served != spec:
             raise Rejection("a fresh import of the program builds another model than the one that was trained: "
                             "the model must not depend on anything but the code")
+        self.send("loading the trained weights", dict(op="load", snapshot_bytes=len(weights)), weights)
+        self.receive_ok("loading the trained weights")
         self.layers = len(spec.layer_ks)
 
     def ask(self, tokens: torch.Tensor):
@@ -214,9 +219,14 @@ class Server(Worker):
         return self.answer(tokens.shape)
 
 
-def check_behaviour(server: Server, ks, token_sets: dict):
-    for what, tokens in token_sets.items():
-        failure = probes.probe(server.forward, ks, tokens, VOCAB_SIZE)
+def check_behaviour(servers: list[Server], ks, token_sets: dict):
+    """The behavioural probes, one token set per server, side by side (each server has its own
+    thread of the machine; the judge mostly waits on pipes)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=len(token_sets)) as pool:
+        failures = list(pool.map(lambda job: probes.probe(job[0].forward, ks, job[1], VOCAB_SIZE),
+                                 zip(servers, token_sets.values())))
+    for what, failure in zip(token_sets, failures):
         if failure:
             raise Rejection(f"{what}: {failure}")
 
@@ -322,7 +332,11 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         steps = STAGE1_TRAINING_STEPS if job.stage == 1 else profile.steps
         n_windows = profile.batch_size if job.stage == 1 else job.val_windows
         windows = val_windows(corpus.val, n_windows, profile.seq_len)
-        weights, spec, losses, train_seconds = train_stage(job, corpus, steps, deadline, metrics, workers, on_line)
+        trainer = start_training(job, corpus, steps, deadline, workers, on_line)
+        threads = max(1, job.threads // 2)  # the two servers run side by side
+        servers = [Server(job, f"validation {name}", deadline, threads, on_line) for name in ("A", "B")]
+        workers += servers  # they import and build while the training runs
+        weights, spec, losses, train_seconds = finish_training(trainer, steps, metrics, job)
         if job.stage == 1:
             first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
             if not last < first:
@@ -334,16 +348,13 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
             metrics["train_loss"] = sum(tail) / len(tail)  # mean over the last 10% of steps
         metrics["train_seconds"] = train_seconds
 
-        threads = max(1, job.threads // 2)  # the two servers run side by side
-        servers = []
-        for name in ("A", "B"):
-            servers.append(Server(job, f"validation {name}", deadline, threads, weights, spec, on_line))
-            workers.append(servers[-1])
+        for server in servers:
+            server.load(weights, spec)
         rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))  # an order the child cannot predict
         random_tokens = torch.from_numpy(rng.integers(0, VOCAB_SIZE, (profile.batch_size, profile.seq_len)))
         train_text = next(train_batches(corpus.train, profile.batch_size, profile.seq_len, job.seed))[:, :-1]
         log("checking behaviour (causality, selection, batch independence, no state)")
-        check_behaviour(servers[0], spec.layer_ks, {"on random tokens": random_tokens, "on training text": train_text})
+        check_behaviour(servers, spec.layer_ks, {"on random tokens": random_tokens, "on training text": train_text})
         if job.stage == 2:
             metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own
         log(f"validating on {n_windows} windows, {max(2, n_windows // CHECKED_FRACTION)} of them re-run cut by the other process")
@@ -363,15 +374,21 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
             worker.close()
 
 
-def train_stage(job: Job, corpus, steps, deadline, metrics, workers, on_line):
-    """The training worker: spec first (checked before it trains), then the losses and the weights."""
+def start_training(job: Job, corpus, steps, deadline, workers, on_line) -> Worker:
+    """The training worker, with the train split (and nothing else of the data) in its view."""
     binds = {str(corpus.dir / "train.bin"): TRAIN_FILE_INSIDE}
     trainer = Worker(job, "training", deadline, job.threads, binds=binds, on_line=on_line)
     workers.append(trainer)
     profile = get_profile(job.profile)
     train_path = trainer.process.path_inside(str(corpus.dir / "train.bin"))
     trainer.send("starting", dict(mode="train", code=job.code, seed=job.seed, device=job.device, threads=job.threads,
-                                  steps=steps, batch_size=profile.batch_size, seq_len=profile.seq_len, train_path=train_path))
+                                  steps=steps, batch_size=profile.batch_size, seq_len=profile.seq_len, train_path=train_path,
+                                  check_every=job.check_every))
+    return trainer
+
+
+def finish_training(trainer: Worker, steps, metrics, job: Job):
+    """The fresh model's spec first (checked before it trains), then the losses and the weights."""
     spec = Spec.parse(trainer.receive_ok("building the model").get("spec"))
     metrics.update(check_spec(spec, job.allow_uniform_schedule))
     done = trainer.receive_ok("training")

@@ -10,10 +10,11 @@ metric outside this process; a worker that lies can only fail its own evaluation
 
 Messages (one JSON line each, then raw little-endian bytes where noted):
     judge -> worker   {"mode": "train"|"serve", "code", "seed", "device", "threads", ...}
-                      serve: + the snapshot (safetensors bytes, "snapshot_bytes" long)
     worker -> judge   {"ok": true, "spec": {...}}  what a freshly built model declares
     train:  worker -> judge   {"ok": true, "losses": [...], "snapshot_bytes": n} + snapshot
-    serve:  judge -> worker   {"op": "forward", "shape": [B, T]} + int64 tokens
+    serve:  judge -> worker   {"op": "load", "snapshot_bytes": n} + the snapshot (safetensors)
+            worker -> judge   {"ok": true}
+            judge -> worker   {"op": "forward", "shape": [B, T]} + int64 tokens
             worker -> judge   {"ok": true} + float32 logits [B,T,V] + uint8 selections [layers,B,T,T]
     any failure: {"ok": false, "error": "one line"}, then the worker exits.
 """
@@ -35,7 +36,10 @@ from .program import load_program
 from .tokens import train_batches
 
 PROGRAM_FILE = "program.py"  # in the worker's private folder
-PROGRESS_EVERY = 50  # training steps between progress lines, and between finiteness checks (host syncs)
+# Training steps between finiteness checks and progress lines: the loop's only host syncs. A sync
+# drains the device queue, so every few dozen steps costs nothing measurable; every step would
+# stall a launch-bound GPU once per step. The judge may ask for another interval (tests do).
+PROGRESS_EVERY = 50
 
 
 class Refusal(Exception):
@@ -109,27 +113,33 @@ def lm_loss_and_aux(model, batch):
     return loss, aux
 
 
-def train(model, batches, steps, device, seed):
-    """AdamW, grad clip, LM loss + the child's aux_loss. Per-step losses stay on the device and are
-    checked for finiteness every PROGRESS_EVERY steps and at the end (one host sync each, not one
-    per step); the first non-finite step is still named exactly."""
+def train(model, batches, steps, device, seed, check_every=PROGRESS_EVERY):
+    """AdamW, grad clip, LM loss + the child's aux_loss, with no host sync inside a step: the batches
+    go to the device in one copy before the first step, each step's losses stay on the device, and
+    they are checked for finiteness every `check_every` steps and at the end (one sync each). The
+    first non-finite step is still named exactly, and every step's loss comes back (the curve).
+    The numbers do not depend on `check_every`: it only decides when the host looks."""
     torch.manual_seed(seed)  # dropout's stream: the same for every program, whatever its init drew
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER, fused=fused)
     model.train()
+    check_every = max(1, int(check_every))
+    start, checked = time.perf_counter(), 0
+    # All batches at once (steps x B x (T+1) int64: 2 MB for 1000 steps): no copy from pageable
+    # host memory between two steps. The batch stream has its own generator, so drawing it ahead
+    # leaves dropout's stream as it was.
+    all_batches = torch.stack([next(batches) for _ in range(steps)]).to(device) if steps else None
     lm_losses = torch.empty(steps, device=device)
     total_losses = torch.empty(steps, device=device)
-    start, checked = time.perf_counter(), 0
     for step in range(steps):
-        batch = next(batches).to(device, non_blocking=True)
-        loss, aux = lm_loss_and_aux(model, batch)
+        loss, aux = lm_loss_and_aux(model, all_batches[step])
         total = loss if aux is None else loss + aux.reshape(())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)  # the norm stays on the device
         optimizer.step()
-        lm_losses[step], total_losses[step] = loss.detach(), total.detach()
-        if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == steps:
+        lm_losses[step], total_losses[step] = loss.detach(), total.detach()  # device copies, no sync
+        if (step + 1) % check_every == 0 or step + 1 == steps:
             _check_finite(lm_losses, total_losses, checked, step + 1)
             checked = step + 1
             elapsed = time.perf_counter() - start
@@ -158,7 +168,8 @@ def run_train(request: dict, channel_out, spec_sent):
     batches = train_batches(train_tokens, request["batch_size"], request["seq_len"], request["seed"])
     log(f"training {request['steps']} steps (seed {request['seed']}, {device.type})")
     try:
-        losses, seconds = train(model, batches, request["steps"], device, request["seed"])
+        losses, seconds = train(model, batches, request["steps"], device, request["seed"],
+                                request.get("check_every") or PROGRESS_EVERY)
     except Refusal:
         raise
     except BaseException as e:
@@ -174,16 +185,21 @@ def run_train(request: dict, channel_out, spec_sent):
 # Serving forward passes of a snapshot
 
 def run_serve(request: dict, channel_in, channel_out, spec_sent):
+    """Build first (while the judge may still be training elsewhere), then load the weights it sends."""
     from safetensors.torch import load
-    weights = wire.receive_bytes(channel_in, request["snapshot_bytes"])
     module, model, device, spec = build(request)
+    spec_sent(spec)
+    ask = wire.receive(channel_in)
+    if ask.get("op") != "load":
+        return
+    weights = wire.receive_bytes(channel_in, ask["snapshot_bytes"])
     try:
         model.load_state_dict({k: v.to(device) for k, v in load(weights).items()}, strict=True)
     except BaseException as e:
         raise Refusal(describe(e, "loading the trained weights into a fresh model failed"))
     del weights
     model.eval()
-    spec_sent(spec)
+    wire.send(channel_out, dict(ok=True))
     while True:
         ask = wire.receive(channel_in)
         if ask.get("op") != "forward":
