@@ -26,6 +26,7 @@ class Job:
     val_windows: int  # windows of the validation split that stage 2 scores
     sandbox: str = "bwrap"  # bwrap | none
     allow_uniform_schedule: bool = False
+    check_every: int | None = None  # training steps between host syncs (None: the worker's default); not in the score
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import PROJECT_ROOT
 from .constants import DEFAULT_SEED, PROFILES
+from .hardware import evaluation_slots
 
 ENVIRONMENT = {  # field -> variable
     "profile": "PLASA_PROFILE",
@@ -64,8 +65,12 @@ class Settings:
         for name in ("profile", "device", "runner", "sandbox"):
             if getattr(self, name) not in CHOICES[name]:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(CHOICES[name])}")
-        self.parallel = max(1, int(self.parallel or env("PLASA_PARALLEL") or 1))
-        self.threads = max(1, int(self.threads or env("PLASA_THREADS") or self.threads_for(self.parallel)))
+        asked_parallel = max(1, int(p)) if (p := self.parallel or env("PLASA_PARALLEL")) else None
+        asked_threads = max(1, int(t)) if (t := self.threads or env("PLASA_THREADS")) else None
+        if self.runner == "ray":  # the cluster's size decides (evolution.py asks it); a task asks 2 CPUs of a node
+            self.parallel, self.threads = asked_parallel or 1, asked_threads or 2
+        else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.hardware)
+            self.parallel, self.threads, _ = evaluation_slots(self.device, asked_parallel, asked_threads)
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)
@@ -83,10 +88,10 @@ class Settings:
 
     def threads_for(self, parallel: int) -> int:
         """Threads per evaluation: $PLASA_THREADS, else on a Ray cluster 2 (the CPUs a task asks of a
-        node), else this machine's cores shared by the evaluations running at once."""
+        node), else this machine's cores shared by `parallel` evaluations (plasa_lab.hardware)."""
         if os.environ.get("PLASA_THREADS"):
             return max(1, int(os.environ["PLASA_THREADS"]))
-        return 2 if self.runner == "ray" else max(1, (os.cpu_count() or 1) // max(1, parallel))
+        return 2 if self.runner == "ray" else evaluation_slots(self.device, max(1, parallel)).threads
 
     def to_env(self) -> dict:
         """The variables that give OpenEvolve's worker processes these settings."""

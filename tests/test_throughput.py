@@ -1,0 +1,159 @@
+"""Children per hour without a change of metric (issue 14).
+
+How many evaluations share the machine is decided from what nvidia-smi and the OS report (pure
+functions, tested here on made-up machines); the same program must score the same val_loss
+whether it runs alone or beside another evaluation, and whether the training loop looks at its
+losses every step or every 50 (real sandboxed evaluations, smoke profile, CPU).
+"""
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from plasa_lab import INITIAL_PROGRAM, hardware, worker
+from plasa_lab.constants import VOCAB_SIZE
+from plasa_lab.evaluation import corpus_of
+from plasa_lab.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
+from plasa_lab.jobs import Job
+from plasa_lab.runners import run_local
+from plasa_lab.settings import Settings
+
+H200 = "143156, 143771\n"  # `nvidia-smi --query-gpu=memory.free,memory.total --format=csv,noheader,nounits`
+SAME = dict(rel=1e-4)  # issue 14: the same child's val_loss within 1e-4 relative
+
+
+# ---------------------------------------------------------------------------------------------
+# How many at once
+
+def test_an_idle_h200_with_16_cores_runs_16_evaluations_with_one_thread_each():
+    parallel, threads, reason = gpu_split(parse_gpus(H200)[0], cores=16)
+    assert (parallel, threads) == (16, 1)
+    assert reason.startswith("GPU: 16 evaluation(s) at once") and "\n" not in reason
+
+
+def test_the_gpus_free_memory_bounds_the_evaluations_at_2_gib_each():
+    assert hardware.GPU_MIB_PER_EVALUATION == 2048
+    parallel, threads, _ = gpu_split(parse_gpus("9000, 24576\n")[0], cores=16)
+    assert (parallel, threads) == (3, 5)  # 90% of 9000 MiB holds 3 evaluations of 2 GiB
+    assert gpu_split(Gpu(free_mib=500, total_mib=16384), cores=16).parallel == 1  # never fewer than one
+
+
+def test_children_use_the_first_gpu_that_cuda_visible_devices_shows():
+    gpus = parse_gpus("1000, 81920\n70000, 81920\n")
+    assert children_gpu(gpus, None) == Gpu(1000, 81920)
+    assert children_gpu(gpus, "1,0") == Gpu(70000, 81920)
+    assert children_gpu(gpus, "") is None
+    assert children_gpu(gpus, "7") is None
+
+
+@pytest.mark.parametrize("output", ["[N/A], [N/A]", "NVIDIA-SMI has failed because it couldn't communicate with the driver",
+                                    "1000"])
+def test_nvidia_smi_output_that_is_not_free_and_total_mib_is_refused(output):
+    with pytest.raises(ValueError, match="unexpected nvidia-smi line"):
+        parse_gpus(output)
+
+
+def test_a_cpu_machine_without_a_measurement_runs_evaluations_of_2_threads_as_the_ram_allows():
+    assert cpu_split(cores=2, ram_mib=16000)[:2] == (1, 2)
+    assert cpu_split(cores=16, ram_mib=64000)[:2] == (8, 2)
+    parallel, threads, reason = cpu_split(cores=16, ram_mib=5000)
+    assert (parallel, threads) == (2, 8) and "holds 2" in reason
+
+
+def test_asked_parallel_and_threads_win_over_memory_and_measurement():
+    assert gpu_split(Gpu(500, 16384), cores=16, parallel=4)[:2] == (4, 4)
+    assert gpu_split(Gpu(143000, 143771), cores=16, threads=4)[:2] == (4, 4)
+    assert cpu_split(cores=2, ram_mib=1000, parallel=2, measured=(1, 2))[:2] == (2, 1)
+    assert cpu_split(cores=2, ram_mib=None, threads=1, measured=(1, 2))[:2] == (2, 1)
+
+
+def test_a_saved_measurement_sets_the_cpu_split_for_the_same_machine_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLASA_CACHE", str(tmp_path))
+    for variable in ("PLASA_PARALLEL", "PLASA_THREADS"):
+        monkeypatch.delenv(variable, raising=False)
+    key = hardware.machine_key("cpu")
+    hardware.save_measurement(key, parallel=2, threads=1, children_per_hour=11.5, table=[])
+    try:
+        assert hardware.measured_split(key) == (2, 1)
+        assert hardware.measured_split("cpu: 3 cores") is None
+        assert "measured best here" in hardware.evaluation_slots("cpu").reason
+        assert (Settings(device="cpu").parallel, Settings(device="cpu").threads) == (2, 1)
+        monkeypatch.setenv("PLASA_THREADS", "2")
+        assert (Settings(device="cpu").parallel, Settings(device="cpu").threads) == (hardware.cpu_cores() // 2, 2)
+    finally:
+        hardware.evaluation_slots.cache_clear()  # other tests see the machine as it is
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop syncs rarely and still reports every step
+
+class CountingModel(torch.nn.Module):
+    """A tiny language model whose aux_loss turns NaN at one training step."""
+
+    def __init__(self, nan_at_step=None):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB_SIZE, 4)
+        self.head = torch.nn.Linear(4, VOCAB_SIZE)
+        self.calls, self.nan_at_step = 0, nan_at_step
+
+    def forward(self, ids):
+        self.calls += 1
+        aux = torch.tensor(math.nan if self.calls == self.nan_at_step else 0.0)
+        return {"logits": self.head(self.embed(ids)), "aux_loss": aux}
+
+
+def train_tiny(check_every, nan_at_step=None, steps=12):
+    torch.manual_seed(0)
+    model = CountingModel(nan_at_step)
+    batches = iter(torch.randint(0, VOCAB_SIZE, (steps, 2, 9), generator=torch.Generator().manual_seed(1)))
+    return worker.train(model, batches, steps, torch.device("cpu"), seed=42, check_every=check_every)
+
+
+def test_the_loss_curve_is_the_same_whether_checked_every_step_or_every_50():
+    every_step, _ = train_tiny(check_every=1)
+    every_50, _ = train_tiny(check_every=50)
+    assert len(every_step) == 12 and every_step == every_50
+
+
+def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
+    with pytest.raises(worker.Refusal, match="training aux_loss became nan at step 7"):
+        train_tiny(check_every=5, nan_at_step=7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real evaluations: the same val_loss alone, two at once, and with a sync every step
+
+def stage2(threads, check_every=None):
+    corpus = corpus_of("auto")
+    job = Job(code=INITIAL_PROGRAM.read_text(), stage=2, profile="smoke", seed=42, corpus=corpus.name,
+              fingerprint=corpus.fingerprint, device="cpu", threads=threads, memory_gb=4, time_limit=600.0,
+              time_limit_reason="the test's limit of 600 s", val_windows=8, check_every=check_every)
+    result = run_local(job)
+    assert result.ok, result.failure
+    return result.metrics
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """The initial program evaluated alone with both cores of a 2-core machine, checked every 50 steps."""
+    return stage2(threads=2, check_every=50)
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    """Two evaluations of it at once, one thread each (the other split of 2 cores): one checks its
+    losses every 50 steps, the other every step."""
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((50, 1), pool.map(lambda every: stage2(threads=1, check_every=every), (50, 1))))
+
+
+def test_two_evaluations_at_once_score_the_same_val_loss_as_one_alone(alone, side_by_side):
+    assert side_by_side[50]["val_loss"] == pytest.approx(alone["val_loss"], **SAME)
+    assert side_by_side[50]["train_loss"] == pytest.approx(alone["train_loss"], **SAME)
+
+
+def test_a_host_sync_every_step_scores_the_same_val_loss_as_one_every_50_steps(side_by_side):
+    assert side_by_side[1]["val_loss"] == pytest.approx(side_by_side[50]["val_loss"], **SAME)
+    assert side_by_side[1]["train_loss"] == pytest.approx(side_by_side[50]["train_loss"], **SAME)
