@@ -171,7 +171,7 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     from .runners import get_runner
     seed = settings.seed if seed is None else seed
     profile = get_profile(settings.profile)
-    whole = settings.whole_validation and stage == 2  # stage 1 always scores one batch
+    whole = settings.whole_validation and stage == 2  # stage 1 always scores its few windows
     failure = static_violation(code, _reference_text())
     if failure:  # before the ledger: a rule may have changed since, and the answer costs nothing
         return Evaluation(failure_metrics(), {"failure": f"stage {stage}: {failure}"})

@@ -12,9 +12,9 @@
             checks them (shape, dtype, finiteness), runs the behavioural probes, and computes loss,
             accuracy, perplexity and density itself. The workers never see a target they are
             scored on as a target, nor the validation split as a file, nor any result.
-    leaks   random validation windows also go, cut at random positions and spliced with other
-            validation text after the cut, to the *other* worker, shuffled among the real windows
-            in batches of the same shape. Its logits up to each cut must equal the scored ones.
+    leaks   random validation windows (30%, at least 8) also go, cut at a random position and spliced
+            with other validation text after the cut, to the *other* worker, shuffled among the real
+            windows in batches of the same shape. Its logits up to the cut must equal the scored ones.
             Logits that depend on anything but the weights and the prefix (a peek ahead, inputs
             remembered from earlier calls, test-time training) then differ, whichever came first,
             because the two workers have different histories.
@@ -40,8 +40,14 @@ from .jobs import Job, StageResult
 from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_nodes
 from .tokens import CorpusError, train_batches, val_windows
 
-CHECKED_FRACTION = 10  # one validation window in this many (at least two) is re-run, cut, by the other worker
-CUTS_PER_CHECKED_WINDOW = 3  # several cuts: a leak through top-k cannot show before the sparse layers' k
+# Validation windows re-run, cut at a random position, by the other worker: about 30% of them, and all
+# of them up to MIN_CHECKED. One cut per window: two copies of one window in one process would let a
+# model that remembers inputs answer the shorter cut from the longer. Many windows, because a leak
+# through top-k shows only at some cuts (not before the sparse layers' k, nor where the selection
+# does not change).
+CHECKED_SHARE = 0.3
+MIN_CHECKED = 8
+STAGE1_WINDOWS = 8  # stage 1 scores 4 batches: enough windows for the cut checks to have power
 TRAIN_FILE_INSIDE = "/data/train.bin"
 SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
 
@@ -239,27 +245,35 @@ class Item:
     server: int = 0
 
 
+def checked_windows(n_windows: int) -> int:
+    return min(n_windows, max(MIN_CHECKED, round(CHECKED_SHARE * n_windows)))
+
+
 def plan_validation(windows: torch.Tensor, batch_size: int, rng: np.random.Generator) -> list[list[Item]]:
-    """The items each of the two servers gets, shuffled: every real window once (on a random
-    server), checked copies on the other server than their window, padding (repeats of its own
-    windows) so that every batch has batch_size rows."""
+    """The items each of the two servers gets, shuffled: every real window once (half of them, at
+    random, on each server), checked copies on the other server than their window, padding
+    (repeats of the server's own windows) so that every batch has batch_size rows.
+
+    A window must never reach the server that runs its copies, not even as padding: a model that
+    remembers inputs would answer the copies from it and hide a peek ahead."""
     N, T = windows.shape[0], windows.shape[1] - 1
+    if N < 2:
+        raise ValueError("validation needs at least two windows (one on each server)")
     inputs = windows[:, :-1]
-    reals = [Item(i, inputs[i], server=int(rng.integers(2))) for i in range(N)]
-    checked = rng.choice(N, size=min(N, max(2, N // CHECKED_FRACTION)), replace=False)
+    servers = (np.arange(N) % 2)[rng.permutation(N)]
+    reals = [Item(i, inputs[i], server=int(servers[i])) for i in range(N)]
     copies = []
-    for i in checked:
-        for p in rng.choice(T - 1, size=min(CUTS_PER_CHECKED_WINDOW, T - 1), replace=False):
-            p = int(p)
-            donor = int(rng.choice([j for j in range(N) if j != i])) if N > 1 else i
-            tokens = inputs[i].clone()
-            tokens[p + 1:] = inputs[donor][p + 1:]
-            same = tokens[p + 1:] == inputs[i][p + 1:]  # the splice must change every token after the cut
-            tokens[p + 1:][same] = (tokens[p + 1:][same] + 1 + int(rng.integers(VOCAB_SIZE - 1))) % VOCAB_SIZE
-            copies.append(Item(int(i), tokens, cut=p, server=1 - reals[i].server))
+    for i in rng.choice(N, size=checked_windows(N), replace=False):
+        i, p = int(i), int(rng.integers(T - 1))
+        donor = int(rng.choice([j for j in range(N) if j != i]))
+        tokens = inputs[i].clone()
+        tokens[p + 1:] = inputs[donor][p + 1:]
+        same = tokens[p + 1:] == inputs[i][p + 1:]  # the splice must change every token after the cut
+        tokens[p + 1:][same] = (tokens[p + 1:][same] + 1 + int(rng.integers(VOCAB_SIZE - 1))) % VOCAB_SIZE
+        copies.append(Item(i, tokens, cut=p, server=1 - reals[i].server))
     per_server = [[item for item in reals + copies if item.server == s] for s in (0, 1)]
     for s, items in enumerate(per_server):
-        own = [item for item in items if item.cut is None] or reals
+        own = [item for item in items if item.cut is None]
         while len(items) % batch_size:
             pad = own[int(rng.integers(len(own)))]
             items.append(Item(pad.window, pad.tokens, cut=-1, server=s))  # a repeat: must match too
@@ -330,7 +344,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     try:
         profile = get_profile(job.profile)
         steps = STAGE1_TRAINING_STEPS if job.stage == 1 else profile.steps
-        n_windows = profile.batch_size if job.stage == 1 else job.val_windows
+        n_windows = STAGE1_WINDOWS if job.stage == 1 else job.val_windows
         windows = val_windows(corpus.val, n_windows, profile.seq_len)
         trainer = start_training(job, corpus, steps, deadline, workers, on_line)
         threads = max(1, job.threads // 2)  # the two servers run side by side
@@ -357,7 +371,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         check_behaviour(servers, spec.layer_ks, {"on random tokens": random_tokens, "on training text": train_text})
         if job.stage == 2:
             metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own
-        log(f"validating on {n_windows} windows, {max(2, n_windows // CHECKED_FRACTION)} of them re-run cut by the other process")
+        log(f"validating on {n_windows} windows, {checked_windows(n_windows)} of them re-run cut by the other process")
         metrics.update(validate(servers, windows, profile.batch_size, rng))
         return StageResult(ok=True, metrics=metrics, stderr=_stderr(workers), seconds=time.monotonic() - start)
     except Rejection as e:

@@ -365,6 +365,19 @@ MEMORY = []
     assert_rejected(evaluation, "during validation", "sees future tokens", "another process")
 
 
+def test_leak_switched_on_only_after_the_probes_is_caught_during_validation(smoke):
+    """Causal for the first forward calls of each process (the probes), leaky afterwards."""
+    late = INDEXER_FORWARD.replace(
+        '        dots = torch.einsum("bthd,bsd->bhts", q, k)\n',
+        "        if not self.training:\n"
+        "            CALLS.append(1)\n"
+        "            if len(CALLS) > 4 * 12:  # four layers, a dozen forward calls: past the probes\n"
+        "                k = k + torch.cat([k[:, 1:], k[:, -1:]], dim=1)\n"
+        '        dots = torch.einsum("bthd,bsd->bhts", q, k)\n')
+    code = variant(INDEXER_FORWARD, late + "\n\nCALLS = []\n")
+    assert_rejected(evaluate_code(code, 1, smoke), "during validation", "sees future tokens")
+
+
 def test_weights_trained_outside_the_state_dict_do_not_reach_the_score(smoke):
     """A unigram bias over the vocabulary, trained in a plain list by its own optimiser during
     training: invisible to the parameter budget, and gone in the fresh validation processes."""
@@ -487,3 +500,20 @@ def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monke
 
 def test_vocab_constant_matches_the_program():
     assert f"vocab_size={VOCAB_SIZE}" in SOURCE
+
+
+def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_copies():
+    import numpy as np
+    import torch
+    from plasa_lab.judge import plan_validation
+    windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE
+    for seed in range(50):
+        batches = plan_validation(windows, 2, np.random.default_rng(seed))
+        items = [[item for batch in per for item in batch] for per in batches]
+        holds = [{item.window for item in server_items if item.cut in (None, -1)} for server_items in items]
+        copies = [{item.window for item in server_items if item.cut not in (None, -1)} for server_items in items]
+        assert not holds[0] & copies[0] and not holds[1] & copies[1]
+        assert sorted(i.window for s in items for i in s if i.cut is None) == list(range(6))  # each scored once
+        cut_windows = [i.window for s in items for i in s if i.cut not in (None, -1)]
+        assert len(cut_windows) == len(set(cut_windows)) == 6  # one copy per window, every window (6 < 8)
+        assert all(len(batch) == 2 for per in batches for batch in per)
