@@ -69,8 +69,9 @@ class Settings:
         asked_threads = max(1, int(t)) if (t := self.threads or env("PLASA_THREADS")) else None
         if self.runner == "ray":  # the cluster's size decides (evolution.py asks it); a task asks 2 CPUs of a node
             self.parallel, self.threads = asked_parallel or 1, asked_threads or 2
+            self.slots_reason = f"ray: {self.threads} thread(s) per evaluation; the cluster's CPUs set how many at once"
         else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.hardware)
-            self.parallel, self.threads, _ = evaluation_slots(self.device, asked_parallel, asked_threads)
+            self.parallel, self.threads, self.slots_reason = evaluation_slots(self.device, asked_parallel, asked_threads)
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)

@@ -79,6 +79,7 @@ def test_a_saved_measurement_sets_the_cpu_split_for_the_same_machine_only(tmp_pa
         assert hardware.measured_split(key) == (2, 1)
         assert hardware.measured_split("cpu: 3 cores") is None
         assert "measured best here" in hardware.evaluation_slots("cpu").reason
+        assert "measured best here" in Settings(device="cpu").slots_reason  # the line evolve.py can print
         assert (Settings(device="cpu").parallel, Settings(device="cpu").threads) == (2, 1)
         monkeypatch.setenv("PLASA_THREADS", "2")
         assert (Settings(device="cpu").parallel, Settings(device="cpu").threads) == (hardware.cpu_cores() // 2, 2)
