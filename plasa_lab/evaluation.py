@@ -186,6 +186,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
 
     val_windows = validation_windows(profile, len(corpus.val), whole)
     limit, reason = calibration(settings, ledger, corpus.fingerprint).limit(stage, profile, val_windows)
+    if settings.parallel > 1:  # measured alone; side by side with others each evaluation is slower
+        limit, reason = limit * settings.parallel, f"{reason}, times {settings.parallel} evaluations at once"
     job = Job(code=code, stage=stage, profile=profile.name, seed=seed, corpus=corpus.name,
               fingerprint=corpus.fingerprint, device=settings.device, threads=settings.threads,
               memory_gb=settings.memory_gb, time_limit=limit, time_limit_reason=reason, val_windows=val_windows,

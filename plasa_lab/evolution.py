@@ -471,8 +471,10 @@ def run(options: RunOptions) -> int:
         except (ConnectionError, OSError, subprocess.SubprocessError) as e:
             raise RunError(str(e))
         print(f"ray: {config.evaluator.parallel_evaluations} evaluations at once on the cluster", file=sys.stderr)
-    settings.parallel = config.evaluator.parallel_evaluations
-    settings.threads = settings.threads_for(settings.parallel)
+        settings.parallel = config.evaluator.parallel_evaluations
+    else:  # this machine decides (plasa_lab.hardware): GPU memory and cores, or the measured best CPU split
+        config.evaluator.parallel_evaluations = settings.parallel
+        print(f"evaluations: {settings.slots_reason}", file=sys.stderr)
     os.environ.update(settings.to_env())  # OpenEvolve's worker processes call the evaluator with these
 
     if options.resume:

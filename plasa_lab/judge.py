@@ -341,6 +341,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     deadline = start + job.time_limit
     metrics, workers = {}, []
     log = on_line or (lambda line: None)
+    torch.set_num_threads(max(1, job.threads // 2))  # the judge's own arithmetic shares the cores with its workers
     try:
         profile = get_profile(job.profile)
         steps = STAGE1_TRAINING_STEPS if job.stage == 1 else profile.steps
