@@ -1,0 +1,139 @@
+"""Does a run's best hold up? Plain single-seed fitness against noise-aware fitness (issue 12).
+
+    python scripts/bench_fitness.py [--profile quick] [--iterations 12] [--replay-seeds 101,102,103,104,105]
+                                    [--out openevolve_output/bench-fitness]
+
+Two runs from the same start (the initial program, the offline mutator, the same config): first the
+noise-aware one (seeds 42,43,44: noise floor, confirmation of contenders), then a plain one (seed 42
+only) given as many stage-2 trainings as the noise-aware run spent. Then the best of each, and the
+initial program, are replayed on seeds neither run used, and each best's claim (what its run said
+its val_ppl was) is set against its replay. Writes OUT/bench_fitness.md and .json; a benchmark,
+not a test (a quick-profile pair takes about 1.5 h on 2 CPU cores).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from plasa_lab import PROJECT_ROOT
+from plasa_lab.ledger import Ledger, code_key
+from plasa_lab.replay import Candidate, Plan, run_plan, verdict
+from plasa_lab.util import atomic_write
+
+
+def evolve(out: Path, profile: str, iterations: int, seeds: str) -> Path:
+    run_dir = out / ("noise-aware" if "," in seeds else "plain")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") and k != "OPENAI_API_KEY"}
+    env["PLASA_LEDGER"] = str(run_dir / "ledger.sqlite")  # each run pays for its own evaluations
+    resume = ["--resume"] if (run_dir / "run.json").exists() else []
+    command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations), "--llm",
+               "offline", "--seeds", seeds, "--output", str(run_dir), *resume]
+    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_fitness.py: error: the {run_dir.name} run exited with {done.returncode}")
+    return run_dir
+
+
+def stage2_trainings(run_dir: Path) -> list[dict]:
+    return [r for r in Ledger(run_dir / "ledger.sqlite").rows() if r["stage"] == 2]
+
+
+def best_of(run_dir: Path) -> tuple[str, dict]:
+    info = json.loads((run_dir / "best" / "best_program_info.json").read_text())
+    return (run_dir / "best" / "best_program.py").read_text(), info["metrics"]
+
+
+def claimed_loss(metrics: dict) -> float:
+    """What the run says the best's val_loss is: its seed mean (noise-aware) or its one seed (plain)."""
+    return metrics["val_loss"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick", choices=["full", "quick", "smoke"])
+    parser.add_argument("--iterations", type=int, default=12, help="iterations of the noise-aware run (default 12)")
+    parser.add_argument("--replay-seeds", default="101,102,103,104,105")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-fitness")
+    args = parser.parse_args(argv)
+    try:
+        replay_seeds = [int(s) for s in args.replay_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--replay-seeds must be integers separated by commas, got {args.replay_seeds!r}")
+    if args.iterations < 1 or len(replay_seeds) < 2:
+        parser.error("--iterations must be at least 1 and --replay-seeds name at least 2 seeds")
+    start = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    aware = evolve(args.out, args.profile, args.iterations, "42,43,44")
+    aware_trainings = stage2_trainings(aware)
+    budget = len(aware_trainings)
+    initial_key = code_key((PROJECT_ROOT / "initial_program.py").read_text())
+    confirmations = [r for r in aware_trainings if r["seed"] != 42 and r["code_key"] != initial_key]
+    plain = evolve(args.out, args.profile, budget - 1, "42")  # the initial program's own training counts as one
+    plain_trainings = stage2_trainings(plain)
+
+    initial = (PROJECT_ROOT / "initial_program.py").read_text()
+    candidates = [Candidate("initial", "initial", initial, "initial_program.py")]
+    claims = {}
+    for name, run_dir in (("plain best", plain), ("noise-aware best", aware)):
+        code, metrics = best_of(run_dir)
+        claims[name] = metrics
+        candidates.append(Candidate(name, "program", code, str(run_dir / "best" / "best_program.py")))
+    plan = Plan(candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out,
+                "bench_fitness", [])
+    results = run_plan(plan)
+    reference = [r.val_loss for r in results["initial"]]
+
+    rows = []
+    for c in candidates:
+        losses = [r.val_loss for r in results[c.name]]
+        claim = claims.get(c.name)
+        word, p = verdict(losses, reference) if c.kind != "initial" else ("reference", None)
+        row = dict(program=c.name, same_as_initial=code_key(c.code) == initial_key,
+                   replay_val_ppl=math.exp(statistics.fmean(losses)), replay_val_loss_sd=statistics.stdev(losses),
+                   change_vs_initial_pct=100 * math.expm1(statistics.fmean(losses) - statistics.fmean(reference)),
+                   p_vs_initial=p, verdict_vs_initial=word)
+        if claim:
+            gap = statistics.fmean(losses) - claimed_loss(claim)
+            # One-sample t on the replayed losses against the claimed loss: worse than claimed beyond noise?
+            t = gap / (statistics.stdev(losses) / math.sqrt(len(losses)))
+            from scipy.stats import t as student
+            p_claim = float(2 * student.sf(abs(t), len(losses) - 1))
+            row.update(claimed_val_ppl=math.exp(claimed_loss(claim)), claimed_seeds=int(claim.get("seeds", 1)),
+                       replay_minus_claim_pct=100 * math.expm1(gap), p_vs_claim=p_claim,
+                       held_up="worse than claimed beyond noise" if p_claim < 0.05 and gap > 0 else "held up")
+        rows.append(row)
+    summary = dict(profile=args.profile, replay_seeds=replay_seeds, minutes=round((time.monotonic() - start) / 60, 1),
+                   runs={"noise-aware": dict(stage2_trainings=budget, confirmation_trainings=len(confirmations),
+                                             confirmation_share=len(confirmations) / budget,
+                                             iterations=args.iterations),
+                         "plain": dict(stage2_trainings=len(plain_trainings), iterations=budget - 1)},
+                   programs=rows)
+    lines = [f"# Plain vs noise-aware fitness ({args.profile} profile)", "",
+             f"noise-aware run: {budget} stage-2 trainings, {len(confirmations)} of them confirmations "
+             f"({100 * len(confirmations) / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
+             f"Replayed on seeds {', '.join(map(str, replay_seeds))} (never used by either run).", "",
+             "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        claim = (f"{r['claimed_val_ppl']:.1f} ({r['claimed_seeds']})", f"{r['replay_minus_claim_pct']:+.2f}%",
+                 f"{r['p_vs_claim']:.3g}", r["held_up"]) if "claimed_val_ppl" in r else ("-", "-", "-", "-")
+        p_initial = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
+        lines.append(f"| {r['program']}{' (= initial)' * r['same_as_initial']} | {claim[0]} | {r['replay_val_ppl']:.1f} | "
+                     f"{claim[1]} | {claim[2]} | {claim[3]} | {r['change_vs_initial_pct']:+.2f}% | {p_initial} | "
+                     f"{r['verdict_vs_initial']} |")
+    atomic_write(args.out / "bench_fitness.json", json.dumps(summary, indent=2))
+    atomic_write(args.out / "bench_fitness.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"confirmation_share: {len(confirmations) / budget:.3f}")
+
+
+if __name__ == "__main__":
+    main()
