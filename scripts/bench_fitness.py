@@ -29,7 +29,8 @@ from plasa_lab.util import atomic_write
 
 def evolve(out: Path, profile: str, iterations: int, seeds: str) -> Path:
     run_dir = out / ("noise-aware" if "," in seeds else "plain")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") and k != "OPENAI_API_KEY"}
+    keep = ("PLASA_TIME_LIMIT", "PLASA_CACHE")  # the machine's; the rest is what this benchmark decides
+    env = {k: v for k, v in os.environ.items() if (not k.startswith("PLASA_") or k in keep) and k != "OPENAI_API_KEY"}
     env["PLASA_LEDGER"] = str(run_dir / "ledger.sqlite")  # each run pays for its own evaluations
     resume = ["--resume"] if (run_dir / "run.json").exists() else []
     command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations), "--llm",
