@@ -101,15 +101,21 @@ def load_config(path: Path):
 # ---------------------------------------------------------------------------------------------
 # LLM
 
+LOCAL_TIMEOUT = 900.0  # seconds: a CPU server reads a 3,000-token prompt in ~3 min and writes ~5 tokens/s
+IDENTICAL_FAILURES_TO_STOP = 3  # LLM failures in a row with the same reason end the run
+
+
 @dataclass
 class LLMChoice:
     mode: str  # api | local | offline
     api_base: str | None
     models: list[str]
     note: str
+    compact: bool = False  # compact prompts (plasa_lab.llm): default for local servers
+    timeout: float | None = None
 
 
-def choose_llm(mode: str | None, api_base: str | None, model: str | None, config) -> LLMChoice:
+def choose_llm(mode: str | None, api_base: str | None, model: str | None, config, prompt: str | None = None) -> LLMChoice:
     env_key, env_base = os.environ.get("OPENAI_API_KEY"), os.environ.get("OPENAI_API_BASE")
     if mode is None:
         mode = "api" if env_key else "offline"
@@ -125,12 +131,34 @@ def choose_llm(mode: str | None, api_base: str | None, model: str | None, config
     if mode == "api" and not env_key:
         raise RunError("--llm api needs OPENAI_API_KEY in the environment (or use --llm offline)")
     models = [model] if model else [m.name for m in config.llm.models]
-    return LLMChoice(mode, base, models, f"{mode} LLM at {base}")
+    compact = (prompt or ("compact" if mode == "local" else "full")) == "compact"
+    timeout = LOCAL_TIMEOUT if mode == "local" else float(config.llm.timeout or 180)
+    return LLMChoice(mode, base, models, f"{mode} LLM at {base} ({'compact' if compact else 'full'} prompts, "
+                                         f"{timeout:.0f} s per call)", compact, timeout)
 
 
-def check_endpoint(api_base: str, timeout: float = 10.0):
-    """Fail fast, before any training, when the LLM server cannot be reached or refuses the key."""
+def first_prompt(config, compact: bool) -> dict:
+    """The run's first prompt, as OpenEvolve builds it for the initial program (metrics as a placeholder)."""
+    from openevolve.prompt.sampler import PromptSampler
+    from .llm import compact_prompt
+    code = INITIAL_PROGRAM.read_text()
+    metrics = {"combined_score": 0.0018, "val_ppl": 556.4, "val_loss": 6.32, "density": 0.655, "indexer_params": 83968.0}
+    program = dict(id="initial", code=code, metrics=metrics)
+    prompt = PromptSampler(config.prompt).build_prompt(
+        current_program=code, parent_program=code, program_metrics=metrics, previous_programs=[program],
+        top_programs=[program] * (config.prompt.num_top_programs + config.prompt.num_diverse_programs),
+        inspirations=[], language="python", evolution_round=1, diff_based_evolution=True,
+        feature_dimensions=config.database.feature_dimensions)
+    return dict(prompt, user=compact_prompt(prompt["user"])) if compact else prompt
+
+
+def check_endpoint(choice: LLMChoice, config, say=None, timeout: float = 10.0):
+    """Fail fast, before any training: the server must answer, accept the key, and complete a prompt
+    as long as the run's first one (a local server's context may be too small; a broken build may
+    crash on its first completion). One line on any failure."""
     import openai
+    from .llm import describe_failure
+    api_base = choice.api_base
     client = openai.OpenAI(base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY") or "none",
                            timeout=timeout, max_retries=0)
     try:
@@ -142,9 +170,27 @@ def check_endpoint(api_base: str, timeout: float = 10.0):
         raise RunError(f"cannot reach the LLM endpoint {api_base}: {type(cause).__name__}: {cause}")
     except openai.APIStatusError:
         pass  # it answered; some OpenAI-compatible servers have no /models
+    prompt = first_prompt(config, choice.compact)
+    if choice.mode == "api":  # a paid API: a short request proves the model name and the key
+        prompt = dict(system="Answer with one word.", user="Ready?")
+    size = len(prompt["system"]) + len(prompt["user"])
+    if say:
+        say(f"checking the LLM: one completion of a {size:,}-character prompt like the run's first "
+            f"(a CPU server takes minutes to read it; limit {choice.timeout:.0f} s)")
+    start = time.monotonic()
+    try:
+        client.with_options(timeout=choice.timeout).chat.completions.create(
+            model=choice.models[0], max_tokens=1,
+            messages=[{"role": "system", "content": prompt["system"]}, {"role": "user", "content": prompt["user"]}])
+    except Exception as e:
+        raise RunError(f"the LLM at {api_base} cannot complete a prompt like the run's ({size:,} characters): "
+                       f"{describe_failure(e, choice.timeout)}") from None
+    if say:
+        say(f"the LLM answered in {time.monotonic() - start:.0f} s")
 
 
-def configure_llm(config, choice: LLMChoice):
+def configure_llm(config, choice: LLMChoice, run_dir: Path):
+    from .llm import client_factory
     from .mutator import offline_client
     if choice.mode == "offline":
         config.llm.models = config.llm.models[:1]
@@ -152,11 +198,13 @@ def configure_llm(config, choice: LLMChoice):
         config.llm.models[0].init_client = offline_client
     else:
         template = config.llm.models[0]
-        config.llm.models = [dataclasses.replace(template, name=name, api_base=choice.api_base, weight=1.0)
+        config.llm.models = [dataclasses.replace(template, name=name, api_base=choice.api_base, weight=1.0,
+                                                 timeout=choice.timeout, retries=0)
                              for name in choice.models]
-        if choice.mode == "local":
-            for m in config.llm.models:
+        for m in config.llm.models:
+            if choice.mode == "local":
                 m.api_key = os.environ.get("OPENAI_API_KEY") or "local"  # llama.cpp and friends ignore it
+            m.init_client = client_factory(run_dir, choice.compact)  # one attempt per call, every call recorded
     config.llm.evaluator_models = list(config.llm.models)
 
 
@@ -287,15 +335,20 @@ class Best:
 
 
 class Progress(threading.Thread):
-    """Tails the evolution trace: one line per finished iteration and a live bar with an ETA."""
+    """Tails the evolution trace: one line per finished iteration, a live bar with an ETA, each LLM
+    response filed with its outcome (llm_responses.jsonl), and a stop when the LLM keeps failing
+    the same way (every further iteration would only burn its time)."""
 
-    def __init__(self, run_dir: Path, first: int, last: int, best: Best, seconds_per_child: float | None):
+    def __init__(self, run_dir: Path, first: int, last: int, best: Best, seconds_per_child: float | None,
+                 model: str):
         super().__init__(daemon=True)
         from rich.console import Console
-        self.run_dir, self.first, self.last, self.best = run_dir, first, last, best
+        self.run_dir, self.first, self.last, self.best, self.model = run_dir, first, last, best, model
         self.estimate = seconds_per_child
         self.console = Console(stderr=True)
         self.seen, self.stop_event, self.started = set(), threading.Event(), time.monotonic()
+        self.since, self.used_calls = time.time(), set()
+        self.streak, self.stop_reason = (None, 0), None
 
     def eta(self) -> str:
         remaining = self.last - self.first + 1 - len(self.seen)
@@ -314,23 +367,58 @@ class Progress(threading.Thread):
             self.poll(lambda line: bar.console.print(line, highlight=False))
 
     def poll(self, emit):
-        events = [(r["iteration"], r.get("child_metrics") or {}, r.get("artifacts") or {}, None)
-                  for r in read_jsonl(self.run_dir / TRACE)]
-        events += [(r["iteration"], None, None, r.get("error")) for r in read_jsonl(self.run_dir / TRACE_FAILURES)]
-        for iteration, metrics, artifacts, error in sorted(events, key=lambda e: e[0]):
+        events = [(r["iteration"], r, False) for r in read_jsonl(self.run_dir / TRACE)]
+        events += [(r["iteration"], r, True) for r in read_jsonl(self.run_dir / TRACE_FAILURES)]
+        calls = None
+        for iteration, record, failed in sorted(events, key=lambda e: e[0]):
             if iteration in self.seen or not self.first <= iteration <= self.last:
                 continue
             self.seen.add(iteration)
-            ppl = child_ppl(metrics) if metrics is not None else None
+            metrics, artifacts = record.get("child_metrics") or {}, record.get("artifacts") or {}
+            ppl = None if failed else child_ppl(metrics)
             if ppl is not None:
                 self.best.offer(metrics)
                 seeds = int(metrics.get("seeds") or 1)
                 outcome = f"val_ppl {ppl:.1f} ({seeds} seed{'s' * (seeds > 1)}{', confirmed' * bool(metrics.get('confirmed'))})"
-            elif metrics is not None:
+            elif not failed:
                 outcome = f"rejected: {str(artifacts.get('failure', 'score 0'))[:110]}"
             else:
-                outcome = f"no child: {str(error)[:110]}"
+                outcome = f"no child: {str(record.get('error'))[:110]}"
             emit(f"iteration {iteration}/{self.last}: {outcome} | {self.best.describe()} | {self.eta()}")
+            calls = read_jsonl(self.run_dir / rundir.LLM_CALLS) if calls is None else calls
+            self.file_response(iteration, record, failed, calls)
+            self.watch_failures(record.get("error") if failed else None)
+
+    def file_response(self, iteration: int, record: dict, failed: bool, calls: list[dict]):
+        """One llm_responses.jsonl line: the trace's outcome joined with the client's call record (by
+        response text, or by error) for the model, prompt size and seconds."""
+        from .llm import outcome_of
+        response, error = record.get("llm_response"), record.get("error") if failed else None
+        call = next((i for i, c in enumerate(calls) if i not in self.used_calls and c.get("time", 0) >= self.since
+                     and ((response is not None and c.get("response") == response)
+                          or (c.get("error") and error and c["error"] in error))), None)
+        if call is not None:
+            self.used_calls.add(call)
+        c = calls[call] if call is not None else {}
+        line = dict(iteration=iteration, model=c.get("model", self.model), prompt_chars=c.get("prompt_chars"),
+                    prompt_tokens=c.get("prompt_tokens"), seconds=c.get("seconds"),
+                    outcome=outcome_of(record.get("child_metrics"), error),
+                    error=error or (record.get("artifacts") or {}).get("failure"), response=response)
+        with open(self.run_dir / rundir.LLM_RESPONSES, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def watch_failures(self, error: str | None):
+        """IDENTICAL_FAILURES_TO_STOP LLM failures in a row, for the same reason: stop the run (as Ctrl-C
+        does, with a checkpoint), and say why."""
+        if not (error and error.startswith("LLM generation failed")):
+            self.streak = (None, 0)
+            return
+        same, count = self.streak
+        self.streak = (error, count + 1 if error == same else 1)
+        if self.streak[1] >= IDENTICAL_FAILURES_TO_STOP and not self.stop_reason:
+            self.stop_reason = f"{self.streak[1]} LLM failures in a row: {error[:200]}"
+            if not self.stop_event.is_set():  # OpenEvolve still running: stop it as Ctrl-C would
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +439,7 @@ class RunOptions:
     corpus: str | None = None
     runner: str | None = None
     seeds: str | None = None
+    prompt: str | None = None  # compact | full (default: compact for --llm local)
 
 
 class Stopped(Exception):
@@ -435,10 +524,11 @@ def run(options: RunOptions) -> int:
 
     same_llm = previous and options.llm in (None, previous["llm"]["mode"])
     choice = choose_llm(options.llm or (previous["llm"]["mode"] if previous else None),
-                        options.api_base or (previous["llm"]["api_base"] if same_llm else None), options.model, config)
+                        options.api_base or (previous["llm"]["api_base"] if same_llm else None), options.model, config,
+                        options.prompt or ((previous or {}).get("llm", {}).get("prompt") if same_llm else None))
     if choice.mode != "offline":
-        check_endpoint(choice.api_base)
-    configure_llm(config, choice)
+        check_endpoint(choice, config, say=lambda line: print(line, file=sys.stderr, flush=True))
+    configure_llm(config, choice, run_dir)
 
     checkpoint = latest_checkpoint(run_dir) if options.resume else None
     done = checkpoint[1] if checkpoint else 0
@@ -486,7 +576,8 @@ def run(options: RunOptions) -> int:
     record = previous or dict(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumes=[])
     record.update(command=" ".join(sys.argv), config=raw_config, config_path=str(options.config),
                   versions=_versions(), corpus=dict(corpus.summary()), profile=profile.as_dict(),
-                  llm=dict(mode=choice.mode, models=choice.models, api_base=choice.api_base, note=choice.note),
+                  llm=dict(mode=choice.mode, models=choice.models, api_base=choice.api_base, note=choice.note,
+                           prompt="compact" if choice.compact else "full", timeout=choice.timeout),
                   iterations_total=total, target_ppl=options.target_ppl, ledger=settings.ledger,
                   settings=settings.record(),
                   sandbox=dict(isolation=settings.sandbox) if settings.sandbox == "bwrap" else
@@ -555,7 +646,7 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stopped = False
     controller = _construct_quietly(str(INITIAL_PROGRAM), str(EVALUATOR), config, output_dir=str(run_dir))
-    progress = Progress(run_dir, done + 1, total, best, per_child)
+    progress = Progress(run_dir, done + 1, total, best, per_child, config.llm.models[0].name)
     target = 1.0 / target_ppl if target_ppl else None
     failed, started = None, time.time()
     progress.start()
@@ -570,10 +661,11 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
     except (Stopped, KeyboardInterrupt, SystemExit):
         stopped = True
     finally:
+        progress.stop_event.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a stop the progress thread sent just now lands nowhere
+        progress.join(10)
         signal.signal(signal.SIGINT, handlers[0])  # OpenEvolve leaves its handlers installed
         signal.signal(signal.SIGTERM, handlers[1])
-        progress.stop_event.set()
-        progress.join(10)
 
     reached = controller.database.last_iteration
     finished = {r["iteration"] for name in (TRACE, TRACE_FAILURES) for r in read_jsonl(run_dir / name)}
@@ -585,12 +677,17 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
     if (missing or stopped) and not target_hit and failed is None:  # stopped by Ctrl-C or SIGTERM
         with contextlib.suppress(Exception):
             controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
+        if progress.stop_reason:  # not the user's stop: the LLM keeps failing
+            raise RunError(f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "
+                           f"then: {resume_line(run_dir).removeprefix('Resume with: ')}")
         print(f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / rundir.CHECKPOINTS}. "
               f"{resume_line(run_dir)}", file=sys.stderr)
         return STOPPED_EXIT
 
     children = read_jsonl(run_dir / TRACE)
     passed = [r for r in children if child_ppl(r.get("child_metrics")) is not None]
+    if progress.stop_reason:  # OpenEvolve ran out of iterations before the stop reached it
+        failed = f"{progress.stop_reason}; fix the LLM, then: {resume_line(run_dir).removeprefix('Resume with: ')}"
     if failed or not passed:
         last = next((r.get("artifacts", {}).get("failure") for r in reversed(children)
                      if (r.get("artifacts") or {}).get("failure")), None)

@@ -31,11 +31,12 @@ BEST_PROGRAM = "best/best_program.py"
 TRACE = "evolution_trace.jsonl"
 TRACE_FAILURES = "evolution_trace_failures.jsonl"
 LLM_RESPONSES = "llm_responses.jsonl"
+LLM_CALLS = "llm_calls.jsonl"  # written by the LLM client as calls end; joined with the trace into LLM_RESPONSES
 REPORT = "report"
 LOGS = "logs"
 
 # What became of one LLM response (the `outcome` of an llm_responses.jsonl line), in pipeline order.
-LLM_OUTCOMES = ("applied", "no diff", "diff did not apply", "llm error", "rejected by a check", "passed")
+LLM_OUTCOMES = ("no diff", "diff did not apply", "llm error", "rejected by a check", "passed")
 
 
 class RunDirError(Exception):

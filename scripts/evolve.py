@@ -22,6 +22,9 @@ def main(argv=None):
                              "--api-base; offline: the LLM-free mutator (default when no OPENAI_API_KEY is set)")
     parser.add_argument("--api-base", help="LLM endpoint, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_API_BASE)")
     parser.add_argument("--model", help="model name (default: config.yaml)")
+    parser.add_argument("--prompt", choices=["compact", "full"],
+                        help="compact: each program once, the fixed code as the interface the blocks meet (default "
+                             "for --llm local); full: OpenEvolve's own prompt (default for --llm api)")
     parser.add_argument("--profile", choices=["full", "quick", "smoke"], help="default: $PLASA_PROFILE or full")
     parser.add_argument("--output", type=Path, help="run folder (default: openevolve_output/run-<time>; "
                                                     "with --resume: the newest run)")

@@ -8,6 +8,7 @@ and answers from a scripted `reply(prompt)` function.
 import json
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from plasa_lab.mutator import format_diff, parent_program, propose_edits
@@ -25,17 +26,22 @@ def outside_edit_reply(prompt: str) -> str:
 
 
 class FakeLLMServer:
-    def __init__(self, reply=mutator_reply):
-        self.reply, self.requests = reply, []
+    """`reply(prompt)` answers each chat request; `fail_after=n` answers every request after the
+    first n with HTTP 500 and a fixed error (a server that keeps failing the same way);
+    `context_chars` refuses longer prompts with HTTP 400, as llama.cpp does past its context."""
+
+    def __init__(self, reply=mutator_reply, fail_after=None, context_chars=None, fail_seconds=0.0):
+        self.reply, self.requests, self.fail_after, self.context_chars = reply, [], fail_after, context_chars
+        self.fail_seconds = fail_seconds  # how long a failing request takes
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def _send(self, body):
+            def _send(self, body, status=200):
                 data = json.dumps(body).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -47,6 +53,13 @@ class FakeLLMServer:
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(request)
+                chars = sum(len(m["content"]) for m in request["messages"])
+                if server.context_chars and chars > server.context_chars:
+                    return self._send({"error": {"message": f"the request exceeds the available context size "
+                                                            f"({chars} > {server.context_chars} characters)"}}, 400)
+                if server.fail_after is not None and len(server.requests) > server.fail_after:
+                    time.sleep(server.fail_seconds)
+                    return self._send({"error": {"message": "model crashed: out of memory"}}, 500)
                 content = server.reply(request["messages"][-1]["content"])
                 self._send({"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": request["model"],
                             "choices": [{"index": 0, "finish_reason": "stop",

@@ -4,6 +4,7 @@
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -66,7 +67,8 @@ PROMPT_KEYS = {"metrics", "fitness_score", "feature_coords", "feature_dimensions
 def test_prompt_templates_use_only_placeholders_openevolve_fills():
     user = (PROJECT_ROOT / "prompts" / "diff_user.txt").read_text()
     fields = {f for _, f, _, _ in string.Formatter().parse(user) if f}
-    assert fields <= PROMPT_KEYS and {"current_program", "metrics", "artifacts"} <= fields
+    variations = set(yaml.safe_load(CONFIG.read_text())["prompt"]["template_variations"])
+    assert fields <= PROMPT_KEYS | variations and {"current_program", "metrics", "artifacts", "focus"} <= fields
 
 
 def build_prompt(code, metrics=None):
@@ -84,10 +86,55 @@ def build_prompt(code, metrics=None):
 def test_prompt_builds_with_the_task_the_program_and_its_metrics():
     prompt = build_prompt(SOURCE)
     assert "Per-Layer Adaptive Sparse Attention" in prompt["system"] and "a leak" in prompt["system"].lower()
-    assert "<<<<<<< SEARCH" in prompt["system"] and ">>>>>>> REPLACE" in prompt["user"]
+    assert "<<<<<<< SEARCH" in prompt["user"] and ">>>>>>> REPLACE" in prompt["user"]
     assert SOURCE.strip() in prompt["user"] and "val_ppl: 556.4" in prompt["user"]
     assert "example failure line" in prompt["user"]
     assert parent_program(prompt["user"]).strip() == SOURCE.strip()
+
+
+def smollm_tokens(text):
+    from plasa_lab.tokenizer import get_tokenizer
+    return len(get_tokenizer(log=lambda *a: None).encode(text).ids)
+
+
+def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbatim():
+    """The real first prompt of a local run (OpenEvolve's sampler, our templates and config, the
+    compaction), counted with a real BPE tokenizer (SmolLM's; Qwen's larger vocabulary needs fewer)."""
+    from openevolve.config import Config
+    from plasa_lab.evolution import first_prompt
+    from plasa_lab.program import split_blocks
+    config = Config.from_yaml(CONFIG)
+    full, compact = first_prompt(config, compact=False), first_prompt(config, compact=True)
+    assert smollm_tokens(compact["system"] + compact["user"]) < 4000 < smollm_tokens(full["system"] + full["user"])
+    for block in split_blocks(SOURCE)[1]:
+        assert block.body in compact["user"]  # a SEARCH can copy any block line exactly
+    assert compact["user"].count("class LightningIndexer") == 1  # every program once
+    assert "selected = select_topk(scores, self.k, self.layer)" in compact["user"]  # the interface the blocks meet
+    assert "class SwiGLU" not in compact["user"] and "def main(" not in compact["user"]  # not the rest
+
+
+def test_prompt_shows_no_worked_example_a_model_could_copy_and_ends_with_the_format():
+    prompt = build_prompt(SOURCE)["user"]
+    example = prompt[prompt.rindex("<<<<<<< SEARCH"):]
+    code_lines = {line.strip() for line in SOURCE.splitlines() if line.strip()}
+    assert not [line for line in example.splitlines() if line.strip() in code_lines]
+    assert prompt.rstrip().endswith(">>>>>>> REPLACE") and prompt.index("# Answer format") > prompt.index("# Task")
+
+
+def test_every_prompt_names_one_focus_from_the_menu():
+    focuses = yaml.safe_load(CONFIG.read_text())["prompt"]["template_variations"]["focus"]
+    prompts = [build_prompt(SOURCE)["user"] for _ in range(40)]
+    seen = {next(f for f in focuses if f in prompt) for prompt in prompts}
+    assert len(focuses) >= 4 and len(seen) >= 3 and "{focus}" not in build_prompt(SOURCE)["user"]
+
+
+def test_the_prompts_rules_are_the_checkers_rules():
+    from plasa_lab.checks import ALLOWED_IMPORTS
+    system = (PROJECT_ROOT / "prompts" / "system_message.txt").read_text()
+    rules = system[system.index("may import only"):]
+    allowed = set(re.findall(r"\b(?:math|torch(?:\.nn(?:\.functional)?)?|functools|typing|os|sys)\b", rules.split(";")[0]))
+    assert allowed == ALLOWED_IMPORTS
+    assert "self.<name> = ..." in system and "first" in system and "string" in system and "global" in system
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,8 +335,47 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     assert run.returncode == 0, run.stderr[-3000:]
     assert server.requests and server.requests[0]["model"] == "fake-llm"
     assert server.requests[0]["messages"][0]["role"] == "system"
+    assert server.requests[0]["max_tokens"] == 1  # the start-up check: a prompt like the run's, one token back
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["llm"] == dict(mode="local", models=["fake-llm"], api_base=server.url, note=f"local LLM at {server.url}")
+    assert record["llm"]["mode"] == "local" and record["llm"]["models"] == ["fake-llm"]
+    assert record["llm"]["prompt"] == "compact" and record["llm"]["timeout"] == 900
+    user = server.requests[-1]["messages"][-1]["content"]
+    assert "class PLASAModel(nn.Module):" in user and "FFN_HIDDEN = 768" not in user  # compact: the interface only
+    responses = read_jsonl(tmp_path / "run" / "llm_responses.jsonl")
+    assert [r["iteration"] for r in responses] == [1] and responses[0]["model"] == "fake-llm"
+    assert responses[0]["outcome"] in ("passed", "rejected by a check") and responses[0]["seconds"] is not None
+    assert responses[0]["response"] and "<<<<<<< SEARCH" in responses[0]["response"]
+    trace = read_jsonl(tmp_path / "run" / "evolution_trace.jsonl")
+    assert trace[0]["llm_response"] == responses[0]["response"] and trace[0]["prompt"]["user"]  # kept in the run
+
+
+def test_an_llm_that_keeps_failing_the_same_way_stops_the_run_in_one_line(tmp_path, shared_ledger):
+    server = FakeLLMServer(fail_after=1, fail_seconds=1.5)  # the start-up check passes, then every call fails
+    try:
+        run = evolve("--iterations", "10", "--llm", "local", "--api-base", server.url, "--model", "fake-llm",
+                     "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger)
+    finally:
+        server.close()
+    assert run.returncode == 1, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower() and "evolve.py" in line]
+    assert len(errors) == 1 and "3 LLM failures in a row" in errors[0] and "HTTP 500: model crashed" in errors[0]
+    assert "--resume" in errors[0]
+    assert len(server.requests) <= 1 + 3 + 2  # the check, three failures, at most what was already in flight
+    failures = read_jsonl(tmp_path / "run" / "llm_responses.jsonl")
+    assert {r["outcome"] for r in failures} == {"llm error"} and "HTTP 500" in failures[0]["error"]
+
+
+def test_a_server_whose_context_is_too_small_is_refused_at_start_in_one_line(tmp_path, shared_ledger):
+    server = FakeLLMServer(context_chars=2000)
+    try:
+        start = time.monotonic()
+        run = evolve("--llm", "local", "--api-base", server.url, "--output", str(tmp_path / "run"), ledger=shared_ledger)
+    finally:
+        server.close()
+    assert run.returncode == 1 and "cannot complete a prompt like the run's" in run.stderr
+    assert "HTTP 400" in run.stderr and "exceeds the available context" in run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 2 and time.monotonic() - start < 60  # the check line, the error
+    assert not (tmp_path / "run").exists()
 
 
 def test_child_editing_outside_blocks_never_enters_the_database_as_a_success(tmp_path, shared_ledger):

@@ -427,9 +427,9 @@ def test_bwrap_runs_and_runs_that_do_not_say_show_no_sandbox_warning(run_copy):
 def test_llm_responses_are_counted_per_model_and_outcome(run_copy):
     calls = [dict(iteration=i, model=model, prompt_chars=9000, prompt_tokens=None, seconds=seconds, outcome=outcome,
                   error=None, response="...")
-             for i, model, seconds, outcome in [(1, "qwen", 2.0, "applied"), (2, "qwen", 4.0, "no diff"),
-                                                (3, "qwen", 6.0, "applied"), (3, "gpt", 1.0, "llm error"),
-                                                (9, "qwen", 100.0, "applied")]]  # iteration 9: after the checkpoint
+             for i, model, seconds, outcome in [(1, "qwen", 2.0, "passed"), (2, "qwen", 4.0, "no diff"),
+                                                (3, "qwen", 6.0, "passed"), (3, "gpt", 1.0, "llm error"),
+                                                (9, "qwen", 100.0, "passed")]]  # iteration 9: after the checkpoint
     (run_copy / "llm_responses.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls) + '{"torn')
     done = inspect(run_copy, "--html")
     assert done.returncode == 0, done.stderr
@@ -438,10 +438,10 @@ def test_llm_responses_are_counted_per_model_and_outcome(run_copy):
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in table.splitlines() if line.startswith("│")}
     header = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("┃")).split("┃")[1:-1]]
-    assert header == ["model", "responses", "applied", "no diff", "diff did not apply", "llm error",
+    assert header == ["model", "responses", "no diff", "diff did not apply", "llm error",
                       "rejected by a check", "passed", "mean s/response"]
-    assert rows["qwen"] == ["3", "2", "1", "0", "0", "0", "0", "4.0"]
-    assert rows["gpt"] == ["1", "0", "0", "0", "1", "0", "0", "1.0"]
+    assert rows["qwen"] == ["3", "1", "0", "0", "0", "2", "4.0"]
+    assert rows["gpt"] == ["1", "0", "0", "1", "0", "0", "1.0"]
     assert "LLM responses per model" in (run_copy / "report" / "report.html").read_text()
 
 

@@ -83,7 +83,7 @@ def test_read_trace_keeps_what_a_checkpoint_can_hold_and_counts_the_rest(run_cop
 
 def test_llm_responses_are_read_up_to_an_iteration(tmp_path):
     (tmp_path / rundir.LLM_RESPONSES).write_text("".join(
-        json.dumps(dict(iteration=i, model="m", outcome="applied", seconds=1.0)) + "\n" for i in (1, 2, 3)))
+        json.dumps(dict(iteration=i, model="m", outcome="passed", seconds=1.0)) + "\n" for i in (1, 2, 3)))
     assert [r["iteration"] for r in rundir.read_llm_responses(tmp_path, up_to_iteration=2)] == [1, 2]
     assert rundir.read_llm_responses(tmp_path / "elsewhere") == []
 
