@@ -26,7 +26,9 @@ def _evaluate(program_path, stage):
         evaluation = evaluate_file(program_path, stage, Settings())
         return EvaluationResult(metrics=evaluation.metrics, artifacts=evaluation.artifacts)
     except Exception as e:
-        return EvaluationResult(metrics=failure_metrics(), artifacts={"failure": f"evaluator set-up error: {first_line(e)}"})
+        return EvaluationResult(
+            metrics=failure_metrics(), artifacts={"failure": f"evaluator set-up error: {first_line(e)}"}
+        )
 
 
 def evaluate_stage1(program_path):
@@ -42,12 +44,16 @@ def evaluate(program_path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate one PLASA program; prints its metrics as JSON on the last line.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate one PLASA program; prints its metrics as JSON on the last line."
+    )
     parser.add_argument("program")
     parser.add_argument("--stage", choices=["1", "2", "all"], default="all")
     parser.add_argument("--profile", choices=["full", "quick", "smoke"], help="default: $PLASA_PROFILE or full")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: $PLASA_CORPUS or auto)")
+    parser.add_argument(
+        "--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: $PLASA_CORPUS or auto)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: $PLASA_DEVICE or auto")
     parser.add_argument("--ledger", help="SQLite ledger to answer from and record into (default: $PLASA_LEDGER, none)")
     parser.add_argument("--runner", choices=["local", "ray"], help="default: $PLASA_RUNNER or local")
@@ -56,8 +62,14 @@ def main(argv=None):
     try:
         with open(args.program, encoding="utf-8") as f:
             code = f.read()
-        settings = Settings(profile=args.profile, seed=args.seed, corpus=args.corpus, device=args.device,
-                            ledger=args.ledger, runner=args.runner)
+        settings = Settings(
+            profile=args.profile,
+            seed=args.seed,
+            corpus=args.corpus,
+            device=args.device,
+            ledger=args.ledger,
+            runner=args.runner,
+        )
     except UnicodeDecodeError as e:
         parser.exit(2, f"evaluator.py: error: {args.program}: not a UTF-8 text file ({e.reason} at byte {e.start})\n")
     except (OSError, ValueError) as e:

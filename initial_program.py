@@ -59,6 +59,8 @@ class LightningIndexer(nn.Module):
         q, k, w = self.components(x)
         dots = torch.einsum("bthd,bsd->bhts", q, k)
         return torch.einsum("bth,bhts->bts", w, F.relu(dots))
+
+
 # EVOLVE-BLOCK-END
 
 
@@ -77,6 +79,8 @@ def select_topk(scores, k, layer):
     # Rows t < k-1 have fewer than k past keys, so top-k also returns future (-inf) slots:
     # the AND with the causal mask is what removes them, not the -inf.
     return selected & causal
+
+
 # EVOLVE-BLOCK-END
 
 
@@ -92,6 +96,8 @@ def layer_k_schedule(n_layers, seq_len):
         k = seq_len if depth < 1 / 3 else seq_len // 4 if depth < 2 / 3 else seq_len // 2
         ks.append(max(1, min(seq_len, k)))
     return ks
+
+
 # EVOLVE-BLOCK-END
 
 
@@ -118,6 +124,8 @@ def indexer_aux_loss(attn_probs, scores, selected, layer):
 def init_indexer(indexer, layer):
     for p in indexer.parameters():
         nn.init.normal_(p, mean=0.0, std=0.02)
+
+
 # EVOLVE-BLOCK-END
 
 
@@ -240,7 +248,9 @@ class PLASAModel(nn.Module):
 
 def build_model(vocab_size: int = 49152) -> nn.Module:
     cfg = {**MODEL_CONFIG, "vocab_size": vocab_size}
-    return PLASAModel(cfg["vocab_size"], cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["seq_len"], cfg["dropout"])
+    return PLASAModel(
+        cfg["vocab_size"], cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["seq_len"], cfg["dropout"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +304,9 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         done = int(30 * step / args.steps)
-        print(f"\rtrain [{'#' * done}{'.' * (30 - done)}] {step}/{args.steps} loss {loss.item():.3f}", end="", flush=True)
+        print(
+            f"\rtrain [{'#' * done}{'.' * (30 - done)}] {step}/{args.steps} loss {loss.item():.3f}", end="", flush=True
+        )
     print()
     train_seconds = time.time() - t0
 

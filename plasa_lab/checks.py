@@ -16,23 +16,92 @@ from .program import BlockError, split_blocks
 ALLOWED_IMPORTS = {"math", "torch", "torch.nn", "torch.nn.functional"}
 FORBIDDEN_NAMES = {
     # code loading and introspection
-    "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "getattr", "setattr",
-    "delattr", "breakpoint", "help", "input", "memoryview", "__builtins__", "__loader__", "__spec__",
+    "exec",
+    "eval",
+    "compile",
+    "__import__",
+    "globals",
+    "locals",
+    "vars",
+    "getattr",
+    "setattr",
+    "delattr",
+    "breakpoint",
+    "help",
+    "input",
+    "memoryview",
+    "__builtins__",
+    "__loader__",
+    "__spec__",
     # files, processes, network, the interpreter
-    "open", "exit", "quit", "os", "sys", "subprocess", "socket", "importlib", "ctypes", "pickle",
-    "marshal", "shutil", "pathlib", "io", "inspect", "gc", "builtins", "threading", "multiprocessing",
-    "signal", "resource", "urllib", "http", "requests",
+    "open",
+    "exit",
+    "quit",
+    "os",
+    "sys",
+    "subprocess",
+    "socket",
+    "importlib",
+    "ctypes",
+    "pickle",
+    "marshal",
+    "shutil",
+    "pathlib",
+    "io",
+    "inspect",
+    "gc",
+    "builtins",
+    "threading",
+    "multiprocessing",
+    "signal",
+    "resource",
+    "urllib",
+    "http",
+    "requests",
 }
 # Attributes that read or write files, load code, spawn work, or change process-wide state.
 FORBIDDEN_ATTRIBUTES = {
-    "load", "save", "from_file", "fromfile", "tofile", "hub", "ops", "classes", "library",
-    "load_library", "cpp_extension", "utils", "multiprocessing", "distributed", "package", "jit",
-    "set_num_threads", "set_num_interop_threads", "manual_seed", "seed", "set_rng_state",
-    "set_default_dtype", "set_default_device", "set_default_tensor_type", "use_deterministic_algorithms",
-    "set_flush_denormal", "backends", "environ", "system", "popen", "profiler", "export_chrome_trace",
-    "export_stacks", "export_memory_timeline", "register_module_forward_hook", "register_module_forward_pre_hook",
-    "register_module_full_backward_hook", "register_module_backward_hook", "register_module_buffer_registration_hook",
-    "register_module_parameter_registration_hook", "register_module_module_registration_hook",
+    "load",
+    "save",
+    "from_file",
+    "fromfile",
+    "tofile",
+    "hub",
+    "ops",
+    "classes",
+    "library",
+    "load_library",
+    "cpp_extension",
+    "utils",
+    "multiprocessing",
+    "distributed",
+    "package",
+    "jit",
+    "set_num_threads",
+    "set_num_interop_threads",
+    "manual_seed",
+    "seed",
+    "set_rng_state",
+    "set_default_dtype",
+    "set_default_device",
+    "set_default_tensor_type",
+    "use_deterministic_algorithms",
+    "set_flush_denormal",
+    "backends",
+    "environ",
+    "system",
+    "popen",
+    "profiler",
+    "export_chrome_trace",
+    "export_stacks",
+    "export_memory_timeline",
+    "register_module_forward_hook",
+    "register_module_forward_pre_hook",
+    "register_module_full_backward_hook",
+    "register_module_backward_hook",
+    "register_module_buffer_registration_hook",
+    "register_module_parameter_registration_hook",
+    "register_module_module_registration_hook",
 }
 # Frames, generators, coroutines, tracebacks and code objects: the way from a value back to the
 # interpreter (a caller's frame, its globals, its builtins). No model reads them.
@@ -69,8 +138,10 @@ def integrity_violation(text: str, reference: str):
     child, ref = _fixed_lines(text), _fixed_lines(reference)
     for (line_no, got), (_, want) in zip(child, ref):
         if got != want:
-            return (f"line {line_no}: text outside the EVOLVE-BLOCKs changed ({got.strip()[:60]!r}, was "
-                    f"{want.strip()[:60]!r}): edit only inside the blocks")
+            return (
+                f"line {line_no}: text outside the EVOLVE-BLOCKs changed ({got.strip()[:60]!r}, was "
+                f"{want.strip()[:60]!r}): edit only inside the blocks"
+            )
     if len(child) != len(ref):
         where = child[len(ref)][0] if len(child) > len(ref) else (child[-1][0] if child else 1)
         return f"line {where}: lines added or removed outside the EVOLVE-BLOCKs: edit only inside the blocks"
@@ -89,7 +160,9 @@ def _top_level_bindings(statements):
     for node in statements:
         if isinstance(node, ast.Import):
             for alias in node.names:
-                bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                bound[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
         elif isinstance(node, ast.ImportFrom):
             for alias in node.names:
                 bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
@@ -118,8 +191,12 @@ def _node_violation(node):
     elif isinstance(node, ast.Name) and node.id in FORBIDDEN_NAMES:
         return f"{node.id!r} is not allowed in an EVOLVE-BLOCK (no files, processes, network or introspection)"
     elif isinstance(node, ast.Attribute):
-        is_super_init = (node.attr == "__init__" and isinstance(node.value, ast.Call)
-                         and isinstance(node.value.func, ast.Name) and node.value.func.id == "super")
+        is_super_init = (
+            node.attr == "__init__"
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "super"
+        )
         if node.attr.startswith("__") and not is_super_init:
             return f"dunder attribute {node.attr!r} is not allowed (super().__init__ is the one exception)"
         if node.attr.startswith("_") and not is_super_init and _root_name(node) != "self":
@@ -131,15 +208,21 @@ def _node_violation(node):
     elif isinstance(node, (ast.Global, ast.Nonlocal)):
         return "global/nonlocal statements are not allowed"
     elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete, ast.For, ast.With)):
-        targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete))
-                   else [i.optional_vars for i in node.items if i.optional_vars] if isinstance(node, ast.With)
-                   else [node.target])
+        targets = (
+            node.targets
+            if isinstance(node, (ast.Assign, ast.Delete))
+            else [i.optional_vars for i in node.items if i.optional_vars]
+            if isinstance(node, ast.With)
+            else [node.target]
+        )
         for target in targets:
             for sub in ast.walk(target):
                 if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, (ast.Store, ast.Del)):
                     if not (isinstance(sub.value, ast.Name) and sub.value.id == "self"):
-                        return (f"assignment to {ast.unparse(sub)!r}: only self.<name> = ... may be assigned; "
-                                f"change parameters in place (nn.init.*, p.copy_(...))")
+                        return (
+                            f"assignment to {ast.unparse(sub)!r}: only self.<name> = ... may be assigned; "
+                            f"change parameters in place (nn.init.*, p.copy_(...))"
+                        )
     return None
 
 
@@ -177,7 +260,9 @@ def _annotation_violation(node):
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
         args = node.args
         params = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
-        annotations = [p.annotation for p in params if p.annotation] + ([node.returns] if getattr(node, "returns", None) else [])
+        annotations = [p.annotation for p in params if p.annotation] + (
+            [node.returns] if getattr(node, "returns", None) else []
+        )
     elif isinstance(node, ast.AnnAssign):
         annotations = [node.annotation]
     for annotation in annotations:

@@ -17,8 +17,19 @@ MAX_NONEMBED_PARAMS = 2_000_000  # every parameter and buffer of the snapshot ex
 FIXED_WEIGHTS = ("embed.weight", "lm_head.weight")  # names in the fixed code: excluded from the budget
 PPL_CAP = 10_000.0
 
-METRIC_KEYS = ("combined_score", "val_ppl", "val_loss", "val_acc", "train_loss", "density", "indexer_params",
-               "nonembed_params", "train_seconds", "stage1_passed", "stage2_passed")
+METRIC_KEYS = (
+    "combined_score",
+    "val_ppl",
+    "val_loss",
+    "val_acc",
+    "train_loss",
+    "density",
+    "indexer_params",
+    "nonembed_params",
+    "train_seconds",
+    "stage1_passed",
+    "stage2_passed",
+)
 DESCRIPTIVE_KEYS = ("density", "indexer_params", "nonembed_params", "train_seconds", "stage1_passed")  # kept on failure
 
 

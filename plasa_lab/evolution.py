@@ -52,12 +52,26 @@ class RunError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Config
 
+
 def unknown_config_keys(raw: dict) -> list[str]:
     """Dotted paths of keys in a config dict that OpenEvolve's dataclasses do not define."""
-    from openevolve.config import (Config, DatabaseConfig, EvaluatorConfig, EvolutionTraceConfig, LLMConfig,
-                                   LLMModelConfig, PromptConfig)
-    sections = dict(llm=LLMConfig, prompt=PromptConfig, database=DatabaseConfig, evaluator=EvaluatorConfig,
-                    evolution_trace=EvolutionTraceConfig)
+    from openevolve.config import (
+        Config,
+        DatabaseConfig,
+        EvaluatorConfig,
+        EvolutionTraceConfig,
+        LLMConfig,
+        LLMModelConfig,
+        PromptConfig,
+    )
+
+    sections = dict(
+        llm=LLMConfig,
+        prompt=PromptConfig,
+        database=DatabaseConfig,
+        evaluator=EvaluatorConfig,
+        evolution_trace=EvolutionTraceConfig,
+    )
 
     def check(d, cls, prefix):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -76,6 +90,7 @@ def unknown_config_keys(raw: dict) -> list[str]:
 def load_config(path: Path):
     """OpenEvolve's Config from YAML, refusing keys it would silently ignore."""
     from openevolve.config import Config
+
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as e:
@@ -115,16 +130,25 @@ class LLMChoice:
     timeout: float | None = None
 
 
-def choose_llm(mode: str | None, api_base: str | None, model: str | None, config, prompt: str | None = None) -> LLMChoice:
+def choose_llm(
+    mode: str | None, api_base: str | None, model: str | None, config, prompt: str | None = None
+) -> LLMChoice:
     env_key, env_base = os.environ.get("OPENAI_API_KEY"), os.environ.get("OPENAI_API_BASE")
     if mode is None:
         mode = "api" if env_key else "offline"
         if mode == "offline":
-            print("No OPENAI_API_KEY set: using the offline mutator (a seeded LLM-free search operator; "
-                  "pass --llm api or --llm local to use a model).", file=sys.stderr)
+            print(
+                "No OPENAI_API_KEY set: using the offline mutator (a seeded LLM-free search operator; "
+                "pass --llm api or --llm local to use a model).",
+                file=sys.stderr,
+            )
     if mode == "offline":
-        return LLMChoice("offline", None, [OFFLINE_MODEL_NAME],
-                         "offline mutator: seeded LLM-free edits inside the EVOLVE-BLOCKs (the no-LLM baseline)")
+        return LLMChoice(
+            "offline",
+            None,
+            [OFFLINE_MODEL_NAME],
+            "offline mutator: seeded LLM-free edits inside the EVOLVE-BLOCKs (the no-LLM baseline)",
+        )
     base = api_base or env_base or (config.llm.api_base if mode == "api" else None)
     if not base:
         raise RunError("--llm local needs --api-base URL (or OPENAI_API_BASE), e.g. http://127.0.0.1:8000/v1")
@@ -133,22 +157,42 @@ def choose_llm(mode: str | None, api_base: str | None, model: str | None, config
     models = [model] if model else [m.name for m in config.llm.models]
     compact = (prompt or ("compact" if mode == "local" else "full")) == "compact"
     timeout = LOCAL_TIMEOUT if mode == "local" else float(config.llm.timeout or 180)
-    return LLMChoice(mode, base, models, f"{mode} LLM at {base} ({'compact' if compact else 'full'} prompts, "
-                                         f"{timeout:.0f} s per call)", compact, timeout)
+    return LLMChoice(
+        mode,
+        base,
+        models,
+        f"{mode} LLM at {base} ({'compact' if compact else 'full'} prompts, {timeout:.0f} s per call)",
+        compact,
+        timeout,
+    )
 
 
 def first_prompt(config, compact: bool) -> dict:
     """The run's first prompt, as OpenEvolve builds it for the initial program (metrics as a placeholder)."""
     from openevolve.prompt.sampler import PromptSampler
     from .llm import compact_prompt
+
     code = INITIAL_PROGRAM.read_text()
-    metrics = {"combined_score": 0.0018, "val_ppl": 556.4, "val_loss": 6.32, "density": 0.655, "indexer_params": 83968.0}
+    metrics = {
+        "combined_score": 0.0018,
+        "val_ppl": 556.4,
+        "val_loss": 6.32,
+        "density": 0.655,
+        "indexer_params": 83968.0,
+    }
     program = dict(id="initial", code=code, metrics=metrics)
     prompt = PromptSampler(config.prompt).build_prompt(
-        current_program=code, parent_program=code, program_metrics=metrics, previous_programs=[program],
+        current_program=code,
+        parent_program=code,
+        program_metrics=metrics,
+        previous_programs=[program],
         top_programs=[program] * (config.prompt.num_top_programs + config.prompt.num_diverse_programs),
-        inspirations=[], language="python", evolution_round=1, diff_based_evolution=True,
-        feature_dimensions=config.database.feature_dimensions)
+        inspirations=[],
+        language="python",
+        evolution_round=1,
+        diff_based_evolution=True,
+        feature_dimensions=config.database.feature_dimensions,
+    )
     return dict(prompt, user=compact_prompt(prompt["user"])) if compact else prompt
 
 
@@ -158,9 +202,11 @@ def check_endpoint(choice: LLMChoice, config, say=None, timeout: float = 10.0):
     crash on its first completion). One line on any failure."""
     import openai
     from .llm import describe_failure
+
     api_base = choice.api_base
-    client = openai.OpenAI(base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY") or "none",
-                           timeout=timeout, max_retries=0)
+    client = openai.OpenAI(
+        base_url=api_base, api_key=os.environ.get("OPENAI_API_KEY") or "none", timeout=timeout, max_retries=0
+    )
     try:
         client.models.list()
     except openai.AuthenticationError:
@@ -175,16 +221,22 @@ def check_endpoint(choice: LLMChoice, config, say=None, timeout: float = 10.0):
         prompt = dict(system="Answer with one word.", user="Ready?")
     size = len(prompt["system"]) + len(prompt["user"])
     if say:
-        say(f"checking the LLM: one completion of a {size:,}-character prompt like the run's first "
-            f"(a CPU server takes minutes to read it; limit {choice.timeout:.0f} s)")
+        say(
+            f"checking the LLM: one completion of a {size:,}-character prompt like the run's first "
+            f"(a CPU server takes minutes to read it; limit {choice.timeout:.0f} s)"
+        )
     start = time.monotonic()
     try:
         client.with_options(timeout=choice.timeout).chat.completions.create(
-            model=choice.models[0], max_tokens=1,
-            messages=[{"role": "system", "content": prompt["system"]}, {"role": "user", "content": prompt["user"]}])
+            model=choice.models[0],
+            max_tokens=1,
+            messages=[{"role": "system", "content": prompt["system"]}, {"role": "user", "content": prompt["user"]}],
+        )
     except Exception as e:
-        raise RunError(f"the LLM at {api_base} cannot complete a prompt like the run's ({size:,} characters): "
-                       f"{describe_failure(e, choice.timeout)}") from None
+        raise RunError(
+            f"the LLM at {api_base} cannot complete a prompt like the run's ({size:,} characters): "
+            f"{describe_failure(e, choice.timeout)}"
+        ) from None
     if say:
         say(f"the LLM answered in {time.monotonic() - start:.0f} s")
 
@@ -192,15 +244,19 @@ def check_endpoint(choice: LLMChoice, config, say=None, timeout: float = 10.0):
 def configure_llm(config, choice: LLMChoice, run_dir: Path):
     from .llm import client_factory
     from .mutator import offline_client
+
     if choice.mode == "offline":
         config.llm.models = config.llm.models[:1]
         config.llm.models[0].name = OFFLINE_MODEL_NAME
         config.llm.models[0].init_client = offline_client
     else:
         template = config.llm.models[0]
-        config.llm.models = [dataclasses.replace(template, name=name, api_base=choice.api_base, weight=1.0,
-                                                 timeout=choice.timeout, retries=0)
-                             for name in choice.models]
+        config.llm.models = [
+            dataclasses.replace(
+                template, name=name, api_base=choice.api_base, weight=1.0, timeout=choice.timeout, retries=0
+            )
+            for name in choice.models
+        ]
         for m in config.llm.models:
             if choice.mode == "local":
                 m.api_key = os.environ.get("OPENAI_API_KEY") or "local"  # llama.cpp and friends ignore it
@@ -211,16 +267,27 @@ def configure_llm(config, choice: LLMChoice, run_dir: Path):
 # ---------------------------------------------------------------------------------------------
 # Run folder
 
+
 def _versions():
     import openevolve
     import torch
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return dict(python=platform.python_version(), torch=torch.__version__, openevolve=openevolve.__version__,
-                project_commit=commit, harness_version=HARNESS_VERSION)
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        openevolve=openevolve.__version__,
+        project_commit=commit,
+        harness_version=HARNESS_VERSION,
+    )
 
 
 def write_run_json(run_dir: Path, record: dict):
@@ -252,6 +319,7 @@ def discard_unsaved_iterations(run_dir: Path, done: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The initial program: the noise floor and the time limits
 
+
 @dataclass
 class NoiseFloor:
     seeds: list[int]
@@ -259,8 +327,12 @@ class NoiseFloor:
     sd: float | None  # of val_loss over the seeds: the run's noise
 
     def record(self) -> dict:
-        return dict(seeds=self.seeds, val_losses=self.val_losses, val_loss_sd=self.sd,
-                    val_ppl_per_seed=[round(math.exp(v), 2) for v in self.val_losses])
+        return dict(
+            seeds=self.seeds,
+            val_losses=self.val_losses,
+            val_loss_sd=self.sd,
+            val_ppl_per_seed=[round(math.exp(v), 2) for v in self.val_losses],
+        )
 
 
 def evaluate_initial_program(settings: Settings, say) -> tuple[NoiseFloor, dict]:
@@ -268,8 +340,10 @@ def evaluate_initial_program(settings: Settings, say) -> tuple[NoiseFloor, dict]
     its reason, the seeds give the run its noise floor, and the timings calibrate every time limit."""
     code = INITIAL_PROGRAM.read_text()
     progress = lambda line: say(f"  {line}")
-    say(f"evaluating the initial program: stage 1, then stage 2 on seed{'s' * (len(settings.seeds) > 1)} "
-        f"{', '.join(map(str, settings.seeds))} (the noise floor)")
+    say(
+        f"evaluating the initial program: stage 1, then stage 2 on seed{'s' * (len(settings.seeds) > 1)} "
+        f"{', '.join(map(str, settings.seeds))} (the noise floor)"
+    )
     first = evaluate_stage(code, 1, settings, progress)
     if not first.passed:
         raise RunError(f"the initial program fails its own evaluation: {first.artifacts.get('failure')}")
@@ -277,11 +351,15 @@ def evaluate_initial_program(settings: Settings, say) -> tuple[NoiseFloor, dict]
     for seed in settings.seeds:
         evaluation = evaluate_stage(code, 2, settings, progress, seed=seed)
         if not evaluation.passed:
-            raise RunError(f"the initial program fails its own evaluation (seed {seed}): {evaluation.artifacts.get('failure')}")
+            raise RunError(
+                f"the initial program fails its own evaluation (seed {seed}): {evaluation.artifacts.get('failure')}"
+            )
         m = evaluation.metrics
         losses.append(m["val_loss"])
-        say(f"initial program, seed {seed}: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f} "
-            f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})")
+        say(
+            f"initial program, seed {seed}: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f} "
+            f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})"
+        )
     floor = NoiseFloor(list(settings.seeds), losses, statistics.stdev(losses) if len(losses) > 1 else None)
     # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best.
     return floor, benchmark(code, settings).metrics
@@ -301,6 +379,7 @@ def hours(seconds: float) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Progress
+
 
 def child_ppl(metrics: dict | None):
     """A child's val_ppl if it passed evaluation, else None."""
@@ -327,9 +406,12 @@ class Best:
         if len(seeds) < 2 or len(self.initial_losses) < 2:
             return f"best val_ppl {m['val_ppl']:.1f}"
         from .replay import verdict
+
         losses = [m[f"val_loss_seed{s}"] for s in seeds]
         word, p = verdict(losses, self.initial_losses)
-        change = 100 * math.expm1(statistics.fmean(losses) - statistics.fmean(self.initial_losses))  # of the geometric mean ppl
+        change = 100 * math.expm1(
+            statistics.fmean(losses) - statistics.fmean(self.initial_losses)
+        )  # of the geometric mean ppl
         p_text = f"p={p:.2g}" if p is not None else "p n/a"
         return f"best confirmed val_ppl {m['val_ppl']:.1f} ({len(seeds)} seeds, {change:+.2f}% vs initial, {p_text}: {word})"
 
@@ -339,10 +421,10 @@ class Progress(threading.Thread):
     response filed with its outcome (llm_responses.jsonl), and a stop when the LLM keeps failing
     the same way (every further iteration would only burn its time)."""
 
-    def __init__(self, run_dir: Path, first: int, last: int, best: Best, seconds_per_child: float | None,
-                 model: str):
+    def __init__(self, run_dir: Path, first: int, last: int, best: Best, seconds_per_child: float | None, model: str):
         super().__init__(daemon=True)
         from rich.console import Console
+
         self.run_dir, self.first, self.last, self.best, self.model = run_dir, first, last, best, model
         self.estimate = seconds_per_child
         self.console = Console(stderr=True)
@@ -357,9 +439,17 @@ class Progress(threading.Thread):
 
     def run(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-        with Bar(TextColumn("[bold]evolve"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[status]}"), console=self.console,
-                 transient=True) as bar:
+
+        with Bar(
+            TextColumn("[bold]evolve"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[eta]}"),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("", total=self.last - self.first + 1, eta=self.eta(), status=self.best.describe())
             while not self.stop_event.wait(1.0):
                 self.poll(lambda line: bar.console.print(line, highlight=False))
@@ -393,17 +483,34 @@ class Progress(threading.Thread):
         """One llm_responses.jsonl line: the trace's outcome joined with the client's call record (by
         response text, or by error) for the model, prompt size and seconds."""
         from .llm import outcome_of
+
         response, error = record.get("llm_response"), record.get("error") if failed else None
-        call = next((i for i, c in enumerate(calls) if i not in self.used_calls and c.get("time", 0) >= self.since
-                     and ((response is not None and c.get("response") == response)
-                          or (c.get("error") and error and c["error"] in error))), None)
+        call = next(
+            (
+                i
+                for i, c in enumerate(calls)
+                if i not in self.used_calls
+                and c.get("time", 0) >= self.since
+                and (
+                    (response is not None and c.get("response") == response)
+                    or (c.get("error") and error and c["error"] in error)
+                )
+            ),
+            None,
+        )
         if call is not None:
             self.used_calls.add(call)
         c = calls[call] if call is not None else {}
-        line = dict(iteration=iteration, model=c.get("model", self.model), prompt_chars=c.get("prompt_chars"),
-                    prompt_tokens=c.get("prompt_tokens"), seconds=c.get("seconds"),
-                    outcome=outcome_of(record.get("child_metrics"), error),
-                    error=error or (record.get("artifacts") or {}).get("failure"), response=response)
+        line = dict(
+            iteration=iteration,
+            model=c.get("model", self.model),
+            prompt_chars=c.get("prompt_chars"),
+            prompt_tokens=c.get("prompt_tokens"),
+            seconds=c.get("seconds"),
+            outcome=outcome_of(record.get("child_metrics"), error),
+            error=error or (record.get("artifacts") or {}).get("failure"),
+            response=response,
+        )
         with open(self.run_dir / rundir.LLM_RESPONSES, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -423,6 +530,7 @@ class Progress(threading.Thread):
 
 # ---------------------------------------------------------------------------------------------
 # The run
+
 
 @dataclass
 class RunOptions:
@@ -453,8 +561,10 @@ class Stopped(Exception):
 def stop_on_signals():
     """SIGINT and SIGTERM raise Stopped here, so any stop ends with a checkpoint (where there is one)
     and the resume command, never a traceback or a silent exit."""
+
     def handler(signum, frame):
         raise Stopped(signum)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -489,16 +599,22 @@ def _settings(options: RunOptions, previous: dict | None, run_dir: Path) -> Sett
     before = (previous or {}).get("settings") or {}
     profile = options.profile or before.get("profile") or (previous or {}).get("profile", {}).get("name")
     if before and profile != before.get("profile"):
-        raise RunError(f"this run uses the {before.get('profile')} profile; resuming it with {profile} would mix "
-                       f"incomparable scores")
+        raise RunError(
+            f"this run uses the {before.get('profile')} profile; resuming it with {profile} would mix "
+            f"incomparable scores"
+        )
     seeds = options.seeds or before.get("seeds")
     if before and options.seeds and [int(s) for s in options.seeds.split(",")] != before.get("seeds"):
         raise RunError(f"this run confirms on seeds {before.get('seeds')}; resuming it with others would mix scores")
     try:
-        settings = Settings(profile=profile, corpus=options.corpus or before.get("corpus"),
-                            device=options.device or before.get("device"), runner=options.runner or before.get("runner"),
-                            seeds=seeds, ledger=before.get("ledger") or os.environ.get("PLASA_LEDGER")
-                            or str(run_dir / rundir.LEDGER))
+        settings = Settings(
+            profile=profile,
+            corpus=options.corpus or before.get("corpus"),
+            device=options.device or before.get("device"),
+            runner=options.runner or before.get("runner"),
+            seeds=seeds,
+            ledger=before.get("ledger") or os.environ.get("PLASA_LEDGER") or str(run_dir / rundir.LEDGER),
+        )
     except ValueError as e:
         raise RunError(str(e)) from None
     settings.noise_aware = len(settings.seeds) > 1
@@ -515,17 +631,24 @@ def run(options: RunOptions) -> int:
         raise RunError(str(e)) from None
     settings = _settings(options, previous, run_dir)
     profile = get_profile(settings.profile)
-    total = options.iterations if options.iterations is not None else (
-        (previous or {}).get("iterations_total") or config.max_iterations)
+    total = (
+        options.iterations
+        if options.iterations is not None
+        else ((previous or {}).get("iterations_total") or config.max_iterations)
+    )
     if total < 1:
         raise RunError(f"--iterations must be at least 1, got {total}")
     if options.target_ppl is not None and options.target_ppl <= 0:
         raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
 
     same_llm = previous and options.llm in (None, previous["llm"]["mode"])
-    choice = choose_llm(options.llm or (previous["llm"]["mode"] if previous else None),
-                        options.api_base or (previous["llm"]["api_base"] if same_llm else None), options.model, config,
-                        options.prompt or ((previous or {}).get("llm", {}).get("prompt") if same_llm else None))
+    choice = choose_llm(
+        options.llm or (previous["llm"]["mode"] if previous else None),
+        options.api_base or (previous["llm"]["api_base"] if same_llm else None),
+        options.model,
+        config,
+        options.prompt or ((previous or {}).get("llm", {}).get("prompt") if same_llm else None),
+    )
     if choice.mode != "offline":
         check_endpoint(choice, config, say=lambda line: print(line, file=sys.stderr, flush=True))
     configure_llm(config, choice, run_dir)
@@ -544,8 +667,10 @@ def run(options: RunOptions) -> int:
 
     corpus = corpus_of(settings.corpus)
     if previous and previous["corpus"]["fingerprint"] != corpus.fingerprint:
-        raise RunError(f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
-                       f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare")
+        raise RunError(
+            f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
+            f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare"
+        )
     settings.corpus = corpus.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -556,6 +681,7 @@ def run(options: RunOptions) -> int:
         raise RunError(str(e)) from None
     if settings.runner == "ray":
         from .ray_runner import parallel_evaluations
+
         try:
             config.evaluator.parallel_evaluations = parallel_evaluations(settings.threads)
         except (ConnectionError, OSError, subprocess.SubprocessError) as e:
@@ -569,49 +695,92 @@ def run(options: RunOptions) -> int:
 
     if options.resume:
         lost = discard_unsaved_iterations(run_dir, done)
-        where = (f"checkpoint_{done} (iteration {done} of {total})" if checkpoint else
-                 "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger")
-        print(f"resuming {run_dir} from {where}" + (f"; {lost} record(s) of iterations after it moved to {TRACE_LOST} "
-                                                   f"(their checkpoint was never written)" if lost else ""), file=sys.stderr)
+        where = (
+            f"checkpoint_{done} (iteration {done} of {total})"
+            if checkpoint
+            else "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
+        )
+        print(
+            f"resuming {run_dir} from {where}"
+            + (
+                f"; {lost} record(s) of iterations after it moved to {TRACE_LOST} (their checkpoint was never written)"
+                if lost
+                else ""
+            ),
+            file=sys.stderr,
+        )
     record = previous or dict(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumes=[])
-    record.update(command=" ".join(sys.argv), config=raw_config, config_path=str(options.config),
-                  versions=_versions(), corpus=dict(corpus.summary()), profile=profile.as_dict(),
-                  llm=dict(mode=choice.mode, models=choice.models, api_base=choice.api_base, note=choice.note,
-                           prompt="compact" if choice.compact else "full", timeout=choice.timeout),
-                  iterations_total=total, target_ppl=options.target_ppl, ledger=settings.ledger,
-                  settings=settings.record(),
-                  sandbox=dict(isolation=settings.sandbox) if settings.sandbox == "bwrap" else
-                  dict(isolation=settings.sandbox, warning=UNISOLATED_WARNING))
+    record.update(
+        command=" ".join(sys.argv),
+        config=raw_config,
+        config_path=str(options.config),
+        versions=_versions(),
+        corpus=dict(corpus.summary()),
+        profile=profile.as_dict(),
+        llm=dict(
+            mode=choice.mode,
+            models=choice.models,
+            api_base=choice.api_base,
+            note=choice.note,
+            prompt="compact" if choice.compact else "full",
+            timeout=choice.timeout,
+        ),
+        iterations_total=total,
+        target_ppl=options.target_ppl,
+        ledger=settings.ledger,
+        settings=settings.record(),
+        sandbox=dict(isolation=settings.sandbox)
+        if settings.sandbox == "bwrap"
+        else dict(isolation=settings.sandbox, warning=UNISOLATED_WARNING),
+    )
     if options.resume:
-        record["resumes"].append(dict(at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                      checkpoint=str(checkpoint[0]) if checkpoint else None, iteration=done))
+        record["resumes"].append(
+            dict(
+                at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                checkpoint=str(checkpoint[0]) if checkpoint else None,
+                iteration=done,
+            )
+        )
     write_run_json(run_dir, record)
     say = lambda line: print(line, file=sys.stderr, flush=True)
-    say(f"run: {run_dir} | profile {profile.name} | {choice.note} | corpus {corpus.name} ({corpus.fingerprint[:12]}) "
-        f"| iterations {done + 1}..{total} | seeds {', '.join(map(str, settings.seeds))}")
+    say(
+        f"run: {run_dir} | profile {profile.name} | {choice.note} | corpus {corpus.name} ({corpus.fingerprint[:12]}) "
+        f"| iterations {done + 1}..{total} | seeds {', '.join(map(str, settings.seeds))}"
+    )
 
     try:
         with stop_on_signals():
             floor, initial_metrics = evaluate_initial_program(settings, say)
     except Stopped as e:
-        say(f"stopped ({e}) while evaluating the initial program, before iteration {done + 1}; its finished "
-            f"evaluations are in the ledger. {resume_line(run_dir)}")
+        say(
+            f"stopped ({e}) while evaluating the initial program, before iteration {done + 1}; its finished "
+            f"evaluations are in the ledger. {resume_line(run_dir)}"
+        )
         return STOPPED_EXIT
     cal = calibration(settings, Ledger(settings.ledger), corpus.fingerprint)
     per_child = expected_seconds_per_child(cal, settings)
-    record.update(noise_floor=floor.record(), calibration=cal.record(profile, profile.val_windows),
-                  expected_seconds_per_child=per_child)
+    record.update(
+        noise_floor=floor.record(),
+        calibration=cal.record(profile, profile.val_windows),
+        expected_seconds_per_child=per_child,
+    )
     write_run_json(run_dir, record)
     if floor.sd is not None:
-        say(f"noise floor: val_loss sd {floor.sd:.4f} over seeds {', '.join(map(str, floor.seeds))} (val_ppl "
+        say(
+            f"noise floor: val_loss sd {floor.sd:.4f} over seeds {', '.join(map(str, floor.seeds))} (val_ppl "
             f"{', '.join(f'{math.exp(v):.1f}' for v in floor.val_losses)}); a child whose first seed comes within "
-            f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win")
+            f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win"
+        )
     limits = cal.record(profile, profile.val_windows)["limits_seconds"]
-    say(f"time limits: {cal.multiple:g}x the initial program's time here: stage 1 {limits['stage1']:.0f} s, "
-        f"stage 2 {limits['stage2']:.0f} s (PLASA_TIME_LIMIT sets the multiple)")
+    say(
+        f"time limits: {cal.multiple:g}x the initial program's time here: stage 1 {limits['stage1']:.0f} s, "
+        f"stage 2 {limits['stage2']:.0f} s (PLASA_TIME_LIMIT sets the multiple)"
+    )
     if per_child:
-        say(f"{total - done} iteration(s): about {hours(per_child * (total - done))} here "
-            f"({per_child / 60:.1f} min per child; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min)")
+        say(
+            f"{total - done} iteration(s): about {hours(per_child * (total - done))} here "
+            f"({per_child / 60:.1f} min per child; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min)"
+        )
     best = Best(_best_so_far(checkpoint) or initial_metrics, floor.val_losses)
     return _evolve(config, run_dir, checkpoint, done, total, options.target_ppl, best, per_child, settings)
 
@@ -630,6 +799,7 @@ def _construct_quietly(*args, **kwargs):
     """OpenEvolve(...) with its console handler turned down to warnings: INFO goes to the run's
     log file, and the console shows our progress instead."""
     from openevolve.controller import OpenEvolve
+
     with contextlib.redirect_stderr(io.StringIO()):  # the handler it adds would print the set-up chatter
         controller = OpenEvolve(*args, **kwargs)
     for handler in logging.getLogger().handlers:
@@ -639,8 +809,9 @@ def _construct_quietly(*args, **kwargs):
     return controller
 
 
-def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl, best: Best, per_child,
-            settings: Settings) -> int:
+def _evolve(
+    config, run_dir: Path, checkpoint, done: int, total: int, target_ppl, best: Best, per_child, settings: Settings
+) -> int:
     from openevolve.controller import EvolutionFailedError
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -654,8 +825,13 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
         # Until OpenEvolve installs its own graceful handlers, a stop is ours (Stopped); its second
         # Ctrl-C calls sys.exit(0): both end below with a checkpoint and the resume line.
         with stop_on_signals():
-            asyncio.run(controller.run(iterations=total - done, target_score=target,
-                                       checkpoint_path=str(checkpoint[0]) if checkpoint else None))
+            asyncio.run(
+                controller.run(
+                    iterations=total - done,
+                    target_score=target,
+                    checkpoint_path=str(checkpoint[0]) if checkpoint else None,
+                )
+            )
     except EvolutionFailedError as e:
         failed = str(e)
     except (Stopped, KeyboardInterrupt, SystemExit):
@@ -678,10 +854,15 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
         with contextlib.suppress(Exception):
             controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
         if progress.stop_reason:  # not the user's stop: the LLM keeps failing
-            raise RunError(f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "
-                           f"then: {resume_line(run_dir).removeprefix('Resume with: ')}")
-        print(f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / rundir.CHECKPOINTS}. "
-              f"{resume_line(run_dir)}", file=sys.stderr)
+            raise RunError(
+                f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "
+                f"then: {resume_line(run_dir).removeprefix('Resume with: ')}"
+            )
+        print(
+            f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / rundir.CHECKPOINTS}. "
+            f"{resume_line(run_dir)}",
+            file=sys.stderr,
+        )
         return STOPPED_EXIT
 
     children = read_jsonl(run_dir / TRACE)
@@ -689,13 +870,25 @@ def _evolve(config, run_dir: Path, checkpoint, done: int, total: int, target_ppl
     if progress.stop_reason:  # OpenEvolve ran out of iterations before the stop reached it
         failed = f"{progress.stop_reason}; fix the LLM, then: {resume_line(run_dir).removeprefix('Resume with: ')}"
     if failed or not passed:
-        last = next((r.get("artifacts", {}).get("failure") for r in reversed(children)
-                     if (r.get("artifacts") or {}).get("failure")), None)
-        raise RunError(failed or f"no child could be evaluated: {len(children)} children, none passed"
-                       + (f"; last failure: {last}" if last else ""))
+        last = next(
+            (
+                r.get("artifacts", {}).get("failure")
+                for r in reversed(children)
+                if (r.get("artifacts") or {}).get("failure")
+            ),
+            None,
+        )
+        raise RunError(
+            failed
+            or f"no child could be evaluated: {len(children)} children, none passed"
+            + (f"; last failure: {last}" if last else "")
+        )
     summary = Best(best_metrics, best.initial_losses).describe()
-    print(f"done: iteration {reached} of {total}; {len(passed)} of {len(children)} children passed; {summary} "
-          f"({run_dir / rundir.BEST_PROGRAM})", file=sys.stderr)
+    print(
+        f"done: iteration {reached} of {total}; {len(passed)} of {len(children)} children passed; {summary} "
+        f"({run_dir / rundir.BEST_PROGRAM})",
+        file=sys.stderr,
+    )
     print(time_line, file=sys.stderr)
     return 0
 
@@ -706,16 +899,27 @@ def _time_accounting(run_dir: Path, settings: Settings, started: float, done: in
     wall = max(1e-9, time.time() - started)
     slots = wall * max(1, settings.parallel)
     evaluating = sum(r["seconds"] for r in Ledger(settings.ledger).rows() if r["created_at"] >= started)
-    llm = sum(float(r.get("seconds") or 0) for r in read_jsonl(run_dir / rundir.LLM_RESPONSES)
-              if done < int(r.get("iteration") or 0) <= reached)
+    llm = sum(
+        float(r.get("seconds") or 0)
+        for r in read_jsonl(run_dir / rundir.LLM_RESPONSES)
+        if done < int(r.get("iteration") or 0) <= reached
+    )
     shares = dict(llm=min(1.0, llm / slots), evaluations=min(1.0, evaluating / slots))
     shares["idle_or_other"] = max(0.0, 1.0 - shares["llm"] - shares["evaluations"])
     with contextlib.suppress(Exception):
         record = rundir.read_run_record(run_dir) or {}
-        record.setdefault("time_accounting", []).append(dict(wall_seconds=round(wall, 1), parallel=settings.parallel,
-                                                             llm_seconds=round(llm, 1), evaluation_seconds=round(evaluating, 1),
-                                                             shares={k: round(v, 3) for k, v in shares.items()}))
+        record.setdefault("time_accounting", []).append(
+            dict(
+                wall_seconds=round(wall, 1),
+                parallel=settings.parallel,
+                llm_seconds=round(llm, 1),
+                evaluation_seconds=round(evaluating, 1),
+                shares={k: round(v, 3) for k, v in shares.items()},
+            )
+        )
         write_run_json(run_dir, record)
     limit = "the LLM" if shares["llm"] > shares["evaluations"] else "the evaluations"
-    return (f"time: {hours(wall)} wall, {settings.parallel} evaluation slot(s): {shares['llm']:.0%} waiting on the LLM, "
-            f"{shares['evaluations']:.0%} evaluating, {shares['idle_or_other']:.0%} idle or other; {limit} limited this run")
+    return (
+        f"time: {hours(wall)} wall, {settings.parallel} evaluation slot(s): {shares['llm']:.0%} waiting on the LLM, "
+        f"{shares['evaluations']:.0%} evaluating, {shares['idle_or_other']:.0%} idle or other; {limit} limited this run"
+    )

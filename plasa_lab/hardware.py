@@ -54,6 +54,7 @@ class Slots(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # What the machine has
 
+
 def parse_gpus(smi_output: str) -> list[Gpu]:
     """The GPUs in the output of SMI_QUERY, one `free, total` line (MiB) each. ValueError on
     anything else (`[N/A]` under MIG, an error message)."""
@@ -114,12 +115,20 @@ def available_ram_mib() -> int | None:
 # ---------------------------------------------------------------------------------------------
 # The decision (pure functions: tested with made-up machines)
 
-def gpu_split(gpu: Gpu, cores: int, parallel: int | None = None, threads: int | None = None,
-              measured: tuple[int, int] | None = None) -> Slots:
+
+def gpu_split(
+    gpu: Gpu,
+    cores: int,
+    parallel: int | None = None,
+    threads: int | None = None,
+    measured: tuple[int, int] | None = None,
+) -> Slots:
     """Evaluations sharing one GPU: as many as its free memory holds and the cores can drive."""
     room = max(1, int(gpu.free_mib * GPU_FREE_SHARE) // GPU_MIB_PER_EVALUATION)
-    memory = (f"{gpu.free_mib / 1024:.0f} of {gpu.total_mib / 1024:.0f} GiB free: room for {room} at "
-              f"{GPU_MIB_PER_EVALUATION / 1024:g} GiB each")
+    memory = (
+        f"{gpu.free_mib / 1024:.0f} of {gpu.total_mib / 1024:.0f} GiB free: room for {room} at "
+        f"{GPU_MIB_PER_EVALUATION / 1024:g} GiB each"
+    )
     if parallel:
         why = "asked for"
     elif measured:
@@ -133,8 +142,13 @@ def gpu_split(gpu: Gpu, cores: int, parallel: int | None = None, threads: int | 
     return Slots(parallel, threads, f"GPU: {parallel} evaluation(s) at once, {threads} thread(s) each ({why})")
 
 
-def cpu_split(cores: int, ram_mib: int | None, parallel: int | None = None, threads: int | None = None,
-              measured: tuple[int, int] | None = None) -> Slots:
+def cpu_split(
+    cores: int,
+    ram_mib: int | None,
+    parallel: int | None = None,
+    threads: int | None = None,
+    measured: tuple[int, int] | None = None,
+) -> Slots:
     """Evaluations sharing the CPU cores: the measured best split, else CPU_THREADS_PER_EVALUATION
     threads each; never more than the RAM holds unless asked for."""
     asked_threads = threads
@@ -157,6 +171,7 @@ def cpu_split(cores: int, ram_mib: int | None, parallel: int | None = None, thre
 # ---------------------------------------------------------------------------------------------
 # This machine
 
+
 @functools.lru_cache(maxsize=None)
 def evaluation_slots(device: str = "auto", parallel: int | None = None, threads: int | None = None) -> Slots:
     """(parallel, threads, reason) for evaluations on `device` (auto | cpu | cuda) here; `parallel`
@@ -171,8 +186,12 @@ def evaluation_slots(device: str = "auto", parallel: int | None = None, threads:
             problem = problem or "CUDA_VISIBLE_DEVICES shows no GPU that nvidia-smi lists"
             parallel = parallel or 1
             threads = threads or max(1, cores // parallel)
-            return Slots(parallel, threads, f"GPU: {parallel} evaluation(s) at once, {threads} thread(s) each "
-                                            f"(its free memory is unknown: {problem})")
+            return Slots(
+                parallel,
+                threads,
+                f"GPU: {parallel} evaluation(s) at once, {threads} thread(s) each "
+                f"(its free memory is unknown: {problem})",
+            )
     return cpu_split(cores, available_ram_mib(), parallel, threads, measured_split(machine_key("cpu")))
 
 
@@ -192,6 +211,7 @@ def current_machine_key(device: str) -> str:
 
 def _measurement_path():
     from .settings import cache_root  # settings imports this module: import at call time
+
     return cache_root() / MEASUREMENT_FILE
 
 
@@ -207,13 +227,19 @@ def measured_split(key: str) -> tuple[int, int] | None:
 def save_measurement(key: str, parallel: int, threads: int, children_per_hour: float, table: list[dict]):
     """Record the best split for machines like this one (kept beside other machines' records)."""
     from .util import atomic_write
+
     path = _measurement_path()
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    known[key] = dict(parallel=parallel, threads=threads, children_per_hour=round(children_per_hour, 1),
-                      measured=datetime.now(timezone.utc).isoformat(timespec="seconds"), table=table)
+    known[key] = dict(
+        parallel=parallel,
+        threads=threads,
+        children_per_hour=round(children_per_hour, 1),
+        measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        table=table,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(known, indent=1))
     evaluation_slots.cache_clear()

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 @dataclass(frozen=True)
 class Job:
     """One stage of one program, with everything needed to run it anywhere."""
+
     code: str
     stage: int  # 1 (screening) or 2 (the benchmark)
     profile: str
@@ -47,8 +48,11 @@ class StageResult:
     retry_later: bool = False  # the machine's fault, maybe (timeout, lost worker): the ledger does not keep it
 
     def __post_init__(self):
-        self.metrics = {k: float(v) for k, v in self.metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self.metrics = {
+            k: float(v)
+            for k, v in self.metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

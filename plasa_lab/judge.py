@@ -34,8 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from . import probes, wire
-from .constants import (FIXED_WEIGHTS, MAX_NONEMBED_PARAMS, MODEL_CONFIG, PPL_CAP, STAGE1_TRAINING_STEPS,
-                        VOCAB_SIZE, get_profile)
+from .constants import (
+    FIXED_WEIGHTS,
+    MAX_NONEMBED_PARAMS,
+    MODEL_CONFIG,
+    PPL_CAP,
+    STAGE1_TRAINING_STEPS,
+    VOCAB_SIZE,
+    get_profile,
+)
 from .jobs import Job, StageResult
 from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_nodes
 from .tokens import CorpusError, train_batches, val_windows
@@ -59,18 +66,28 @@ class Rejection(Exception):
 # ---------------------------------------------------------------------------------------------
 # Workers
 
+
 class Worker:
     """One sandboxed plasa_lab.worker process and the channel to it."""
 
     def __init__(self, job: Job, name: str, deadline: float, threads: int, binds=None, on_line=None):
         self.name = name
         gpu = job.device != "cpu" and bool(gpu_device_nodes())
-        limits = Limits(wall_seconds=max(1.0, deadline - time.monotonic()),
-                        memory_bytes=None if gpu else int(job.memory_gb * (1 << 30)))
+        limits = Limits(
+            wall_seconds=max(1.0, deadline - time.monotonic()),
+            memory_bytes=None if gpu else int(job.memory_gb * (1 << 30)),
+        )
         hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if job.device == "cpu" else None  # nothing probes a GPU it may not use
-        self.process = SandboxedProcess([sys.executable, "-I", "-m", "plasa_lab.worker"], limits, threads,
-                                        isolation=job.sandbox, binds=binds, gpu=gpu, env_extra=hide_gpus,
-                                        on_stderr_line=on_line)
+        self.process = SandboxedProcess(
+            [sys.executable, "-I", "-m", "plasa_lab.worker"],
+            limits,
+            threads,
+            isolation=job.sandbox,
+            binds=binds,
+            gpu=gpu,
+            env_extra=hide_gpus,
+            on_stderr_line=on_line,
+        )
         self.channel = wire.Channel(self.process.proc.stdin.fileno(), self.process.proc.stdout.fileno(), deadline)
 
     def talk(self, doing: str, action):
@@ -92,8 +109,11 @@ class Worker:
         message = self.talk(doing, self.channel.receive)
         if message.get("ok") is not True:
             error = message.get("error")
-            raise Rejection(one_line(error) if isinstance(error, str) and error.strip() else
-                            f"{doing}: the {self.name} process failed without saying why")
+            raise Rejection(
+                one_line(error)
+                if isinstance(error, str) and error.strip()
+                else f"{doing}: the {self.name} process failed without saying why"
+            )
         return message
 
     def exit_reason(self, doing: str) -> str:
@@ -104,8 +124,11 @@ class Worker:
         if "MemoryError" in stderr or "Cannot allocate memory" in stderr:
             limit = self.process.limits.memory_bytes
             return f"ran out of memory{f' (limit {limit >> 30} GiB)' if limit else ''}: use less memory"
-        how = f"killed by {self.process.signal_name}" if self.process.signal_name else \
-            f"exited with code {self.process.proc.returncode}"
+        how = (
+            f"killed by {self.process.signal_name}"
+            if self.process.signal_name
+            else f"exited with code {self.process.proc.returncode}"
+        )
         tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [""]
         return f"{doing}: the {self.name} process {how} before answering: {tail[0][:200]}".rstrip(": ")
 
@@ -120,6 +143,7 @@ def one_line(text: str, limit: int = 300) -> str:
 # ---------------------------------------------------------------------------------------------
 # What the fresh model declares, and what the training sent back
 
+
 @dataclass
 class Spec:
     schedule: list
@@ -129,9 +153,14 @@ class Spec:
     @classmethod
     def parse(cls, raw) -> "Spec":
         try:
-            state = {str(name): (tuple(int(d) for d in shape), str(dtype)) for name, (shape, dtype) in raw["state"].items()}
-            return cls(list(raw["schedule"]) if isinstance(raw["schedule"], list) else raw["schedule"],
-                       list(raw["layer_ks"]), state)
+            state = {
+                str(name): (tuple(int(d) for d in shape), str(dtype)) for name, (shape, dtype) in raw["state"].items()
+            }
+            return cls(
+                list(raw["schedule"]) if isinstance(raw["schedule"], list) else raw["schedule"],
+                list(raw["layer_ks"]),
+                state,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise Rejection(f"the worker described the model in a malformed way ({type(e).__name__})") from None
 
@@ -145,21 +174,26 @@ def check_spec(spec: Spec, allow_uniform: bool) -> dict:
     if not allow_uniform and len(set(ks)) == 1:
         raise Rejection(f"layer_k_schedule gives every layer k={ks[0]}: the schedule must adapt k per layer")
     if spec.layer_ks != ks:
-        raise Rejection(f"the layers' k are {spec.layer_ks} but layer_k_schedule says {ks}: build layers from the schedule")
+        raise Rejection(
+            f"the layers' k are {spec.layer_ks} but layer_k_schedule says {ks}: build layers from the schedule"
+        )
     missing = [name for name in FIXED_WEIGHTS if name not in spec.state]
     if missing:
         raise Rejection(f"the model has no {missing[0]}: keep the fixed embedding and LM head")
     nonembed = sum(math.prod(shape) for name, (shape, _) in spec.state.items() if name not in FIXED_WEIGHTS)
     indexer = sum(math.prod(shape) for name, (shape, _) in spec.state.items() if ".indexer." in name)
     if nonembed > MAX_NONEMBED_PARAMS:
-        raise Rejection(f"{nonembed:,} non-embedding parameters and buffers, over the budget of "
-                        f"{MAX_NONEMBED_PARAMS:,}: make the indexer smaller")
+        raise Rejection(
+            f"{nonembed:,} non-embedding parameters and buffers, over the budget of "
+            f"{MAX_NONEMBED_PARAMS:,}: make the indexer smaller"
+        )
     return dict(nonembed_params=float(nonembed), indexer_params=float(indexer))
 
 
 def check_snapshot(raw: bytes, spec: Spec) -> dict:
     """The trained weights, parsed without running code (safetensors), exactly as the spec declares."""
     from safetensors.torch import load
+
     try:
         weights = load(raw)
     except Exception as e:
@@ -169,10 +203,17 @@ def check_snapshot(raw: bytes, spec: Spec) -> dict:
         extra = sorted(set(got) - set(spec.state))
         lost = sorted(set(spec.state) - set(got))
         changed = sorted(n for n in set(got) & set(spec.state) if got[n] != spec.state[n])
-        what = (f"{extra[0]} is not a weight of a fresh model" if extra else f"{lost[0]} is missing" if lost
-                else f"{changed[0]} is {got[changed[0]]}, a fresh model declares {spec.state[changed[0]]}")
-        raise Rejection(f"the trained weights differ from what a freshly built model declares ({what}): keep every "
-                        f"trained value in the model's parameters and buffers")
+        what = (
+            f"{extra[0]} is not a weight of a fresh model"
+            if extra
+            else f"{lost[0]} is missing"
+            if lost
+            else f"{changed[0]} is {got[changed[0]]}, a fresh model declares {spec.state[changed[0]]}"
+        )
+        raise Rejection(
+            f"the trained weights differ from what a freshly built model declares ({what}): keep every "
+            f"trained value in the model's parameters and buffers"
+        )
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise Rejection(f"the trained weight {name} holds NaN or inf: keep the training stable")
@@ -187,6 +228,7 @@ def expected_snapshot_bytes(spec: Spec) -> int:
 # ---------------------------------------------------------------------------------------------
 # Serving
 
+
 class Server(Worker):
     """A worker that builds a fresh model (started while the training runs), loads the trained weights
     and answers forward passes."""
@@ -199,21 +241,29 @@ class Server(Worker):
     def load(self, weights: bytes, spec: Spec):
         served = Spec.parse(self.receive_ok("building a fresh model").get("spec"))
         if served != spec:
-            raise Rejection("a fresh import of the program builds another model than the one that was trained: "
-                            "the model must not depend on anything but the code")
+            raise Rejection(
+                "a fresh import of the program builds another model than the one that was trained: "
+                "the model must not depend on anything but the code"
+            )
         self.send("loading the trained weights", dict(op="load", snapshot_bytes=len(weights)), weights)
         self.receive_ok("loading the trained weights")
         self.layers = len(spec.layer_ks)
 
     def ask(self, tokens: torch.Tensor):
         B, T = tokens.shape
-        self.send("a forward pass", dict(op="forward", shape=[B, T]), tokens.to(torch.int64).numpy().astype("<i8").tobytes())
+        self.send(
+            "a forward pass", dict(op="forward", shape=[B, T]), tokens.to(torch.int64).numpy().astype("<i8").tobytes()
+        )
 
     def answer(self, tokens_shape):
         B, T = tokens_shape
         self.receive_ok("a forward pass")
-        logits = torch.from_numpy(self.talk("a forward pass", lambda: self.channel.receive_array((B, T, VOCAB_SIZE), np.float32)))
-        selections = torch.from_numpy(self.talk("a forward pass", lambda: self.channel.receive_array((self.layers, B, T, T), np.uint8)))
+        logits = torch.from_numpy(
+            self.talk("a forward pass", lambda: self.channel.receive_array((B, T, VOCAB_SIZE), np.float32))
+        )
+        selections = torch.from_numpy(
+            self.talk("a forward pass", lambda: self.channel.receive_array((self.layers, B, T, T), np.uint8))
+        )
         if not torch.isfinite(logits).all():
             raise Rejection("logits contain NaN or inf: keep every score finite")
         if selections.max() > 1:
@@ -229,9 +279,13 @@ def check_behaviour(servers: list[Server], ks, token_sets: dict):
     """The behavioural probes, one token set per server, side by side (each server has its own
     thread of the machine; the judge mostly waits on pipes)."""
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=len(token_sets)) as pool:
-        failures = list(pool.map(lambda job: probes.probe(job[0].forward, ks, job[1], VOCAB_SIZE),
-                                 zip(servers, token_sets.values())))
+        failures = list(
+            pool.map(
+                lambda job: probes.probe(job[0].forward, ks, job[1], VOCAB_SIZE), zip(servers, token_sets.values())
+            )
+        )
     for what, failure in zip(token_sets, failures):
         if failure:
             raise Rejection(f"{what}: {failure}")
@@ -267,9 +321,9 @@ def plan_validation(windows: torch.Tensor, batch_size: int, rng: np.random.Gener
         i, p = int(i), int(rng.integers(T - 1))
         donor = int(rng.choice([j for j in range(N) if j != i]))
         tokens = inputs[i].clone()
-        tokens[p + 1:] = inputs[donor][p + 1:]
-        same = tokens[p + 1:] == inputs[i][p + 1:]  # the splice must change every token after the cut
-        tokens[p + 1:][same] = (tokens[p + 1:][same] + 1 + int(rng.integers(VOCAB_SIZE - 1))) % VOCAB_SIZE
+        tokens[p + 1 :] = inputs[donor][p + 1 :]
+        same = tokens[p + 1 :] == inputs[i][p + 1 :]  # the splice must change every token after the cut
+        tokens[p + 1 :][same] = (tokens[p + 1 :][same] + 1 + int(rng.integers(VOCAB_SIZE - 1))) % VOCAB_SIZE
         copies.append(Item(i, tokens, cut=p, server=1 - reals[i].server))
     per_server = [[item for item in reals + copies if item.server == s] for s in (0, 1)]
     for s, items in enumerate(per_server):
@@ -278,7 +332,7 @@ def plan_validation(windows: torch.Tensor, batch_size: int, rng: np.random.Gener
             pad = own[int(rng.integers(len(own)))]
             items.append(Item(pad.window, pad.tokens, cut=-1, server=s))  # a repeat: must match too
         rng.shuffle(items)
-    return [[items[i:i + batch_size] for i in range(0, len(items), batch_size)] for items in per_server]
+    return [[items[i : i + batch_size] for i in range(0, len(items), batch_size)] for items in per_server]
 
 
 def validate(servers: list[Server], windows: torch.Tensor, batch_size: int, rng) -> dict:
@@ -299,9 +353,11 @@ def validate(servers: list[Server], windows: torch.Tensor, batch_size: int, rng)
             logits, selections = servers[s].answer((len(batch), T))
             for row, item in enumerate(batch):
                 if item.cut is None:
-                    loss_sums.append(F.cross_entropy(logits[row].double(), targets[item.window], reduction="sum").item())
+                    loss_sums.append(
+                        F.cross_entropy(logits[row].double(), targets[item.window], reduction="sum").item()
+                    )
                     correct += int((logits[row].argmax(-1) == targets[item.window]).sum())
-                    densities.append(probes.density(selections[:, row:row + 1]))
+                    densities.append(probes.density(selections[:, row : row + 1]))
                     if item.window in checked:
                         scored[item.window] = logits[row]
                         for cut, copy in pending.pop(item.window, []):
@@ -316,8 +372,12 @@ def validate(servers: list[Server], windows: torch.Tensor, batch_size: int, rng)
     val_loss = math.fsum(loss_sums) / count
     if not math.isfinite(val_loss):
         raise Rejection("the logits are so extreme that the validation loss overflows: keep the scores in range")
-    return dict(val_loss=val_loss, val_ppl=clamped_ppl(val_loss), val_acc=correct / count,
-                density=math.fsum(densities) / len(densities))
+    return dict(
+        val_loss=val_loss,
+        val_ppl=clamped_ppl(val_loss),
+        val_acc=correct / count,
+        density=math.fsum(densities) / len(densities),
+    )
 
 
 def clamped_ppl(val_loss: float) -> float:
@@ -328,12 +388,15 @@ def clamped_ppl(val_loss: float) -> float:
 def compare(copy_logits, window_logits, upto):
     moved = probes.first_moved(copy_logits, window_logits, upto)
     if moved:
-        raise Rejection(f"during validation: {probes.leak_message(upto, *moved)} (a copy of a validation window "
-                        f"cut after position {upto} and run by another process gave other logits)")
+        raise Rejection(
+            f"during validation: {probes.leak_message(upto, *moved)} (a copy of a validation window "
+            f"cut after position {upto} and run by another process gave other logits)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # A stage
+
 
 def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     """Run one stage under the job's time limit; always returns, never leaves a process behind."""
@@ -355,11 +418,13 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         if job.stage == 1:
             first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
             if not last < first:
-                raise Rejection(f"the training loss did not fall in {steps} steps ({first:.3f} -> {last:.3f}): "
-                                f"the model does not learn")
+                raise Rejection(
+                    f"the training loss did not fall in {steps} steps ({first:.3f} -> {last:.3f}): "
+                    f"the model does not learn"
+                )
             metrics["train_loss"] = last
         else:
-            tail = losses[-max(1, len(losses) // 10):]
+            tail = losses[-max(1, len(losses) // 10) :]
             metrics["train_loss"] = sum(tail) / len(tail)  # mean over the last 10% of steps
         metrics["train_seconds"] = train_seconds
 
@@ -376,12 +441,19 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         metrics.update(validate(servers, windows, profile.batch_size, rng))
         return StageResult(ok=True, metrics=metrics, stderr=_stderr(workers), seconds=time.monotonic() - start)
     except Rejection as e:
-        return StageResult(ok=False, failure=str(e), metrics=metrics, stderr=_stderr(workers),
-                           seconds=time.monotonic() - start)
+        return StageResult(
+            ok=False, failure=str(e), metrics=metrics, stderr=_stderr(workers), seconds=time.monotonic() - start
+        )
     except wire.Deadline:
-        return StageResult(ok=False, failure=f"took more than {job.time_limit_reason}; the whole sandbox was killed: "
-                                             f"make it faster or stop looping",
-                           metrics=metrics, stderr=_stderr(workers), seconds=time.monotonic() - start, retry_later=True)
+        return StageResult(
+            ok=False,
+            failure=f"took more than {job.time_limit_reason}; the whole sandbox was killed: "
+            f"make it faster or stop looping",
+            metrics=metrics,
+            stderr=_stderr(workers),
+            seconds=time.monotonic() - start,
+            retry_later=True,
+        )
     except (CorpusError, SandboxUnavailable) as e:
         return StageResult.infrastructure_failure(f"{type(e).__name__}: {e}")
     finally:
@@ -396,9 +468,21 @@ def start_training(job: Job, corpus, steps, deadline, workers, on_line) -> Worke
     workers.append(trainer)
     profile = get_profile(job.profile)
     train_path = trainer.process.path_inside(str(corpus.dir / "train.bin"))
-    trainer.send("starting", dict(mode="train", code=job.code, seed=job.seed, device=job.device, threads=job.threads,
-                                  steps=steps, batch_size=profile.batch_size, seq_len=profile.seq_len, train_path=train_path,
-                                  check_every=job.check_every))
+    trainer.send(
+        "starting",
+        dict(
+            mode="train",
+            code=job.code,
+            seed=job.seed,
+            device=job.device,
+            threads=job.threads,
+            steps=steps,
+            batch_size=profile.batch_size,
+            seq_len=profile.seq_len,
+            train_path=train_path,
+            check_every=job.check_every,
+        ),
+    )
     return trainer
 
 
@@ -414,8 +498,10 @@ def finish_training(trainer: Worker, steps, metrics, job: Job):
     except (KeyError, TypeError, ValueError):
         raise Rejection("the training process answered in a malformed way") from None
     if not 0 < n <= expected_snapshot_bytes(spec):
-        raise Rejection(f"the training process announced {n} bytes of weights; the model declares at most "
-                        f"{expected_snapshot_bytes(spec)}")
+        raise Rejection(
+            f"the training process announced {n} bytes of weights; the model declares at most "
+            f"{expected_snapshot_bytes(spec)}"
+        )
     if len(losses) != steps or not all(math.isfinite(x) for x in losses):
         raise Rejection(f"the training process reported {len(losses)} losses for {steps} steps")
     raw = trainer.talk("sending the trained weights", lambda: trainer.channel.receive_bytes(n))

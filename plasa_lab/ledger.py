@@ -17,8 +17,16 @@ from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-KEY_COLUMNS = ("code_key", "stage", "profile", "seed", "fingerprint", "harness_version", "uniform_schedule",
-               "validation")
+KEY_COLUMNS = (
+    "code_key",
+    "stage",
+    "profile",
+    "seed",
+    "fingerprint",
+    "harness_version",
+    "uniform_schedule",
+    "validation",
+)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
     code_key TEXT NOT NULL,          -- sha256 of the program's AST dump: comments and formatting do not count
@@ -78,8 +86,10 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             columns = {row[1] for row in db.execute("PRAGMA table_info(evaluations)")}
             if columns and "code_key" not in columns:
-                raise LedgerError(f"{self.path} was written by an older plasa-lab (no code_key column): "
-                                  f"start a new run or give another --ledger")
+                raise LedgerError(
+                    f"{self.path} was written by an older plasa-lab (no code_key column): "
+                    f"start a new run or give another --ledger"
+                )
             db.execute(SCHEMA)
 
     @contextmanager
@@ -101,8 +111,9 @@ class Ledger:
         """(metrics, artifacts, seconds) recorded under key, or None."""
         where = " AND ".join(f"{c}=?" for c in KEY_COLUMNS)
         with self._connect() as db:
-            row = db.execute(f"SELECT metrics, artifacts, seconds FROM evaluations WHERE {where}",
-                             self._values(key)).fetchone()
+            row = db.execute(
+                f"SELECT metrics, artifacts, seconds FROM evaluations WHERE {where}", self._values(key)
+            ).fetchone()
         return (json.loads(row[0]), json.loads(row[1]), row[2]) if row else None
 
     def put(self, key: Key, code_sha: str, metrics: dict, artifacts: dict, seconds: float):
@@ -112,7 +123,8 @@ class Ledger:
                 f"created_at, runs) VALUES ({', '.join('?' * len(KEY_COLUMNS))},?,?,?,?,?,1) ON CONFLICT DO UPDATE "
                 f"SET metrics=excluded.metrics, artifacts=excluded.artifacts, seconds=excluded.seconds, "
                 f"created_at=excluded.created_at, runs=runs + 1",
-                (*self._values(key), code_sha, json.dumps(metrics), json.dumps(artifacts), seconds, time.time()))
+                (*self._values(key), code_sha, json.dumps(metrics), json.dumps(artifacts), seconds, time.time()),
+            )
 
     def seed_rows(self, key: Key) -> dict[int, dict]:
         """seed -> metrics of every seed recorded under key (its seed ignored)."""
@@ -133,9 +145,11 @@ class Ledger:
         values = [v for c, v in zip(KEY_COLUMNS, self._values(key)) if c in conditions]
         marks = ",".join("?" * len(seeds))
         with self._connect() as db:
-            rows = db.execute(f"SELECT code_key, seed, metrics FROM evaluations WHERE "
-                              f"{' AND '.join(f'{c}=?' for c in conditions)} AND seed IN ({marks})",
-                              [*values, *seeds]).fetchall()
+            rows = db.execute(
+                f"SELECT code_key, seed, metrics FROM evaluations WHERE "
+                f"{' AND '.join(f'{c}=?' for c in conditions)} AND seed IN ({marks})",
+                [*values, *seeds],
+            ).fetchall()
         found: dict[str, dict[int, dict]] = {}
         for code, seed, metrics in rows:
             found.setdefault(code, {})[int(seed)] = json.loads(metrics)

@@ -31,6 +31,7 @@ CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n", re.DOTALL)
 # ---------------------------------------------------------------------------------------------
 # Compact prompts
 
+
 def _block_names(code: str) -> set[str]:
     """Top-level names the EVOLVE-BLOCKs define (functions, classes, constants)."""
     inside = {i + 1 for b in split_blocks(code)[1] for i in range(b.start, b.end + 1)}
@@ -125,13 +126,14 @@ def compact_prompt(user: str) -> str:
 
     parts, last = [], 0
     for fence in fences:
-        parts += [user[last:fence.start()], replace(fence)]
+        parts += [user[last : fence.start()], replace(fence)]
         last = fence.end()
     return "".join(parts) + user[last:]
 
 
 # ---------------------------------------------------------------------------------------------
 # What became of a response
+
 
 def outcome_of(child_metrics: dict | None, error: str | None) -> str:
     """One of rundir.LLM_OUTCOMES for an iteration: from OpenEvolve's failure line when it made no
@@ -148,19 +150,25 @@ def outcome_of(child_metrics: dict | None, error: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # The client
 
+
 class LLMError(RuntimeError):
     """An LLM call that failed; the message is the reason, in one line."""
 
 
 def describe_failure(e: BaseException, timeout: float) -> str:
     import openai
+
     if isinstance(e, openai.APITimeoutError) or isinstance(e, TimeoutError):
         return f"timed out after {timeout:.0f} s (a local server keeps computing the abandoned answer)"
     if isinstance(e, openai.APIStatusError):
         detail = ""
         try:
             body = e.response.json()
-            detail = (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) else body.get("error") or body.get("detail")
+            detail = (
+                (body.get("error") or {}).get("message")
+                if isinstance(body.get("error"), dict)
+                else body.get("error") or body.get("detail")
+            )
         except Exception:
             detail = e.response.text[:200] if e.response is not None else ""
         return f"HTTP {e.status_code}: {' '.join(str(detail or e.message).split())[:240]}"
@@ -186,9 +194,11 @@ class LLMClient:
 
     def _openai(self):
         import openai
+
         if self._client is None:
-            self._client = openai.AsyncOpenAI(base_url=self.api_base, api_key=self.api_key, timeout=self.timeout,
-                                              max_retries=0)
+            self._client = openai.AsyncOpenAI(
+                base_url=self.api_base, api_key=self.api_key, timeout=self.timeout, max_retries=0
+            )
         return self._client
 
     async def generate_with_context(self, system_message, messages, **kwargs):
@@ -202,16 +212,28 @@ class LLMClient:
         start, response, error = time.monotonic(), None, None
         try:
             answer = await self._openai().chat.completions.create(
-                model=self.model, messages=request, temperature=self.temperature, max_tokens=self.max_tokens,
-                **({"seed": kwargs["seed"]} if "seed" in kwargs else {}))
+                model=self.model,
+                messages=request,
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                **({"seed": kwargs["seed"]} if "seed" in kwargs else {}),
+            )
             response = answer.choices[0].message.content or ""
             self.last_usage = answer.usage.model_dump() if getattr(answer, "usage", None) else None
         except Exception as e:
             error = describe_failure(e, self.timeout)
         finally:
-            self._record(dict(time=time.time(), model=self.model, prompt_chars=chars,
-                              prompt_tokens=(self.last_usage or {}).get("prompt_tokens") if error is None else None,
-                              seconds=round(time.monotonic() - start, 2), response=response, error=error))
+            self._record(
+                dict(
+                    time=time.time(),
+                    model=self.model,
+                    prompt_chars=chars,
+                    prompt_tokens=(self.last_usage or {}).get("prompt_tokens") if error is None else None,
+                    seconds=round(time.monotonic() - start, 2),
+                    response=response,
+                    error=error,
+                )
+            )
         if error:
             raise LLMError(error)
         return response

@@ -43,14 +43,15 @@ def _activation(m, rng):
 def _schedule_rule(m, rng):
     """Change one divisor (seq_len // n) or one depth threshold (a / b) of the schedule rule."""
     line = m.string
-    spots = ([("div", x) for x in re.finditer(r"seq_len // (\d+)", line)]
-             + [("frac", x) for x in re.finditer(r"\d+ / \d+", line)])
+    spots = [("div", x) for x in re.finditer(r"seq_len // (\d+)", line)] + [
+        ("frac", x) for x in re.finditer(r"\d+ / \d+", line)
+    ]
     kind, spot = rng.choice(spots)
     if kind == "div":
         new = f"seq_len // {rng.choice([d for d in DIVISORS if d != int(spot[1])])}"
     else:
         new = rng.choice([f for f in FRACTIONS if f != spot[0]])
-    return line[:spot.start()] + new + line[spot.end():]
+    return line[: spot.start()] + new + line[spot.end() :]
 
 
 def _init_std(m, rng):
@@ -58,16 +59,36 @@ def _init_std(m, rng):
 
 
 OPERATORS = [
-    ("indexer loss weight", re.compile(r"^(?P<head>INDEXER_LOSS_WEIGHT = )(?P<value>[0-9.e+-]+)(?P<tail>.*)$"), _loss_weight),
-    ("indexer heads", re.compile(r"^(?P<head>INDEXER_HEADS = )(?P<value>\d+)(?P<tail>.*)$"),
-     lambda m, rng: _choice_other(m, rng, (1, 2, 4, 8))),
-    ("indexer head size", re.compile(r"^(?P<head>INDEXER_HEAD_DIM = )(?P<value>\d+)(?P<tail>.*)$"),
-     lambda m, rng: _choice_other(m, rng, (8, 16, 32, 64))),
-    ("index score activation", re.compile(r"^(?P<head>.*\b)(?P<act>F\.relu|F\.gelu|F\.silu|F\.softplus|torch\.sigmoid)(?P<tail>\(dots\).*)$"),
-     _activation),
-    ("schedule rule", re.compile(r"^\s+k = seq_len( if depth < \d+ / \d+ else seq_len // \d+)+( if .*)?$"), _schedule_rule),
-    ("indexer init scale", re.compile(r"^(?P<head>\s+nn\.init\.normal_\(p, mean=0\.0, std=)(?P<value>[0-9.e+-]+)(?P<tail>\).*)$"),
-     _init_std),
+    (
+        "indexer loss weight",
+        re.compile(r"^(?P<head>INDEXER_LOSS_WEIGHT = )(?P<value>[0-9.e+-]+)(?P<tail>.*)$"),
+        _loss_weight,
+    ),
+    (
+        "indexer heads",
+        re.compile(r"^(?P<head>INDEXER_HEADS = )(?P<value>\d+)(?P<tail>.*)$"),
+        lambda m, rng: _choice_other(m, rng, (1, 2, 4, 8)),
+    ),
+    (
+        "indexer head size",
+        re.compile(r"^(?P<head>INDEXER_HEAD_DIM = )(?P<value>\d+)(?P<tail>.*)$"),
+        lambda m, rng: _choice_other(m, rng, (8, 16, 32, 64)),
+    ),
+    (
+        "index score activation",
+        re.compile(r"^(?P<head>.*\b)(?P<act>F\.relu|F\.gelu|F\.silu|F\.softplus|torch\.sigmoid)(?P<tail>\(dots\).*)$"),
+        _activation,
+    ),
+    (
+        "schedule rule",
+        re.compile(r"^\s+k = seq_len( if depth < \d+ / \d+ else seq_len // \d+)+( if .*)?$"),
+        _schedule_rule,
+    ),
+    (
+        "indexer init scale",
+        re.compile(r"^(?P<head>\s+nn\.init\.normal_\(p, mean=0\.0, std=)(?P<value>[0-9.e+-]+)(?P<tail>\).*)$"),
+        _init_std,
+    ),
 ]
 
 

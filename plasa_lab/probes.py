@@ -16,6 +16,7 @@ LOGIT_TOLERANCE = 1e-4
 
 def local_forward(model):
     """`forward` for a model in this process: eval mode, no grad, every layer's last_selection."""
+
     def forward(tokens):
         was_training = model.training
         model.eval()
@@ -26,6 +27,7 @@ def local_forward(model):
                 return logits, torch.stack([layer.last_selection for layer in model.plasa_layers()])
         finally:
             model.train(was_training)
+
     return forward
 
 
@@ -53,8 +55,10 @@ def selection_violation(selections, ks):
         over = counts > budget_rows.clamp(max=int(k))
         if over.any():
             b, t = over.nonzero()[0].tolist()
-            return (f"layer {i} keeps {counts[b, t].item()} keys for query {t}, over its budget "
-                    f"min(k={k}, t+1={t + 1}): select at most min(k, t+1) keys")
+            return (
+                f"layer {i} keeps {counts[b, t].item()} keys for query {t}, over its budget "
+                f"min(k={k}, t+1={t + 1}): select at most min(k, t+1) keys"
+            )
         if (counts == 0).any():
             b, t = (counts == 0).nonzero()[0].tolist()
             return f"layer {i} keeps no key for query {t}: every query must attend at least one key"
@@ -68,14 +72,19 @@ def density(selections) -> float:
 
 
 def leak_message(p, t, moved):
-    return (f"changing the tokens after position {p} moved the logits at position {t} by {moved:.3g}: the model "
-            f"sees future tokens; position t may only use tokens <= t")
+    return (
+        f"changing the tokens after position {p} moved the logits at position {t} by {moved:.3g}: the model "
+        f"sees future tokens; position t may only use tokens <= t"
+    )
 
 
 def first_moved(a, b, upto):
     """(position, amount) of the first of positions 0..upto where logits a and b differ, else None."""
-    moved = (a[:, : upto + 1] - b[:, : upto + 1]).abs().amax(dim=(0, 2)) if a.dim() == 3 else \
-        (a[: upto + 1] - b[: upto + 1]).abs().amax(dim=-1)
+    moved = (
+        (a[:, : upto + 1] - b[:, : upto + 1]).abs().amax(dim=(0, 2))
+        if a.dim() == 3
+        else (a[: upto + 1] - b[: upto + 1]).abs().amax(dim=-1)
+    )
     bad = ~(moved <= LOGIT_TOLERANCE)  # NaN counts as moved
     if bad.any():
         t = int(bad.nonzero()[0])
@@ -89,8 +98,8 @@ def causality_violation(forward, tokens, cut_points, vocab_size, seed=0, base=No
     base = forward(tokens)[0] if base is None else base
     for p in cut_points:
         changed = tokens.clone()
-        shift = torch.randint(1, vocab_size, changed[:, p + 1:].shape, generator=g).to(tokens.device)
-        changed[:, p + 1:] = (changed[:, p + 1:] + shift) % vocab_size  # every suffix token differs
+        shift = torch.randint(1, vocab_size, changed[:, p + 1 :].shape, generator=g).to(tokens.device)
+        changed[:, p + 1 :] = (changed[:, p + 1 :] + shift) % vocab_size  # every suffix token differs
         moved = first_moved(forward(changed)[0], base, p)
         if moved:
             return leak_message(p, *moved)
@@ -105,8 +114,10 @@ def batch_violation(forward, tokens, vocab_size, base):
     changed[-1] = (changed[-1] + 1) % vocab_size
     moved = (forward(changed)[0][:-1] - base[:-1]).abs().max().item()
     if not moved <= LOGIT_TOLERANCE:
-        return (f"changing sequence {tokens.shape[0] - 1} of the batch moved the logits of the others by "
-                f"{moved:.3g}: sequences must not see each other (no mixing over the batch dimension)")
+        return (
+            f"changing sequence {tokens.shape[0] - 1} of the batch moved the logits of the others by "
+            f"{moved:.3g}: sequences must not see each other (no mixing over the batch dimension)"
+        )
     return None
 
 
@@ -115,8 +126,10 @@ def state_violation(forward, tokens, vocab_size, base):
     forward((tokens + 7) % vocab_size)
     moved = (forward(tokens)[0] - base).abs().max().item()
     if not moved <= LOGIT_TOLERANCE:
-        return (f"the same input gave logits {moved:.3g} apart after another batch: the model must not keep "
-                f"state between forward calls")
+        return (
+            f"the same input gave logits {moved:.3g} apart after another batch: the model must not keep "
+            f"state between forward calls"
+        )
     return None
 
 
@@ -125,11 +138,13 @@ def probe(forward, ks, tokens, vocab_size, seed=0):
     T = tokens.shape[1]
     cut_points = sorted({0, T // 8, T // 3, T // 2, (3 * T) // 4, T - 2})
     logits, selections = forward(tokens)
-    return (interface_violation(logits, tokens, vocab_size)
-            or selection_violation(selections, ks)
-            or causality_violation(forward, tokens, cut_points, vocab_size, seed, base=logits)
-            or batch_violation(forward, tokens, vocab_size, logits)
-            or state_violation(forward, tokens, vocab_size, logits))
+    return (
+        interface_violation(logits, tokens, vocab_size)
+        or selection_violation(selections, ks)
+        or causality_violation(forward, tokens, cut_points, vocab_size, seed, base=logits)
+        or batch_violation(forward, tokens, vocab_size, logits)
+        or state_violation(forward, tokens, vocab_size, logits)
+    )
 
 
 def probe_model(model, tokens, vocab_size, seed=0):

@@ -40,7 +40,7 @@ def split_blocks(text: str) -> tuple[list[str], list[Block]]:
         elif stripped.startswith(BLOCK_END):
             if open_at is None:
                 raise BlockError(f"line {i + 1}: EVOLVE-BLOCK-END without a START")
-            name = lines[open_at].strip()[len(BLOCK_START):].strip() or f"block{len(blocks)}"
+            name = lines[open_at].strip()[len(BLOCK_START) :].strip() or f"block{len(blocks)}"
             blocks.append(Block(name, open_at, i, "".join(current)))
             current, open_at = [line], None
         else:
@@ -77,8 +77,10 @@ def load_program(path: str | Path):
 SCHEDULE_RULES = {
     "PROGRESSIVE_SPARSE": "seq_len if depth < 1 / 3 else seq_len // 4 if depth < 2 / 3 else seq_len // 2",
     "AGGRESSIVE_MIDDLE": "seq_len if depth < 1 / 4 else seq_len // 8 if depth < 3 / 4 else seq_len // 2",
-    "DENSE_TO_SPARSE": ("seq_len if depth < 1 / 4 else seq_len // 2 if depth < 1 / 2 else seq_len // 4 "
-                        "if depth < 3 / 4 else seq_len // 8"),
+    "DENSE_TO_SPARSE": (
+        "seq_len if depth < 1 / 4 else seq_len // 2 if depth < 1 / 2 else seq_len // 4 "
+        "if depth < 3 / 4 else seq_len // 8"
+    ),
     "UNIFORM": "seq_len // 2",
     "DENSE": "seq_len",
 }
@@ -96,7 +98,7 @@ def with_schedule(code: str, name: str) -> str:
         raise BlockError(f"the program has no EVOLVE-BLOCK {SCHEDULE_BLOCK!r} to make the {name} schedule from")
     bodies = [b.body for b in blocks]
     lines = bodies[names.index(SCHEDULE_BLOCK)].splitlines(keepends=True)
-    comments = lines[:next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
+    comments = lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
     bodies[names.index(SCHEDULE_BLOCK)] = "".join(comments) + (
         f"def layer_k_schedule(n_layers, seq_len):\n"
         f'    """{name}: layer i sits at relative depth (i + 0.5) / n_layers."""\n'
@@ -105,5 +107,6 @@ def with_schedule(code: str, name: str) -> str:
         f"        depth = (i + 0.5) / n_layers\n"
         f"        k = {SCHEDULE_RULES[name]}\n"
         f"        ks.append(max(1, min(seq_len, k)))\n"
-        f"    return ks\n")
+        f"    return ks\n"
+    )
     return "".join(segment + body for segment, body in zip(outside, bodies + [""]))

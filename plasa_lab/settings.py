@@ -31,8 +31,9 @@ ENVIRONMENT = {  # field -> variable
 }
 DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
-CHOICES = dict(device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"),
-               profile=tuple(PROFILES))
+CHOICES = dict(
+    device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"), profile=tuple(PROFILES)
+)
 
 
 @dataclass
@@ -71,13 +72,16 @@ class Settings:
             self.parallel, self.threads = asked_parallel or 1, asked_threads or 2
             self.slots_reason = f"ray: {self.threads} thread(s) per evaluation; the cluster's CPUs set how many at once"
         else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.hardware)
-            self.parallel, self.threads, self.slots_reason = evaluation_slots(self.device, asked_parallel, asked_threads)
+            self.parallel, self.threads, self.slots_reason = evaluation_slots(
+                self.device, asked_parallel, asked_threads
+            )
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)
         if self.time_limit < 1:
-            raise ValueError(f"PLASA_TIME_LIMIT must be at least 1 (a multiple of the initial program's time), "
-                             f"got {self.time_limit}")
+            raise ValueError(
+                f"PLASA_TIME_LIMIT must be at least 1 (a multiple of the initial program's time), got {self.time_limit}"
+            )
         seeds = self.seeds if self.seeds is not None else env("PLASA_SEEDS") or "42,43,44"
         self.seeds = tuple(dict.fromkeys(int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds)))
         if not self.seeds:
@@ -103,8 +107,11 @@ class Settings:
 
     def record(self) -> dict:
         """What run.json keeps: every resolved value."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)
-                if f.name != "time_reference"}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in fields(self)
+            if f.name != "time_reference"
+        }
 
 
 def cache_root() -> Path:

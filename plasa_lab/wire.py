@@ -35,6 +35,7 @@ class Deadline(ProtocolError):
 # ---------------------------------------------------------------------------------------------
 # Worker side (inside the sandbox)
 
+
 def send(stream, header: dict, payload: bytes | memoryview = b""):
     stream.write(json.dumps(header, allow_nan=False).encode() + b"\n")
     if payload:
@@ -59,6 +60,7 @@ def receive_bytes(stream, n: int) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Judge side (trusted): every read bounded in size and time
 
+
 def _strict_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"an integer of {len(text)} digits")
@@ -79,8 +81,9 @@ def _no_constant(name: str):
 def parse_header(line: bytes) -> dict:
     """A JSON object, strictly: no NaN/Infinity, no huge integers, no deep nesting, nothing but a dict."""
     try:
-        value = json.loads(line.decode("utf-8"), parse_int=_strict_int, parse_float=_finite_float,
-                           parse_constant=_no_constant)
+        value = json.loads(
+            line.decode("utf-8"), parse_int=_strict_int, parse_float=_finite_float, parse_constant=_no_constant
+        )
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
         raise ProtocolError(f"malformed message ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(value, dict):
@@ -101,7 +104,9 @@ class Channel:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise Deadline("the stage's time limit ran out")
-        ready = select.select([], [fd], [], min(left, 1.0)) if for_write else select.select([fd], [], [], min(left, 1.0))
+        ready = (
+            select.select([], [fd], [], min(left, 1.0)) if for_write else select.select([fd], [], [], min(left, 1.0))
+        )
         return bool(ready[1] if for_write else ready[0])
 
     def send(self, header: dict, payload: bytes | memoryview = b""):
@@ -111,7 +116,7 @@ class Channel:
                 if not self._wait(self.write_fd, True):
                     continue
                 try:
-                    part = part[os.write(self.write_fd, part[: 1 << 20]):]
+                    part = part[os.write(self.write_fd, part[: 1 << 20]) :]
                 except BlockingIOError:
                     continue
                 except (BrokenPipeError, OSError):

@@ -64,6 +64,7 @@ def describe(exc: BaseException, doing: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Building
 
+
 def build(request: dict):
     """Import the program, build its model under the seed, describe what it declares."""
     Path(PROGRAM_FILE).write_text(request["code"])
@@ -85,8 +86,12 @@ def build(request: dict):
     schedule = module.layer_k_schedule(n, L) if callable(getattr(module, "layer_k_schedule", None)) else None
     spec = dict(
         device=device.type,
-        schedule=[int(k) if isinstance(k, int) else repr(k)[:20] for k in schedule] if isinstance(schedule, (list, tuple)) else repr(schedule)[:80],
-        layer_ks=[int(k) if isinstance(k := getattr(layer, "k", None), int) else None for layer in model.plasa_layers()],
+        schedule=[int(k) if isinstance(k, int) else repr(k)[:20] for k in schedule]
+        if isinstance(schedule, (list, tuple))
+        else repr(schedule)[:80],
+        layer_ks=[
+            int(k) if isinstance(k := getattr(layer, "k", None), int) else None for layer in model.plasa_layers()
+        ],
         state={name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in model.state_dict().items()},
     )
     return module, model, device, spec
@@ -100,6 +105,7 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------
 # Training (the fixed recipe)
+
 
 def lm_loss_and_aux(model, batch):
     out = model(batch[:, :-1])
@@ -152,12 +158,15 @@ def _check_finite(lm_losses, total_losses, begin, end):
     if not bool(finite.all()):
         i = begin + int((~finite).nonzero()[0])
         what = "LM loss" if not math.isfinite(lm_losses[i].item()) else "aux_loss"
-        raise Refusal(f"training {what} became {total_losses[i].item()} at step {i + 1}: keep the training signal finite")
+        raise Refusal(
+            f"training {what} became {total_losses[i].item()} at step {i + 1}: keep the training signal finite"
+        )
 
 
 def snapshot(model) -> bytes:
     """The weights as safetensors bytes: parameters and persistent buffers, nothing else."""
     from safetensors.torch import save
+
     return save({name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()})
 
 
@@ -168,8 +177,9 @@ def run_train(request: dict, channel_out, spec_sent):
     batches = train_batches(train_tokens, request["batch_size"], request["seq_len"], request["seed"])
     log(f"training {request['steps']} steps (seed {request['seed']}, {device.type})")
     try:
-        losses, seconds = train(model, batches, request["steps"], device, request["seed"],
-                                request.get("check_every") or PROGRESS_EVERY)
+        losses, seconds = train(
+            model, batches, request["steps"], device, request["seed"], request.get("check_every") or PROGRESS_EVERY
+        )
     except Refusal:
         raise
     except BaseException as e:
@@ -184,9 +194,11 @@ def run_train(request: dict, channel_out, spec_sent):
 # ---------------------------------------------------------------------------------------------
 # Serving forward passes of a snapshot
 
+
 def run_serve(request: dict, channel_in, channel_out, spec_sent):
     """Build first (while the judge may still be training elsewhere), then load the weights it sends."""
     from safetensors.torch import load
+
     module, model, device, spec = build(request)
     spec_sent(spec)
     ask = wire.receive(channel_in)
@@ -205,7 +217,9 @@ def run_serve(request: dict, channel_in, channel_out, spec_sent):
         if ask.get("op") != "forward":
             return
         B, T = ask["shape"]
-        tokens = torch.from_numpy(np.frombuffer(wire.receive_bytes(channel_in, B * T * 8), dtype="<i8").reshape(B, T).copy())
+        tokens = torch.from_numpy(
+            np.frombuffer(wire.receive_bytes(channel_in, B * T * 8), dtype="<i8").reshape(B, T).copy()
+        )
         try:
             with torch.no_grad():
                 out = model(tokens.to(device))
@@ -218,8 +232,10 @@ def run_serve(request: dict, channel_in, channel_out, spec_sent):
         selections = selections.detach().to("cpu").to(torch.uint8).contiguous().numpy()
         expected = (B, T, VOCAB_SIZE)
         if logits.shape != expected or selections.shape != (len(model.plasa_layers()), B, T, T):
-            raise Refusal(f"logits have shape {tuple(logits.shape)} and selections {tuple(selections.shape)}: "
-                          f"expected {expected} and (layers, {B}, {T}, {T})")
+            raise Refusal(
+                f"logits have shape {tuple(logits.shape)} and selections {tuple(selections.shape)}: "
+                f"expected {expected} and (layers, {B}, {T}, {T})"
+            )
         wire.send(channel_out, dict(ok=True), logits.tobytes())
         channel_out.write(selections.tobytes())
         channel_out.flush()

@@ -73,8 +73,10 @@ def reference(program: str, corpus, profile, device, seed=42) -> tuple[float, fl
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
-        total = sum(F.cross_entropy(model(w[:, :-1])["logits"].flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
-                    for w in windows.split(profile.batch_size))
+        total = sum(
+            F.cross_entropy(model(w[:, :-1])["logits"].flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
+            for w in windows.split(profile.batch_size)
+        )
         float(total)  # the result on the host, as a scorer needs it
     return train_seconds, time.perf_counter() - start
 
@@ -82,9 +84,21 @@ def reference(program: str, corpus, profile, device, seed=42) -> tuple[float, fl
 def judged(code: str, corpus, profile, device: str, threads: int, sandbox: str):
     """A stage-2 evaluation by the real judge; its StageResult."""
     limit, reason = Calibration(10.0).limit(2, profile, profile.val_windows)
-    job = Job(code=code, stage=2, profile=profile.name, seed=42, corpus=corpus.name, fingerprint=corpus.fingerprint,
-              device=device, threads=threads, memory_gb=6.0, time_limit=limit, time_limit_reason=reason,
-              val_windows=profile.val_windows, sandbox=sandbox)
+    job = Job(
+        code=code,
+        stage=2,
+        profile=profile.name,
+        seed=42,
+        corpus=corpus.name,
+        fingerprint=corpus.fingerprint,
+        device=device,
+        threads=threads,
+        memory_gb=6.0,
+        time_limit=limit,
+        time_limit_reason=reason,
+        val_windows=profile.val_windows,
+        sandbox=sandbox,
+    )
     result = run_local(job)
     if not result.ok:
         fail(f"the judge rejected the program ({sandbox}): {result.failure}")
@@ -119,12 +133,28 @@ def one_round(number: int, args, code, corpus, profile, device) -> dict:
 
 def rounds_table(rounds: list[dict], steps: int) -> Table:
     out = Table(title=f"interleaved rounds ({steps} training steps each)")
-    for column in ("round", "reference s/step", "judge s/step", "ratio", "bwrap wall s", "none wall s",
-                   "judge training s", "bare validation s"):
+    for column in (
+        "round",
+        "reference s/step",
+        "judge s/step",
+        "ratio",
+        "bwrap wall s",
+        "none wall s",
+        "judge training s",
+        "bare validation s",
+    ):
         out.add_column(column, justify="right")
     for i, r in enumerate(rounds, 1):
-        out.add_row(str(i), f"{r['ref_train'] / steps:.4f}", f"{r['bwrap_train'] / steps:.4f}", f"{r['ratio']:.3f}",
-                    f"{r['bwrap_wall']:.1f}", f"{r['none_wall']:.1f}", f"{r['bwrap_train']:.1f}", f"{r['ref_val']:.2f}")
+        out.add_row(
+            str(i),
+            f"{r['ref_train'] / steps:.4f}",
+            f"{r['bwrap_train'] / steps:.4f}",
+            f"{r['ratio']:.3f}",
+            f"{r['bwrap_wall']:.1f}",
+            f"{r['none_wall']:.1f}",
+            f"{r['bwrap_train']:.1f}",
+            f"{r['ref_val']:.2f}",
+        )
     return out
 
 
@@ -133,7 +163,9 @@ def main():
     parser.add_argument("--profile", default="full", choices=list(PROFILES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--program", default=str(INITIAL_PROGRAM))
-    parser.add_argument("--threads", type=int, default=hardware.cpu_cores(), help="threads of each side (default: every core)")
+    parser.add_argument(
+        "--threads", type=int, default=hardware.cpu_cores(), help="threads of each side (default: every core)"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1:
@@ -149,8 +181,10 @@ def main():
     profile = get_profile(args.profile)
     corpus = corpus_of("auto")
     console = Console(width=shutil.get_terminal_size((120, 24)).columns)  # piped: 120, not 80
-    console.print(f"{profile.name} profile: {profile.steps} steps, batch {profile.batch_size} x {profile.seq_len}, "
-                  f"{profile.val_windows} validation windows; {device}, {args.threads} thread(s); {args.rounds} rounds")
+    console.print(
+        f"{profile.name} profile: {profile.steps} steps, batch {profile.batch_size} x {profile.seq_len}, "
+        f"{profile.val_windows} validation windows; {device}, {args.threads} thread(s); {args.rounds} rounds"
+    )
 
     rounds = []
     for number in range(args.rounds):
@@ -160,17 +194,25 @@ def main():
     median = lambda key: statistics.median(r[key] for r in rounds)
     wall, train = median("bwrap_wall"), median("bwrap_train")
     added = median("isolation") + median("processes")
-    console.print(f"training: judge {train / profile.steps:.4f} s/step, reference "
-                  f"{median('ref_train') / profile.steps:.4f} s/step (medians)")
+    console.print(
+        f"training: judge {train / profile.steps:.4f} s/step, reference "
+        f"{median('ref_train') / profile.steps:.4f} s/step (medians)"
+    )
     console.print(f"stage-2 evaluation under bwrap: {wall:.1f} s wall, {train:.1f} s of it training")
-    console.print(f"  outside training:                      {median('outside_training'):6.1%}  "
-                  f"(start-ups, weights, probes, validation)")
+    console.print(
+        f"  outside training:                      {median('outside_training'):6.1%}  "
+        f"(start-ups, weights, probes, validation)"
+    )
     console.print(f"  isolation (bwrap - none):              {median('isolation'):6.1%}")
-    console.print(f"  separate processes and checks (none):  {median('processes'):6.1%}  "
-                  f"(outside training, less a bare validation pass of {median('ref_val'):.1f} s)")
+    console.print(
+        f"  separate processes and checks (none):  {median('processes'):6.1%}  "
+        f"(outside training, less a bare validation pass of {median('ref_val'):.1f} s)"
+    )
     verdict = "within" if added <= ISSUE_11_TARGET else "OVER"
-    console.print(f"  isolation + separate processes:        {added:6.1%}  ({verdict} issue 11's target of "
-                  f"{ISSUE_11_TARGET:.0%}; medians of paired rounds)")
+    console.print(
+        f"  isolation + separate processes:        {added:6.1%}  ({verdict} issue 11's target of "
+        f"{ISSUE_11_TARGET:.0%}; medians of paired rounds)"
+    )
     ratio = median("ratio")
     if not math.isfinite(ratio):
         fail("the ratio is not finite")

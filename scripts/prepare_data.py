@@ -1,6 +1,6 @@
 """Build (or reuse) the token cache of a corpus; the last line of stdout is a JSON summary.
 
-    python scripts/prepare_data.py [--corpus auto|wikitext2|wiki-summaries|text:PATH] [--cache DIR]
+python scripts/prepare_data.py [--corpus auto|wikitext2|wiki-summaries|text:PATH] [--cache DIR]
 """
 
 import argparse
@@ -14,11 +14,15 @@ from plasa_lab import data
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default="auto",
-                        help="auto (default: wikitext2 if the hub answers, else wiki-summaries), "
-                             "wikitext2, wiki-summaries, or text:PATH (a file or a folder of .txt files)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help=f"cache root (default: $PLASA_CACHE or {data.CACHE_ROOT})")
+    parser.add_argument(
+        "--corpus",
+        default="auto",
+        help="auto (default: wikitext2 if the hub answers, else wiki-summaries), "
+        "wikitext2, wiki-summaries, or text:PATH (a file or a folder of .txt files)",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help=f"cache root (default: $PLASA_CACHE or {data.CACHE_ROOT})"
+    )
     args = parser.parse_args(argv)
 
     t0 = time.time()

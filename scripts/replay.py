@@ -23,38 +23,71 @@ def seed_list(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Replay the top programs of a run over several seeds; a verdict "
-                                                 "per program against the initial program.")
-    parser.add_argument("targets", nargs="*", type=Path,
-                        help="a run folder (default: the newest under openevolve_output/), or program files")
+    parser = argparse.ArgumentParser(
+        description="Replay the top programs of a run over several seeds; a verdict "
+        "per program against the initial program."
+    )
+    parser.add_argument(
+        "targets",
+        nargs="*",
+        type=Path,
+        help="a run folder (default: the newest under openevolve_output/), or program files",
+    )
     parser.add_argument("--top", type=int, default=3, help="programs of the run to replay, best first (default 3)")
     parser.add_argument("--seeds", type=seed_list, default=list(DEFAULT_SEEDS), help="default 42,43,44")
-    parser.add_argument("--baselines", action="store_true",
-                        help="also the DENSE and UNIFORM schedules of the initial program (always: the initial program)")
-    parser.add_argument("--profile", choices=["full", "quick", "smoke"],
-                        help="default: the run's profile (program files: $PLASA_PROFILE or full)")
-    parser.add_argument("--whole-val", action="store_true",
-                        help="validate on the whole validation split, not the profile's first windows (full: 200 "
-                             "windows); the search's own seed-42 numbers then do not carry over")
-    parser.add_argument("--ledger", type=Path, help="SQLite ledger (default: the run's; program files: "
-                                                    "openevolve_output/replays/ledger.sqlite)")
-    parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report; program files: "
-                                                 "openevolve_output/replays/report)")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also the DENSE and UNIFORM schedules of the initial program (always: the initial program)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=["full", "quick", "smoke"],
+        help="default: the run's profile (program files: $PLASA_PROFILE or full)",
+    )
+    parser.add_argument(
+        "--whole-val",
+        action="store_true",
+        help="validate on the whole validation split, not the profile's first windows (full: 200 "
+        "windows); the search's own seed-42 numbers then do not carry over",
+    )
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        help="SQLite ledger (default: the run's; program files: openevolve_output/replays/ledger.sqlite)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default: RUN_DIR/report; program files: openevolve_output/replays/report)",
+    )
     args = parser.parse_args(argv)
     try:
-        plan = plan_replay(args.targets, top=args.top, seeds=args.seeds, baselines=args.baselines,
-                           profile=args.profile, ledger=args.ledger, out_dir=args.out, whole_validation=args.whole_val)
-        print(f"replaying {len(plan.candidates)} programs x {len(plan.seeds)} seeds of {plan.title} "
-              f"(profile {plan.profile}{', whole validation split' if plan.whole_validation else ''}, ledger {plan.ledger})",
-              file=sys.stderr)
+        plan = plan_replay(
+            args.targets,
+            top=args.top,
+            seeds=args.seeds,
+            baselines=args.baselines,
+            profile=args.profile,
+            ledger=args.ledger,
+            out_dir=args.out,
+            whole_validation=args.whole_val,
+        )
+        print(
+            f"replaying {len(plan.candidates)} programs x {len(plan.seeds)} seeds of {plan.title} "
+            f"(profile {plan.profile}{', whole validation split' if plan.whole_validation else ''}, ledger {plan.ledger})",
+            file=sys.stderr,
+        )
         summary = summarise(plan, run_plan(plan))
         paths = write_reports(summary, plan.out_dir)
     except (ReplayError, ValueError, OSError) as e:
         print(f"replay.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("replay.py: interrupted; run the same command again to resume (finished evaluations are in the ledger)",
-              file=sys.stderr)
+        print(
+            "replay.py: interrupted; run the same command again to resume (finished evaluations are in the ledger)",
+            file=sys.stderr,
+        )
         return 130
     print_table(summary)
     for path in paths:

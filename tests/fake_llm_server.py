@@ -21,8 +21,10 @@ def mutator_reply(prompt: str) -> str:
 
 def outside_edit_reply(prompt: str) -> str:
     """A diff that edits the fixed code outside every EVOLVE-BLOCK."""
-    return ("Make the FFN wider.\n<<<<<<< SEARCH\nFFN_HIDDEN = 768  # SwiGLU hidden size: 4 layers then hold "
-            "~1.53M non-embedding parameters\n=======\nFFN_HIDDEN = 1024  # wider\n>>>>>>> REPLACE\n")
+    return (
+        "Make the FFN wider.\n<<<<<<< SEARCH\nFFN_HIDDEN = 768  # SwiGLU hidden size: 4 layers then hold "
+        "~1.53M non-embedding parameters\n=======\nFFN_HIDDEN = 1024  # wider\n>>>>>>> REPLACE\n"
+    )
 
 
 class FakeLLMServer:
@@ -55,16 +57,31 @@ class FakeLLMServer:
                 server.requests.append(request)
                 chars = sum(len(m["content"]) for m in request["messages"])
                 if server.context_chars and chars > server.context_chars:
-                    return self._send({"error": {"message": f"the request exceeds the available context size "
-                                                            f"({chars} > {server.context_chars} characters)"}}, 400)
+                    return self._send(
+                        {
+                            "error": {
+                                "message": f"the request exceeds the available context size "
+                                f"({chars} > {server.context_chars} characters)"
+                            }
+                        },
+                        400,
+                    )
                 if server.fail_after is not None and len(server.requests) > server.fail_after:
                     time.sleep(server.fail_seconds)
                     return self._send({"error": {"message": "model crashed: out of memory"}}, 500)
                 content = server.reply(request["messages"][-1]["content"])
-                self._send({"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": request["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": content}}],
-                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                self._send(
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": request["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }
+                )
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

@@ -47,39 +47,42 @@ def test_syntax_error_names_its_line():
     assert static_violation(with_block_code("def f(:"), REFERENCE).startswith("syntax error at line")
 
 
-@pytest.mark.parametrize("code, rule", [
-    ("import os", "import of 'os' is not allowed"),
-    ("import subprocess", "import of 'subprocess'"),
-    ("from torch.utils import cpp_extension", "import of 'torch.utils'"),
-    ("from torch import load", "importing 'load'"),
-    ("x = open('/etc/passwd').read()", "'open' is not allowed"),
-    ("x = eval('1')", "'eval' is not allowed"),
-    ("x = __import__('os')", "'__import__' is not allowed"),
-    ("x = getattr(torch, 'lo' + 'ad')", "'getattr' is not allowed"),
-    ("x = torch.load", "attribute 'load'"),
-    ("x = ().__class__.__bases__", "dunder attribute"),
-    ("x = torch._C", "private attribute '_C'"),
-    ("F.cross_entropy = lambda *a, **k: 0", "assignment to 'F.cross_entropy'"),
-    ("def f():\n    T = torch.Tensor\n    T.exp = None", "assignment to 'T.exp'"),
-    ("MODEL_CONFIG['n_layers'] = 8", "assignment into 'MODEL_CONFIG'"),
-    ("def f():\n    global INDEXER_LOSS_WEIGHT", "global/nonlocal"),
-    # self is only ever a method's first parameter, so self.x = ... always means the object
-    ("import math as self\nself.sqrt = abs", "importing as 'self'"),
-    ("self = F\nself.cross_entropy = abs", "assignment to the name 'self'"),
-    ("def patch(self):\n    self.cross_entropy = abs", "not the first parameter of a method"),
-    ("class A:\n    def f(a, self):\n        self.x = 1", "not the first parameter of a method"),
-    # the ways from a value back to the interpreter
-    ("def g():\n    yield 1\nFRAME = g().gi_frame", "attribute 'gi_frame'"),
-    ("def f(e):\n    return e.tb_frame.f_back", "attribute 'f_back'"),
-    ("def f(fn):\n    return fn.co_consts", "attribute 'co_consts'"),
-    ("def f(x: 'print(1)'):\n    return x", "string annotations"),
-    ("import functools", "import of 'functools'"),
-    ("import typing", "import of 'typing'"),
-    ("torch.nn.modules.module.register_module_forward_hook(print)", "register_module_forward_hook"),
-    ("def apply_rope(x, cos, sin):\n    return x", "redefines 'apply_rope'"),
-    ("FFN_HIDDEN = 4096", "redefines 'FFN_HIDDEN'"),
-    ("import math as torch", "redefines 'torch'"),
-])
+@pytest.mark.parametrize(
+    "code, rule",
+    [
+        ("import os", "import of 'os' is not allowed"),
+        ("import subprocess", "import of 'subprocess'"),
+        ("from torch.utils import cpp_extension", "import of 'torch.utils'"),
+        ("from torch import load", "importing 'load'"),
+        ("x = open('/etc/passwd').read()", "'open' is not allowed"),
+        ("x = eval('1')", "'eval' is not allowed"),
+        ("x = __import__('os')", "'__import__' is not allowed"),
+        ("x = getattr(torch, 'lo' + 'ad')", "'getattr' is not allowed"),
+        ("x = torch.load", "attribute 'load'"),
+        ("x = ().__class__.__bases__", "dunder attribute"),
+        ("x = torch._C", "private attribute '_C'"),
+        ("F.cross_entropy = lambda *a, **k: 0", "assignment to 'F.cross_entropy'"),
+        ("def f():\n    T = torch.Tensor\n    T.exp = None", "assignment to 'T.exp'"),
+        ("MODEL_CONFIG['n_layers'] = 8", "assignment into 'MODEL_CONFIG'"),
+        ("def f():\n    global INDEXER_LOSS_WEIGHT", "global/nonlocal"),
+        # self is only ever a method's first parameter, so self.x = ... always means the object
+        ("import math as self\nself.sqrt = abs", "importing as 'self'"),
+        ("self = F\nself.cross_entropy = abs", "assignment to the name 'self'"),
+        ("def patch(self):\n    self.cross_entropy = abs", "not the first parameter of a method"),
+        ("class A:\n    def f(a, self):\n        self.x = 1", "not the first parameter of a method"),
+        # the ways from a value back to the interpreter
+        ("def g():\n    yield 1\nFRAME = g().gi_frame", "attribute 'gi_frame'"),
+        ("def f(e):\n    return e.tb_frame.f_back", "attribute 'f_back'"),
+        ("def f(fn):\n    return fn.co_consts", "attribute 'co_consts'"),
+        ("def f(x: 'print(1)'):\n    return x", "string annotations"),
+        ("import functools", "import of 'functools'"),
+        ("import typing", "import of 'typing'"),
+        ("torch.nn.modules.module.register_module_forward_hook(print)", "register_module_forward_hook"),
+        ("def apply_rope(x, cos, sin):\n    return x", "redefines 'apply_rope'"),
+        ("FFN_HIDDEN = 4096", "redefines 'FFN_HIDDEN'"),
+        ("import math as torch", "redefines 'torch'"),
+    ],
+)
 def test_forbidden_block_code_is_rejected_with_its_rule(code, rule):
     failure = static_violation(with_block_code(code), REFERENCE)
     assert failure is not None and rule in failure and failure.startswith("line ")

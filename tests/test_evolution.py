@@ -31,6 +31,7 @@ CONFIG = PROJECT_ROOT / "config.yaml"
 # ---------------------------------------------------------------------------------------------
 # config and prompts
 
+
 def test_config_has_only_keys_openevolve_knows():
     assert unknown_config_keys(yaml.safe_load(CONFIG.read_text())) == []
 
@@ -45,6 +46,7 @@ def test_a_misspelled_config_key_is_caught():
 
 def test_config_loads_through_openevolve_with_our_choices():
     from openevolve.config import Config
+
     config = Config.from_yaml(CONFIG)
     assert config.database.feature_dimensions == ["density", "indexer_params"]
     assert config.evaluator.cascade_evaluation and config.evaluator.max_retries == 0
@@ -56,12 +58,22 @@ def test_config_loads_through_openevolve_with_our_choices():
 
 def test_cascade_threshold_admits_every_passing_stage1_score():
     from openevolve.config import Config
+
     threshold = Config.from_yaml(CONFIG).evaluator.cascade_thresholds[0]
     assert 1 / 10000 >= threshold > 0.0  # passing stage 1 scores 1/min(ppl, 1e4) >= 1e-4; failures 0.0
 
 
-PROMPT_KEYS = {"metrics", "fitness_score", "feature_coords", "feature_dimensions", "improvement_areas",
-               "evolution_history", "current_program", "language", "artifacts"}
+PROMPT_KEYS = {
+    "metrics",
+    "fitness_score",
+    "feature_coords",
+    "feature_dimensions",
+    "improvement_areas",
+    "evolution_history",
+    "current_program",
+    "language",
+    "artifacts",
+}
 
 
 def test_prompt_templates_use_only_placeholders_openevolve_fills():
@@ -74,13 +86,21 @@ def test_prompt_templates_use_only_placeholders_openevolve_fills():
 def build_prompt(code, metrics=None):
     from openevolve.config import Config
     from openevolve.prompt.sampler import PromptSampler
+
     config = Config.from_yaml(CONFIG)
     metrics = metrics or {"combined_score": 0.0018, "val_ppl": 556.4, "density": 0.655, "indexer_params": 83968.0}
     return PromptSampler(config.prompt).build_prompt(
-        current_program=code, program_metrics=metrics, previous_programs=[], top_programs=[], inspirations=[],
-        language="python", evolution_round=3, diff_based_evolution=True,
+        current_program=code,
+        program_metrics=metrics,
+        previous_programs=[],
+        top_programs=[],
+        inspirations=[],
+        language="python",
+        evolution_round=3,
+        diff_based_evolution=True,
         feature_dimensions=config.database.feature_dimensions,
-        program_artifacts={"failure": "stage 1: example failure line"})
+        program_artifacts={"failure": "stage 1: example failure line"},
+    )
 
 
 def test_prompt_builds_with_the_task_the_program_and_its_metrics():
@@ -94,6 +114,7 @@ def test_prompt_builds_with_the_task_the_program_and_its_metrics():
 
 def smollm_tokens(text):
     from plasa_lab.tokenizer import get_tokenizer
+
     return len(get_tokenizer(log=lambda *a: None).encode(text).ids)
 
 
@@ -103,6 +124,7 @@ def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbati
     from openevolve.config import Config
     from plasa_lab.evolution import first_prompt
     from plasa_lab.program import split_blocks
+
     config = Config.from_yaml(CONFIG)
     full, compact = first_prompt(config, compact=False), first_prompt(config, compact=True)
     assert smollm_tokens(compact["system"] + compact["user"]) < 4000 < smollm_tokens(full["system"] + full["user"])
@@ -115,7 +137,7 @@ def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbati
 
 def test_prompt_shows_no_worked_example_a_model_could_copy_and_ends_with_the_format():
     prompt = build_prompt(SOURCE)["user"]
-    example = prompt[prompt.rindex("<<<<<<< SEARCH"):]
+    example = prompt[prompt.rindex("<<<<<<< SEARCH") :]
     code_lines = {line.strip() for line in SOURCE.splitlines() if line.strip()}
     assert not [line for line in example.splitlines() if line.strip() in code_lines]
     assert prompt.rstrip().endswith(">>>>>>> REPLACE") and prompt.index("# Answer format") > prompt.index("# Task")
@@ -130,9 +152,12 @@ def test_every_prompt_names_one_focus_from_the_menu():
 
 def test_the_prompts_rules_are_the_checkers_rules():
     from plasa_lab.checks import ALLOWED_IMPORTS
+
     system = (PROJECT_ROOT / "prompts" / "system_message.txt").read_text()
-    rules = system[system.index("may import only"):]
-    allowed = set(re.findall(r"\b(?:math|torch(?:\.nn(?:\.functional)?)?|functools|typing|os|sys)\b", rules.split(";")[0]))
+    rules = system[system.index("may import only") :]
+    allowed = set(
+        re.findall(r"\b(?:math|torch(?:\.nn(?:\.functional)?)?|functools|typing|os|sys)\b", rules.split(";")[0])
+    )
     assert allowed == ALLOWED_IMPORTS
     assert "self.<name> = ..." in system and "first" in system and "string" in system and "global" in system
 
@@ -140,8 +165,10 @@ def test_the_prompts_rules_are_the_checkers_rules():
 # ---------------------------------------------------------------------------------------------
 # the offline mutator
 
+
 def test_offline_mutator_edits_only_inside_blocks_with_valid_diffs():
     from openevolve.utils.code_utils import apply_diff, extract_diffs
+
     kinds = set()
     for seed in range(200):
         edits = propose_edits(SOURCE, random.Random(seed))
@@ -150,13 +177,20 @@ def test_offline_mutator_edits_only_inside_blocks_with_valid_diffs():
         assert len(extract_diffs(diff)) == len(edits) >= 1
         child = apply_diff(SOURCE, diff)
         assert child != SOURCE and static_violation(child, SOURCE) is None
-    assert kinds == {"indexer loss weight", "indexer heads", "indexer head size", "index score activation",
-                     "schedule rule", "indexer init scale"}
+    assert kinds == {
+        "indexer loss weight",
+        "indexer heads",
+        "indexer head size",
+        "index score activation",
+        "schedule rule",
+        "indexer init scale",
+    }
 
 
 def test_offline_mutator_schedule_entries_stay_within_1_and_L():
     from openevolve.utils.code_utils import apply_diff
     from plasa_lab.program import load_program
+
     code = SOURCE
     for seed in range(30):  # a chain of schedule moves
         edits = [e for e in propose_edits(code, random.Random(seed), max_edits=2) if "schedule" in e[0]]
@@ -170,14 +204,18 @@ def test_offline_mutator_schedule_entries_stay_within_1_and_L():
 
 def test_offline_mutator_is_seeded_by_parent_and_iteration():
     import asyncio
+
     prompt = build_prompt(SOURCE)["user"]
-    ask = lambda seed: asyncio.run(OfflineMutator().generate_with_context("", [{"role": "user", "content": prompt}], seed=seed))
+    ask = lambda seed: asyncio.run(
+        OfflineMutator().generate_with_context("", [{"role": "user", "content": prompt}], seed=seed)
+    )
     assert ask(1) == ask(1)
     assert len({ask(s) for s in range(8)}) > 1
 
 
 # ---------------------------------------------------------------------------------------------
 # runs end to end
+
 
 @pytest.fixture(scope="module")
 def shared_ledger(tmp_path_factory):
@@ -190,8 +228,15 @@ def evolve(*args, ledger, env=None, wait=True):
     environment.update(PLASA_LEDGER=ledger, **(env or {}))
     command = [sys.executable, "scripts/evolve.py", "--profile", "smoke", *args]
     if not wait:
-        return subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=environment,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     return subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -230,16 +275,31 @@ def assert_trace_agrees_with_the_checkpoint(run_dir, total):
     assert reached == total
     population = {p.stem for p in (checkpoint / "programs").glob("*.json")}
     assert {r["child_id"] for r in children if r["child_metrics"]["combined_score"] > 0} <= population
-    report = subprocess.run([sys.executable, "scripts/inspect_run.py", str(run_dir), "--json", str(run_dir / "t.json")],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, "scripts/inspect_run.py", str(run_dir), "--json", str(run_dir / "t.json")],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr
     assert {p["id"] for p in json.loads((run_dir / "t.json").read_text())} == population
 
 
 def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(tmp_path, shared_ledger):
     run_dir = tmp_path / "run"
-    proc = evolve("--iterations", "3", "--llm", "offline", "--seeds", "42,43", "--output", str(run_dir),
-                  ledger=shared_ledger, wait=False)
+    proc = evolve(
+        "--iterations",
+        "3",
+        "--llm",
+        "offline",
+        "--seeds",
+        "42,43",
+        "--output",
+        str(run_dir),
+        ledger=shared_ledger,
+        wait=False,
+    )
     try:
         wait_for(lambda: latest_checkpoint(run_dir) is not None, 420, "the first checkpoint")
     finally:
@@ -279,8 +339,18 @@ def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(
 
 def test_ctrl_c_mid_child_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path, shared_ledger):
     run_dir = tmp_path / "run"
-    proc = evolve("--iterations", "20", "--llm", "offline", "--seeds", "42", "--output", str(run_dir),
-                  ledger=shared_ledger, wait=False)
+    proc = evolve(
+        "--iterations",
+        "20",
+        "--llm",
+        "offline",
+        "--seeds",
+        "42",
+        "--output",
+        str(run_dir),
+        ledger=shared_ledger,
+        wait=False,
+    )
     try:
         wait_for(lambda: read_jsonl(run_dir / "evolution_trace.jsonl"), 420, "the first child")
         proc.send_signal(signal.SIGINT)
@@ -301,8 +371,9 @@ def test_ctrl_c_mid_child_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path, 
 
 def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_path):
     run_dir, ledger = tmp_path / "run", str(tmp_path / "own-ledger.sqlite")  # nothing cached: it must train
-    proc = evolve("--iterations", "1", "--llm", "offline", "--seeds", "42", "--output", str(run_dir), ledger=ledger,
-                  wait=False)
+    proc = evolve(
+        "--iterations", "1", "--llm", "offline", "--seeds", "42", "--output", str(run_dir), ledger=ledger, wait=False
+    )
     lines = []
     try:
         for line in proc.stdout:
@@ -315,7 +386,10 @@ def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
-    assert "while evaluating the initial program" in output and f"Resume with: python scripts/evolve.py --resume --output {run_dir}" in output
+    assert (
+        "while evaluating the initial program" in output
+        and f"Resume with: python scripts/evolve.py --resume --output {run_dir}" in output
+    )
     assert "Traceback" not in output
     time.sleep(1)
     assert worker_processes() == []
@@ -328,8 +402,21 @@ def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_pat
 def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     server = FakeLLMServer()
     try:
-        run = evolve("--iterations", "1", "--llm", "local", "--api-base", server.url, "--model", "fake-llm",
-                     "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger)
+        run = evolve(
+            "--iterations",
+            "1",
+            "--llm",
+            "local",
+            "--api-base",
+            server.url,
+            "--model",
+            "fake-llm",
+            "--seeds",
+            "42",
+            "--output",
+            str(tmp_path / "run"),
+            ledger=shared_ledger,
+        )
     finally:
         server.close()
     assert run.returncode == 0, run.stderr[-3000:]
@@ -352,8 +439,21 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
 def test_an_llm_that_keeps_failing_the_same_way_stops_the_run_in_one_line(tmp_path, shared_ledger):
     server = FakeLLMServer(fail_after=1, fail_seconds=1.5)  # the start-up check passes, then every call fails
     try:
-        run = evolve("--iterations", "10", "--llm", "local", "--api-base", server.url, "--model", "fake-llm",
-                     "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger)
+        run = evolve(
+            "--iterations",
+            "10",
+            "--llm",
+            "local",
+            "--api-base",
+            server.url,
+            "--model",
+            "fake-llm",
+            "--seeds",
+            "42",
+            "--output",
+            str(tmp_path / "run"),
+            ledger=shared_ledger,
+        )
     finally:
         server.close()
     assert run.returncode == 1, run.stderr[-3000:]
@@ -369,7 +469,9 @@ def test_a_server_whose_context_is_too_small_is_refused_at_start_in_one_line(tmp
     server = FakeLLMServer(context_chars=2000)
     try:
         start = time.monotonic()
-        run = evolve("--llm", "local", "--api-base", server.url, "--output", str(tmp_path / "run"), ledger=shared_ledger)
+        run = evolve(
+            "--llm", "local", "--api-base", server.url, "--output", str(tmp_path / "run"), ledger=shared_ledger
+        )
     finally:
         server.close()
     assert run.returncode == 1 and "cannot complete a prompt like the run's" in run.stderr
@@ -387,8 +489,21 @@ def test_child_editing_outside_blocks_never_enters_the_database_as_a_success(tmp
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     server = FakeLLMServer(reply=outside_edit_reply)
     try:
-        run = evolve("--iterations", "2", "--llm", "local", "--api-base", server.url, "--config", str(tmp_path / "config.yaml"),
-                     "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger)
+        run = evolve(
+            "--iterations",
+            "2",
+            "--llm",
+            "local",
+            "--api-base",
+            server.url,
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--seeds",
+            "42",
+            "--output",
+            str(tmp_path / "run"),
+            ledger=shared_ledger,
+        )
     finally:
         server.close()
     assert run.returncode == 1 and "no child could be evaluated" in run.stderr
@@ -409,27 +524,41 @@ def free_port():
 
 def test_unreachable_api_base_fails_fast_with_a_clear_error(tmp_path, shared_ledger):
     start = time.monotonic()
-    run = evolve("--llm", "local", "--api-base", f"http://127.0.0.1:{free_port()}/v1", "--output", str(tmp_path / "run"),
-                 ledger=shared_ledger)
+    run = evolve(
+        "--llm",
+        "local",
+        "--api-base",
+        f"http://127.0.0.1:{free_port()}/v1",
+        "--output",
+        str(tmp_path / "run"),
+        ledger=shared_ledger,
+    )
     assert run.returncode == 1 and "cannot reach the LLM endpoint" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--resume", "--output", "/nonexistent/run"], "nothing to resume"),
-    (["--iterations", "0"], "--iterations must be at least 1"),
-    (["--llm", "local"], "--llm local needs --api-base"),
-    (["--config", "/nonexistent/config.yaml"], "cannot read the config"),
-    (["--config", "BROKEN_YAML"], "is not valid YAML at line 4, column 14"),
-    (["--config", "BINARY"], "is not UTF-8 text"),
-    (["--output", "A_FILE/run", "--llm", "offline"], "cannot write the run folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume", "--output", "/nonexistent/run"], "nothing to resume"),
+        (["--iterations", "0"], "--iterations must be at least 1"),
+        (["--llm", "local"], "--llm local needs --api-base"),
+        (["--config", "/nonexistent/config.yaml"], "cannot read the config"),
+        (["--config", "BROKEN_YAML"], "is not valid YAML at line 4, column 14"),
+        (["--config", "BINARY"], "is not UTF-8 text"),
+        (["--output", "A_FILE/run", "--llm", "offline"], "cannot write the run folder"),
+    ],
+)
 def test_bad_input_exits_nonzero_with_one_line(args, message, shared_ledger, tmp_path):
     (tmp_path / "broken.yaml").write_text("max_iterations: 3\nllm:\n  models: [unclosed\n  temperature: 0.7\n")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (tmp_path / "a_file").write_text("not a folder")
-    places = {"BROKEN_YAML": tmp_path / "broken.yaml", "BINARY": tmp_path / "binary.yaml", "A_FILE/run": tmp_path / "a_file" / "run"}
+    places = {
+        "BROKEN_YAML": tmp_path / "broken.yaml",
+        "BINARY": tmp_path / "binary.yaml",
+        "A_FILE/run": tmp_path / "a_file" / "run",
+    }
     run = evolve(*[str(places.get(a, a)) for a in args], ledger=shared_ledger, env={"OPENAI_API_BASE": ""})
     assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
     assert len([line for line in run.stderr.splitlines() if "error" in line]) == 1 and "Traceback" not in run.stderr

@@ -31,8 +31,16 @@ def record(ledger, code, losses: dict, passed=True):
     fingerprint = corpus_of("auto").fingerprint
     for seed, loss in losses.items():
         key = Key(code_key(code), 2, "smoke", seed, fingerprint, HARNESS_VERSION)
-        measured = dict(val_loss=loss, val_ppl=math.exp(loss), val_acc=0.2, train_loss=loss, density=0.6,
-                        indexer_params=83968.0, nonembed_params=1526912.0, train_seconds=1.0)
+        measured = dict(
+            val_loss=loss,
+            val_ppl=math.exp(loss),
+            val_acc=0.2,
+            train_loss=loss,
+            density=0.6,
+            indexer_params=83968.0,
+            nonembed_params=1526912.0,
+            train_seconds=1.0,
+        )
         metrics = passed_metrics(measured, 2) if passed else failure_metrics(measured)
         ledger.put(key, code_sha256(code), metrics, {} if passed else {"failure": "stage 2: broken"}, 1.0)
 
@@ -124,10 +132,14 @@ def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_pr
     randomness see the same batches in the same order, the same dropout masks and the same windows."""
     from plasa_lab import worker
     from plasa_lab.tokens import train_batches, val_windows
+
     monkeypatch.chdir(tmp_path)  # the worker writes program.py into its folder
     corpus = corpus_of("auto")
-    greedy = SOURCE.replace("def init_indexer(indexer, layer):\n",
-                            "def init_indexer(indexer, layer):\n    torch.randn(12345 * (layer + 1))\n", 1)
+    greedy = SOURCE.replace(
+        "def init_indexer(indexer, layer):\n",
+        "def init_indexer(indexer, layer):\n    torch.randn(12345 * (layer + 1))\n",
+        1,
+    )
     seen = {}
     for name, code in (("initial", SOURCE), ("greedy", greedy)):
         _, model, device, _ = worker.build(dict(code=code, seed=42, device="cpu"))
@@ -137,9 +149,12 @@ def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_pr
             for batch in it:
                 batches.append(batch.clone())
                 yield batch
+
         model.blocks[1].dropout.register_forward_hook(lambda m, i, out: masks.append((out == 0).clone()))
         worker.train(model, recorded(train_batches(corpus.train, 2, 128, 42)), 2, device, 42)
         seen[name] = (batches, masks)
-    assert all(torch.equal(a, b) for a, b in zip(seen["initial"][0], seen["greedy"][0])) and len(seen["initial"][0]) == 2
+    assert (
+        all(torch.equal(a, b) for a, b in zip(seen["initial"][0], seen["greedy"][0])) and len(seen["initial"][0]) == 2
+    )
     assert all(torch.equal(a, b) for a, b in zip(seen["initial"][1], seen["greedy"][1])) and seen["initial"][1]
     assert torch.equal(val_windows(corpus.val, 8, 128), val_windows(corpus.val, 8, 128))

@@ -20,8 +20,16 @@ import pytest
 
 from plasa_lab import PROJECT_ROOT, reporting, rundir
 from plasa_lab.program import block_line_ranges
-from plasa_lab.reporting import Program, ReportError, block_diffs, load_run, map_elites_grid, pareto_front, rank, \
-    resolve_target
+from plasa_lab.reporting import (
+    Program,
+    ReportError,
+    block_diffs,
+    load_run,
+    map_elites_grid,
+    pareto_front,
+    rank,
+    resolve_target,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 CHECKPOINT = "checkpoint_4"
@@ -30,8 +38,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def inspect(*args, timeout=120):
-    return subprocess.run([sys.executable, "scripts/inspect_run.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "scripts/inspect_run.py", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -59,8 +72,14 @@ def make_a_child_the_best(run_dir) -> str:
     """On the smoke fixture every score ties and OpenEvolve's best is the initial program; here the
     child with the lowest ppl scores higher and is the checkpoint's best_program_id, as OpenEvolve
     would have made it. Returns its id."""
-    child = min((json.loads(p.read_text()) for p in (run_dir / "checkpoints" / CHECKPOINT / "programs").glob("*.json")
-                 if json.loads(p.read_text())["parent_id"]), key=lambda d: d["metrics"]["val_ppl"])["id"]
+    child = min(
+        (
+            json.loads(p.read_text())
+            for p in (run_dir / "checkpoints" / CHECKPOINT / "programs").glob("*.json")
+            if json.loads(p.read_text())["parent_id"]
+        ),
+        key=lambda d: d["metrics"]["val_ppl"],
+    )["id"]
     edit_programs(run_dir, lambda d: d["metrics"].update(combined_score=2e-4) if d["id"] == child else None)
     edit_metadata(run_dir, lambda m: m.update(best_program_id=child))
     return child
@@ -72,14 +91,16 @@ def reported(tmp_path_factory):
     (run folder, the process)."""
     run_dir = Path(shutil.copytree(FIXTURE, tmp_path_factory.mktemp("inspect") / "run"))
     make_a_child_the_best(run_dir)
-    done = inspect(run_dir, "--top", "3", "--plots", "--html", "--json", run_dir / "table.json",
-                   "--csv", run_dir / "table.csv")
+    done = inspect(
+        run_dir, "--top", "3", "--plots", "--html", "--json", run_dir / "table.json", "--csv", run_dir / "table.csv"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done
 
 
 # ---------------------------------------------------------------------------------------------
 # the table, the lineage, the diff
+
 
 def test_ranked_first_is_openevolves_best_program_the_one_in_best_folder():
     view = load_run(FIXTURE)
@@ -112,8 +133,9 @@ def test_a_best_program_id_that_is_not_the_highest_score_is_warned_about(run_cop
     edit_metadata(run_copy, lambda m: m.update(best_program_id="not-a-program"))
     view = load_run(run_copy)
     assert view.best.iteration == 0
-    assert view.warnings == [f"warning: {CHECKPOINT}'s best_program_id not-a-pr is not among its programs; "
-                             f"#1 here is {view.best.short_id}"]
+    assert view.warnings == [
+        f"warning: {CHECKPOINT}'s best_program_id not-a-pr is not among its programs; #1 here is {view.best.short_id}"
+    ]
 
 
 def test_command_line_table_lists_the_top_programs_in_rank_order(reported):
@@ -207,6 +229,7 @@ def test_pareto_front_keeps_points_no_other_beats_in_both_ppl_and_density():
 # ---------------------------------------------------------------------------------------------
 # the MAP-Elites grid: OpenEvolve's own cells
 
+
 def test_grid_cells_are_the_ones_openevolve_saved_in_the_checkpoint():
     view = load_run(FIXTURE)
     metadata = json.loads((FIXTURE / "checkpoints" / CHECKPOINT / "metadata.json").read_text())
@@ -220,8 +243,10 @@ def test_grid_cells_are_the_ones_openevolve_saved_in_the_checkpoint():
     # the initial program entered alone: OpenEvolve scaled it to the middle (0.5), cell 5-4, and it stays there
     initial = view.initial.id
     assert [cell for cell, members in grid.cells.items() if initial in {p.id for p in members}] == [(5, 4)]
-    assert grid.ranges["density"] == (metadata["feature_stats"]["density"]["min"],
-                                      metadata["feature_stats"]["density"]["max"])
+    assert grid.ranges["density"] == (
+        metadata["feature_stats"]["density"]["min"],
+        metadata["feature_stats"]["density"]["max"],
+    )
 
 
 def test_a_cell_shows_its_best_program_by_the_report_ranking():
@@ -245,12 +270,16 @@ def test_grid_labels_only_programs_of_the_population(run_copy):
 # ---------------------------------------------------------------------------------------------
 # a child whose checkpoint was never written
 
+
 def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
     """kill -9 during checkpoint_5's save: the trace holds iteration 5, no checkpoint does."""
     trace = run_copy / "evolution_trace.jsonl"
     record = json.loads(trace.read_text().splitlines()[-1])
-    record.update(iteration=5, child_id="unsaved-child", child_metrics=dict(record["child_metrics"], val_ppl=50.0,
-                                                                              combined_score=0.02))
+    record.update(
+        iteration=5,
+        child_id="unsaved-child",
+        child_metrics=dict(record["child_metrics"], val_ppl=50.0, combined_score=0.02),
+    )
     with trace.open("a") as f:
         f.write(json.dumps(record) + "\n")
     partial = run_copy / "checkpoints" / "checkpoint_5"
@@ -259,8 +288,10 @@ def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
     view = load_run(run_copy)
     assert view.checkpoint.name == CHECKPOINT and "unsaved-child" not in view.known
     assert [i for i, _ in reporting.history(view)] == [0, 1, 2, 3, 4] and len(view.trace) == 4
-    assert view.warnings[-1] == ("warning: left out 1 trace record(s) of iterations after 4 (checkpoint_4's last): "
-                                 "no checkpoint holds them (killed during a save?)")
+    assert view.warnings[-1] == (
+        "warning: left out 1 trace record(s) of iterations after 4 (checkpoint_4's last): "
+        "no checkpoint holds them (killed during a save?)"
+    )
     done = inspect(run_copy)
     assert done.returncode == 0 and "children: 4 evaluated" in done.stdout and "unsaved-" not in done.stdout
     assert "left out 1 trace record(s)" in done.stderr
@@ -268,6 +299,7 @@ def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
 
 # ---------------------------------------------------------------------------------------------
 # plots, the HTML page, exports
+
 
 def test_plots_are_written_as_non_empty_pngs(reported):
     run_dir, done = reported
@@ -302,8 +334,13 @@ class Page(HTMLParser):
             self.images.append(attrs)
         if tag == "body":
             self.body = attrs
-        if tag == "img" and not attrs.get("src", "").startswith("data:") or tag != "img" and "src" in attrs \
-                or tag == "link":
+        if (
+            tag == "img"
+            and not attrs.get("src", "").startswith("data:")
+            or tag != "img"
+            and "src" in attrs
+            or tag == "link"
+        ):
             self.external.append((tag, attrs))
 
 
@@ -327,18 +364,34 @@ def test_html_report_is_one_self_contained_page_with_tables_diffs_and_decodable_
 
 def test_html_page_escapes_what_the_run_wrote(run_copy):
     child = make_a_child_the_best(run_copy)
-    edit_programs(run_copy, lambda d: d["metadata"].update(changes="<script>alert('x')</script> & more")
-                  if d["id"] == child else None)
+    edit_programs(
+        run_copy,
+        lambda d: d["metadata"].update(changes="<script>alert('x')</script> & more") if d["id"] == child else None,
+    )
     page = reporting.write_html(load_run(run_copy), run_copy / "report", 3, {}).read_text()
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page
     assert "<script>alert" not in page and page.count("<script>") == 1  # the page's own image check only
 
 
 def browser_dom(html_file: Path, profile_dir: Path) -> str:
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-first-run",
-                           f"--user-data-dir={profile_dir}", "--dump-dom", html_file.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile_dir}",
+            "--dump-dom",
+            html_file.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -351,8 +404,14 @@ def test_html_report_tables_and_images_load_in_headless_chromium(reported, tmp_p
     assert all(i.get("data-loaded") == "yes" and int(i["data-natural-width"]) > 100 for i in page.images)
 
     broken = tmp_path / "broken.html"  # the page's own check tells a broken image from a good one
-    broken.write_text(re.sub(r'src="data:image/png;base64,[^"]{40}', 'src="data:image/png;base64,AAAA', (
-        run_dir / "report" / "report.html").read_text(), count=1))
+    broken.write_text(
+        re.sub(
+            r'src="data:image/png;base64,[^"]{40}',
+            'src="data:image/png;base64,AAAA',
+            (run_dir / "report" / "report.html").read_text(),
+            count=1,
+        )
+    )
     page = parse(browser_dom(broken, tmp_path / "profile"))
     assert page.body.get("data-images-loaded") == "2/3"
 
@@ -370,12 +429,18 @@ def test_json_and_csv_export_every_program_in_rank_order(reported):
 # ---------------------------------------------------------------------------------------------
 # marks newer runs add: confirmation on several seeds, the sandbox, LLM responses
 
+
 def confirm(run_dir, confirmed: dict):
     """Give every program `seeds`, `confirmed` and per-seed losses: {id prefix: number of seeds confirmed}."""
+
     def edit(d):
         seeds = next((n for prefix, n in confirmed.items() if d["id"].startswith(prefix)), 1)
-        d["metrics"].update(seeds=float(seeds), confirmed=1.0 if seeds > 1 else 0.0,
-                            **{f"val_loss_seed{42 + i}": 10.0 + i / 10 for i in range(seeds)})
+        d["metrics"].update(
+            seeds=float(seeds),
+            confirmed=1.0 if seeds > 1 else 0.0,
+            **{f"val_loss_seed{42 + i}": 10.0 + i / 10 for i in range(seeds)},
+        )
+
     edit_programs(run_dir, edit)
 
 
@@ -388,8 +453,10 @@ def test_table_marks_unconfirmed_programs_and_summary_names_the_best_confirmed(r
     table = done.stdout.split("Top 5 of 5")[1].split("Lineage")[0]
     rows = {line.split()[1]: line for line in table.splitlines() if re.match(r"│ [0-9a-f]{8} ", line)}
     assert "3 seeds ✓" in rows["17afba42"] and "1 seed " in rows["f9a30ed1"] and "✓" not in rows["f9a30ed1"]
-    assert ("best confirmed program: 17afba42 (val_ppl 24589.1, 3 seeds ✓, #2 in the ranking); "
-            "the #1, f9a30ed1, is not confirmed (1 seed)") in done.stdout
+    assert (
+        "best confirmed program: 17afba42 (val_ppl 24589.1, 3 seeds ✓, #2 in the ranking); "
+        "the #1, f9a30ed1, is not confirmed (1 seed)"
+    ) in done.stdout
     exported = {p["id"][:8]: p for p in json.loads((run_copy / "t.json").read_text())["programs"]}
     assert exported["17afba42"]["confirmed"] == 1.0 and exported["17afba42"]["val_loss_seed44"] == 10.2
     assert exported["f9a30ed1"]["val_loss_seed44"] is None
@@ -410,8 +477,10 @@ def test_unsandboxed_run_puts_its_warning_first_in_every_report(run_copy):
     (run_copy / "run.json").write_text(json.dumps(record))
     done = inspect(run_copy, "--html")
     assert done.returncode == 0, done.stderr
-    expected = ("WARNING: this run's children were not isolated (sandbox isolation: none, not bwrap): "
-                "bwrap is not installed: children ran as this user")
+    expected = (
+        "WARNING: this run's children were not isolated (sandbox isolation: none, not bwrap): "
+        "bwrap is not installed: children ran as this user"
+    )
     assert done.stdout.splitlines()[0] == expected
     page = (run_copy / "report" / "report.html").read_text()
     assert page.index('<p class="sandbox">') < page.index("<h1>") and expected.replace("'", "&#39;") in page
@@ -425,21 +494,46 @@ def test_bwrap_runs_and_runs_that_do_not_say_show_no_sandbox_warning(run_copy):
 
 
 def test_llm_responses_are_counted_per_model_and_outcome(run_copy):
-    calls = [dict(iteration=i, model=model, prompt_chars=9000, prompt_tokens=None, seconds=seconds, outcome=outcome,
-                  error=None, response="...")
-             for i, model, seconds, outcome in [(1, "qwen", 2.0, "passed"), (2, "qwen", 4.0, "no diff"),
-                                                (3, "qwen", 6.0, "passed"), (3, "gpt", 1.0, "llm error"),
-                                                (9, "qwen", 100.0, "passed")]]  # iteration 9: after the checkpoint
+    calls = [
+        dict(
+            iteration=i,
+            model=model,
+            prompt_chars=9000,
+            prompt_tokens=None,
+            seconds=seconds,
+            outcome=outcome,
+            error=None,
+            response="...",
+        )
+        for i, model, seconds, outcome in [
+            (1, "qwen", 2.0, "passed"),
+            (2, "qwen", 4.0, "no diff"),
+            (3, "qwen", 6.0, "passed"),
+            (3, "gpt", 1.0, "llm error"),
+            (9, "qwen", 100.0, "passed"),
+        ]
+    ]  # iteration 9: after the checkpoint
     (run_copy / "llm_responses.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls) + '{"torn')
     done = inspect(run_copy, "--html")
     assert done.returncode == 0, done.stderr
     table = done.stdout.split("LLM responses per model")[1]
     assert "4 calls in llm_responses.jsonl, up to iteration 4" in table
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in table.splitlines() if line.startswith("│")}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in table.splitlines()
+        if line.startswith("│")
+    }
     header = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("┃")).split("┃")[1:-1]]
-    assert header == ["model", "responses", "no diff", "diff did not apply", "llm error",
-                      "rejected by a check", "passed", "mean s/response"]
+    assert header == [
+        "model",
+        "responses",
+        "no diff",
+        "diff did not apply",
+        "llm error",
+        "rejected by a check",
+        "passed",
+        "mean s/response",
+    ]
     assert rows["qwen"] == ["3", "1", "0", "0", "0", "2", "4.0"]
     assert rows["gpt"] == ["1", "0", "0", "1", "0", "0", "1.0"]
     assert "LLM responses per model" in (run_copy / "report" / "report.html").read_text()
@@ -453,6 +547,7 @@ def test_runs_without_llm_responses_show_no_llm_table(reported):
 
 # ---------------------------------------------------------------------------------------------
 # where to look, and what cannot be read
+
 
 def test_a_checkpoint_folder_can_be_inspected_directly():
     done = inspect(FIXTURE / "checkpoints" / CHECKPOINT)
@@ -490,7 +585,10 @@ def test_partly_written_checkpoint_is_reported_and_the_previous_one_used(run_cop
     program.write_text(program.read_text()[:100])
     done = inspect(run_copy)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.strip() == f"warning: skipped checkpoint_5: metadata.json missing (partly written?); using {CHECKPOINT}"
+    assert (
+        done.stderr.strip()
+        == f"warning: skipped checkpoint_5: metadata.json missing (partly written?); using {CHECKPOINT}"
+    )
     assert f"checkpoint {CHECKPOINT}" in done.stdout
 
 
@@ -499,17 +597,24 @@ def corrupt_a_program(run_dir):
     program.write_text(program.read_text()[:500])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such folder"),
-    ("not a run", "is not a run folder"),
-    ("corrupt program", "is not valid JSON"),
-    ("corrupt program, checkpoint named", "is not valid JSON"),
-    ("a file", "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such folder"),
+        ("not a run", "is not a run folder"),
+        ("corrupt program", "is not valid JSON"),
+        ("corrupt program, checkpoint named", "is not valid JSON"),
+        ("a file", "is not a folder"),
+    ],
+)
 def test_bad_input_exits_nonzero_with_one_line(case, message, run_copy, tmp_path):
-    target = {"missing": tmp_path / "nowhere", "not a run": tmp_path / "empty",
-              "corrupt program": run_copy, "corrupt program, checkpoint named": run_copy / "checkpoints" / CHECKPOINT,
-              "a file": run_copy / "run.json"}[case]
+    target = {
+        "missing": tmp_path / "nowhere",
+        "not a run": tmp_path / "empty",
+        "corrupt program": run_copy,
+        "corrupt program, checkpoint named": run_copy / "checkpoints" / CHECKPOINT,
+        "a file": run_copy / "run.json",
+    }[case]
     (tmp_path / "empty").mkdir()
     if case.startswith("corrupt"):
         corrupt_a_program(run_copy)

@@ -36,5 +36,6 @@ def test_every_requirement_is_pinned_the_same_in_the_constraints():
     for _, line in pin_lines("requirements.txt"):
         name = line.split("==")[0].lower().replace("_", "-")
         version = line.split("==")[1]
-        assert constraints.get(name, "").split("==")[-1] == version, \
+        assert constraints.get(name, "").split("==")[-1] == version, (
             f"requirements.txt pins {line}, constraints.txt {constraints.get(name)}"
+        )

@@ -17,8 +17,14 @@ def test_recorded_evaluation_is_found_under_the_same_key(tmp_path):
 def test_any_key_part_changing_misses(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.put(KEY, {"combined_score": 0.5}, {}, seconds=1.0)
-    for part, other in [("code_sha256", "abd"), ("stage", 2), ("profile", "full"), ("seed", 43),
-                        ("fingerprint", "f01"), ("harness_version", "2")]:
+    for part, other in [
+        ("code_sha256", "abd"),
+        ("stage", 2),
+        ("profile", "full"),
+        ("seed", 43),
+        ("fingerprint", "f01"),
+        ("harness_version", "2"),
+    ]:
         assert ledger.get({**KEY, part: other}) is None
 
 

@@ -95,8 +95,14 @@ def test_selection_is_causal_and_keeps_min_k_t_plus_1_keys_per_query(programs, s
 def test_sparse_layer_keeps_the_highest_scoring_past_keys(program):
     scores = torch.tensor([[[5.0, 0, 0, 0], [1, 3, 9, 9], [2, 1, 3, 9], [4, 1, 3, 2]]])
     selected = program.select_topk(scores, 2, layer=1)
-    assert selected.tolist() == [[[True, False, False, False], [True, True, False, False],
-                                  [True, False, True, False], [True, False, True, False]]]
+    assert selected.tolist() == [
+        [
+            [True, False, False, False],
+            [True, True, False, False],
+            [True, False, True, False],
+            [True, False, True, False],
+        ]
+    ]
 
 
 def test_progressive_schedule_is_128_32_32_64(program):
@@ -104,12 +110,15 @@ def test_progressive_schedule_is_128_32_32_64(program):
     assert [layer.k for layer in build(program).plasa_layers()] == [128, 32, 32, 64]
 
 
-@pytest.mark.parametrize("schedule, ks", [
-    ("AGGRESSIVE_MIDDLE", [128, 16, 16, 64]),
-    ("DENSE_TO_SPARSE", [128, 64, 32, 16]),
-    ("UNIFORM", [64, 64, 64, 64]),
-    ("DENSE", [128, 128, 128, 128]),
-])
+@pytest.mark.parametrize(
+    "schedule, ks",
+    [
+        ("AGGRESSIVE_MIDDLE", [128, 16, 16, 64]),
+        ("DENSE_TO_SPARSE", [128, 64, 32, 16]),
+        ("UNIFORM", [64, 64, 64, 64]),
+        ("DENSE", [128, 128, 128, 128]),
+    ],
+)
 def test_named_schedules(programs, schedule, ks):
     assert [layer.k for layer in build(programs[schedule]).plasa_layers()] == ks
 
@@ -164,7 +173,9 @@ def test_aux_loss_is_zero_when_index_scores_match_attention(program):
 
 
 def test_running_program_alone_trains_on_synthetic_tokens():
-    run = subprocess.run([sys.executable, str(INITIAL_PROGRAM), "--steps", "3"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(INITIAL_PROGRAM), "--steps", "3"], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     metrics = json.loads(run.stdout.strip().splitlines()[-1])
     assert metrics["k_schedule"] == [128, 32, 32, 64] and metrics["val_loss"] > 0
@@ -173,14 +184,22 @@ def test_running_program_alone_trains_on_synthetic_tokens():
 def test_running_program_alone_reads_a_token_file(tmp_path):
     tokens = torch.randint(0, 49152, (5000,), dtype=torch.int32).to(torch.uint16)
     (tmp_path / "t.bin").write_bytes(tokens.numpy().tobytes())
-    run = subprocess.run([sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin"), "--steps", "2"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin"), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1])["train_loss"] > 0
 
 
 def test_running_program_alone_on_too_few_tokens_fails_with_one_line(tmp_path):
     (tmp_path / "t.bin").write_bytes(b"\x01\x00" * 10)
-    run = subprocess.run([sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin")],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode != 0 and "need at least" in run.stderr

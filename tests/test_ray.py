@@ -31,10 +31,24 @@ def free_port():
 def ray_cluster():
     """A one-node cluster on 127.0.0.1 with 2 CPUs; RAY_ADDRESS points at it for the module."""
     port, temp = free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are long
-    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                            "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-                            "--object-store-memory=200000000", f"--temp-dir={temp}"],
-                           capture_output=True, text=True, timeout=120)
+    start = subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--object-store-memory=200000000",
+            f"--temp-dir={temp}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert start.returncode == 0, start.stderr[-2000:]
     old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
@@ -46,8 +60,14 @@ def ray_cluster():
 
 def evaluator_cli(runner):
     env = dict(os.environ, PLASA_RUNNER=runner, PLASA_THREADS="2")
-    run = subprocess.run([sys.executable, "evaluator.py", str(INITIAL_PROGRAM), "--stage", "all", "--profile", "smoke",
-                          "--quiet"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "evaluator.py", str(INITIAL_PROGRAM), "--stage", "all", "--profile", "smoke", "--quiet"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -55,7 +75,9 @@ def evaluator_cli(runner):
 def test_ray_runner_gives_the_same_metrics_as_the_local_runner(ray_cluster):
     on_ray, local = evaluator_cli("ray"), evaluator_cli("local")
     assert on_ray["stage2_passed"] == 1.0
-    assert {k: v for k, v in on_ray.items() if k != "train_seconds"} == {k: v for k, v in local.items() if k != "train_seconds"}
+    assert {k: v for k, v in on_ray.items() if k != "train_seconds"} == {
+        k: v for k, v in local.items() if k != "train_seconds"
+    }
 
 
 def test_failing_child_is_rejected_through_ray_with_the_same_failure_line(ray_cluster):
@@ -111,4 +133,5 @@ def test_unreachable_cluster_is_a_clear_failure_not_a_hang(monkeypatch):
 
 def test_parallel_evaluations_follow_the_cluster_capacity(ray_cluster):
     from plasa_lab.ray_runner import parallel_evaluations
+
     assert parallel_evaluations(threads=2) == 1 and parallel_evaluations(threads=1) == 2  # 2 CPUs, no GPU

@@ -15,20 +15,38 @@ from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
 from plasa_lab.evaluation import Settings, evaluate_code
 from plasa_lab.program import load_program, split_blocks
-from plasa_lab.replay import (REPLAYS_ROOT, VERDICTS, Plan, Candidate, ReplayError, SeedRun, plan_replay,
-                              schedule_variant, summarise, verdict, write_reports)
+from plasa_lab.replay import (
+    REPLAYS_ROOT,
+    VERDICTS,
+    Plan,
+    Candidate,
+    ReplayError,
+    SeedRun,
+    plan_replay,
+    schedule_variant,
+    summarise,
+    verdict,
+    write_reports,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 SOURCE = INITIAL_PROGRAM.read_text()
 
 
 def replay(*args, timeout=500, env=None):
-    return subprocess.run([sys.executable, "scripts/replay.py", *map(str, args)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "scripts/replay.py", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the rule
+
 
 def test_verdict_words_are_exactly_the_three_of_the_contract():
     assert VERDICTS == ("better beyond noise", "within noise", "worse beyond noise")
@@ -53,15 +71,26 @@ def test_one_seed_or_no_variance_is_within_noise():
 
 
 def seed_runs(losses, failed=()):
-    return [SeedRun(42 + i, math.exp(l), l, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0)
-            for i, l in enumerate(losses)]
+    return [
+        SeedRun(42 + i, math.exp(l), l, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0)
+        for i, l in enumerate(losses)
+    ]
 
 
 def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
-    plan = Plan([Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")],
-                [42, 43, 44], "smoke", None, Path("ledger"), Path("out"), "test")
-    summary = summarise(plan, {"initial": seed_runs([10.1, 10.12, 10.11]),
-                               "child": seed_runs([9.0, 9.01, math.log(10000)], failed=(2,))})
+    plan = Plan(
+        [Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")],
+        [42, 43, 44],
+        "smoke",
+        None,
+        Path("ledger"),
+        Path("out"),
+        "test",
+    )
+    summary = summarise(
+        plan,
+        {"initial": seed_runs([10.1, 10.12, 10.11]), "child": seed_runs([9.0, 9.01, math.log(10000)], failed=(2,))},
+    )
     child = summary["programs"][1]
     assert child["failed_seeds"] == [44] and child["verdict"] == "within noise"
     assert summary["programs"][0]["verdict"] == "within noise" and summary["programs"][0]["change_vs_initial_pct"] == 0
@@ -70,6 +99,7 @@ def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
 
 # ---------------------------------------------------------------------------------------------
 # baselines and plans
+
 
 def block_bodies(code):
     return {b.name: b.body for b in split_blocks(code)[1]}
@@ -82,7 +112,7 @@ def test_dense_and_uniform_baselines_change_only_the_k_schedule(schedule, k, tmp
     assert [name for name in before if before[name] != after[name]] == ["k_schedule"]
     assert static_violation(code, SOURCE) is None
     comments = [line for line in before["k_schedule"].splitlines() if line.startswith("#")]
-    assert after["k_schedule"].splitlines()[:len(comments)] == comments  # what must hold still says so
+    assert after["k_schedule"].splitlines()[: len(comments)] == comments  # what must hold still says so
     (tmp_path / "baseline.py").write_text(code)
     assert load_program(tmp_path / "baseline.py").layer_k_schedule(4, 128) == [k] * 4
 
@@ -152,6 +182,7 @@ def test_an_unsandboxed_run_puts_its_warning_first_in_the_replay_reports(tmp_pat
 # ---------------------------------------------------------------------------------------------
 # a real replay
 
+
 def test_smoke_replay_with_two_seeds_writes_report_and_verdicts_then_resumes_from_the_ledger(tmp_path):
     run_dir = Path(shutil.copytree(FIXTURE, tmp_path / "run"))
     done = replay(run_dir, "--top", "1", "--seeds", "42,43")
@@ -181,6 +212,7 @@ def small_text_corpus() -> str:
     """A generated text: corpus whose validation split is a few windows longer than the smoke
     profile's 8, so validating on all of it is quick (a fixed path: its token cache is reused)."""
     import random
+
     rng = random.Random(0)
     words = SOURCE.replace("\n", " ").split()[:400]
     documents = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(100)]
@@ -196,8 +228,19 @@ def test_whole_val_replay_validates_on_the_whole_split_under_its_own_ledger_key(
     program = tmp_path / "program.py"
     program.write_text(SOURCE)
     ledger, out = tmp_path / "ledger.sqlite", tmp_path / "out"
-    done = replay(program, "--seeds", "42", "--profile", "smoke", "--whole-val", "--ledger", ledger, "--out", out,
-                  env=dict(os.environ, PLASA_CORPUS=corpus))
+    done = replay(
+        program,
+        "--seeds",
+        "42",
+        "--profile",
+        "smoke",
+        "--whole-val",
+        "--ledger",
+        ledger,
+        "--out",
+        out,
+        env=dict(os.environ, PLASA_CORPUS=corpus),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "replay.json").read_text())
     assert report["validation"] == "the whole validation split"
@@ -205,26 +248,36 @@ def test_whole_val_replay_validates_on_the_whole_split_under_its_own_ledger_key(
 
     # The same training (seed 42), validated on the profile's first 8 windows instead: another number,
     # recorded beside it, so neither answers for the other.
-    whole = evaluate_code(SOURCE, 2, Settings(profile="smoke", corpus=corpus, ledger=str(ledger), whole_validation=True))
+    whole = evaluate_code(
+        SOURCE, 2, Settings(profile="smoke", corpus=corpus, ledger=str(ledger), whole_validation=True)
+    )
     first_windows = evaluate_code(SOURCE, 2, Settings(profile="smoke", corpus=corpus, ledger=str(ledger)))
     assert whole.from_ledger and not first_windows.from_ledger
-    assert "the whole validation split" in whole.artifacts["profile"] and "4 val batches" in first_windows.artifacts["profile"]
+    assert (
+        "the whole validation split" in whole.artifacts["profile"]
+        and "4 val batches" in first_windows.artifacts["profile"]
+    )
     assert whole.metrics["train_loss"] == first_windows.metrics["train_loss"]
     assert whole.metrics["val_ppl"] != first_windows.metrics["val_ppl"]
     assert whole.metrics["val_ppl"] == report["programs"][0]["runs"][0]["val_ppl"]
     from plasa_lab.ledger import Ledger
+
     assert sorted(r["profile"] for r in Ledger(ledger).rows() if r["stage"] == "2") == ["smoke", "smoke+whole-val"]
 
 
 # ---------------------------------------------------------------------------------------------
 # bad input
 
-@pytest.mark.parametrize("args, message", [
-    (["/nonexistent/run"], "no such file or folder"),
-    (["EMPTY"], "is not a run folder"),
-    (["FIXTURE", "PROGRAM"], "not both"),
-    (["FIXTURE", "--top", "0"], "--top must be at least 1"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/run"], "no such file or folder"),
+        (["EMPTY"], "is not a run folder"),
+        (["FIXTURE", "PROGRAM"], "not both"),
+        (["FIXTURE", "--top", "0"], "--top must be at least 1"),
+    ],
+)
 def test_bad_input_exits_nonzero_with_one_line(args, message, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "program.py").write_text(SOURCE)

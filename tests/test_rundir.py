@@ -33,6 +33,7 @@ def add_checkpoint(run_dir, n, metadata: str | None):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
+
 def test_latest_checkpoint_is_the_newest_whose_metadata_is_complete(run_copy):
     assert latest_checkpoint(run_copy) == (run_copy / "checkpoints" / "checkpoint_4", 4)
     add_checkpoint(run_copy, 6, json.dumps(dict(last_iteration=6)))
@@ -62,6 +63,7 @@ def test_no_complete_checkpoint_gives_none(tmp_path, run_copy):
 # ---------------------------------------------------------------------------------------------
 # records
 
+
 def test_read_jsonl_skips_a_torn_last_line_and_a_missing_file_is_empty(tmp_path):
     path = tmp_path / "trace.jsonl"
     path.write_text('{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3, "child_co')
@@ -70,8 +72,9 @@ def test_read_jsonl_skips_a_torn_last_line_and_a_missing_file_is_empty(tmp_path)
 
 
 def test_read_trace_keeps_what_a_checkpoint_can_hold_and_counts_the_rest(run_copy):
-    (run_copy / rundir.TRACE_FAILURES).write_text('{"iteration": 2, "error": "no diff"}\n'
-                                                  '{"iteration": 5, "error": "llm error"}\n')
+    (run_copy / rundir.TRACE_FAILURES).write_text(
+        '{"iteration": 2, "error": "no diff"}\n{"iteration": 5, "error": "llm error"}\n'
+    )
     whole = read_trace(run_copy)
     assert [r["iteration"] for r in whole.children] == [1, 2, 3, 4] and len(whole.failures) == 2
     assert whole.left_out == 0
@@ -82,8 +85,9 @@ def test_read_trace_keeps_what_a_checkpoint_can_hold_and_counts_the_rest(run_cop
 
 
 def test_llm_responses_are_read_up_to_an_iteration(tmp_path):
-    (tmp_path / rundir.LLM_RESPONSES).write_text("".join(
-        json.dumps(dict(iteration=i, model="m", outcome="passed", seconds=1.0)) + "\n" for i in (1, 2, 3)))
+    (tmp_path / rundir.LLM_RESPONSES).write_text(
+        "".join(json.dumps(dict(iteration=i, model="m", outcome="passed", seconds=1.0)) + "\n" for i in (1, 2, 3))
+    )
     assert [r["iteration"] for r in rundir.read_llm_responses(tmp_path, up_to_iteration=2)] == [1, 2]
     assert rundir.read_llm_responses(tmp_path / "elsewhere") == []
 
@@ -117,6 +121,7 @@ def test_newest_run_is_the_most_recently_modified_folder_with_a_run_json(tmp_pat
 
 # ---------------------------------------------------------------------------------------------
 # the read side stays light
+
 
 def imported_by(module: str) -> set[str]:
     code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"

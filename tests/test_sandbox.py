@@ -44,9 +44,11 @@ def test_environment_is_scrubbed_of_keys_and_tokens(monkeypatch):
 
 def test_child_sees_no_other_process_and_no_parent_environment(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-in-parent")
-    code = ("import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(sorted(pids, key=int))\n"
-            f"print(os.path.exists('/proc/{os.getpid()}/environ'))\n"
-            "for p in pids:\n    print(open(f'/proc/{p}/environ', 'rb').read())")
+    code = (
+        "import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(sorted(pids, key=int))\n"
+        f"print(os.path.exists('/proc/{os.getpid()}/environ'))\n"
+        "for p in pids:\n    print(open(f'/proc/{p}/environ', 'rb').read())"
+    )
     run = python(code)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
@@ -70,11 +72,13 @@ def test_child_has_no_network():
 def test_child_writes_only_into_its_own_vanishing_folder(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("do not read")
-    code = (f"import os\nopen('mine.txt', 'w').write('ok')\n"
-            f"for path in ['{secret}', '{tmp_path}/written.txt', '/tmp/plasa-escape.txt', '/usr/plasa-escape.txt']:\n"
-            f"    try:\n        open(path, 'a').write('x')\n        print('wrote', path)\n"
-            f"    except OSError as e:\n        print('refused', path, e.errno)\n"
-            f"try:\n    print(open('{secret}').read())\nexcept OSError:\n    print('cannot read')")
+    code = (
+        f"import os\nopen('mine.txt', 'w').write('ok')\n"
+        f"for path in ['{secret}', '{tmp_path}/written.txt', '/tmp/plasa-escape.txt', '/usr/plasa-escape.txt']:\n"
+        f"    try:\n        open(path, 'a').write('x')\n        print('wrote', path)\n"
+        f"    except OSError as e:\n        print('refused', path, e.errno)\n"
+        f"try:\n    print(open('{secret}').read())\nexcept OSError:\n    print('cannot read')"
+    )
     run = python(code)
     assert run.returncode == 0, run.stderr
     assert "do not read" not in run.stdout and "cannot read" in run.stdout
@@ -93,8 +97,7 @@ def test_read_only_binds_are_visible_and_nothing_else_of_the_host(tmp_path):
 
 def test_timeout_kills_the_whole_process_group():
     marker = f"sleep-marker-{os.getpid()}"
-    code = (f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 300 # {marker}']); "
-            f"time.sleep(300)")
+    code = f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 300 # {marker}']); time.sleep(300)"
     start = time.monotonic()
     run = python(code, Limits(wall_seconds=3))
     assert run.timed_out and run.signal_name == "SIGKILL"
@@ -167,10 +170,13 @@ def test_parent_killed_takes_the_sandbox_with_it(tmp_path):
     namespace dies with bwrap."""
     marker = f"parent-marker-{os.getpid()}"
     script = tmp_path / "parent.py"
-    script.write_text("import sys\nfrom plasa_lab.sandbox import Limits, run_sandboxed\n"
-                      f"run_sandboxed([sys.executable, '-I', '-c', \"import time, subprocess; "
-                      f"subprocess.Popen(['setsid', 'sh', '-c', 'sleep 300 # {marker}']); time.sleep(300)\"], Limits(300))\n")
+    script.write_text(
+        "import sys\nfrom plasa_lab.sandbox import Limits, run_sandboxed\n"
+        f"run_sandboxed([sys.executable, '-I', '-c', \"import time, subprocess; "
+        f"subprocess.Popen(['setsid', 'sh', '-c', 'sleep 300 # {marker}']); time.sleep(300)\"], Limits(300))\n"
+    )
     import subprocess
+
     parent = subprocess.Popen([sys.executable, str(script)])
     deadline = time.monotonic() + 60
     while not processes_with(marker) and time.monotonic() < deadline:

@@ -27,6 +27,7 @@ SAME = dict(rel=1e-4)  # issue 14: the same child's val_loss within 1e-4 relativ
 # ---------------------------------------------------------------------------------------------
 # How many at once
 
+
 def test_an_idle_h200_with_16_cores_runs_16_evaluations_with_one_thread_each():
     parallel, threads, reason = gpu_split(parse_gpus(H200)[0], cores=16)
     assert (parallel, threads) == (16, 1)
@@ -48,8 +49,9 @@ def test_children_use_the_first_gpu_that_cuda_visible_devices_shows():
     assert children_gpu(gpus, "7") is None
 
 
-@pytest.mark.parametrize("output", ["[N/A], [N/A]", "NVIDIA-SMI has failed because it couldn't communicate with the driver",
-                                    "1000"])
+@pytest.mark.parametrize(
+    "output", ["[N/A], [N/A]", "NVIDIA-SMI has failed because it couldn't communicate with the driver", "1000"]
+)
 def test_nvidia_smi_output_that_is_not_free_and_total_mib_is_refused(output):
     with pytest.raises(ValueError, match="unexpected nvidia-smi line"):
         parse_gpus(output)
@@ -90,6 +92,7 @@ def test_a_saved_measurement_sets_the_cpu_split_for_the_same_machine_only(tmp_pa
 # ---------------------------------------------------------------------------------------------
 # The training loop syncs rarely and still reports every step
 
+
 class CountingModel(torch.nn.Module):
     """A tiny language model whose aux_loss turns NaN at one training step."""
 
@@ -126,11 +129,24 @@ def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
 # ---------------------------------------------------------------------------------------------
 # Real evaluations: the same val_loss alone, two at once, and with a sync every step
 
+
 def stage2(threads, check_every=None):
     corpus = corpus_of("auto")
-    job = Job(code=INITIAL_PROGRAM.read_text(), stage=2, profile="smoke", seed=42, corpus=corpus.name,
-              fingerprint=corpus.fingerprint, device="cpu", threads=threads, memory_gb=4, time_limit=600.0,
-              time_limit_reason="the test's limit of 600 s", val_windows=8, check_every=check_every)
+    job = Job(
+        code=INITIAL_PROGRAM.read_text(),
+        stage=2,
+        profile="smoke",
+        seed=42,
+        corpus=corpus.name,
+        fingerprint=corpus.fingerprint,
+        device="cpu",
+        threads=threads,
+        memory_gb=4,
+        time_limit=600.0,
+        time_limit_reason="the test's limit of 600 s",
+        val_windows=8,
+        check_every=check_every,
+    )
     result = run_local(job)
     assert result.ok, result.failure
     return result.metrics

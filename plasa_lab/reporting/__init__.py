@@ -10,8 +10,19 @@ program in best/best_program.py.
 from pathlib import Path
 
 from .. import rundir
-from .analyse import (RANKING_RULE, BlockDiff, Grid, block_diffs, history, lineage, map_elites_grid, pareto_front,
-                      prepare, rank, sandbox_warning)
+from .analyse import (
+    RANKING_RULE,
+    BlockDiff,
+    Grid,
+    block_diffs,
+    history,
+    lineage,
+    map_elites_grid,
+    pareto_front,
+    prepare,
+    rank,
+    sandbox_warning,
+)
 from .console import print_report
 from .exports import export_csv, export_json
 from .load import Program, ReportError, RunView, read_checkpoint, resolve_target

@@ -12,13 +12,16 @@ from ..program import BlockError, split_blocks
 from .load import UNKNOWN, Program, ReportError, RunView
 
 FEATURE_DIMENSIONS = ("density", "indexer_params")  # config.yaml's; used when a run has no run.json
-RANKING_RULE = ("ranked by combined_score = 1/min(val_ppl, 10000), highest first; ties (every ppl above 10000 "
-                "scores 1e-4) in the order found: OpenEvolve keeps its best until another scores strictly higher, "
-                "so #1 is its best_program_id")
+RANKING_RULE = (
+    "ranked by combined_score = 1/min(val_ppl, 10000), highest first; ties (every ppl above 10000 "
+    "scores 1e-4) in the order found: OpenEvolve keeps its best until another scores strictly higher, "
+    "so #1 is its best_program_id"
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Ranking: OpenEvolve's notion of best
+
 
 def fitness(metrics: dict, feature_dimensions=FEATURE_DIMENSIONS) -> float:
     """OpenEvolve's get_fitness_score: combined_score when present, else the mean of the numeric
@@ -28,8 +31,9 @@ def fitness(metrics: dict, feature_dimensions=FEATURE_DIMENSIONS) -> float:
             return float(metrics["combined_score"] or 0.0)
         except (TypeError, ValueError):
             pass
-    numeric = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+    numeric = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    }
     values = [v for k, v in numeric.items() if k not in feature_dimensions] or list(numeric.values())
     return statistics.mean(values) if values else 0.0
 
@@ -39,9 +43,17 @@ def rank(programs: list[Program], best_id: str | None = None, feature_dimensions
     best_program_id, then the program found first. (OpenEvolve replaces its best only with a
     strictly fitter program, so among equals it keeps the earliest; `best_id` settles the order
     where creation times do not match the order programs entered its database.)"""
+
     def key(p: Program):
-        return (-fitness(p.metrics, feature_dimensions), p.id != best_id,
-                p.timestamp is None, p.timestamp or 0.0, p.iteration, p.id)
+        return (
+            -fitness(p.metrics, feature_dimensions),
+            p.id != best_id,
+            p.timestamp is None,
+            p.timestamp or 0.0,
+            p.iteration,
+            p.id,
+        )
+
     return sorted(programs, key=key)
 
 
@@ -54,16 +66,21 @@ def prepare(view: RunView) -> RunView:
     best_id = view.openevolve_best_id
     view.population = rank(view.population, best_id, feature_dimensions(view))
     if best_id and best_id != view.best.id:
-        why = ("is not among its programs" if best_id not in {p.id for p in view.population}
-               else "does not have the highest combined_score")
-        view.warnings.append(f"warning: {view.checkpoint.name}'s best_program_id {best_id[:8]} {why}; "
-                             f"#1 here is {view.best.short_id}")
+        why = (
+            "is not among its programs"
+            if best_id not in {p.id for p in view.population}
+            else "does not have the highest combined_score"
+        )
+        view.warnings.append(
+            f"warning: {view.checkpoint.name}'s best_program_id {best_id[:8]} {why}; #1 here is {view.best.short_id}"
+        )
     view.chain = lineage(view)
     return view
 
 
 # ---------------------------------------------------------------------------------------------
 # Lineage and diff
+
 
 def lineage(view: RunView, program: Program | None = None) -> list[Program]:
     """The chain from the initial program (first) to `program` (default: the best), by parent ids."""
@@ -72,8 +89,10 @@ def lineage(view: RunView, program: Program | None = None) -> list[Program]:
         seen.add(chain[-1].id)
         parent = view.known.get(chain[-1].parent_id)
         if parent is None:
-            view.warnings.append(f"warning: lineage breaks at {chain[-1].short_id}: parent "
-                                 f"{chain[-1].parent_id[:8]} is in neither the checkpoint nor the trace")
+            view.warnings.append(
+                f"warning: lineage breaks at {chain[-1].short_id}: parent "
+                f"{chain[-1].parent_id[:8]} is in neither the checkpoint nor the trace"
+            )
             break
         chain.append(parent)
     return chain[::-1]
@@ -120,6 +139,7 @@ def best_diffs(view: RunView) -> list[BlockDiff] | None:
 # ---------------------------------------------------------------------------------------------
 # Per-iteration history and the Pareto front
 
+
 def history(view: RunView) -> list[tuple[int, float | None]]:
     """(iteration, val_ppl or None if it failed) of the initial program (iteration 0) and every child."""
     points = []
@@ -158,6 +178,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 # ---------------------------------------------------------------------------------------------
 # The MAP-Elites grid, as OpenEvolve saved it
+
 
 @dataclass
 class Grid:
@@ -203,13 +224,18 @@ def map_elites_grid(view: RunView) -> Grid:
     for axis in (0, 1):  # a config changed mid-run: never drop a cell for want of a column
         bins[axis] = max([bins[axis]] + [c[axis] + 1 for c in cells])
     stats = view.metadata.get("feature_stats") or {}
-    ranges = {d: (float(stats[d]["min"]), float(stats[d]["max"]))
-              if isinstance(stats.get(d), dict) and {"min", "max"} <= stats[d].keys() else None for d in dims}
+    ranges = {
+        d: (float(stats[d]["min"]), float(stats[d]["max"]))
+        if isinstance(stats.get(d), dict) and {"min", "max"} <= stats[d].keys()
+        else None
+        for d in dims
+    }
     return Grid(tuple(dims), tuple(bins), ranges, cells, dropped)
 
 
 # ---------------------------------------------------------------------------------------------
 # Confirmation (metrics `confirmed`, `seeds`, `val_loss_seed<N>`), the sandbox, LLM responses
+
 
 def uses_confirmation(programs: list[Program]) -> bool:
     return any("confirmed" in p.metrics for p in programs)
@@ -238,8 +264,9 @@ def sandbox_warning(record: dict) -> str | None:
     isolation = sandbox.get("isolation") if isinstance(sandbox, dict) else sandbox
     if isolation == "bwrap":
         return None
-    why = (sandbox.get("warning") if isinstance(sandbox, dict) else None) or \
-        "child code ran with this user's access to the machine"
+    why = (
+        sandbox.get("warning") if isinstance(sandbox, dict) else None
+    ) or "child code ran with this user's access to the machine"
     return f"WARNING: this run's children were not isolated (sandbox isolation: {isolation or 'unknown'}, not bwrap): {why}"
 
 

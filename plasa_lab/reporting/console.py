@@ -3,14 +3,24 @@ responses, with rich."""
 
 from .analyse import best_diffs, sandbox_warning
 from .load import RunView
-from .text import LINEAGE_COLUMNS, llm_cells, llm_columns, llm_title, lineage_cells, shows_seeds, summary_lines, \
-    table_cells, table_columns
+from .text import (
+    LINEAGE_COLUMNS,
+    llm_cells,
+    llm_columns,
+    llm_title,
+    lineage_cells,
+    shows_seeds,
+    summary_lines,
+    table_cells,
+    table_columns,
+)
 
 
 def print_report(view: RunView, top: int, console=None):
     from rich.console import Console
     from rich.syntax import Syntax
     from rich.table import Table
+
     console = console or Console(width=None if Console().is_terminal else 160)
     warning = sandbox_warning(view.record)
     if warning:  # first, and loud: nothing below was measured in isolation
@@ -19,7 +29,9 @@ def print_report(view: RunView, top: int, console=None):
         console.print(line, highlight=False)
 
     seeds = shows_seeds(view.population)
-    table = Table(title=f"Top {min(top, len(view.population))} of {len(view.population)} programs", title_justify="left")
+    table = Table(
+        title=f"Top {min(top, len(view.population))} of {len(view.population)} programs", title_justify="left"
+    )
     for column in table_columns(view.population):
         table.add_column(column, justify="left" if column in ("id", "parent") else "right")
     for p in view.population[:top]:
@@ -37,8 +49,10 @@ def print_report(view: RunView, top: int, console=None):
     if diffs is None:
         console.print("[yellow]no initial program in the checkpoint or the trace: no diff[/yellow]")
     else:
-        console.print(f"Diff of the best against the initial program, EVOLVE-BLOCKs only: "
-                      f"{len(diffs) or 'no'} block(s) changed", highlight=False)
+        console.print(
+            f"Diff of the best against the initial program, EVOLVE-BLOCKs only: {len(diffs) or 'no'} block(s) changed",
+            highlight=False,
+        )
         for d in diffs:
             console.print(Syntax(d.text, "diff", theme="ansi_dark", word_wrap=True))
 

@@ -18,8 +18,19 @@ def rows(view: RunView) -> list[dict]:
 
 def export_json(view: RunView, path: Path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(dict(run=str(view.run_dir), checkpoint=view.checkpoint.name, iteration=view.iteration,
-                                       ranking=RANKING_RULE, programs=rows(view)), indent=2))
+    atomic_write(
+        path,
+        json.dumps(
+            dict(
+                run=str(view.run_dir),
+                checkpoint=view.checkpoint.name,
+                iteration=view.iteration,
+                ranking=RANKING_RULE,
+                programs=rows(view),
+            ),
+            indent=2,
+        ),
+    )
 
 
 def export_csv(view: RunView, path: Path):

@@ -89,7 +89,9 @@ def resolve_target(path) -> tuple[Path, Path | None]:
     if path is None:
         run_dir = rundir.newest_run()
         if run_dir is None:
-            raise ReportError(f"no run under {rundir.OUTPUT_ROOT}: pass a run folder (python scripts/evolve.py makes one)")
+            raise ReportError(
+                f"no run under {rundir.OUTPUT_ROOT}: pass a run folder (python scripts/evolve.py makes one)"
+            )
         return Path(run_dir), None
     path = Path(path)
     if not path.exists():
@@ -123,10 +125,19 @@ def read_checkpoint(path: Path) -> tuple[int, dict, list[Program]]:
         if not isinstance(d, dict) or not {"id", "code", "metrics"} <= d.keys() or not isinstance(d["metrics"], dict):
             raise ReportError(f"{where} is not an OpenEvolve program (needs id, code and metrics)")
         meta = d.get("metadata") or {}
-        programs.append(Program(
-            id=d["id"], code=d["code"], parent_id=d.get("parent_id"), generation=int(d.get("generation") or 0),
-            iteration=int(d.get("iteration_found") or 0), island=meta.get("island", islands.get(d["id"])),
-            metrics=d["metrics"], changes=meta.get("changes") or "", timestamp=d.get("timestamp")))
+        programs.append(
+            Program(
+                id=d["id"],
+                code=d["code"],
+                parent_id=d.get("parent_id"),
+                generation=int(d.get("generation") or 0),
+                iteration=int(d.get("iteration_found") or 0),
+                island=meta.get("island", islands.get(d["id"])),
+                metrics=d["metrics"],
+                changes=meta.get("changes") or "",
+                timestamp=d.get("timestamp"),
+            )
+        )
     if not programs:
         raise ReportError(f"{path.name}: no programs (partly written?)")
     return iteration, metadata, programs
@@ -152,15 +163,29 @@ def _known_programs(population: list[Program], trace: list[dict]) -> dict[str, P
     for r in trace:
         cid = r.get("child_id")
         if cid and cid not in known and r.get("child_code") is not None:
-            known[cid] = Program(cid, r["child_code"], r.get("parent_id"), int(r.get("generation") or 0),
-                                 int(r["iteration"]), r.get("island_id"), r.get("child_metrics") or {},
-                                 (r.get("metadata") or {}).get("changes") or "")
+            known[cid] = Program(
+                cid,
+                r["child_code"],
+                r.get("parent_id"),
+                int(r.get("generation") or 0),
+                int(r["iteration"]),
+                r.get("island_id"),
+                r.get("child_metrics") or {},
+                (r.get("metadata") or {}).get("changes") or "",
+            )
     for r in trace:  # a parent displaced from the population: known by its code and metrics only
         pid = r.get("parent_id")
         if pid and pid not in known and r.get("parent_code") is not None:
             generation = max(0, int(r.get("generation") or 1) - 1)  # generation 0: the initial program, no parent
-            known[pid] = Program(pid, r["parent_code"], None if generation == 0 else UNKNOWN, generation,
-                                 0 if generation == 0 else -1, None, r.get("parent_metrics") or {})
+            known[pid] = Program(
+                pid,
+                r["parent_code"],
+                None if generation == 0 else UNKNOWN,
+                generation,
+                0 if generation == 0 else -1,
+                None,
+                r.get("parent_metrics") or {},
+            )
     return known
 
 
@@ -186,8 +211,20 @@ def read_run(path=None) -> RunView:
     latest = rundir.latest_checkpoint(run_dir)
     # Named on purpose, an older checkpoint leaves later records out silently: a later checkpoint holds them.
     if trace.left_out and (latest is None or latest[1] <= iteration):
-        warnings.append(f"warning: left out {trace.left_out} trace record(s) of iterations after {iteration} "
-                        f"({checkpoint.name}'s last): no checkpoint holds them (killed during a save?)")
-    return RunView(run_dir, record, checkpoint, iteration, population, _known_programs(population, trace.children),
-                   trace.children, trace.failures, warnings, metadata=metadata,
-                   llm_calls=rundir.read_llm_responses(run_dir, up_to_iteration=iteration))
+        warnings.append(
+            f"warning: left out {trace.left_out} trace record(s) of iterations after {iteration} "
+            f"({checkpoint.name}'s last): no checkpoint holds them (killed during a save?)"
+        )
+    return RunView(
+        run_dir,
+        record,
+        checkpoint,
+        iteration,
+        population,
+        _known_programs(population, trace.children),
+        trace.children,
+        trace.failures,
+        warnings,
+        metadata=metadata,
+        llm_calls=rundir.read_llm_responses(run_dir, up_to_iteration=iteration),
+    )

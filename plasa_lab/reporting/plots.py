@@ -13,15 +13,17 @@ from .load import RunView
 def write_plots(view: RunView, out_dir: Path) -> dict[str, Path]:
     """The three PNGs in out_dir: {title: path}."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, title, draw in (("ppl_per_iteration.png", "best and median val_ppl per iteration", _ppl_per_iteration),
-                              ("map_elites_grid.png", "MAP-Elites grid: OpenEvolve's cells, coloured by val_ppl",
-                               _map_elites_grid),
-                              ("ppl_vs_density.png", "val_ppl against density, Pareto front marked", _ppl_vs_density)):
+    for name, title, draw in (
+        ("ppl_per_iteration.png", "best and median val_ppl per iteration", _ppl_per_iteration),
+        ("map_elites_grid.png", "MAP-Elites grid: OpenEvolve's cells, coloured by val_ppl", _map_elites_grid),
+        ("ppl_vs_density.png", "val_ppl against density, Pareto front marked", _ppl_vs_density),
+    ):
         fig = draw(view, plt)
         fig.tight_layout()
         png = io.BytesIO()
@@ -33,6 +35,7 @@ def write_plots(view: RunView, out_dir: Path) -> dict[str, Path]:
 
 def _ppl_per_iteration(view: RunView, plt):
     from matplotlib.ticker import MaxNLocator
+
     points = history(view)
     fig, ax = plt.subplots(figsize=(7, 4))
     passed = [(i, p) for i, p in points if p is not None]
@@ -59,25 +62,33 @@ def _ppl_per_iteration(view: RunView, plt):
 def _map_elites_grid(view: RunView, plt):
     """Each cell OpenEvolve filled (any island), labelled with its best program: val_ppl and id."""
     from matplotlib.colors import LogNorm
+
     grid = map_elites_grid(view)
     (x_dim, y_dim), (x_bins, y_bins) = grid.dims, grid.bins
     values = [[math.nan] * x_bins for _ in range(y_bins)]
-    for (x, y) in grid.cells:
+    for x, y in grid.cells:
         best = grid.best((x, y))
         values[y][x] = best.val_ppl if best.passed else math.nan
     filled = [v for row in values for v in row if not math.isnan(v)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     norm = LogNorm(min(filled), max(filled) * 1.0001) if filled else None
-    image = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis_r", norm=norm,
-                      extent=(0, x_bins, 0, y_bins))
+    image = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis_r", norm=norm, extent=(0, x_bins, 0, y_bins))
     if filled:
         fig.colorbar(image, ax=ax, label="val_ppl of the cell's best")
     for (x, y), members in grid.cells.items():
         best = members[0]
         label = f"{best.val_ppl:.0f}" if best.passed else "failed"
         label += f"\n{best.short_id}" + (f" +{len(members) - 1}" if len(members) > 1 else "")
-        ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=5.5, color="white",
-                bbox=dict(facecolor="black" if best.passed else "tab:red", alpha=0.5, linewidth=0, pad=1))
+        ax.text(
+            x + 0.5,
+            y + 0.5,
+            label,
+            ha="center",
+            va="center",
+            fontsize=5.5,
+            color="white",
+            bbox=dict(facecolor="black" if best.passed else "tab:red", alpha=0.5, linewidth=0, pad=1),
+        )
 
     def axis_label(dim):
         span = grid.ranges.get(dim)
@@ -87,8 +98,11 @@ def _map_elites_grid(view: RunView, plt):
         return f"{dim} bin ({span[0]:{kind}} .. {span[1]:{kind}} at {view.checkpoint.name})"
 
     dropped = f"; {grid.dropped} entries not in the population left out" if grid.dropped else ""
-    ax.set(xlabel=axis_label(x_dim), ylabel=axis_label(y_dim),
-           title=f"MAP-Elites grid ({len(grid.cells)} of {x_bins * y_bins} cells filled, all islands{dropped})")
+    ax.set(
+        xlabel=axis_label(x_dim),
+        ylabel=axis_label(y_dim),
+        title=f"MAP-Elites grid ({len(grid.cells)} of {x_bins * y_bins} cells filled, all islands{dropped})",
+    )
     ax.set_xticks(range(x_bins + 1))
     ax.set_yticks(range(y_bins + 1))
     ax.grid(color="0.85", linewidth=0.5)
@@ -101,8 +115,13 @@ def _ppl_vs_density(view: RunView, plt):
     if xy:
         ax.scatter(*zip(*xy), s=16, color="0.5", label="programs")
         front = pareto_front(xy)
-        ax.plot(*zip(*front), "o-", drawstyle="steps-post", color="tab:red",
-                label="Pareto front (lower ppl and lower density are better)")
+        ax.plot(
+            *zip(*front),
+            "o-",
+            drawstyle="steps-post",
+            color="tab:red",
+            label="Pareto front (lower ppl and lower density are better)",
+        )
         ax.set_yscale("log")
     ax.set(xlabel="density (fraction of causal keys attended)", ylabel="val_ppl", title="val_ppl against density")
     if ax.get_legend_handles_labels()[0]:

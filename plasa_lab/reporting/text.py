@@ -3,12 +3,29 @@ they cannot drift apart."""
 
 import math
 
-from .analyse import (RANKING_RULE, best_confirmed, is_confirmed, llm_outcomes, outcome_names, seed_metric_keys,
-                      uses_confirmation)
+from .analyse import (
+    RANKING_RULE,
+    best_confirmed,
+    is_confirmed,
+    llm_outcomes,
+    outcome_names,
+    seed_metric_keys,
+    uses_confirmation,
+)
 from .load import Program, RunView
 
-TABLE_COLUMNS = ("id", "iteration", "generation", "island", "val_ppl", "val_acc", "density", "indexer_params",
-                 "train_seconds", "parent")
+TABLE_COLUMNS = (
+    "id",
+    "iteration",
+    "generation",
+    "island",
+    "val_ppl",
+    "val_acc",
+    "density",
+    "indexer_params",
+    "train_seconds",
+    "parent",
+)
 SEEDS_COLUMN = "seeds"  # shown after val_ppl when the run confirms programs on several seeds
 LINEAGE_COLUMNS = ("id", "iteration", "generation", "val_ppl", "vs parent", "changes")
 
@@ -30,8 +47,9 @@ def plural(n, word):
 # ---------------------------------------------------------------------------------------------
 # The program table
 
+
 def seeds_cell(program: Program) -> str:
-    """"1 seed" (unconfirmed), "3 seeds ✓" (confirmed), "-" when the metrics do not say."""
+    """ "1 seed" (unconfirmed), "3 seeds ✓" (confirmed), "-" when the metrics do not say."""
     m = program.metrics
     seeds = m.get("seeds")
     text = plural(int(seeds), "seed") if isinstance(seeds, (int, float)) and not isinstance(seeds, bool) else ""
@@ -53,22 +71,41 @@ def table_columns(programs: list[Program]) -> tuple[str, ...]:
 
 def table_cells(program: Program, seeds: bool = False) -> list[str]:
     m = program.metrics
-    cells = [program.short_id, str(program.iteration), str(program.generation),
-             "-" if program.island is None else str(program.island),
-             fmt(m.get("val_ppl"), "ppl") if program.passed else "FAILED"]
+    cells = [
+        program.short_id,
+        str(program.iteration),
+        str(program.generation),
+        "-" if program.island is None else str(program.island),
+        fmt(m.get("val_ppl"), "ppl") if program.passed else "FAILED",
+    ]
     if seeds:
         cells.append(seeds_cell(program))
-    return cells + [fmt(m.get("val_acc")), fmt(m.get("density")), fmt(m.get("indexer_params"), "int"),
-                    fmt(m.get("train_seconds"), "seconds"), (program.parent_id or "-")[:8]]
+    return cells + [
+        fmt(m.get("val_acc")),
+        fmt(m.get("density")),
+        fmt(m.get("indexer_params"), "int"),
+        fmt(m.get("train_seconds"), "seconds"),
+        (program.parent_id or "-")[:8],
+    ]
 
 
 def export_row(program: Program, extra: list[str] = ()) -> dict:
     """One program in the JSON/CSV export: TABLE_COLUMNS (full ids), its score, and the extra metrics asked for."""
     m = program.metrics
-    row = dict(id=program.id, iteration=program.iteration, generation=program.generation, island=program.island,
-               val_ppl=m.get("val_ppl"), val_acc=m.get("val_acc"), density=m.get("density"),
-               indexer_params=m.get("indexer_params"), train_seconds=m.get("train_seconds"),
-               parent=program.parent_id, combined_score=m.get("combined_score"), passed=program.passed)
+    row = dict(
+        id=program.id,
+        iteration=program.iteration,
+        generation=program.generation,
+        island=program.island,
+        val_ppl=m.get("val_ppl"),
+        val_acc=m.get("val_acc"),
+        density=m.get("density"),
+        indexer_params=m.get("indexer_params"),
+        train_seconds=m.get("train_seconds"),
+        parent=program.parent_id,
+        combined_score=m.get("combined_score"),
+        passed=program.passed,
+    )
     row.update({key: m.get(key) for key in extra})
     return row
 
@@ -82,20 +119,30 @@ def export_extra(programs: list[Program]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The lineage
 
+
 def lineage_cells(chain: list[Program]) -> list[list[str]]:
     rows, previous = [], None
     for p in chain:
         ppl = p.val_ppl if p.passed else None
         change = "-" if previous is None or ppl is None else f"{(ppl - previous) / previous * 100:+.2f}%"
         what = "initial program" if p.parent_id is None else (p.changes.replace("\n", "; ")[:160] or "-")
-        rows.append([p.short_id, "?" if p.iteration < 0 else str(p.iteration), str(p.generation),
-                     fmt(ppl, "ppl") if ppl is not None else "FAILED", change, what])
+        rows.append(
+            [
+                p.short_id,
+                "?" if p.iteration < 0 else str(p.iteration),
+                str(p.generation),
+                fmt(ppl, "ppl") if ppl is not None else "FAILED",
+                change,
+                what,
+            ]
+        )
         previous = ppl if ppl is not None else previous
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # The summary
+
 
 def confirmation_line(view: RunView) -> str | None:
     """None unless the run confirms programs on several seeds; then which program is the best confirmed."""
@@ -104,8 +151,10 @@ def confirmation_line(view: RunView) -> str | None:
     confirmed = best_confirmed(view)
     if confirmed is None:
         return f"no program is confirmed yet; the best, {view.best.short_id}, rests on {seeds_cell(view.best)}"
-    line = (f"best confirmed program: {confirmed.short_id} (val_ppl {fmt(confirmed.val_ppl, 'ppl')}, "
-            f"{seeds_cell(confirmed)}, #{view.population.index(confirmed) + 1} in the ranking)")
+    line = (
+        f"best confirmed program: {confirmed.short_id} (val_ppl {fmt(confirmed.val_ppl, 'ppl')}, "
+        f"{seeds_cell(confirmed)}, #{view.population.index(confirmed) + 1} in the ranking)"
+    )
     if confirmed is not view.best:
         line += f"; the #1, {view.best.short_id}, is not confirmed ({seeds_cell(view.best)})"
     return line
@@ -114,16 +163,20 @@ def confirmation_line(view: RunView) -> str | None:
 def summary_lines(view: RunView) -> list[str]:
     r = view.record
     passed = sum(1 for t in view.trace if ((t.get("child_metrics") or {}).get("combined_score") or 0) > 0)
-    lines = [f"run {view.run_dir}",
-             f"checkpoint {view.checkpoint.name} (iteration {view.iteration} of {r.get('iterations_total', '?')}); "
-             f"{len(view.population)} programs in the population",
-             f"children: {len(view.trace)} evaluated, {passed} passed, {len(view.trace) - passed} rejected; "
-             f"{len(view.failures)} iterations produced no child"]
+    lines = [
+        f"run {view.run_dir}",
+        f"checkpoint {view.checkpoint.name} (iteration {view.iteration} of {r.get('iterations_total', '?')}); "
+        f"{len(view.population)} programs in the population",
+        f"children: {len(view.trace)} evaluated, {passed} passed, {len(view.trace) - passed} rejected; "
+        f"{len(view.failures)} iterations produced no child",
+    ]
     if r:
         profile, llm, corpus = r.get("profile") or {}, r.get("llm") or {}, r.get("corpus") or {}
-        lines.append(f"profile {profile.get('name', '?')} ({profile.get('steps', '?')} steps) | llm {llm.get('mode', '?')} "
-                     f"({', '.join(llm.get('models') or [])}) | corpus {corpus.get('corpus', '?')} "
-                     f"({str(corpus.get('fingerprint', '?'))[:12]})")
+        lines.append(
+            f"profile {profile.get('name', '?')} ({profile.get('steps', '?')} steps) | llm {llm.get('mode', '?')} "
+            f"({', '.join(llm.get('models') or [])}) | corpus {corpus.get('corpus', '?')} "
+            f"({str(corpus.get('fingerprint', '?'))[:12]})"
+        )
     lines.append(RANKING_RULE)
     confirmation = confirmation_line(view)
     if confirmation:
@@ -134,9 +187,12 @@ def summary_lines(view: RunView) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # LLM responses
 
+
 def llm_title(view: RunView) -> str:
-    return (f"LLM responses per model ({plural(len(view.llm_calls), 'call')} in llm_responses.jsonl, "
-            f"up to iteration {view.iteration})")
+    return (
+        f"LLM responses per model ({plural(len(view.llm_calls), 'call')} in llm_responses.jsonl, "
+        f"up to iteration {view.iteration})"
+    )
 
 
 def llm_columns(view: RunView) -> list[str]:
@@ -144,5 +200,7 @@ def llm_columns(view: RunView) -> list[str]:
 
 
 def llm_cells(view: RunView) -> list[list[str]]:
-    return [[row.model, str(row.responses), *map(str, row.outcomes.values()), fmt(row.mean_seconds, "seconds")]
-            for row in llm_outcomes(view.llm_calls)]
+    return [
+        [row.model, str(row.responses), *map(str, row.outcomes.values()), fmt(row.mean_seconds, "seconds")]
+        for row in llm_outcomes(view.llm_calls)
+    ]
