@@ -134,7 +134,10 @@ def integrity_violation(text: str, reference: str):
         return f"EVOLVE-BLOCK markers broken: {e}: keep every START/END marker as it is"
     n_ref = len(split_blocks(reference)[1])
     if len(blocks) != n_ref:
-        return f"the program has {len(blocks)} EVOLVE-BLOCKs, the initial program {n_ref}: keep every block and its markers"
+        return (
+            f"the program has {len(blocks)} EVOLVE-BLOCKs, the initial program {n_ref}: "
+            f"keep every block and its markers"
+        )
     child, ref = _fixed_lines(text), _fixed_lines(reference)
     for (line_no, got), (_, want) in zip(child, ref):
         if got != want:

@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from plasa_lab import tokenizer as _tok
 from plasa_lab import settings
-from plasa_lab.util import atomic_write
+from plasa_lab import tokenizer as _tok
 from plasa_lab.tokens import FORMAT, Corpus, CorpusError, _sha256, fingerprint_of, load_corpus
+from plasa_lab.util import atomic_write
 
 if TYPE_CHECKING:
-    import tokenizers
-    import torch
+    pass
 
 CORPORA = ("auto", "wikitext2", "wiki-summaries")  # plus "text:PATH"
 EOS_ID = _tok.EOS_ID

@@ -34,12 +34,12 @@ import yaml
 from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
 from .constants import HARNESS_VERSION, get_profile
 from .evaluation import Calibration, benchmark, calibration, corpus_of, evaluate_stage
-from .ledger import Key, Ledger, LedgerError, code_key
+from .ledger import Ledger, LedgerError
 from .mutator import NAME as OFFLINE_MODEL_NAME
 from .rundir import OUTPUT_ROOT, TRACE, TRACE_FAILURES, latest_checkpoint, newest_run, read_jsonl
 from .sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from .settings import Settings
-from .util import atomic_write, first_line
+from .util import atomic_write
 
 EVALUATOR = PROJECT_ROOT / "evaluator.py"
 TRACE_LOST = "evolution_trace_lost.jsonl"  # records of iterations whose checkpoint was never written
@@ -170,6 +170,7 @@ def choose_llm(
 def first_prompt(config, compact: bool) -> dict:
     """The run's first prompt, as OpenEvolve builds it for the initial program (metrics as a placeholder)."""
     from openevolve.prompt.sampler import PromptSampler
+
     from .llm import compact_prompt
 
     code = INITIAL_PROGRAM.read_text()
@@ -201,6 +202,7 @@ def check_endpoint(choice: LLMChoice, config, say=None, timeout: float = 10.0):
     as long as the run's first one (a local server's context may be too small; a broken build may
     crash on its first completion). One line on any failure."""
     import openai
+
     from .llm import describe_failure
 
     api_base = choice.api_base
@@ -413,7 +415,10 @@ class Best:
             statistics.fmean(losses) - statistics.fmean(self.initial_losses)
         )  # of the geometric mean ppl
         p_text = f"p={p:.2g}" if p is not None else "p n/a"
-        return f"best confirmed val_ppl {m['val_ppl']:.1f} ({len(seeds)} seeds, {change:+.2f}% vs initial, {p_text}: {word})"
+        return (
+            f"best confirmed val_ppl {m['val_ppl']:.1f} ({len(seeds)} seeds, {change:+.2f}% vs initial, "
+            f"{p_text}: {word})"
+        )
 
 
 class Progress(threading.Thread):
@@ -438,7 +443,8 @@ class Progress(threading.Thread):
         return f"ETA {hours(per_child * remaining)}" if per_child and remaining else ("ETA ?" if remaining else "")
 
     def run(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
 
         with Bar(
             TextColumn("[bold]evolve"),
@@ -469,7 +475,8 @@ class Progress(threading.Thread):
             if ppl is not None:
                 self.best.offer(metrics)
                 seeds = int(metrics.get("seeds") or 1)
-                outcome = f"val_ppl {ppl:.1f} ({seeds} seed{'s' * (seeds > 1)}{', confirmed' * bool(metrics.get('confirmed'))})"
+                confirmed = ", confirmed" if metrics.get("confirmed") else ""
+                outcome = f"val_ppl {ppl:.1f} ({seeds} seed{'s' * (seeds > 1)}{confirmed})"
             elif not failed:
                 outcome = f"rejected: {str(artifacts.get('failure', 'score 0'))[:110]}"
             else:

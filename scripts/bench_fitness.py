@@ -157,7 +157,8 @@ def main(argv=None):
         f"({100 * len(confirmations) / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
         f"Replayed on seeds {', '.join(map(str, replay_seeds))} (never used by either run).",
         "",
-        "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p | verdict |",
+        "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p "
+        "| verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -114,7 +114,8 @@ def main(argv=None):
     )
     atomic_write(run_dir / "bench_llm.json", json.dumps(summary, indent=2))
     print(
-        f"{len(responses)} responses from {args.model} ({args.prompt} prompts, {args.profile} profile), {minutes:.0f} min; "
+        f"{len(responses)} responses from {args.model} ({args.prompt} prompts, {args.profile} profile), "
+        f"{minutes:.0f} min; "
         f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     for outcome in LLM_OUTCOMES:

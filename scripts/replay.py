@@ -75,7 +75,8 @@ def main(argv=None):
         )
         print(
             f"replaying {len(plan.candidates)} programs x {len(plan.seeds)} seeds of {plan.title} "
-            f"(profile {plan.profile}{', whole validation split' if plan.whole_validation else ''}, ledger {plan.ledger})",
+            f"(profile {plan.profile}{', whole validation split' if plan.whole_validation else ''}, "
+            f"ledger {plan.ledger})",
             file=sys.stderr,
         )
         summary = summarise(plan, run_plan(plan))

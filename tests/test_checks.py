@@ -94,5 +94,8 @@ def test_reimporting_the_same_modules_inside_a_block_is_allowed():
 
 
 def test_methods_may_assign_to_self():
-    code = "class Gate(nn.Module):\n    def __init__(self, d):\n        super().__init__()\n        self.w = nn.Linear(d, 1)"
+    code = (
+        "class Gate(nn.Module):\n    def __init__(self, d):\n        super().__init__()\n"
+        "        self.w = nn.Linear(d, 1)"
+    )
     assert static_violation(with_block_code(code), REFERENCE) is None

@@ -170,7 +170,8 @@ def test_load_corpus_is_fast_and_imports_neither_torch_nor_tokenizers(summaries)
         "import sys, time\n"
         "from plasa_lab.data import load_corpus\n"
         f"t0 = time.time(); c = load_corpus({str(summaries.dir)!r}, {summaries.fingerprint!r})\n"
-        "print(time.time() - t0, [m for m in ('torch', 'tokenizers', 'transformers', 'datasets') if m in sys.modules])\n"
+        "heavy = ('torch', 'tokenizers', 'transformers', 'datasets')\n"
+        "print(time.time() - t0, [m for m in heavy if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(
         maxsplit=1

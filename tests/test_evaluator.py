@@ -371,7 +371,8 @@ def test_forged_protocol_messages_fail_the_child_never_the_evaluator(tmp_path):
 def test_nan_misshapen_or_huge_logits_fail_or_score_honestly(logits, phrase):
     code = variant(
         '        out = {"logits": self.lm_head(self.norm(x))}\n',
-        f'        logits = self.lm_head(self.norm(x))\n        out = {{"logits": {logits} if not self.training else logits}}\n',
+        "        logits = self.lm_head(self.norm(x))\n"
+        f'        out = {{"logits": {logits} if not self.training else logits}}\n',
     )
     result = judged(code)
     if phrase:
@@ -568,6 +569,7 @@ def test_vocab_constant_matches_the_program():
 def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_copies():
     import numpy as np
     import torch
+
     from plasa_lab.judge import plan_validation
 
     windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE

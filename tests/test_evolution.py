@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fake_llm_server import FakeLLMServer, outside_edit_reply
+
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
 from plasa_lab.evolution import unknown_config_keys
-from plasa_lab.rundir import latest_checkpoint, read_jsonl
 from plasa_lab.mutator import OfflineMutator, format_diff, parent_program, propose_edits
+from plasa_lab.rundir import latest_checkpoint, read_jsonl
 
 SOURCE = INITIAL_PROGRAM.read_text()
 CONFIG = PROJECT_ROOT / "config.yaml"
@@ -122,6 +122,7 @@ def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbati
     """The real first prompt of a local run (OpenEvolve's sampler, our templates and config, the
     compaction), counted with a real BPE tokenizer (SmolLM's; Qwen's larger vocabulary needs fewer)."""
     from openevolve.config import Config
+
     from plasa_lab.evolution import first_prompt
     from plasa_lab.program import split_blocks
 
@@ -189,6 +190,7 @@ def test_offline_mutator_edits_only_inside_blocks_with_valid_diffs():
 
 def test_offline_mutator_schedule_entries_stay_within_1_and_L():
     from openevolve.utils.code_utils import apply_diff
+
     from plasa_lab.program import load_program
 
     code = SOURCE

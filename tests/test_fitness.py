@@ -145,12 +145,12 @@ def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_pr
         _, model, device, _ = worker.build(dict(code=code, seed=42, device="cpu"))
         batches, masks = [], []
 
-        def recorded(it):
+        def recorded(it, batches=batches):
             for batch in it:
                 batches.append(batch.clone())
                 yield batch
 
-        model.blocks[1].dropout.register_forward_hook(lambda m, i, out: masks.append((out == 0).clone()))
+        model.blocks[1].dropout.register_forward_hook(lambda m, i, out, masks=masks: masks.append((out == 0).clone()))
         worker.train(model, recorded(train_batches(corpus.train, 2, 128, 42)), 2, device, 42)
         seen[name] = (batches, masks)
     assert (

@@ -1,40 +1,72 @@
-"""The evaluation ledger: one SQLite file, every evaluation once, safe with concurrent writers."""
+"""The evaluation ledger: one SQLite file, every evaluation once, keyed by what runs, safe with concurrent writers."""
 
+import sqlite3
 import subprocess
 import sys
 
-from plasa_lab.ledger import Ledger
+import pytest
 
-KEY = dict(code_sha256="abc", stage=1, profile="smoke", seed=42, fingerprint="f00", harness_version="1")
+from plasa_lab.ledger import Key, Ledger, LedgerError, code_key
+
+KEY = Key(code_key="abc", stage=1, profile="smoke", seed=42, fingerprint="f00", harness_version="1")
 
 
 def test_recorded_evaluation_is_found_under_the_same_key(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.put(KEY, {"combined_score": 0.5}, {"failure": "x"}, seconds=1.0)
-    assert Ledger(tmp_path / "ledger.sqlite").get(KEY) == ({"combined_score": 0.5}, {"failure": "x"})
+    ledger.put(KEY, "sha", {"combined_score": 0.5}, {"failure": "x"}, seconds=1.0)
+    assert Ledger(tmp_path / "ledger.sqlite").get(KEY) == ({"combined_score": 0.5}, {"failure": "x"}, 1.0)
 
 
 def test_any_key_part_changing_misses(tmp_path):
+    from dataclasses import replace
+
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.put(KEY, {"combined_score": 0.5}, {}, seconds=1.0)
+    ledger.put(KEY, "sha", {"combined_score": 0.5}, {}, seconds=1.0)
     for part, other in [
-        ("code_sha256", "abd"),
+        ("code_key", "abd"),
         ("stage", 2),
         ("profile", "full"),
         ("seed", 43),
         ("fingerprint", "f01"),
         ("harness_version", "2"),
+        ("uniform_schedule", True),
+        ("validation", "whole"),
     ]:
-        assert ledger.get({**KEY, part: other}) is None
+        assert ledger.get(replace(KEY, **{part: other})) is None
+
+
+def test_code_that_differs_only_in_comments_and_formatting_has_one_key():
+    code = "def f(x):\n    return x + 1  # one more\n"
+    assert code_key(code) == code_key("def f( x ):\n\n    return (x + 1)\n")
+    assert code_key(code) != code_key("def f(x):\n    return x + 2\n")
+
+
+def test_seed_rows_gather_every_seed_of_one_program(tmp_path):
+    from dataclasses import replace
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for seed in (42, 43):
+        ledger.put(replace(KEY, seed=seed), "sha", {"val_loss": seed / 10}, {}, seconds=1.0)
+    ledger.put(replace(KEY, code_key="other", seed=44), "sha", {"val_loss": 1.0}, {}, seconds=1.0)
+    assert ledger.seed_rows(KEY) == {42: {"val_loss": 4.2}, 43: {"val_loss": 4.3}}
+    assert set(ledger.programs_with_seeds(KEY, (42, 43))) == {"abc"}
+
+
+def test_a_ledger_of_an_older_version_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE evaluations (code_sha256 TEXT, stage TEXT)")
+    with pytest.raises(LedgerError) as refused:
+        Ledger(path)
+    assert "older plasa-lab" in str(refused.value) and "\n" not in str(refused.value)
 
 
 WRITER = """
 import sys
-from plasa_lab.ledger import Ledger
+from plasa_lab.ledger import Key, Ledger
 ledger = Ledger(sys.argv[1])
 for i in range(150):
-    ledger.put(dict(code_sha256=f"{sys.argv[2]}-{i}", stage=1, profile="smoke", seed=42, fingerprint="f",
-                    harness_version="1"), {"combined_score": i}, {}, seconds=0.0)
+    ledger.put(Key(f"{sys.argv[2]}-{i}", 1, "smoke", 42, "f", "1"), "sha", {"combined_score": i}, {}, seconds=0.0)
 """
 
 
@@ -45,12 +77,12 @@ def test_two_processes_writing_at_once_lose_no_row(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     rows = Ledger(path).rows()
     assert len(rows) == 300
-    assert {r["code_sha256"].split("-")[0] for r in rows} == {"a", "b"}
+    assert {r["code_key"].split("-")[0] for r in rows} == {"a", "b"}
 
 
 def test_each_actual_run_is_counted(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.put(KEY, {"combined_score": 0.5}, {}, seconds=1.0)
+    ledger.put(KEY, "sha", {"combined_score": 0.5}, {}, seconds=1.0)
     assert ledger.rows()[0]["runs"] == 1
-    ledger.put(KEY, {"combined_score": 0.6}, {}, seconds=1.0)
+    ledger.put(KEY, "sha", {"combined_score": 0.6}, {}, seconds=1.0)
     assert [(r["runs"], r["metrics"]) for r in ledger.rows()] == [(2, '{"combined_score": 0.6}')]

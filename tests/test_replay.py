@@ -18,8 +18,8 @@ from plasa_lab.program import load_program, split_blocks
 from plasa_lab.replay import (
     REPLAYS_ROOT,
     VERDICTS,
-    Plan,
     Candidate,
+    Plan,
     ReplayError,
     SeedRun,
     plan_replay,
@@ -72,8 +72,10 @@ def test_one_seed_or_no_variance_is_within_noise():
 
 def seed_runs(losses, failed=()):
     return [
-        SeedRun(42 + i, math.exp(l), l, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0)
-        for i, l in enumerate(losses)
+        SeedRun(
+            42 + i, math.exp(loss), loss, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0
+        )
+        for i, loss in enumerate(losses)
     ]
 
 

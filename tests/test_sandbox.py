@@ -7,7 +7,6 @@ on these machines), unless it says isolation="none".
 import os
 import socket
 import sys
-import threading
 import time
 
 import pytest
@@ -141,7 +140,10 @@ def test_small_output_comes_back_whole():
 
 
 def test_file_size_limit_stops_a_disk_filler():
-    code = "import os\nf = open('big', 'wb')\ntry:\n    while True: f.write(b'x' * (1 << 20)); f.flush()\nexcept OSError as e:\n    print('stopped', e.errno)\n"
+    code = (
+        "f = open('big', 'wb')\ntry:\n    while True: f.write(b'x' * (1 << 20)); f.flush()\n"
+        "except OSError as e:\n    print('stopped', e.errno)\n"
+    )
     run = python(code, Limits(wall_seconds=30, file_bytes=8 << 20))
     assert run.returncode != 0 or "stopped" in run.stdout
 

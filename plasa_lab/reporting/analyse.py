@@ -267,7 +267,10 @@ def sandbox_warning(record: dict) -> str | None:
     why = (
         sandbox.get("warning") if isinstance(sandbox, dict) else None
     ) or "child code ran with this user's access to the machine"
-    return f"WARNING: this run's children were not isolated (sandbox isolation: {isolation or 'unknown'}, not bwrap): {why}"
+    return (
+        f"WARNING: this run's children were not isolated (sandbox isolation: {isolation or 'unknown'}, "
+        f"not bwrap): {why}"
+    )
 
 
 @dataclass

@@ -5,10 +5,10 @@ from .analyse import best_diffs, sandbox_warning
 from .load import RunView
 from .text import (
     LINEAGE_COLUMNS,
+    lineage_cells,
     llm_cells,
     llm_columns,
     llm_title,
-    lineage_cells,
     shows_seeds,
     summary_lines,
     table_cells,
