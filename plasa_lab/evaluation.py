@@ -159,7 +159,7 @@ def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> 
     cal = Calibration(settings.time_limit)
     if ledger is None:
         return cal
-    reference = settings.time_reference or INITIAL_PROGRAM.read_text()
+    reference = settings.time_reference or _reference_text()
     for stage in (1, 2):
         key = Key(code_key(reference), stage, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
         rows = ledger.seed_rows_with_seconds(key)
@@ -179,6 +179,21 @@ def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> 
 # One stage
 
 
+def ledger_key(code: str, stage: int, settings: Settings, fingerprint: str, seed: int | None = None) -> Key:
+    """What an evaluation is recorded under: what runs, and every condition that changes its numbers."""
+    whole = settings.whole_validation and stage == 2
+    return Key(
+        code_key(code),
+        stage,
+        settings.profile,
+        settings.seed if seed is None else seed,
+        fingerprint,
+        HARNESS_VERSION,
+        settings.allow_uniform_schedule,
+        "whole" if whole else "profile",
+    )
+
+
 def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed: int | None = None) -> Evaluation:
     """One stage of one program at one seed: checked statically, then from the ledger if known, else
     judged in the sandbox and recorded."""
@@ -196,16 +211,7 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
         f"{describe_validation(profile, whole)}, seed {seed}",
         corpus=describe_corpus(corpus),
     )
-    key = Key(
-        code_key(code),
-        stage,
-        profile.name,
-        seed,
-        corpus.fingerprint,
-        HARNESS_VERSION,
-        settings.allow_uniform_schedule,
-        "whole" if whole else "profile",
-    )
+    key = ledger_key(code, stage, settings, corpus.fingerprint, seed)
     ledger = Ledger(settings.ledger) if settings.ledger else None
     if ledger and (known := ledger.get(key)):
         return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
@@ -340,23 +346,10 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
             f"loss {best:.4f}"
         )
     # The score comes from the ledger's per-seed rows: whatever seeds this program was ever trained on.
-    recorded = ledger.seed_rows(_key_of(code, settings, fingerprint))
+    recorded = ledger.seed_rows(ledger_key(code, 2, settings, fingerprint))
     per_seed = {s: recorded[s] for s in settings.seeds if s in recorded and recorded[s].get("combined_score", 0) > 0}
     per_seed.setdefault(settings.seed, first.metrics)
     return Evaluation(aggregate(per_seed, sd, settings.seeds), artifacts, first.from_ledger, first.seconds)
-
-
-def _key_of(code, settings, fingerprint):
-    return Key(
-        code_key(code),
-        2,
-        settings.profile,
-        settings.seed,
-        fingerprint,
-        HARNESS_VERSION,
-        settings.allow_uniform_schedule,
-        "whole" if settings.whole_validation else "profile",
-    )
 
 
 # ---------------------------------------------------------------------------------------------
