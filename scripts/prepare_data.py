@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from plasa_lab import data
+from plasa_lab.settings import cache_root
+from plasa_lab.tokens import CorpusError
 
 
 def main(argv=None) -> int:
@@ -21,14 +23,14 @@ def main(argv=None) -> int:
         "wikitext2, wiki-summaries, or text:PATH (a file or a folder of .txt files)",
     )
     parser.add_argument(
-        "--cache", type=Path, default=None, help=f"cache root (default: $PLASA_CACHE or {data.CACHE_ROOT})"
+        "--cache", type=Path, default=None, help=f"cache root (default: $PLASA_CACHE or {cache_root()})"
     )
     args = parser.parse_args(argv)
 
     t0 = time.time()
     try:
         corpus = data.prepare_corpus(args.corpus, cache_root=args.cache)
-    except (data.CorpusError, ValueError, OSError) as e:
+    except (CorpusError, ValueError, OSError) as e:
         print(f"prepare_data: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(json.dumps({**corpus.summary(), "cache": str(corpus.dir), "seconds": round(time.time() - t0, 2)}))

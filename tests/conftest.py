@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.constants import VOCAB_SIZE
 from plasa_lab.program import load_program
 
 
@@ -14,4 +15,4 @@ def program():
 @pytest.fixture
 def random_tokens():
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 49152, (2, 128), generator=g)
+    return torch.randint(0, VOCAB_SIZE, (2, 128), generator=g)

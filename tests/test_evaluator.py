@@ -430,7 +430,7 @@ def test_weights_trained_outside_the_state_dict_do_not_reach_the_score(smoke):
     """A unigram bias over the vocabulary, trained in a plain list by its own optimiser during
     training: invisible to the parameter budget, and gone in the fresh validation processes."""
     cheat = """
-HIDDEN = [torch.zeros(49152, requires_grad=True)]
+HIDDEN = [torch.zeros(MODEL_CONFIG["vocab_size"], requires_grad=True)]
 HIDDEN_OPT = torch.optim.SGD(HIDDEN, lr=50.0)
 _forward = PLASAModel.forward
 

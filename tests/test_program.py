@@ -147,7 +147,7 @@ def test_nonembedding_parameters_about_1_5M_with_untied_embedding(program):
 def test_output_is_logits_and_aux_loss_in_training_only(program, random_tokens):
     model = build(program).train()
     out = model(random_tokens)
-    assert out["logits"].shape == (2, 128, 49152)
+    assert out["logits"].shape == (2, 128, VOCAB_SIZE)
     assert out["aux_loss"].ndim == 0 and torch.isfinite(out["aux_loss"]) and out["aux_loss"] > 0
     assert "aux_loss" not in model.eval()(random_tokens)
 
@@ -182,7 +182,7 @@ def test_running_program_alone_trains_on_synthetic_tokens():
 
 
 def test_running_program_alone_reads_a_token_file(tmp_path):
-    tokens = torch.randint(0, 49152, (5000,), dtype=torch.int32).to(torch.uint16)
+    tokens = torch.randint(0, VOCAB_SIZE, (5000,), dtype=torch.int32).to(torch.uint16)
     (tmp_path / "t.bin").write_bytes(tokens.numpy().tobytes())
     run = subprocess.run(
         [sys.executable, str(INITIAL_PROGRAM), "--tokens", str(tmp_path / "t.bin"), "--steps", "2"],
