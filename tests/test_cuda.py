@@ -1,4 +1,5 @@
-"""The CUDA path of the harness: skipped on machines without a GPU (CI has none)."""
+"""The CUDA path of the judge (the sandbox binds the GPU's device nodes): skipped on machines
+without a GPU (CI has none; not run in this change's session either, which had no GPU)."""
 
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.evaluation import METRIC_KEYS, Settings, evaluate_file
+from plasa_lab.constants import METRIC_KEYS
+from plasa_lab.evaluation import evaluate_file
+from plasa_lab.settings import Settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -17,7 +20,7 @@ def test_initial_program_trains_and_passes_every_probe_on_cuda():
         INITIAL_PROGRAM, "all", Settings(profile="smoke", device="cuda", ledger=""), on_line=lines.append
     )
     assert "failure" not in evaluation.artifacts, evaluation.artifacts.get("failure")
-    assert set(evaluation.metrics) == set(METRIC_KEYS) and all(math.isfinite(v) for v in evaluation.metrics.values())
+    assert set(METRIC_KEYS) <= set(evaluation.metrics) and all(math.isfinite(v) for v in evaluation.metrics.values())
     assert evaluation.metrics["stage2_passed"] == 1.0
     assert any("cuda" in line for line in lines)
 

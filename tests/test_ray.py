@@ -14,8 +14,9 @@ import time
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.evaluation import Settings, evaluate_code
+from plasa_lab.evaluation import evaluate_code
 from plasa_lab.ledger import Ledger
+from plasa_lab.settings import Settings
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -87,19 +88,29 @@ def test_failing_child_is_rejected_through_ray_with_the_same_failure_line(ray_cl
     assert on_ray.artifacts["failure"].startswith("stage 1: on random tokens: layer 1 selects key")
 
 
-def harness_process():
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if b"plasa_lab.harness" in open(f"/proc/{pid}/cmdline", "rb").read():
-                return int(pid)
-        except OSError:
-            pass
-    return None
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def parent_of(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+
+
+def judge_process():
+    """The process that runs the judge of a stage: the parent of the outermost sandbox (bwrap) of a
+    plasa_lab.worker; on the Ray runner, a Ray worker."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"plasa_lab.worker" in cmdline(pid) and b"plasa_lab.worker" not in cmdline(parent_of(pid)):
+                return parent_of(pid)
+        except (OSError, StopIteration):
+            pass
+    return None
 
 
 def test_a_killed_ray_worker_is_retried_and_the_ledger_keeps_one_row(ray_cluster, tmp_path):
@@ -108,11 +119,10 @@ def test_a_killed_ray_worker_is_retried_and_the_ledger_keeps_one_row(ray_cluster
     worker = threading.Thread(target=lambda: result.update(evaluation=evaluate_code(SOURCE, 1, settings)))
     worker.start()
     deadline = time.monotonic() + 120
-    while (pid := harness_process()) is None:
+    while (ray_worker := judge_process()) is None:
         assert time.monotonic() < deadline, "no evaluation started on the cluster"
         time.sleep(0.2)
-    ray_worker = parent_of(pid)
-    assert b"ray" in open(f"/proc/{ray_worker}/cmdline", "rb").read().lower()
+    assert b"ray" in cmdline(ray_worker).lower()
     os.kill(ray_worker, signal.SIGKILL)
     worker.join(timeout=400)
     assert not worker.is_alive(), "the evaluation hung after its worker was killed"
