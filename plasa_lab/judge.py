@@ -46,6 +46,7 @@ from .constants import (
 from .jobs import Job, StageResult
 from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_nodes
 from .tokens import CorpusError, train_batches, val_windows
+from .util import first_line
 
 # Validation windows re-run, cut at a random position, by the other worker: about 30% of them, and all
 # of them up to MIN_CHECKED. One cut per window: two copies of one window in one process would let a
@@ -459,6 +460,14 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         )
     except (CorpusError, SandboxUnavailable) as e:
         return StageResult.infrastructure_failure(f"{type(e).__name__}: {e}")
+    except Exception as e:  # whatever a worker's answer did to the judge's arithmetic: the program's failure
+        return StageResult(
+            ok=False,
+            failure=f"the judge could not use the program's answers: {first_line(e)}",
+            metrics=metrics,
+            stderr=_stderr(workers),
+            seconds=time.monotonic() - start,
+        )
     finally:
         for worker in workers:
             worker.close()
