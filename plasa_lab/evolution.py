@@ -557,8 +557,9 @@ class RunOptions:
     prompt: str | None = None  # compact | full (default: compact for --llm local)
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM while the run itself (not OpenEvolve) was working."""
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM while the run itself (not OpenEvolve) was working. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way (the judge's) takes it for an error."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
