@@ -311,7 +311,7 @@ def test_reading_the_callers_frames_finds_no_targets(smoke):
         "torch.nn.modules.module.register_module_forward_hook(cheat)"
     )
     assert_rejected(evaluate_code(at_import(peek), 1, smoke), "import of 'sys' is not allowed")
-    result = judged(at_import(peek), stage=2)
+    result = judged(at_import(peek))
     assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
 
 
@@ -450,8 +450,8 @@ def biased_forward(self, input_ids):
 PLASAModel.forward = biased_forward
 """
     code = SOURCE + cheat  # outside the blocks: only past the static checks
-    honest = judged(SOURCE, stage=2)
-    cheater = judged(code, stage=2)
+    honest = judged(SOURCE)
+    cheater = judged(code)
     assert honest.ok and cheater.ok, (honest.failure, cheater.failure)
     # Trained in its own process the bias is worth several nats on smoke; scored from the snapshot it is not there.
     assert cheater.metrics["val_loss"] > honest.metrics["val_loss"] - 0.2
