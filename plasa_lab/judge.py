@@ -12,9 +12,10 @@
             checks them (shape, dtype, finiteness), runs the behavioural probes, and computes loss,
             accuracy, perplexity and density itself. The workers never see a target they are
             scored on as a target, nor the validation split as a file, nor any result.
-    leaks   random validation windows (30%, at least 8) also go, cut at a random position and spliced
-            with other validation text after the cut, to the *other* worker, shuffled among the real
-            windows in batches of the same shape. Its logits up to the cut must equal the scored ones.
+    leaks   random validation windows (30%, at least 16: unscored extra windows where the scored
+            ones are fewer) also go, cut at a random position and spliced with other validation text
+            after the cut, to the *other* worker, shuffled among the real windows in batches of the
+            same shape. Their logits up to the cut must equal those of the window run in full.
             Logits that depend on anything but the weights and the prefix (a peek ahead, inputs
             remembered from earlier calls, test-time training) then differ, whichever came first,
             because the two workers have different histories.
@@ -48,14 +49,16 @@ from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_no
 from .tokens import CorpusError, train_batches, val_windows
 from .util import first_line
 
-# Validation windows re-run, cut at a random position, by the other worker: about 30% of them, and all
-# of them up to MIN_CHECKED. One cut per window: two copies of one window in one process would let a
-# model that remembers inputs answer the shorter cut from the longer. Many windows, because a leak
-# through top-k shows only at some cuts (not before the sparse layers' k, nor where the selection
-# does not change).
+# Validation windows re-run, cut at a random position, by the other worker: about 30% of them, and at
+# least MIN_CHECKED (extra windows, run but not scored, where the scored ones are fewer). One cut per
+# window: two copies of one window in one process would let a model that remembers inputs answer the
+# shorter cut from the longer. A leak through top-k shows only at some cuts (only at a query whose
+# selection is a choice, t + 1 > k, and only where the leaked score changes it): a one-ahead peek shows
+# at 44% of uniform cuts and 60% of cuts where a selection is a choice (measured, untrained model), so
+# half the cuts fall there and 16 cuts miss it with odds of about 1e-5.
 CHECKED_SHARE = 0.3
-MIN_CHECKED = 8
-STAGE1_WINDOWS = 8  # stage 1 scores 4 batches: enough windows for the cut checks to have power
+MIN_CHECKED = 16
+STAGE1_WINDOWS = 8  # stage 1 scores 4 batches (and runs 8 more windows for the cut checks)
 TRAIN_FILE_INSIDE = "/data/train.bin"
 SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
 
@@ -303,14 +306,28 @@ class Item:
     server: int = 0
 
 
+def windows_to_run(n_scored: int) -> int:
+    """Scored windows plus the unscored ones that give the cut checks their MIN_CHECKED windows."""
+    return max(n_scored, MIN_CHECKED)
+
+
 def checked_windows(n_windows: int) -> int:
     return min(n_windows, max(MIN_CHECKED, round(CHECKED_SHARE * n_windows)))
 
 
-def plan_validation(windows: torch.Tensor, batch_size: int, rng: np.random.Generator) -> list[list[Item]]:
-    """The items each of the two servers gets, shuffled: every real window once (half of them, at
-    random, on each server), checked copies on the other server than their window, padding
-    (repeats of the server's own windows) so that every batch has batch_size rows.
+def cut_position(j: int, T: int, ks, rng: np.random.Generator) -> int:
+    """Where checked copy j is cut: every other cut anywhere, the others where some layer's selection
+    is a choice (query t with t + 1 > k), the only places a leak through top-k can show."""
+    choice_from = min(int(k) for k in ks)
+    if j % 2 and choice_from <= T - 2:
+        return int(rng.integers(choice_from, T - 1))
+    return int(rng.integers(T - 1))
+
+
+def plan_validation(windows: torch.Tensor, batch_size: int, ks, rng: np.random.Generator) -> list[list[Item]]:
+    """The items each of the two servers gets, shuffled: every window once (half of them, at random,
+    on each server), checked copies on the other server than their window, padding (repeats of the
+    server's own windows) so that every batch has batch_size rows.
 
     A window must never reach the server that runs its copies, not even as padding: a model that
     remembers inputs would answer the copies from it and hide a peek ahead."""
@@ -321,8 +338,8 @@ def plan_validation(windows: torch.Tensor, batch_size: int, rng: np.random.Gener
     servers = (np.arange(N) % 2)[rng.permutation(N)]
     reals = [Item(i, inputs[i], server=int(servers[i])) for i in range(N)]
     copies = []
-    for i in rng.choice(N, size=checked_windows(N), replace=False):
-        i, p = int(i), int(rng.integers(T - 1))
+    for j, i in enumerate(rng.choice(N, size=checked_windows(N), replace=False)):
+        i, p = int(i), cut_position(j, T, ks, rng)
         donor = int(rng.choice([j for j in range(N) if j != i]))
         tokens = inputs[i].clone()
         tokens[p + 1 :] = inputs[donor][p + 1 :]
@@ -339,13 +356,14 @@ def plan_validation(windows: torch.Tensor, batch_size: int, rng: np.random.Gener
     return [[items[i : i + batch_size] for i in range(0, len(items), batch_size)] for items in per_server]
 
 
-def validate(servers: list[Server], windows: torch.Tensor, batch_size: int, rng) -> dict:
-    """Loss, accuracy and density over every predicted token of the windows, computed here from the
-    servers' logits; every checked copy and repeat must reproduce its window's logits up to its cut."""
-    batches = plan_validation(windows, batch_size, rng)
+def validate(servers: list[Server], windows: torch.Tensor, n_scored: int, batch_size: int, ks, rng) -> dict:
+    """Loss, accuracy and density over every predicted token of the first n_scored windows, computed
+    here from the servers' logits; every checked copy and repeat must reproduce its window's logits
+    up to its cut."""
+    batches = plan_validation(windows, batch_size, ks, rng)
     targets = windows[:, 1:]
     T = targets.shape[1]
-    scored = {}  # window -> its logits (kept only for windows that copies compare against)
+    full = {}  # window -> its logits in full (kept only for windows that copies compare against)
     pending = {}  # window -> [(cut, logits up to cut)] copies that came before their window
     checked = {item.window for per in batches for batch in per for item in batch if item.cut is not None}
     loss_sums, correct, densities = [], 0, []
@@ -356,23 +374,24 @@ def validate(servers: list[Server], windows: torch.Tensor, batch_size: int, rng)
         for s, batch in asked:
             logits, selections = servers[s].answer((len(batch), T))
             for row, item in enumerate(batch):
-                if item.cut is None:
+                if item.cut is None and item.window < n_scored:
                     loss_sums.append(
                         F.cross_entropy(logits[row].double(), targets[item.window], reduction="sum").item()
                     )
                     correct += int((logits[row].argmax(-1) == targets[item.window]).sum())
                     densities.append(probes.density(selections[:, row : row + 1]))
+                if item.cut is None:
                     if item.window in checked:
-                        scored[item.window] = logits[row]
+                        full[item.window] = logits[row]
                         for cut, copy in pending.pop(item.window, []):
                             compare(copy, logits[row], cut)
                 else:
                     upto = T - 1 if item.cut == -1 else item.cut
-                    if item.window in scored:
-                        compare(logits[row], scored[item.window], upto)
+                    if item.window in full:
+                        compare(logits[row], full[item.window], upto)
                     else:
                         pending.setdefault(item.window, []).append((upto, logits[row][: upto + 1].clone()))
-    count = targets.numel()
+    count = targets[:n_scored].numel()
     val_loss = math.fsum(loss_sums) / count
     if not math.isfinite(val_loss):
         raise Rejection("the logits are so extreme that the validation loss overflows: keep the scores in range")
@@ -413,7 +432,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         profile = get_profile(job.profile)
         steps = STAGE1_TRAINING_STEPS if job.stage == 1 else profile.steps
         n_windows = STAGE1_WINDOWS if job.stage == 1 else job.val_windows
-        windows = val_windows(corpus.val, n_windows, profile.seq_len)
+        windows = val_windows(corpus.val, windows_to_run(n_windows), profile.seq_len)
         trainer = start_training(job, corpus, steps, deadline, workers, on_line)
         threads = max(1, job.threads // 2)  # the two servers run side by side
         servers = [Server(job, f"validation {name}", deadline, threads, on_line) for name in ("A", "B")]
@@ -441,8 +460,11 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
         check_behaviour(servers, spec.layer_ks, {"on random tokens": random_tokens, "on training text": train_text})
         if job.stage == 2:
             metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own
-        log(f"validating on {n_windows} windows, {checked_windows(n_windows)} of them re-run cut by the other process")
-        metrics.update(validate(servers, windows, profile.batch_size, rng))
+        log(
+            f"validating on {n_windows} windows ({len(windows)} run), {checked_windows(len(windows))} of them "
+            f"re-run cut by the other process"
+        )
+        metrics.update(validate(servers, windows, n_windows, profile.batch_size, spec.layer_ks, rng))
         return StageResult(ok=True, metrics=metrics, stderr=_stderr(workers), seconds=time.monotonic() - start)
     except Rejection as e:
         return StageResult(

@@ -574,13 +574,25 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
     from plasa_lab.judge import plan_validation
 
     windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE
+    ks = [128, 32, 32, 64]
+    cuts = []
     for seed in range(50):
-        batches = plan_validation(windows, 2, np.random.default_rng(seed))
+        batches = plan_validation(windows, 2, ks, np.random.default_rng(seed))
         items = [[item for batch in per for item in batch] for per in batches]
         holds = [{item.window for item in server_items if item.cut in (None, -1)} for server_items in items]
         copies = [{item.window for item in server_items if item.cut not in (None, -1)} for server_items in items]
         assert not holds[0] & copies[0] and not holds[1] & copies[1]
-        assert sorted(i.window for s in items for i in s if i.cut is None) == list(range(6))  # each scored once
+        assert sorted(i.window for s in items for i in s if i.cut is None) == list(range(6))  # each run once
         cut_windows = [i.window for s in items for i in s if i.cut not in (None, -1)]
-        assert len(cut_windows) == len(set(cut_windows)) == 6  # one copy per window, every window (6 < 8)
+        assert len(cut_windows) == len(set(cut_windows)) == 6  # one copy per window, every window (6 < 16)
         assert all(len(batch) == 2 for per in batches for batch in per)
+        cuts += [i.cut for s in items for i in s if i.cut not in (None, -1)]
+    # Half the cuts where a selection is a choice (t + 1 > 32): well over the 75% a uniform draw gives.
+    assert 0.8 < sum(c >= 32 for c in cuts) / len(cuts) < 0.95 and min(cuts) < 32
+
+
+def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
+    from plasa_lab.judge import MIN_CHECKED, checked_windows, windows_to_run
+
+    assert windows_to_run(8) == MIN_CHECKED and checked_windows(windows_to_run(8)) == MIN_CHECKED
+    assert windows_to_run(200) == 200 and checked_windows(200) == 60
