@@ -244,6 +244,7 @@ class Server(Worker):
         super().__init__(job, name, deadline, threads, on_line=on_line)
         self.send("starting", dict(mode="serve", code=job.code, seed=job.seed, device=job.device, threads=threads))
         self.layers = None
+        self.logits_buffer = None  # reused by every answer of the same shape
 
     def load(self, weights: bytes, spec: Spec):
         served = Spec.parse(self.receive_ok("building a fresh model").get("spec"))
@@ -263,11 +264,14 @@ class Server(Worker):
         )
 
     def answer(self, tokens_shape):
+        """The logits (a view of this server's buffer: valid until its next answer) and selections."""
         B, T = tokens_shape
         self.receive_ok("a forward pass")
-        logits = torch.from_numpy(
-            self.talk("a forward pass", lambda: self.channel.receive_array((B, T, VOCAB_SIZE), np.float32))
+        self.logits_buffer = self.talk(
+            "a forward pass",
+            lambda: self.channel.receive_array((B, T, VOCAB_SIZE), np.float32, into=self.logits_buffer),
         )
+        logits = torch.from_numpy(self.logits_buffer)
         selections = torch.from_numpy(
             self.talk("a forward pass", lambda: self.channel.receive_array((self.layers, B, T, T), np.uint8))
         )
@@ -279,7 +283,8 @@ class Server(Worker):
 
     def forward(self, tokens):
         self.ask(tokens)
-        return self.answer(tokens.shape)
+        logits, selections = self.answer(tokens.shape)
+        return logits.clone(), selections
 
 
 def check_behaviour(servers: list[Server], ks, token_sets: dict):
@@ -382,7 +387,7 @@ def validate(servers: list[Server], windows: torch.Tensor, n_scored: int, batch_
                     densities.append(probes.density(selections[:, row : row + 1]))
                 if item.cut is None:
                     if item.window in checked:
-                        full[item.window] = logits[row]
+                        full[item.window] = logits[row].clone()
                         for cut, copy in pending.pop(item.window, []):
                             compare(copy, logits[row], cut)
                 else:

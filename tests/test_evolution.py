@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -20,7 +21,8 @@ from fake_llm_server import FakeLLMServer, outside_edit_reply
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
-from plasa_lab.evolution import unknown_config_keys
+from plasa_lab.evolution import discard_unsaved_iterations, unknown_config_keys
+from plasa_lab.ledger import code_key
 from plasa_lab.mutator import OfflineMutator, format_diff, parent_program, propose_edits
 from plasa_lab.rundir import latest_checkpoint, read_jsonl
 
@@ -219,10 +221,20 @@ def test_offline_mutator_is_seeded_by_parent_and_iteration():
 # runs end to end
 
 
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "smoke_run"
+
+
 @pytest.fixture(scope="module")
 def shared_ledger(tmp_path_factory):
-    """One ledger for the module's runs: the initial program is trained once, then answered from it."""
-    return str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
+    """One ledger for the module's runs, holding the initial program's evaluations from the fixture
+    run (seeds 42-44, as a real run left them): children are trained, the initial program is
+    answered from it. (The SIGTERM test trains the initial program under its own ledger.)"""
+    path = tmp_path_factory.mktemp("ledger") / "ledger.sqlite"
+    shutil.copy(FIXTURE_RUN / "ledger.sqlite", path)
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM evaluations WHERE code_key != ?", (code_key(SOURCE),))
+        assert db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 4  # stage 1, stage 2 x 3 seeds
+    return str(path)
 
 
 def evolve(*args, ledger, env=None, wait=True):
@@ -288,6 +300,23 @@ def assert_trace_agrees_with_the_checkpoint(run_dir, total):
     assert {p["id"] for p in json.loads((run_dir / "t.json").read_text())["programs"]} == population
 
 
+def test_records_of_iterations_after_the_resumed_checkpoint_move_to_the_lost_file(tmp_path):
+    """What a kill -9 before a checkpoint's save leaves: trace records of iterations the resumed run
+    will run again. They move aside, so the trace, the population and the reports agree."""
+    run_dir = Path(shutil.copytree(FIXTURE_RUN, tmp_path / "run"))
+    before = read_jsonl(run_dir / "evolution_trace.jsonl")
+    assert [r["iteration"] for r in before] == [1, 2, 3, 4]
+    assert discard_unsaved_iterations(run_dir, 2) == 2
+    assert read_jsonl(run_dir / "evolution_trace.jsonl") == before[:2]
+    lost = read_jsonl(run_dir / "evolution_trace_lost.jsonl")
+    assert [(r["iteration"], r["lost_from"]) for r in lost] == [
+        (3, "evolution_trace.jsonl"),
+        (4, "evolution_trace.jsonl"),
+    ]
+    assert discard_unsaved_iterations(run_dir, 2) == 0  # nothing moves twice
+
+
+@pytest.mark.slow  # 3 minutes on 2 cores; the stop-and-resume path is covered by the Ctrl-C test below
 def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(tmp_path, shared_ledger):
     run_dir = tmp_path / "run"
     proc = evolve(
@@ -372,7 +401,7 @@ def test_ctrl_c_mid_child_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path, 
     assert_trace_agrees_with_the_checkpoint(run_dir, stopped_at + 1)
 
 
-def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_path):
+def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_path, shared_ledger):
     run_dir, ledger = tmp_path / "run", str(tmp_path / "own-ledger.sqlite")  # nothing cached: it must train
     proc = evolve(
         "--iterations", "1", "--llm", "offline", "--seeds", "42", "--output", str(run_dir), ledger=ledger, wait=False
@@ -396,7 +425,9 @@ def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_pat
     assert "Traceback" not in output
     time.sleep(1)
     assert worker_processes() == []
-    resumed = evolve("--resume", "--output", str(run_dir), ledger=ledger)
+    # Resumed against the module's ledger (the initial program and its first child are in it: nothing
+    # to train twice for what this test is about).
+    resumed = evolve("--resume", "--output", str(run_dir), ledger=shared_ledger)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger" in resumed.stderr
     assert_trace_agrees_with_the_checkpoint(run_dir, 1)
