@@ -82,8 +82,8 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._use_wal()
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
             columns = {row[1] for row in db.execute("PRAGMA table_info(evaluations)")}
             if columns and "code_key" not in columns:
                 raise LedgerError(
@@ -91,6 +91,28 @@ class Ledger:
                     f"start a new run or give another --ledger"
                 )
             db.execute(SCHEMA)
+
+    def _use_wal(self, patience: float = 60.0):
+        """Switch a new ledger to WAL (readers never block the writer). The switch takes an exclusive
+        lock and SQLite answers "database is locked" at once, without its busy timeout, when another
+        process opens the new file at the same moment (parallel evaluations starting together): wait
+        and retry, as every other statement waits."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                db = sqlite3.connect(self.path, timeout=patience)
+                try:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    return
+                finally:
+                    db.close()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise LedgerError(f"the ledger {self.path} is unusable: {e}") from None
+                time.sleep(0.05)
+            except sqlite3.Error as e:
+                raise LedgerError(f"the ledger {self.path} is unusable: {e}") from None
 
     @contextmanager
     def _connect(self):

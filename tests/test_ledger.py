@@ -86,3 +86,30 @@ def test_each_actual_run_is_counted(tmp_path):
     assert ledger.rows()[0]["runs"] == 1
     ledger.put(KEY, "sha", {"combined_score": 0.6}, {}, seconds=1.0)
     assert [(r["runs"], r["metrics"]) for r in ledger.rows()] == [(2, '{"combined_score": 0.6}')]
+
+
+def _open_and_write(path, barrier, i, errors):
+    barrier.wait()  # every process opens the new file at the same moment
+    try:
+        Ledger(path).put(Key(f"code{i}", 2, "smoke", 42, "f", "v"), "sha", {"val_loss": 1.0}, {}, 1.0)
+    except Exception as e:
+        errors.put(str(e))
+
+
+def test_processes_opening_a_new_ledger_at_once_all_get_it(tmp_path):
+    """Parallel evaluations start together on a fresh ledger; before the WAL switch waited, 5 of 80
+    such opens failed with "database is locked"."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for round_ in range(20):
+        path = tmp_path / f"ledger{round_}.sqlite"
+        barrier = context.Barrier(4)
+        processes = [context.Process(target=_open_and_write, args=(path, barrier, i, errors)) for i in range(4)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(60)
+        assert errors.empty(), errors.get()
+        assert len(Ledger(path).rows()) == 4
