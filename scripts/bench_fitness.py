@@ -108,7 +108,14 @@ def main(argv=None):
 
     rows = []
     for c in candidates:
-        losses = [r.val_loss for r in results[c.name]]
+        passed = [r for r in results[c.name] if r.passed]
+        if len(passed) < 2:  # nothing to compare: say why instead of computing on failure values
+            failure = next((r.failure for r in results[c.name] if not r.passed), "too few seeds")
+            rows.append(
+                dict(program=c.name, failed=f"{len(passed)} of {len(results[c.name])} replays passed: {failure}")
+            )
+            continue
+        losses = [r.val_loss for r in passed]
         claim = claims.get(c.name)
         word, p = verdict(losses, reference) if c.kind != "initial" else ("reference", None)
         row = dict(
@@ -162,6 +169,9 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['program']} | FAILED on replay: {r['failed'][:200]} |||||||")
+            continue
         claim = (
             (
                 f"{r['claimed_val_ppl']:.1f} ({r['claimed_seeds']})",
