@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from .checks import integrity_violation
 from .constants import HARNESS_VERSION, get_profile
 from .evaluation import Calibration, benchmark, calibration, corpus_of, evaluate_stage
 from .ledger import Ledger, LedgerError
@@ -297,6 +298,20 @@ def write_run_json(run_dir: Path, record: dict):
         atomic_write(run_dir / rundir.RUN_RECORD, json.dumps(record, indent=2))
     except OSError as e:
         raise RunError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
+
+
+def fixed_code_drift(checkpoint: Path) -> str | None:
+    """The first way a checkpoint's programs differ from initial_program.py outside the EVOLVE-BLOCKs
+    (the project changed under a run: its children would all fail the outside-the-blocks check), or None."""
+    reference = INITIAL_PROGRAM.read_text()
+    for path in sorted((checkpoint / "programs").glob("*.json")):
+        try:
+            code = json.loads(path.read_text()).get("code")
+        except (OSError, ValueError):
+            continue  # an unreadable program is OpenEvolve's to report
+        if isinstance(code, str) and (problem := integrity_violation(code, reference)):
+            return problem
+    return None
 
 
 def discard_unsaved_iterations(run_dir: Path, done: int) -> int:
@@ -678,6 +693,12 @@ def run(options: RunOptions) -> int:
         raise RunError(
             f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
             f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare"
+        )
+    if checkpoint and (problem := fixed_code_drift(checkpoint[0])):
+        commit = ((previous or {}).get("versions") or {}).get("project_commit") or "?"
+        raise RunError(
+            f"this run's programs were made from another initial_program.py ({problem}): every child would "
+            f"fail; resume it at the commit it started from ({commit[:12]}) or start a new run"
         )
     settings.corpus = corpus.name
     try:

@@ -316,6 +316,19 @@ def test_records_of_iterations_after_the_resumed_checkpoint_move_to_the_lost_fil
     assert discard_unsaved_iterations(run_dir, 2) == 0  # nothing moves twice
 
 
+def test_resuming_a_run_made_from_another_initial_program_fails_in_one_line(tmp_path, shared_ledger):
+    """The project changed under a run (fixed code outside the blocks): every child would fail, so the
+    resume refuses at once instead of spending the night on rejections."""
+    run_dir = Path(shutil.copytree(FIXTURE_RUN, tmp_path / "run"))
+    program = next((run_dir / "checkpoints" / "checkpoint_4" / "programs").glob("*.json"))
+    record = json.loads(program.read_text())
+    record["code"] = record["code"].replace("class RMSNorm(nn.Module):", "class RMSNorm(torch.nn.Module):")
+    program.write_text(json.dumps(record))
+    run = evolve("--resume", "--output", str(run_dir), "--iterations", "5", ledger=shared_ledger)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "were made from another initial_program.py" in run.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.slow  # 3 minutes on 2 cores; the stop-and-resume path is covered by the Ctrl-C test below
 def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(tmp_path, shared_ledger):
     run_dir = tmp_path / "run"
