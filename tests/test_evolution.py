@@ -254,6 +254,15 @@ def evolve(*args, ledger, env=None, wait=True):
     return subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, timeout=600)
 
 
+def evolve_against(server, *args, ledger):
+    """evolve.py with --llm local against `server` (a fake LLM: no real one runs in the tests), then
+    the server closed whatever happened."""
+    try:
+        return evolve("--llm", "local", "--api-base", server.url, "--model", "fake-llm", *args, ledger=ledger)
+    finally:
+        server.close()
+
+
 def wait_for(condition, timeout, what):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -448,24 +457,9 @@ def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_pat
 
 def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     server = FakeLLMServer()
-    try:
-        run = evolve(
-            "--iterations",
-            "1",
-            "--llm",
-            "local",
-            "--api-base",
-            server.url,
-            "--model",
-            "fake-llm",
-            "--seeds",
-            "42",
-            "--output",
-            str(tmp_path / "run"),
-            ledger=shared_ledger,
-        )
-    finally:
-        server.close()
+    run = evolve_against(
+        server, "--iterations", "1", "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert server.requests and server.requests[0]["model"] == "fake-llm"
     assert server.requests[0]["messages"][0]["role"] == "system"
@@ -485,24 +479,9 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
 
 def test_an_llm_that_keeps_failing_the_same_way_stops_the_run_in_one_line(tmp_path, shared_ledger):
     server = FakeLLMServer(fail_after=1, fail_seconds=1.5)  # the start-up check passes, then every call fails
-    try:
-        run = evolve(
-            "--iterations",
-            "10",
-            "--llm",
-            "local",
-            "--api-base",
-            server.url,
-            "--model",
-            "fake-llm",
-            "--seeds",
-            "42",
-            "--output",
-            str(tmp_path / "run"),
-            ledger=shared_ledger,
-        )
-    finally:
-        server.close()
+    run = evolve_against(
+        server, "--iterations", "10", "--seeds", "42", "--output", str(tmp_path / "run"), ledger=shared_ledger
+    )
     assert run.returncode == 1, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower() and "evolve.py" in line]
     assert len(errors) == 1 and "3 LLM failures in a row" in errors[0] and "HTTP 500: model crashed" in errors[0]
@@ -535,24 +514,12 @@ def test_child_editing_outside_blocks_never_enters_the_database_as_a_success(tmp
     config["prompt"]["template_dir"] = str(PROJECT_ROOT / "prompts")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     server = FakeLLMServer(reply=outside_edit_reply)
-    try:
-        run = evolve(
-            "--iterations",
-            "2",
-            "--llm",
-            "local",
-            "--api-base",
-            server.url,
-            "--config",
-            str(tmp_path / "config.yaml"),
-            "--seeds",
-            "42",
-            "--output",
-            str(tmp_path / "run"),
-            ledger=shared_ledger,
-        )
-    finally:
-        server.close()
+    run = evolve_against(
+        server,
+        *("--iterations", "2", "--config", str(tmp_path / "config.yaml"), "--seeds", "42"),
+        *("--output", str(tmp_path / "run")),
+        ledger=shared_ledger,
+    )
     assert run.returncode == 1 and "no child could be evaluated" in run.stderr
     assert "outside the EVOLVE-BLOCKs changed" in run.stderr
     children = read_jsonl(tmp_path / "run" / "evolution_trace.jsonl")
