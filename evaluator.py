@@ -15,6 +15,7 @@ import sys
 from openevolve.evaluation_result import EvaluationResult
 
 from plasa_lab.evaluation import evaluate_code, evaluate_file, failure_metrics
+from plasa_lab.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from plasa_lab.settings import Settings
 from plasa_lab.util import first_line
 
@@ -74,6 +75,13 @@ def main(argv=None):
         parser.exit(2, f"evaluator.py: error: {args.program}: not a UTF-8 text file ({e.reason} at byte {e.start})\n")
     except (OSError, ValueError) as e:
         parser.exit(2, f"evaluator.py: error: {first_line(e).split(': ', 1)[-1]}\n")
+    if settings.runner == "local":  # a Ray node checks its own
+        try:
+            require_isolation(settings.sandbox)
+        except SandboxUnavailable as e:
+            parser.exit(1, f"evaluator.py: error: cannot isolate the program: {e}\n")
+    if settings.sandbox != "bwrap":
+        print(f"WARNING: {UNISOLATED_WARNING}", file=sys.stderr)
     progress = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     try:
         evaluation = evaluate_code(code, args.stage, settings, on_line=progress)

@@ -172,7 +172,9 @@ class PLASAAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         scores = self.indexer(x)
-        selected = select_topk(scores, self.k, self.layer)
+        # A private copy: no block keeps a handle on the mask attention uses and reports (a selector
+        # could otherwise rewrite it after attention ran, so the report would not be what was used).
+        selected = torch.clone(select_topk(scores, self.k, self.layer))
         self.last_selection = selected.detach()
         att = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
         att = att.masked_fill(~selected[:, None], float("-inf")).softmax(dim=-1)

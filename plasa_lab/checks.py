@@ -3,17 +3,25 @@
 They are not the security boundary (Python is not a sandbox: the OS isolates the child and the
 judge scores it from outside, see plasa_lab.judge); they turn the common mistakes and the obvious
 attempts into one line that names the rule, the place and the fix, before anything is paid for.
-The rules are allow-lists where that is possible (imports; attribute assignment only as
-`self.<name> = ...` where `self` is a method's first parameter) and a short deny-list of
-capabilities a model never needs (files, processes, network, introspection of frames and code).
-Behaviour (causality, selection, budgets) is checked at run time by the judge.
+The rules are allow-lists where that is possible, each closing a whole way in rather than one
+trick: imports and the modules reachable through their attributes; attribute assignment only as
+`self.<name> = ...` inside `__init__`, where `self` is the object being made (never a class or a
+module a method was handed); classes that are modules (nn.Module) or plain, with no decorators but
+harmless ones and no dunder but `__init__`. Then a short deny-list of capabilities a model never
+needs (files, processes, network, introspection of frames and code). Behaviour (causality,
+selection, budgets) is checked at run time by the judge.
 """
 
 import ast
+import importlib
+import types
 
 from .program import BlockError, split_blocks
 
 ALLOWED_IMPORTS = {"math", "torch", "torch.nn", "torch.nn.functional"}
+# Modules a block may reach as `module.attribute` chains (torch.sys, F.torch.os, nn.modules: no).
+REACHABLE_MODULES = ALLOWED_IMPORTS | {"torch.nn.init", "torch.linalg", "torch.special", "torch.fft"}
+ALLOWED_DECORATORS = {"property", "torch.no_grad()", "torch.no_grad", "torch.inference_mode()"}
 FORBIDDEN_NAMES = {
     # code loading and introspection
     "exec",
@@ -33,6 +41,10 @@ FORBIDDEN_NAMES = {
     "__builtins__",
     "__loader__",
     "__spec__",
+    # what makes `self` something other than the new object (a class, a module), or builds classes
+    "type",
+    "staticmethod",
+    "classmethod",
     # files, processes, network, the interpreter
     "open",
     "exit",
@@ -77,6 +89,7 @@ FORBIDDEN_ATTRIBUTES = {
     "distributed",
     "package",
     "jit",
+    "compile",
     "set_num_threads",
     "set_num_interop_threads",
     "manual_seed",
@@ -178,8 +191,9 @@ def _top_level_bindings(statements):
     return bound
 
 
-def _node_violation(node):
-    """The rule a single node inside a block breaks, if any."""
+def _node_violation(node, in_init: set[int]):
+    """The rule a single node inside a block breaks, if any (`in_init`: ids of the nodes inside a
+    block class's __init__)."""
     if isinstance(node, (ast.Import, ast.ImportFrom)):
         if isinstance(node, ast.ImportFrom) and node.level:
             return "relative imports are not allowed"
@@ -226,6 +240,107 @@ def _node_violation(node):
                             f"assignment to {ast.unparse(sub)!r}: only self.<name> = ... may be assigned; "
                             f"change parameters in place (nn.init.*, p.copy_(...))"
                         )
+                    if id(node) not in in_init:
+                        return (
+                            f"assignment to {ast.unparse(sub)!r} outside __init__: self.<name> = ... only in "
+                            f"__init__, where self is the object being made; make what forward needs there"
+                        )
+    return None
+
+
+def _inside_init(statements) -> set[int]:
+    """ids of every node inside the body of a class's `__init__`: where `self` is the new object."""
+    inside = set()
+    for node in ast.walk(ast.Module(body=statements, type_ignores=[])):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    inside.update(id(sub) for statement in item.body for sub in ast.walk(statement))
+    return inside
+
+
+def _import_target(path: str):
+    """The object an import path names (a module or an attribute of one), for the allowed imports
+    only (nothing else is imported here); None otherwise."""
+    module, _, name = path.rpartition(".")
+    for candidate, attribute in ((path, None), (module, name)):
+        if candidate in ALLOWED_IMPORTS:
+            try:
+                found = importlib.import_module(candidate)
+            except ImportError:
+                return None
+            return getattr(found, attribute, None) if attribute else found
+    return None
+
+
+def _attribute_chain(node):
+    """[root, attr, attr, ...] of a pure `name.attr.attr` expression, else None."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(names)] if isinstance(node, ast.Name) else None
+
+
+def _reached(chain, modules):
+    """The objects a `module.attr.attr` chain passes through (after its root module), while known."""
+    obj = modules.get(chain[0])
+    found = []
+    for name in chain[1:]:
+        if obj is None or name.startswith("_"):
+            break
+        obj = getattr(obj, name, None)
+        found.append(obj)
+    return found
+
+
+def _structure_violation(node, parents, modules, program_classes):
+    """Rules about what the block builds: reachable modules, classes, decorators, dunders."""
+    if isinstance(node, ast.Attribute):
+        chain = _attribute_chain(node)
+        if chain and chain[0] in modules:
+            for obj in _reached(chain, modules):
+                if isinstance(obj, types.ModuleType) and obj.__name__ not in REACHABLE_MODULES:
+                    return (
+                        f"{ast.unparse(node)!r} reaches the module {obj.__name__}: blocks may use "
+                        f"{', '.join(sorted(REACHABLE_MODULES))}"
+                    )
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in modules:
+        parent = parents.get(id(node))
+        if not (isinstance(parent, ast.Attribute) and parent.value is node):
+            return f"the module {node.id!r} used as a value: use it only as {node.id}.<name>"
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith("__"):
+        return f"binding the name {node.id!r}: a block defines no dunder but __init__"
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        if node.name.startswith("__") and node.name != "__init__":
+            return f"defining {node.name!r}: a block defines no dunder but __init__"
+        for decorator in node.decorator_list:
+            if ast.unparse(decorator) not in ALLOWED_DECORATORS or node.name == "__init__":
+                return (
+                    f"the decorator @{ast.unparse(decorator)} is not allowed (allowed: "
+                    f"{', '.join(sorted(ALLOWED_DECORATORS))}, and none on __init__)"
+                )
+    if isinstance(node, ast.ClassDef):
+        if node.keywords:
+            return f"class {node.name} takes keywords (a metaclass): a block's classes are plain or nn.Module"
+        import torch.nn
+
+        for base in node.bases:
+            chain = _attribute_chain(base)
+            if chain and len(chain) == 1 and chain[0] in program_classes | {"object"}:
+                continue
+            reached = _reached(chain, modules) if chain and chain[0] in modules else []
+            if not (reached and isinstance(reached[-1], type) and issubclass(reached[-1], torch.nn.Module)):
+                return (
+                    f"class {node.name} derives from {ast.unparse(base)}: a block's classes derive from "
+                    f"nn.Module (or a class of the program), or from nothing"
+                )
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super" and node.args:
+        args = node.args
+        if not (len(args) == 2 and isinstance(args[0], ast.Name) and isinstance(args[1], ast.Name)) or (
+            args[1].id != "self"
+        ):
+            return "super() takes no arguments here, or (TheClass, self)"
     return None
 
 
@@ -282,13 +397,22 @@ def block_code_violation(text: str, reference: str):
     block_statements = [n for n in tree.body if n.lineno in inside]
     fixed = _top_level_bindings(outside_statements)
     selves = _method_selves(block_statements)
-    for node in ast.walk(ast.Module(body=block_statements, type_ignores=[])):
+    in_init = _inside_init(block_statements)
+    imports = {**fixed, **_top_level_bindings(block_statements)}
+    modules = {}
+    for name, path in imports.items():
+        if path is not None and isinstance(target := _import_target(path), types.ModuleType):
+            modules[name] = target
+    program_classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    block_tree = ast.Module(body=block_statements, type_ignores=[])
+    parents = {id(child): node for node in ast.walk(block_tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(block_tree):
         rule = _self_violation(node, selves) or _annotation_violation(node)
         if rule and hasattr(node, "lineno"):
             return f"line {node.lineno}: {rule}"
         if not hasattr(node, "lineno"):
             continue
-        rule = _node_violation(node)
+        rule = _node_violation(node, in_init) or _structure_violation(node, parents, modules, program_classes)
         if rule is None and isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
             targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
             for target in targets:

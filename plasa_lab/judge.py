@@ -187,6 +187,10 @@ def check_spec(spec: Spec, allow_uniform: bool) -> dict:
     missing = [name for name in FIXED_WEIGHTS if name not in spec.state]
     if missing:
         raise Rejection(f"the model has no {missing[0]}: keep the fixed embedding and LM head")
+    fixed_shape = (MODEL_CONFIG["vocab_size"], MODEL_CONFIG["d_model"])
+    for name in FIXED_WEIGHTS:  # with the budget below, this bounds what the judge will receive
+        if tuple(spec.state[name][0]) != fixed_shape:
+            raise Rejection(f"{name} is {tuple(spec.state[name][0])}, not {fixed_shape}: keep the fixed model")
     nonembed = sum(math.prod(shape) for name, (shape, _) in spec.state.items() if name not in FIXED_WEIGHTS)
     indexer = sum(math.prod(shape) for name, (shape, _) in spec.state.items() if ".indexer." in name)
     if nonembed > MAX_NONEMBED_PARAMS:
@@ -378,6 +382,8 @@ def validate(servers: list[Server], windows: torch.Tensor, n_scored: int, batch_
             servers[s].ask(torch.stack([item.tokens for item in batch]))
         for s, batch in asked:
             logits, selections = servers[s].answer((len(batch), T))
+            if problem := probes.selection_violation(selections, ks):  # in every batch, not just the probes
+                raise Rejection(f"during validation: {problem}")
             for row, item in enumerate(batch):
                 if item.cut is None and item.window < n_scored:
                     loss_sums.append(

@@ -19,6 +19,7 @@ stdout is either drained the same way (`run_sandboxed`) or kept as a binary chan
 import ctypes
 import fcntl
 import functools
+import importlib.util
 import os
 import resource
 import shutil
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import PROJECT_ROOT
+from .constants import CORPUS_PACKAGES
 
 # Variables the child may inherit: what Python, torch and a GPU driver need, nothing else.
 ENV_ALLOWLIST = (
@@ -120,6 +122,20 @@ def _python_paths() -> list[str]:
     return sorted(p for p in paths if Path(p).exists())
 
 
+@functools.lru_cache(maxsize=None)
+def _corpus_package_dirs() -> list[str]:
+    """Where the packages that hold corpus text are installed (found without importing them)."""
+    found = []
+    for name in CORPUS_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec and spec.submodule_search_locations:
+            found += [str(Path(p).resolve()) for p in spec.submodule_search_locations]
+    return found
+
+
 def gpu_device_nodes() -> list[str]:
     return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
 
@@ -147,6 +163,8 @@ def bwrap_prefix(binds: dict[str, str], gpu: bool, tmpfs_bytes: int, env: dict |
         argv += ["--ro-bind-try", path, path]
     for path in _python_paths():
         argv += ["--ro-bind", path, path]
+    for path in _corpus_package_dirs():  # in the virtualenv, but data: an empty folder instead
+        argv += ["--tmpfs", path]
     if gpu:  # the driver's device nodes and what CUDA reads of /sys
         for node in gpu_device_nodes():
             argv += ["--dev-bind", node, node]

@@ -66,10 +66,10 @@ def test_syntax_error_names_its_line():
         ("MODEL_CONFIG['n_layers'] = 8", "assignment into 'MODEL_CONFIG'"),
         ("def f():\n    global INDEXER_LOSS_WEIGHT", "global/nonlocal"),
         # self is only ever a method's first parameter, so self.x = ... always means the object
-        ("import math as self\nself.sqrt = abs", "importing as 'self'"),
-        ("self = F\nself.cross_entropy = abs", "assignment to the name 'self'"),
-        ("def patch(self):\n    self.cross_entropy = abs", "not the first parameter of a method"),
-        ("class A:\n    def f(a, self):\n        self.x = 1", "not the first parameter of a method"),
+        ("import math as self", "importing as 'self'"),
+        ("self = F", "assignment to the name 'self'"),
+        ("def patch(self):\n    return self", "not the first parameter of a method"),
+        ("class A:\n    def f(a, self):\n        return self", "not the first parameter of a method"),
         # the ways from a value back to the interpreter
         ("def g():\n    yield 1\nFRAME = g().gi_frame", "attribute 'gi_frame'"),
         ("def f(e):\n    return e.tb_frame.f_back", "attribute 'f_back'"),
@@ -81,6 +81,30 @@ def test_syntax_error_names_its_line():
         ("def apply_rope(x, cos, sin):\n    return x", "redefines 'apply_rope'"),
         ("FFN_HIDDEN = 4096", "redefines 'FFN_HIDDEN'"),
         ("import math as torch", "redefines 'torch'"),
+        # self.x = ... only where self is the new object: a method handed a class or a module cannot
+        # patch it (Rebind.to(PLASAAttention, forward) once replaced the fixed attention)
+        ("class Rebind:\n    def to(self, fn):\n        self.forward = fn", "outside __init__"),
+        ("class R:\n    @staticmethod\n    def __init__(self, fn):\n        self.forward = fn", "staticmethod"),
+        (
+            "class R:\n    def __init__(self, fn):\n        self.forward = fn\n    __init__ = staticmethod(__init__)",
+            "binding the name '__init__'",
+        ),
+        ("class R:\n    @property\n    def __init__(self):\n        pass", "none on __init__"),
+        ("class R:\n    def __init__(self):\n        pass\n    __call__ = print", "binding the name '__call__'"),
+        ("class R:\n    def __getattr__(self, name):\n        return 1", "defining '__getattr__'"),
+        ("class M(nn.Module, metaclass=print):\n    pass", "takes keywords"),
+        ("x = type(F)", "'type' is not allowed"),
+        ("def f(x):\n    return super(x, F)", "super() takes no arguments"),
+        # classes are modules (or plain): no tensor subclass whose methods lie to the fixed code
+        ("class T(torch.Tensor):\n    def detach(self):\n        return self", "derives from torch.Tensor"),
+        ("class D(dict):\n    pass", "derives from dict"),
+        # modules only as module.name, and only the allowed ones through their attributes
+        ("x = torch.sys.modules", "reaches the module sys"),
+        ("x = F.torch.os.getpid", "reaches the module os"),
+        ("x = torch.nn.modules.module", "reaches the module torch.nn.modules"),
+        ("t = torch\nx = t.sys", "the module 'torch' used as a value"),
+        ("x = [F][0]", "the module 'F' used as a value"),
+        ("x = torch.compile", "attribute 'compile'"),
     ],
 )
 def test_forbidden_block_code_is_rejected_with_its_rule(code, rule):
@@ -97,5 +121,16 @@ def test_methods_may_assign_to_self():
     code = (
         "class Gate(nn.Module):\n    def __init__(self, d):\n        super().__init__()\n"
         "        self.w = nn.Linear(d, 1)"
+    )
+    assert static_violation(with_block_code(code), REFERENCE) is None
+
+
+def test_what_models_need_is_allowed():
+    code = (
+        "class Gate(nn.Module):\n    def __init__(self, d):\n        super(Gate, self).__init__()\n"
+        "        self.w = nn.Linear(d, 1)\n\n    @torch.no_grad()\n    def norms(self):\n"
+        "        return torch.linalg.vector_norm(self.w.weight) + math.sqrt(2.0)\n\n"
+        "class Wide(nn.Linear):\n    pass\n\nclass Plain:\n    pass\n\n"
+        "def scale(x):\n    nn.init.normal_(x)\n    return F.relu(x) * torch.special.expit(x)"
     )
     assert static_violation(with_block_code(code), REFERENCE) is None

