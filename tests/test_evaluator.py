@@ -645,3 +645,19 @@ def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
 
     assert windows_to_run(8) == MIN_CHECKED and checked_windows(windows_to_run(8)) == MIN_CHECKED
     assert windows_to_run(200) == 200 and checked_windows(200) == 60
+
+
+def test_a_model_declaring_a_giant_embedding_is_refused_before_the_judge_receives_its_weights():
+    """The judge sizes the snapshot it reads from what the fresh model declares: a forged embedding
+    shape would have it read gigabytes. The fixed weights must have the fixed shape."""
+    from plasa_lab.constants import MODEL_CONFIG
+    from plasa_lab.judge import Rejection, Spec, check_spec, expected_snapshot_bytes
+
+    d = MODEL_CONFIG["d_model"]
+    honest = {"embed.weight": ((VOCAB_SIZE, d), "float32"), "lm_head.weight": ((VOCAB_SIZE, d), "float32")}
+    spec = Spec([128, 32, 32, 64], [128, 32, 32, 64], honest)
+    assert check_spec(spec, False)["nonembed_params"] == 0
+    giant = dict(honest, **{"embed.weight": ((VOCAB_SIZE * 1000, d), "float32")})
+    assert expected_snapshot_bytes(Spec([128, 32, 32, 64], [128, 32, 32, 64], giant)) > 20e9
+    with pytest.raises(Rejection, match="keep the fixed model"):
+        check_spec(Spec([128, 32, 32, 64], [128, 32, 32, 64], giant), False)
