@@ -299,6 +299,15 @@ def best_confirmed_loss(settings: Settings, ledger: Ledger, fingerprint: str) ->
     return min(means) if means else None
 
 
+def confirmation_count(settings: Settings, ledger: Ledger, fingerprint: str) -> tuple[int, int]:
+    """(confirmation trainings, stage-2 trainings) in the ledger: a confirmation is a training of a
+    program other than the initial one on a seed other than the run's first."""
+    key = Key("", 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
+    trainings = ledger.trainings(key)
+    initial = code_key(_reference_text())
+    return sum(1 for code, seed in trainings if seed != settings.seed and code != initial), len(trainings)
+
+
 def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
     """Stage 2. In a noise-aware run the first seed decides whether the program is a contender: a
     first-seed loss within `confirm_margin` noise sds of the best confirmed mean loss. A contender
@@ -316,8 +325,16 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
     best = best_confirmed_loss(settings, ledger, fingerprint)
     loss = first.metrics["val_loss"]
     artifacts = dict(first.artifacts)
-    if best is None or loss <= best + settings.confirm_margin * sd:
-        others = [s for s in settings.seeds if s != settings.seed]
+    others = [s for s in settings.seeds if s != settings.seed]
+    contender = best is None or loss <= best + settings.confirm_margin * sd
+    known = ledger.seed_rows(ledger_key(code, 2, settings, fingerprint))
+    spent, trainings = confirmation_count(settings, ledger, fingerprint)
+    if contender and any(s not in known for s in others) and spent >= settings.confirm_share * trainings:
+        artifacts["confirmation"] = (
+            f"a contender, not confirmed: confirmations already take {spent} of the run's {trainings} "
+            f"stage-2 trainings (PLASA_CONFIRM_SHARE={settings.confirm_share:g}); it keeps its one seed's score"
+        )
+    elif contender:
         if on_line and others:
             on_line(
                 f"contender: seed {settings.seed} val_loss {loss:.4f} against the best confirmed mean "

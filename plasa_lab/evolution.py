@@ -34,7 +34,7 @@ import yaml
 from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
 from .checks import integrity_violation
 from .constants import HARNESS_VERSION, get_profile
-from .evaluation import Calibration, benchmark, calibration, corpus_of, evaluate_stage
+from .evaluation import Calibration, benchmark, calibration, confirmation_count, corpus_of, evaluate_stage
 from .ledger import Ledger, LedgerError
 from .mutator import NAME as OFFLINE_MODEL_NAME
 from .rundir import OUTPUT_ROOT, TRACE, TRACE_FAILURES, latest_checkpoint, newest_run, read_jsonl
@@ -596,6 +596,18 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def second_stops_ignored():
+    """While a stop is carried out (its checkpoint written, its line printed), another Ctrl-C or
+    SIGTERM changes nothing: it would only cut the checkpoint short."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 STOPPED_EXIT = 130  # any stop (Ctrl-C or SIGTERM): what a shell reports for Ctrl-C
 
 
@@ -645,9 +657,34 @@ def _settings(options: RunOptions, previous: dict | None, run_dir: Path) -> Sett
 
 
 def run(options: RunOptions) -> int:
-    """Launch or resume a run; returns the process exit code."""
+    """Launch or resume a run; returns the process exit code. A stop (Ctrl-C, SIGTERM) at any moment
+    ends with one line saying how to go on: the resume command once run.json exists, else the same
+    command again."""
+    where = {}  # the run folder once known, and the iteration a resume would start from
+    try:
+        with stop_on_signals():
+            return _run(options, where)
+    except Stopped as e:
+        run_dir = where.get("run_dir")
+        if run_dir is not None and (run_dir / rundir.RUN_RECORD).exists():
+            print(
+                f"stopped ({e}) before iteration {where.get('done', 0) + 1}; nothing finished is lost "
+                f"(finished evaluations are in the ledger). {resume_line(run_dir)}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"stopped ({e}) before the run started; nothing was written. Start it again with: "
+                f"python {' '.join(sys.argv)}",
+                file=sys.stderr,
+            )
+        return STOPPED_EXIT
+
+
+def _run(options: RunOptions, where: dict) -> int:
     config, raw_config = load_config(options.config)
     run_dir = _run_dir(options)
+    where["run_dir"] = run_dir
     try:
         previous = rundir.read_run_record(run_dir) if options.resume else None
     except rundir.RunDirError as e:
@@ -677,7 +714,7 @@ def run(options: RunOptions) -> int:
     configure_llm(config, choice, run_dir)
 
     checkpoint = latest_checkpoint(run_dir) if options.resume else None
-    done = checkpoint[1] if checkpoint else 0
+    done = where["done"] = checkpoint[1] if checkpoint else 0
     if done >= total:
         print(f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on).")
         return 0
@@ -778,8 +815,7 @@ def run(options: RunOptions) -> int:
     )
 
     try:
-        with stop_on_signals():
-            floor, initial_metrics = evaluate_initial_program(settings, say)
+        floor, initial_metrics = evaluate_initial_program(settings, say)
     except Stopped as e:
         say(
             f"stopped ({e}) while evaluating the initial program, before iteration {done + 1}; its finished "
@@ -798,7 +834,8 @@ def run(options: RunOptions) -> int:
         say(
             f"noise floor: val_loss sd {floor.sd:.4f} over seeds {', '.join(map(str, floor.seeds))} (val_ppl "
             f"{', '.join(f'{math.exp(v):.1f}' for v in floor.val_losses)}); a child whose first seed comes within "
-            f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win"
+            f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win "
+            f"(confirmations take at most {settings.confirm_share:.0%} of the stage-2 trainings)"
         )
     limits = cal.record(profile, profile.val_windows)["limits_seconds"]
     say(
@@ -880,19 +917,20 @@ def _evolve(
     target_hit = bool(target and best_metrics.get("combined_score", 0) >= target)
     time_line = _time_accounting(run_dir, settings, started, done, reached)
     if (missing or stopped) and not target_hit and failed is None:  # stopped by Ctrl-C or SIGTERM
-        with contextlib.suppress(Exception):
-            controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
-        if progress.stop_reason:  # not the user's stop: the LLM keeps failing
-            raise RunError(
-                f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "
-                f"then: {resume_line(run_dir).removeprefix('Resume with: ')}"
+        with second_stops_ignored():
+            with contextlib.suppress(Exception):
+                controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
+            if progress.stop_reason:  # not the user's stop: the LLM keeps failing
+                raise RunError(
+                    f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "
+                    f"then: {resume_line(run_dir).removeprefix('Resume with: ')}"
+                )
+            print(
+                f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / rundir.CHECKPOINTS}. "
+                f"{resume_line(run_dir)}",
+                file=sys.stderr,
             )
-        print(
-            f"stopped at iteration {reached} of {total}; checkpoint saved in {run_dir / rundir.CHECKPOINTS}. "
-            f"{resume_line(run_dir)}",
-            file=sys.stderr,
-        )
-        return STOPPED_EXIT
+            return STOPPED_EXIT
 
     children = read_jsonl(run_dir / TRACE)
     passed = [r for r in children if child_ppl(r.get("child_metrics")) is not None]
@@ -919,7 +957,25 @@ def _evolve(
         file=sys.stderr,
     )
     print(time_line, file=sys.stderr)
+    if settings.noise_aware:
+        print(_confirmation_accounting(run_dir, settings), file=sys.stderr)
     return 0
+
+
+def _confirmation_accounting(run_dir: Path, settings: Settings) -> str:
+    """The share of the run's stage-2 trainings spent confirming contenders (recorded in run.json)."""
+    spent, trainings = confirmation_count(settings, Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint)
+    share = spent / max(1, trainings)
+    with contextlib.suppress(Exception):
+        record = rundir.read_run_record(run_dir) or {}
+        record["confirmation"] = dict(
+            confirmation_trainings=spent, stage2_trainings=trainings, share=round(share, 3), cap=settings.confirm_share
+        )
+        write_run_json(run_dir, record)
+    return (
+        f"confirmations: {spent} of {trainings} stage-2 trainings ({share:.0%}; PLASA_CONFIRM_SHARE caps them "
+        f"at {settings.confirm_share:.0%})"
+    )
 
 
 def _time_accounting(run_dir: Path, settings: Settings, started: float, done: int, reached: int) -> str:

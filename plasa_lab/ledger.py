@@ -177,6 +177,16 @@ class Ledger:
             found.setdefault(code, {})[int(seed)] = json.loads(metrics)
         return {code: by_seed for code, by_seed in found.items() if set(by_seed) >= set(seeds)}
 
+    def trainings(self, key: Key) -> list[tuple[str, int]]:
+        """(code_key, seed) of every evaluation recorded under key's conditions (its code and seed ignored)."""
+        conditions = [c for c in KEY_COLUMNS if c not in ("code_key", "seed")]
+        values = [v for c, v in zip(KEY_COLUMNS, self._values(key)) if c in conditions]
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT code_key, seed FROM evaluations WHERE {' AND '.join(f'{c}=?' for c in conditions)}", values
+            ).fetchall()
+        return [(code, int(seed)) for code, seed in rows]
+
     def rows(self):
         with self._connect() as db:
             db.row_factory = sqlite3.Row

@@ -28,8 +28,10 @@ ENVIRONMENT = {  # field -> variable
     "seeds": "PLASA_SEEDS",
     "noise_aware": "PLASA_NOISE_AWARE",
     "confirm_margin": "PLASA_CONFIRM_MARGIN",
+    "confirm_share": "PLASA_CONFIRM_SHARE",
 }
 DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
+DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (issue 12: about 30%)
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
 CHOICES = dict(
     device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"), profile=tuple(PROFILES)
@@ -52,6 +54,7 @@ class Settings:
     seeds: tuple = None  # noise floor and confirmation seeds; the first is the search's own seed
     noise_aware: bool = None  # stage 2 confirms contenders on every seed (an evolution run sets it)
     confirm_margin: float = None  # a contender's first-seed loss is at most this many noise sds above the best
+    confirm_share: float = None  # confirmations stop while they hold this share of the stage-2 trainings
     allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
     whole_validation: bool = False  # stage 2 validates on every window of the split (replay)
     time_reference: str | None = None  # code whose measured time sets the limits (default: the initial program)
@@ -90,6 +93,12 @@ class Settings:
             self.noise_aware = env("PLASA_NOISE_AWARE", "0") not in ("", "0", "false")
         if self.confirm_margin is None:
             self.confirm_margin = float(env("PLASA_CONFIRM_MARGIN") or DEFAULT_CONFIRM_MARGIN)
+        if self.confirm_margin < 0:  # below the best confirmed mean would let lucky unconfirmed seeds win
+            raise ValueError(f"PLASA_CONFIRM_MARGIN must be at least 0 (noise sds), got {self.confirm_margin:g}")
+        if self.confirm_share is None:
+            self.confirm_share = float(env("PLASA_CONFIRM_SHARE") or DEFAULT_CONFIRM_SHARE)
+        if not 0 < self.confirm_share <= 1:
+            raise ValueError(f"PLASA_CONFIRM_SHARE must be in (0, 1], got {self.confirm_share:g}")
 
     def threads_for(self, parallel: int) -> int:
         """Threads per evaluation: $PLASA_THREADS, else on a Ray cluster 2 (the CPUs a task asks of a

@@ -5,13 +5,27 @@ python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile f
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from plasa_lab.evolution import RunError, RunOptions, run
-from plasa_lab.ledger import LedgerError
-from plasa_lab.tokens import CorpusError
-from plasa_lab.util import first_line
+
+def stopped_before_the_run(signum, frame):
+    print(
+        f"evolve.py: stopped ({signal.Signals(signum).name}) before the run started; nothing was written",
+        file=sys.stderr,
+    )
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # until run() takes over: a stop while the libraries load is one line too
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stopped_before_the_run)
+
+from plasa_lab.evolution import RunError, RunOptions, run  # noqa: E402 (after the stop handlers)
+from plasa_lab.ledger import LedgerError  # noqa: E402
+from plasa_lab.tokens import CorpusError  # noqa: E402
+from plasa_lab.util import first_line  # noqa: E402
 
 
 def main(argv=None):

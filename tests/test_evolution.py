@@ -392,22 +392,23 @@ def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(
     assert all(n == 1 for (n,) in ledger_runs(shared_ledger))
 
 
-def test_ctrl_c_mid_child_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path, shared_ledger):
+def checkpoint_scores(checkpoint):
+    """program id -> metrics of every program a checkpoint holds."""
+    return {p.stem: json.loads(p.read_text())["metrics"] for p in (checkpoint / "programs").glob("*.json")}
+
+
+def test_sigterm_mid_child_then_ctrl_c_while_stopping_resumes_with_confirmed_scores_kept(tmp_path, shared_ledger):
+    """A noise-aware run stopped by SIGTERM while a child trains, and by Ctrl-C again while it stops
+    (its checkpoint being written): it ends with the resume line, and the resume reaches the total
+    with the trace, population and reports agreeing, every program's (confirmed) score as it was,
+    and nothing trained twice. (Both signals take the same path; the initial-evaluation test below
+    sends each.)"""
     run_dir = tmp_path / "run"
-    proc = evolve(
-        "--iterations",
-        "20",
-        "--llm",
-        "offline",
-        "--seeds",
-        "42",
-        "--output",
-        str(run_dir),
-        ledger=shared_ledger,
-        wait=False,
-    )
+    proc = evolve("--iterations", "20", "--llm", "offline", "--output", str(run_dir), ledger=shared_ledger, wait=False)
     try:
         wait_for(lambda: read_jsonl(run_dir / "evolution_trace.jsonl"), 420, "the first child")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=180)[0]
     finally:
@@ -415,16 +416,22 @@ def test_ctrl_c_mid_child_stops_cleanly_with_a_checkpoint_and_resumes(tmp_path, 
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
     assert "Resume with: python scripts/evolve.py --resume" in output and "Traceback" not in output
-    stopped_at = latest_checkpoint(run_dir)[1]
+    checkpoint, stopped_at = latest_checkpoint(run_dir)
     assert stopped_at >= 1 and (run_dir / "best" / "best_program.py").exists()
+    before = checkpoint_scores(checkpoint)
+    assert any(m.get("confirmed") == 1.0 for m in before.values())  # the initial program, at least
     time.sleep(1)
     assert worker_processes() == []
     resumed = evolve("--resume", "--output", str(run_dir), "--iterations", str(stopped_at + 1), ledger=shared_ledger)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_trace_agrees_with_the_checkpoint(run_dir, stopped_at + 1)
+    after = checkpoint_scores(latest_checkpoint(run_dir)[0])
+    assert {k: after[k] for k in before if k in after} == {k: before[k] for k in before if k in after}
+    assert all(n == 1 for (n,) in ledger_runs(shared_ledger))  # nothing was trained twice
 
 
-def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_path, shared_ledger):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_during_the_initial_evaluation_ends_with_the_resume_line(stop, tmp_path):
     run_dir, ledger = tmp_path / "run", str(tmp_path / "own-ledger.sqlite")  # nothing cached: it must train
     proc = evolve(
         "--iterations", "1", "--llm", "offline", "--seeds", "42", "--output", str(run_dir), ledger=ledger, wait=False
@@ -434,7 +441,7 @@ def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_pat
         for line in proc.stdout:
             lines.append(line)
             if "training 12 steps" in line:  # inside a sandboxed stage of the initial program
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(stop)
                 break
         output = "".join(lines) + proc.communicate(timeout=120)[0]
     finally:
@@ -448,12 +455,23 @@ def test_sigterm_during_the_initial_evaluation_ends_with_the_resume_line(tmp_pat
     assert "Traceback" not in output
     time.sleep(1)
     assert worker_processes() == []
-    # Resumed against the module's ledger (the initial program and its first child are in it: nothing
-    # to train twice for what this test is about).
-    resumed = evolve("--resume", "--output", str(run_dir), ledger=shared_ledger)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger" in resumed.stderr
-    assert_trace_agrees_with_the_checkpoint(run_dir, 1)
+    if stop == signal.SIGTERM:  # the resume is the same after either signal: once is enough
+        resumed = evolve("--resume", "--output", str(run_dir), ledger=ledger)  # run.json keeps its own ledger
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "no checkpoint yet: starting from the initial program" in resumed.stderr
+        assert_trace_agrees_with_the_checkpoint(run_dir, 1)
+        assert all(n == 1 for (n,) in ledger_runs(ledger))  # the interrupted stage ran again, nothing else
+
+
+def test_a_stop_before_the_run_starts_says_so_in_one_line(tmp_path):
+    """Ctrl-C while the libraries load or the endpoint is checked: nothing to resume yet."""
+    run_dir, ledger = tmp_path / "run", str(tmp_path / "ledger.sqlite")
+    proc = evolve("--iterations", "1", "--llm", "offline", "--output", str(run_dir), ledger=ledger, wait=False)
+    time.sleep(0.5)  # still importing OpenEvolve and torch
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "Traceback" not in output, output
+    assert "before the run started" in output.strip().splitlines()[-1]
 
 
 def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
