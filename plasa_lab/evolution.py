@@ -478,10 +478,12 @@ class Progress(threading.Thread):
             self.poll(lambda line: bar.console.print(line, highlight=False))
 
     def poll(self, emit):
+        # The trace in its own order, the order OpenEvolve filed the children in (with parallel
+        # evaluations, not the iterations' order): on a tie the earlier filed stays best, as in OpenEvolve.
         events = [(r["iteration"], r, False) for r in read_jsonl(self.run_dir / TRACE)]
         events += [(r["iteration"], r, True) for r in read_jsonl(self.run_dir / TRACE_FAILURES)]
         calls = None
-        for iteration, record, failed in sorted(events, key=lambda e: e[0]):
+        for iteration, record, failed in events:
             if iteration in self.seen or not self.first <= iteration <= self.last:
                 continue
             self.seen.add(iteration)

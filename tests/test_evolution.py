@@ -310,6 +310,23 @@ def assert_trace_agrees_with_the_checkpoint(run_dir, total):
     assert {p["id"] for p in json.loads((run_dir / "t.json").read_text())["programs"]} == population
 
 
+def test_progress_keeps_the_child_openevolve_filed_first_on_a_tie(tmp_path):
+    """With parallel evaluations iteration 2 can be filed before iteration 1; on a tied score
+    OpenEvolve keeps the one filed first, and so must the progress line."""
+    from plasa_lab.evolution import Best, Progress
+
+    tied = dict(combined_score=1e-4, val_loss=9.0, val_ppl=8103.1)
+    records = [
+        dict(iteration=2, child_metrics=dict(tied, val_ppl=8000.0), artifacts={}),
+        dict(iteration=1, child_metrics=dict(tied, val_ppl=8200.0), artifacts={}),
+    ]
+    (tmp_path / "evolution_trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    progress = Progress(tmp_path, 1, 2, Best(None, []), None, "fake-llm")
+    lines = []
+    progress.poll(lines.append)
+    assert progress.best.metrics["val_ppl"] == 8000.0 and len(lines) == 2
+
+
 def test_records_of_iterations_after_the_resumed_checkpoint_move_to_the_lost_file(tmp_path):
     """What a kill -9 before a checkpoint's save leaves: trace records of iterations the resumed run
     will run again. They move aside, so the trace, the population and the reports agree."""
