@@ -11,6 +11,8 @@ CONTRACT.md section 4; the logic lives in plasa_lab.evaluation and plasa_lab.jud
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from openevolve.evaluation_result import EvaluationResult
 
@@ -75,6 +77,11 @@ def main(argv=None):
         parser.exit(2, f"evaluator.py: error: {args.program}: not a UTF-8 text file ({e.reason} at byte {e.start})\n")
     except (OSError, ValueError) as e:
         parser.exit(2, f"evaluator.py: error: {first_line(e).split(': ', 1)[-1]}\n")
+    if settings.ledger is None and args.stage == "all":
+        # Nothing measured to set the limits by: this program's own stage 1 sets its stage 2's limit
+        # (through a ledger that lasts this call), instead of a fixed default a busy machine can exceed.
+        scratch = tempfile.TemporaryDirectory(prefix="plasa-evaluator-")
+        settings.ledger, settings.time_reference = str(Path(scratch.name) / "ledger.sqlite"), code
     if settings.runner == "local":  # a Ray node checks its own
         try:
             require_isolation(settings.sandbox)

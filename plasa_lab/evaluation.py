@@ -220,6 +220,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     limit, reason = calibration(settings, ledger, corpus.fingerprint).limit(stage, profile, val_windows)
     if settings.parallel > 1:  # measured alone; side by side with others each evaluation is slower
         limit, reason = limit * settings.parallel, f"{reason}, times {settings.parallel} evaluations at once"
+    if on_line:
+        on_line(f"stage {stage}: time limit {limit:.0f} s ({reason})")
     job = Job(
         code=code,
         stage=stage,

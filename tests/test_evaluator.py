@@ -582,6 +582,23 @@ def test_cli_prints_metrics_as_json_on_the_last_line(tmp_path):
     assert "FAILED stage 1: line" in run.stderr
 
 
+def test_cli_alone_sets_stage_2s_time_limit_from_the_programs_own_stage_1():
+    """Without a ledger nothing of this machine is measured: the program's stage 1 sets its stage 2's
+    limit (a fixed default is what a loaded machine exceeded)."""
+    run = subprocess.run(
+        [sys.executable, "evaluator.py", "initial_program.py", "--profile", "smoke"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["stage1_passed"] == 1.0
+    assert "stage 1: time limit" in run.stderr and "the default limit" in run.stderr
+    stage2 = next(line for line in run.stderr.splitlines() if "stage 2: time limit" in line)
+    assert "the time its stage 1 implies here" in stage2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
