@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import INITIAL_PROGRAM, data
 from .checks import static_violation
+from .hardware import load_factor
 from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS, get_profile
 from .jobs import Job, StageResult
 from .judge import clamped_ppl
@@ -220,6 +221,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     limit, reason = calibration(settings, ledger, corpus.fingerprint).limit(stage, profile, val_windows)
     if settings.parallel > 1:  # measured alone; side by side with others each evaluation is slower
         limit, reason = limit * settings.parallel, f"{reason}, times {settings.parallel} evaluations at once"
+    if (busy := load_factor()) > 1.2:  # other work on the machine since the reference was measured
+        limit, reason = limit * busy, f"{reason}, times {busy:.1f} for cores loaded {busy:.1f}x over"
     if on_line:
         on_line(f"stage {stage}: time limit {limit:.0f} s ({reason})")
     job = Job(

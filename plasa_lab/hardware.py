@@ -104,6 +104,17 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def load_factor(load: float | None = None, cores: int | None = None) -> float:
+    """How oversubscribed the cores are (the 1-minute load average over the cores), at least 1: on a
+    machine that other work slows down, time limits measured when it was quieter stretch by this."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return 1.0
+    return max(1.0, load / (cores or cpu_cores()))
+
+
 def available_ram_mib() -> int | None:
     try:
         with open("/proc/meminfo") as f:
