@@ -26,8 +26,8 @@ from pathlib import Path
 
 from . import INITIAL_PROGRAM, data
 from .checks import static_violation
-from .hardware import load_factor
 from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS, get_profile
+from .hardware import load_factor
 from .jobs import Job, StageResult
 from .judge import clamped_ppl
 from .ledger import Key, Ledger, code_key, code_sha256
