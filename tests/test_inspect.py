@@ -450,21 +450,21 @@ def confirm(run_dir, confirmed: dict):
 
 
 def test_table_marks_unconfirmed_programs_and_summary_names_the_best_confirmed(run_copy):
-    confirm(run_copy, {"8f8cb00e": 3})  # the #2 is confirmed on 3 seeds; the #1 rests on one
+    confirm(run_copy, {"20f30c41": 3})  # the #2 is confirmed on 3 seeds; the #1 rests on one
     done = inspect(run_copy, "--json", run_copy / "t.json", "--csv", run_copy / "t.csv")
     assert done.returncode == 0, done.stderr
     header = next(line for line in done.stdout.splitlines() if line.startswith("┃") and "val_ppl" in line)
     assert header.index("val_ppl") < header.index("seeds") < header.index("val_acc")
     table = done.stdout.split("Top 5 of 5")[1].split("Lineage")[0]
     rows = {line.split()[1]: line for line in table.splitlines() if re.match(r"│ [0-9a-f]{8} ", line)}
-    assert "3 seeds ✓" in rows["8f8cb00e"] and "1 seed " in rows["c25c0014"] and "✓" not in rows["c25c0014"]
+    assert "3 seeds ✓" in rows["20f30c41"] and "1 seed " in rows["60b16e67"] and "✓" not in rows["60b16e67"]
     assert (
-        "best confirmed program: 8f8cb00e (val_ppl 10000.0, 3 seeds ✓, #2 in the ranking); "
-        "the #1, c25c0014, is not confirmed (1 seed)"
+        "best confirmed program: 20f30c41 (val_ppl 10000.0, 3 seeds ✓, #2 in the ranking); "
+        "the #1, 60b16e67, is not confirmed (1 seed)"
     ) in done.stdout
     exported = {p["id"][:8]: p for p in json.loads((run_copy / "t.json").read_text())["programs"]}
-    assert exported["8f8cb00e"]["confirmed"] == 1.0 and exported["8f8cb00e"]["val_loss_seed44"] == 10.2
-    assert exported["c25c0014"]["val_loss_seed44"] is None
+    assert exported["20f30c41"]["confirmed"] == 1.0 and exported["20f30c41"]["val_loss_seed44"] == 10.2
+    assert exported["60b16e67"]["val_loss_seed44"] is None
     with (run_copy / "t.csv").open() as f:
         assert {"seeds", "confirmed", "val_loss_seed42", "val_loss_seed44"} <= set(next(csv.DictReader(f)))
 
