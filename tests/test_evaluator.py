@@ -21,7 +21,7 @@ from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.constants import METRIC_KEYS, VOCAB_SIZE
 from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file
 from plasa_lab.jobs import Job
-from plasa_lab.runners import run_local
+from plasa_lab.local_runner import run_local
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
