@@ -7,9 +7,10 @@
     CPU   the split of the cores that bench_throughput.py measured to give the most children per
           hour on this machine (`--save`); until it has, CPU_THREADS_PER_EVALUATION threads each.
 
-PLASA_PARALLEL and PLASA_THREADS override either (plasa_lab.settings reads them and passes them
-here). The GPU is asked through nvidia-smi in a subprocess, never through torch: initialising CUDA
-in this process would break the worker processes OpenEvolve forks from it afterwards.
+PLASA_PARALLEL and PLASA_THREADS override either: plasa_lab.settings reads them and passes them
+here, with the path of the measurement file, so this module reads no settings. The GPU is asked
+through nvidia-smi in a subprocess, never through torch: initialising CUDA in this process would
+break the worker processes OpenEvolve forks from it afterwards.
 """
 
 import functools
@@ -18,7 +19,10 @@ import os
 import shutil
 import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import NamedTuple
+
+from .util import atomic_write
 
 # GPU memory one evaluation may hold at its peak. NOT measured on a GPU here (none was available):
 # an estimate, with margin, of a stage's worst moment, its two serving processes side by side, each
@@ -36,7 +40,7 @@ RAM_MIB_PER_EVALUATION = 2048
 # times were measured) and splits a bigger machine into evaluations of 2 threads, as small
 # batch-2 operations gain little from more threads than that.
 CPU_THREADS_PER_EVALUATION = 2
-MEASUREMENT_FILE = "throughput.json"  # in the data cache (plasa_lab.settings.cache_root)
+MEASUREMENT_FILE = "throughput.json"  # in the data cache (plasa_lab.settings.measurement_path)
 SMI_QUERY = ["nvidia-smi", "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"]
 
 
@@ -172,16 +176,19 @@ def cpu_split(
 # This machine
 
 
-@functools.lru_cache(maxsize=None)
-def evaluation_slots(device: str = "auto", parallel: int | None = None, threads: int | None = None) -> Slots:
+@functools.lru_cache(maxsize=None)  # every argument is hashable: one nvidia-smi call per question
+def evaluation_slots(
+    device: str = "auto", parallel: int | None = None, threads: int | None = None, *, measurement_path: Path
+) -> Slots:
     """(parallel, threads, reason) for evaluations on `device` (auto | cpu | cuda) here; `parallel`
-    and `threads` are what the user asked for (None: decide)."""
+    and `threads` are what the user asked for (None: decide); `measurement_path` the file that
+    bench_throughput.py --save writes."""
     cores = cpu_cores()
     if device != "cpu":
         gpus, problem = query_gpus()
         gpu = children_gpu(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None
         if gpu:
-            return gpu_split(gpu, cores, parallel, threads, measured_split(machine_key("cuda", gpu)))
+            return gpu_split(gpu, cores, parallel, threads, measured_split(machine_key("cuda", gpu), measurement_path))
         if device == "cuda":  # CUDA asked for, its memory unknown: one at a time is the safe guess
             problem = problem or "CUDA_VISIBLE_DEVICES shows no GPU that nvidia-smi lists"
             parallel = parallel or 1
@@ -192,7 +199,9 @@ def evaluation_slots(device: str = "auto", parallel: int | None = None, threads:
                 f"GPU: {parallel} evaluation(s) at once, {threads} thread(s) each "
                 f"(its free memory is unknown: {problem})",
             )
-    return cpu_split(cores, available_ram_mib(), parallel, threads, measured_split(machine_key("cpu")))
+    return cpu_split(
+        cores, available_ram_mib(), parallel, threads, measured_split(machine_key("cpu"), measurement_path)
+    )
 
 
 def machine_key(device: str, gpu: Gpu | None = None) -> str:
@@ -209,26 +218,19 @@ def current_machine_key(device: str) -> str:
     return machine_key("cuda", children_gpu(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None)
 
 
-def _measurement_path():
-    from .settings import cache_root  # settings imports this module: import at call time
-
-    return cache_root() / MEASUREMENT_FILE
-
-
-def measured_split(key: str) -> tuple[int, int] | None:
+def measured_split(key: str, measurement_path: Path) -> tuple[int, int] | None:
     """(parallel, threads) that bench_throughput.py --save found best on a machine like this one."""
     try:
-        best = json.loads(_measurement_path().read_text())[key]
+        best = json.loads(measurement_path.read_text())[key]
         return max(1, int(best["parallel"])), max(1, int(best["threads"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def save_measurement(key: str, parallel: int, threads: int, children_per_hour: float, table: list[dict]):
-    """Record the best split for machines like this one (kept beside other machines' records)."""
-    from .util import atomic_write
-
-    path = _measurement_path()
+def save_measurement(
+    path: Path, key: str, parallel: int, threads: int, children_per_hour: float, table: list[dict]
+) -> Path:
+    """Record the best split for machines like this one in `path` (kept beside other machines' records)."""
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):

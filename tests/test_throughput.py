@@ -17,8 +17,8 @@ from plasa_lab.constants import VOCAB_SIZE
 from plasa_lab.evaluation import corpus_of
 from plasa_lab.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
 from plasa_lab.jobs import Job
-from plasa_lab.runners import run_local
-from plasa_lab.settings import Settings
+from plasa_lab.local_runner import run_local
+from plasa_lab.settings import Settings, measurement_path
 
 H200 = "143156, 143771\n"  # `nvidia-smi --query-gpu=memory.free,memory.total --format=csv,noheader,nounits`
 SAME = dict(rel=1e-4)  # issue 14: the same child's val_loss within 1e-4 relative
@@ -75,12 +75,13 @@ def test_a_saved_measurement_sets_the_cpu_split_for_the_same_machine_only(tmp_pa
     monkeypatch.setenv("PLASA_CACHE", str(tmp_path))
     for variable in ("PLASA_PARALLEL", "PLASA_THREADS"):
         monkeypatch.delenv(variable, raising=False)
-    key = hardware.machine_key("cpu")
-    hardware.save_measurement(key, parallel=2, threads=1, children_per_hour=11.5, table=[])
+    key, path = hardware.machine_key("cpu"), measurement_path()
+    assert path.parent == tmp_path  # in the data cache, as PLASA_CACHE says
+    hardware.save_measurement(path, key, parallel=2, threads=1, children_per_hour=11.5, table=[])
     try:
-        assert hardware.measured_split(key) == (2, 1)
-        assert hardware.measured_split("cpu: 3 cores") is None
-        assert "measured best here" in hardware.evaluation_slots("cpu").reason
+        assert hardware.measured_split(key, path) == (2, 1)
+        assert hardware.measured_split("cpu: 3 cores", path) is None
+        assert "measured best here" in hardware.evaluation_slots("cpu", measurement_path=path).reason
         assert "measured best here" in Settings(device="cpu").slots_reason  # the line evolve.py can print
         assert (Settings(device="cpu").parallel, Settings(device="cpu").threads) == (2, 1)
         monkeypatch.setenv("PLASA_THREADS", "2")
