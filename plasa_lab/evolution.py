@@ -636,10 +636,11 @@ def _settings(options: RunOptions, previous: dict | None, run_dir: Path) -> Sett
             device=options.device or before.get("device"),
             runner=options.runner or before.get("runner"),
             seeds=seeds,
-            ledger=before.get("ledger") or os.environ.get("PLASA_LEDGER") or str(run_dir / rundir.LEDGER),
+            ledger=before.get("ledger") or None,  # None: Settings reads $PLASA_LEDGER
         )
     except ValueError as e:
         raise RunError(str(e)) from None
+    settings.ledger = settings.ledger or str(run_dir / rundir.LEDGER)  # neither: the run's own
     settings.noise_aware = len(settings.seeds) > 1
     return settings
 

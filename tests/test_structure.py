@@ -1,5 +1,6 @@
 """The package's shape: module imports form no cycle, counting the ones hidden inside functions
-(a lazy import keeps Python from failing, not a reader from going round in circles)."""
+(a lazy import keeps Python from failing, not a reader from going round in circles), and only
+plasa_lab.settings reads the PLASA_* environment."""
 
 import ast
 
@@ -75,3 +76,27 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def environment_reads(tree: ast.Module) -> list[str]:
+    """The PLASA_* names a module reads with os.environ.get, os.getenv or os.environ[...]."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv") and node.args:
+            key = node.args[0]
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+            key = node.slice
+        else:
+            continue
+        if isinstance(key, ast.Constant) and str(key.value).startswith("PLASA_"):
+            names.append(key.value)
+    return names
+
+
+def test_only_settings_reads_plasa_variables():
+    assert environment_reads(ast.parse('os.environ.get("PLASA_LEDGER"); os.environ["PLASA_X"]')) == [
+        "PLASA_LEDGER",
+        "PLASA_X",
+    ]
+    readers = {name: found for name, tree in package_modules().items() if (found := environment_reads(tree))}
+    assert set(readers) <= {"plasa_lab.settings"}, readers
