@@ -19,8 +19,9 @@ import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.constants import METRIC_KEYS, VOCAB_SIZE
-from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file
+from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file, ledger_key, passed_metrics
 from plasa_lab.jobs import Job
+from plasa_lab.ledger import Ledger, code_sha256
 from plasa_lab.local_runner import run_local
 from plasa_lab.settings import Settings
 
@@ -234,6 +235,19 @@ def test_edit_outside_the_blocks_is_rejected(smoke):
     assert_rejected(
         evaluate_code(variant("FFN_HIDDEN = 768", "FFN_HIDDEN = 2048"), 1, smoke), "outside the EVOLVE-BLOCKs changed"
     )
+
+
+def test_static_checks_win_over_a_passing_row_in_the_ledger(smoke):
+    """A rule added since a program was recorded as passing still rejects it: the static checks run
+    before the ledger lookup (here the row claims an edit outside the blocks passed)."""
+    code = variant("FFN_HIDDEN = 768", "FFN_HIDDEN = 2048")
+    key = ledger_key(code, 1, smoke, corpus_of(smoke.corpus).fingerprint)
+    metrics = passed_metrics(dict(val_loss=5.0, val_ppl=math.exp(5.0)), 1)
+    Ledger(smoke.ledger).put(key, code_sha256(code), metrics, {}, 1.0)
+    assert Ledger(smoke.ledger).get(key)[0]["combined_score"] > 0  # the row is there, under this key
+    evaluation = evaluate_code(code, 1, smoke)
+    assert not evaluation.from_ledger
+    assert_rejected(evaluation, "outside the EVOLVE-BLOCKs changed")
 
 
 def test_nan_logits_are_rejected(smoke):
