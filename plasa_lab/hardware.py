@@ -5,7 +5,8 @@
           judge's own arithmetic) keeps one core busy. This model leaves a GPU nearly idle at batch
           2, so evaluations side by side fill the gaps between each other's kernels.
     CPU   the split of the cores that bench_throughput.py measured to give the most children per
-          hour on this machine (`--save`); until it has, CPU_THREADS_PER_EVALUATION threads each.
+          hour on this machine (`--save`); until it has, CPU_THREADS_PER_EVALUATION (1) thread each,
+          the split measured best on 2 cores.
 
 PLASA_PARALLEL and PLASA_THREADS override either: plasa_lab.settings reads them and passes them
 here, with the path of the measurement file, so this module reads no settings. The GPU is asked
@@ -35,11 +36,12 @@ GPU_FREE_SHARE = 0.9  # of the free memory: what else runs on the GPU may grow
 # RAM one evaluation holds, measured here (CPU, smoke stage 2): 0.75 GiB for its sandboxed workers at
 # their peak (the two servers) and 0.7 GiB for the judge's process; rounded up.
 RAM_MIB_PER_EVALUATION = 2048
-# CPU threads per evaluation until bench_throughput.py has measured this machine. A guess, not a
-# measurement: 2 keeps a 2-core machine at one evaluation with both cores (how the README's CPU
-# times were measured) and splits a bigger machine into evaluations of 2 threads, as small
-# batch-2 operations gain little from more threads than that.
-CPU_THREADS_PER_EVALUATION = 2
+# CPU threads per evaluation until bench_throughput.py --save has measured this machine: one, so
+# as many evaluations as cores (as the RAM allows). Measured on 2 cores (quick profile, stage 1 and
+# 2, README "Children per hour"): 2 evaluations x 1 thread gave 61.4 children/h, 1 x 2 threads
+# 49.2 (1.26x, the same val_loss): batch-2 operations gain less from a second thread than a second
+# evaluation gains from its own core. Not measured on bigger machines.
+CPU_THREADS_PER_EVALUATION = 1
 MEASUREMENT_FILE = "throughput.json"  # in the data cache (plasa_lab.settings.measurement_path)
 SMI_QUERY = ["nvidia-smi", "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"]
 
@@ -164,7 +166,10 @@ def cpu_split(
         (parallel, threads), why = measured, "the split bench_throughput.py measured best here"
     else:
         parallel = max(1, cores // min(cores, CPU_THREADS_PER_EVALUATION))
-        why = f"{cores} cores; a guess until scripts/bench_throughput.py --save measures this machine"
+        why = (
+            f"{cores} cores, {CPU_THREADS_PER_EVALUATION} thread(s) each: best measured on 2 cores; "
+            "scripts/bench_throughput.py --save measures this machine"
+        )
     if why != "asked for" and ram_mib is not None and parallel > ram_mib // RAM_MIB_PER_EVALUATION:
         parallel, threads = max(1, ram_mib // RAM_MIB_PER_EVALUATION), asked_threads  # fewer: more threads each
         why += f"; {ram_mib / 1024:.0f} GiB of free RAM holds {parallel}"

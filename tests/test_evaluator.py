@@ -72,7 +72,7 @@ def worker_processes():
 
 @pytest.fixture
 def smoke(tmp_path):
-    return Settings(profile="smoke", ledger=str(tmp_path / "ledger.sqlite"))
+    return Settings(profile="smoke", parallel=1, ledger=str(tmp_path / "ledger.sqlite"))  # one at a time, every core
 
 
 def judged(code, stage=1, time_limit=240.0):
@@ -191,7 +191,9 @@ def test_a_slow_machine_gets_limits_from_the_slow_programs_own_measured_time(tmp
     in each of its three processes): the limit a looping child meets is 1.5x what the reference
     measurably took here, and the failure line says so."""
     slow = at_import("SLOW = sum(i * i for i in range(3_000_000))")
-    settings = Settings(profile="smoke", ledger=str(tmp_path / "l.sqlite"), time_limit=1.5, time_reference=slow)
+    settings = Settings(  # one at a time: side by side with others, limits grow with their number
+        profile="smoke", parallel=1, ledger=str(tmp_path / "l.sqlite"), time_limit=1.5, time_reference=slow
+    )
     reference = evaluate_code(slow, 1, settings)
     assert reference.passed, reference.artifacts
     start = time.monotonic()

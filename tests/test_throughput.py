@@ -57,11 +57,12 @@ def test_nvidia_smi_output_that_is_not_free_and_total_mib_is_refused(output):
         parse_gpus(output)
 
 
-def test_a_cpu_machine_without_a_measurement_runs_evaluations_of_2_threads_as_the_ram_allows():
-    assert cpu_split(cores=2, ram_mib=16000)[:2] == (1, 2)
-    assert cpu_split(cores=16, ram_mib=64000)[:2] == (8, 2)
+def test_a_cpu_machine_without_a_measurement_runs_one_evaluation_per_core_as_the_ram_allows():
+    assert cpu_split(cores=2, ram_mib=16000)[:2] == (2, 1)  # the split measured best on 2 cores
+    assert cpu_split(cores=16, ram_mib=64000)[:2] == (16, 1)
     parallel, threads, reason = cpu_split(cores=16, ram_mib=5000)
-    assert (parallel, threads) == (2, 8) and "holds 2" in reason
+    assert (parallel, threads) == (2, 8) and "holds 2" in reason  # fewer evaluations, more threads each
+    assert cpu_split(cores=2, ram_mib=3000)[:2] == (1, 2)
 
 
 def test_asked_parallel_and_threads_win_over_memory_and_measurement():
