@@ -271,12 +271,15 @@ def wait_for(condition, timeout, what):
 
 
 def worker_processes():
+    """plasa_lab.worker processes started from this checkout's Python (a left-over one is an orphan,
+    so not a descendant; another checkout's runs on the machine use their own Python)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"plasa_lab.worker" in f.read():
-                    found.append(pid)
+                cmdline = f.read()
+            if b"plasa_lab.worker" in cmdline and sys.executable.encode() in cmdline:
+                found.append(pid)
         except OSError:
             pass
     return found
@@ -363,6 +366,7 @@ def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(
         "--output",
         str(run_dir),
         ledger=shared_ledger,
+        env=dict(PLASA_PARALLEL="1"),  # one child at a time: two at once could both be saved before the kill
         wait=False,
     )
     try:
