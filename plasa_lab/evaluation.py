@@ -31,6 +31,7 @@ from .hardware import load_factor
 from .jobs import Job, StageResult
 from .judge import clamped_ppl
 from .ledger import Key, Ledger, code_key, code_sha256
+from .runners import get_runner
 from .sandbox import gpu_device_nodes
 from .settings import Settings
 
@@ -198,8 +199,6 @@ def ledger_key(code: str, stage: int, settings: Settings, fingerprint: str, seed
 def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed: int | None = None) -> Evaluation:
     """One stage of one program at one seed: checked statically, then from the ledger if known, else
     judged in the sandbox and recorded."""
-    from .runners import get_runner
-
     seed = settings.seed if seed is None else seed
     profile = get_profile(settings.profile)
     whole = settings.whole_validation and stage == 2  # stage 1 always scores its few windows

@@ -37,13 +37,12 @@ from .constants import HARNESS_VERSION, get_profile
 from .evaluation import Calibration, benchmark, calibration, confirmation_count, corpus_of, evaluate_stage
 from .ledger import Ledger, LedgerError
 from .mutator import NAME as OFFLINE_MODEL_NAME
-from .rundir import OUTPUT_ROOT, TRACE, TRACE_FAILURES, latest_checkpoint, newest_run, read_jsonl
+from .rundir import OUTPUT_ROOT, TRACE, TRACE_FAILURES, TRACE_LOST, latest_checkpoint, newest_run, read_jsonl
 from .sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from .settings import Settings
-from .util import atomic_write
+from .util import atomic_write, first_line, message_line
 
 EVALUATOR = PROJECT_ROOT / "evaluator.py"
-TRACE_LOST = "evolution_trace_lost.jsonl"  # records of iterations whose checkpoint was never written
 
 
 class RunError(Exception):
@@ -101,7 +100,7 @@ def load_config(path: Path):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or message_line(e)
         raise RunError(f"{path} is not valid YAML{where}: {problem}")
     if not isinstance(raw, dict):
         raise RunError(f"{path} must hold a YAML mapping")
@@ -111,7 +110,7 @@ def load_config(path: Path):
     try:
         return Config.from_yaml(path), raw
     except Exception as e:  # dacite type errors and OpenEvolve's own validation
-        raise RunError(f"{path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise RunError(f"{path}: {first_line(e)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,10 +649,11 @@ def _settings(options: RunOptions, previous: dict | None, run_dir: Path) -> Sett
             device=options.device or before.get("device"),
             runner=options.runner or before.get("runner"),
             seeds=seeds,
-            ledger=before.get("ledger") or os.environ.get("PLASA_LEDGER") or str(run_dir / rundir.LEDGER),
+            ledger=before.get("ledger") or None,  # None: Settings reads $PLASA_LEDGER
         )
     except ValueError as e:
         raise RunError(str(e)) from None
+    settings.ledger = settings.ledger or str(run_dir / rundir.LEDGER)  # neither: the run's own
     settings.noise_aware = len(settings.seeds) > 1
     return settings
 

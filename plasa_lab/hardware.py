@@ -5,11 +5,13 @@
           judge's own arithmetic) keeps one core busy. This model leaves a GPU nearly idle at batch
           2, so evaluations side by side fill the gaps between each other's kernels.
     CPU   the split of the cores that bench_throughput.py measured to give the most children per
-          hour on this machine (`--save`); until it has, CPU_THREADS_PER_EVALUATION threads each.
+          hour on this machine (`--save`); until it has, CPU_THREADS_PER_EVALUATION (1) thread each,
+          the split measured best on 2 cores.
 
-PLASA_PARALLEL and PLASA_THREADS override either (plasa_lab.settings reads them and passes them
-here). The GPU is asked through nvidia-smi in a subprocess, never through torch: initialising CUDA
-in this process would break the worker processes OpenEvolve forks from it afterwards.
+PLASA_PARALLEL and PLASA_THREADS override either: plasa_lab.settings reads them and passes them
+here, with the path of the measurement file, so this module reads no settings. The GPU is asked
+through nvidia-smi in a subprocess, never through torch: initialising CUDA in this process would
+break the worker processes OpenEvolve forks from it afterwards.
 """
 
 import functools
@@ -18,7 +20,10 @@ import os
 import shutil
 import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import NamedTuple
+
+from .util import atomic_write
 
 # GPU memory one evaluation may hold at its peak. NOT measured on a GPU here (none was available):
 # an estimate, with margin, of a stage's worst moment, its two serving processes side by side, each
@@ -31,12 +36,13 @@ GPU_FREE_SHARE = 0.9  # of the free memory: what else runs on the GPU may grow
 # RAM one evaluation holds, measured here (CPU, smoke stage 2): 0.75 GiB for its sandboxed workers at
 # their peak (the two servers) and 0.7 GiB for the judge's process; rounded up.
 RAM_MIB_PER_EVALUATION = 2048
-# CPU threads per evaluation until bench_throughput.py has measured this machine. A guess, not a
-# measurement: 2 keeps a 2-core machine at one evaluation with both cores (how the README's CPU
-# times were measured) and splits a bigger machine into evaluations of 2 threads, as small
-# batch-2 operations gain little from more threads than that.
-CPU_THREADS_PER_EVALUATION = 2
-MEASUREMENT_FILE = "throughput.json"  # in the data cache (plasa_lab.settings.cache_root)
+# CPU threads per evaluation until bench_throughput.py --save has measured this machine: one, so
+# as many evaluations as cores (as the RAM allows). Measured on 2 cores (quick profile, stage 1 and
+# 2, README "Children per hour"): 2 evaluations x 1 thread gave 61.4 children/h, 1 x 2 threads
+# 49.2 (1.26x, the same val_loss): batch-2 operations gain less from a second thread than a second
+# evaluation gains from its own core. Not measured on bigger machines.
+CPU_THREADS_PER_EVALUATION = 1
+MEASUREMENT_FILE = "throughput.json"  # in the data cache (plasa_lab.settings.measurement_path)
 SMI_QUERY = ["nvidia-smi", "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"]
 
 
@@ -171,7 +177,10 @@ def cpu_split(
         (parallel, threads), why = measured, "the split bench_throughput.py measured best here"
     else:
         parallel = max(1, cores // min(cores, CPU_THREADS_PER_EVALUATION))
-        why = f"{cores} cores; a guess until scripts/bench_throughput.py --save measures this machine"
+        why = (
+            f"{cores} cores, {CPU_THREADS_PER_EVALUATION} thread(s) each: best measured on 2 cores; "
+            "scripts/bench_throughput.py --save measures this machine"
+        )
     if why != "asked for" and ram_mib is not None and parallel > ram_mib // RAM_MIB_PER_EVALUATION:
         parallel, threads = max(1, ram_mib // RAM_MIB_PER_EVALUATION), asked_threads  # fewer: more threads each
         why += f"; {ram_mib / 1024:.0f} GiB of free RAM holds {parallel}"
@@ -183,16 +192,19 @@ def cpu_split(
 # This machine
 
 
-@functools.lru_cache(maxsize=None)
-def evaluation_slots(device: str = "auto", parallel: int | None = None, threads: int | None = None) -> Slots:
+@functools.lru_cache(maxsize=None)  # every argument is hashable: one nvidia-smi call per question
+def evaluation_slots(
+    device: str = "auto", parallel: int | None = None, threads: int | None = None, *, measurement_path: Path
+) -> Slots:
     """(parallel, threads, reason) for evaluations on `device` (auto | cpu | cuda) here; `parallel`
-    and `threads` are what the user asked for (None: decide)."""
+    and `threads` are what the user asked for (None: decide); `measurement_path` the file that
+    bench_throughput.py --save writes."""
     cores = cpu_cores()
     if device != "cpu":
         gpus, problem = query_gpus()
         gpu = children_gpu(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None
         if gpu:
-            return gpu_split(gpu, cores, parallel, threads, measured_split(machine_key("cuda", gpu)))
+            return gpu_split(gpu, cores, parallel, threads, measured_split(machine_key("cuda", gpu), measurement_path))
         if device == "cuda":  # CUDA asked for, its memory unknown: one at a time is the safe guess
             problem = problem or "CUDA_VISIBLE_DEVICES shows no GPU that nvidia-smi lists"
             parallel = parallel or 1
@@ -203,7 +215,9 @@ def evaluation_slots(device: str = "auto", parallel: int | None = None, threads:
                 f"GPU: {parallel} evaluation(s) at once, {threads} thread(s) each "
                 f"(its free memory is unknown: {problem})",
             )
-    return cpu_split(cores, available_ram_mib(), parallel, threads, measured_split(machine_key("cpu")))
+    return cpu_split(
+        cores, available_ram_mib(), parallel, threads, measured_split(machine_key("cpu"), measurement_path)
+    )
 
 
 def machine_key(device: str, gpu: Gpu | None = None) -> str:
@@ -220,26 +234,19 @@ def current_machine_key(device: str) -> str:
     return machine_key("cuda", children_gpu(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None)
 
 
-def _measurement_path():
-    from .settings import cache_root  # settings imports this module: import at call time
-
-    return cache_root() / MEASUREMENT_FILE
-
-
-def measured_split(key: str) -> tuple[int, int] | None:
+def measured_split(key: str, measurement_path: Path) -> tuple[int, int] | None:
     """(parallel, threads) that bench_throughput.py --save found best on a machine like this one."""
     try:
-        best = json.loads(_measurement_path().read_text())[key]
+        best = json.loads(measurement_path.read_text())[key]
         return max(1, int(best["parallel"])), max(1, int(best["threads"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def save_measurement(key: str, parallel: int, threads: int, children_per_hour: float, table: list[dict]):
-    """Record the best split for machines like this one (kept beside other machines' records)."""
-    from .util import atomic_write
-
-    path = _measurement_path()
+def save_measurement(
+    path: Path, key: str, parallel: int, threads: int, children_per_hour: float, table: list[dict]
+) -> Path:
+    """Record the best split for machines like this one in `path` (kept beside other machines' records)."""
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -30,6 +30,7 @@ BEST = "best"
 BEST_PROGRAM = "best/best_program.py"
 TRACE = "evolution_trace.jsonl"
 TRACE_FAILURES = "evolution_trace_failures.jsonl"
+TRACE_LOST = "evolution_trace_lost.jsonl"  # records of iterations whose checkpoint was never written (a resume)
 LLM_RESPONSES = "llm_responses.jsonl"
 LLM_CALLS = "llm_calls.jsonl"  # written by the LLM client as calls end; joined with the trace into LLM_RESPONSES
 REPORT = "report"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import PROJECT_ROOT
 from .constants import DEFAULT_SEED, PROFILES
-from .hardware import evaluation_slots
+from .hardware import MEASUREMENT_FILE, evaluation_slots
 
 ENVIRONMENT = {  # field -> variable
     "profile": "PLASA_PROFILE",
@@ -76,7 +76,7 @@ class Settings:
             self.slots_reason = f"ray: {self.threads} thread(s) per evaluation; the cluster's CPUs set how many at once"
         else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.hardware)
             self.parallel, self.threads, self.slots_reason = evaluation_slots(
-                self.device, asked_parallel, asked_threads
+                self.device, asked_parallel, asked_threads, measurement_path=measurement_path()
             )
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
@@ -105,7 +105,11 @@ class Settings:
         node), else this machine's cores shared by `parallel` evaluations (plasa_lab.hardware)."""
         if os.environ.get("PLASA_THREADS"):
             return max(1, int(os.environ["PLASA_THREADS"]))
-        return 2 if self.runner == "ray" else evaluation_slots(self.device, max(1, parallel)).threads
+        return (
+            2
+            if self.runner == "ray"
+            else evaluation_slots(self.device, max(1, parallel), measurement_path=measurement_path()).threads
+        )
 
     def to_env(self) -> dict:
         """The variables that give OpenEvolve's worker processes these settings."""
@@ -126,3 +130,8 @@ class Settings:
 def cache_root() -> Path:
     """The data cache: $PLASA_CACHE, else the project's .cache/ folder."""
     return Path(os.environ.get(CACHE_VARIABLE) or PROJECT_ROOT / ".cache")
+
+
+def measurement_path() -> Path:
+    """Where bench_throughput.py --save records this machine's best split (plasa_lab.hardware)."""
+    return cache_root() / MEASUREMENT_FILE

@@ -34,6 +34,7 @@ from . import wire
 from .constants import GRAD_CLIP, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
 from .program import load_program
 from .tokens import train_batches
+from .util import message_line
 
 PROGRAM_FILE = "program.py"  # in the worker's private folder
 # Training steps between finiteness checks and progress lines: the loop's only host syncs. A sync
@@ -57,8 +58,7 @@ def describe(exc: BaseException, doing: str) -> str:
     program = os.path.abspath(PROGRAM_FILE)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) == program]
     where = f" at line {frames[-1].lineno} of the program" if frames else ""
-    message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{doing}: {type(exc).__name__}{where}: {message}".rstrip(": ")
+    return f"{doing}: {type(exc).__name__}{where}: {message_line(exc)}".rstrip(": ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from plasa_lab import INITIAL_PROGRAM, hardware
 from plasa_lab.constants import GRAD_CLIP, OPTIMIZER, PROFILES, VOCAB_SIZE, get_profile
 from plasa_lab.evaluation import Calibration, corpus_of
 from plasa_lab.jobs import Job
+from plasa_lab.local_runner import run_local
 from plasa_lab.program import load_program
-from plasa_lab.runners import run_local
 from plasa_lab.tokens import train_batches, val_windows
 
 ISSUE_11_TARGET = 0.05  # isolation plus the separate validation processes: at most 5% of an evaluation

@@ -36,7 +36,7 @@ from plasa_lab.checks import static_violation
 from plasa_lab.constants import PROFILES
 from plasa_lab.evaluation import corpus_of, evaluate_code
 from plasa_lab.mutator import format_diff, propose_edits
-from plasa_lab.settings import Settings
+from plasa_lab.settings import Settings, measurement_path
 
 GPU_SAMPLE_SECONDS = 0.5
 SMI_USED = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
@@ -270,9 +270,10 @@ def main():
     counts = {n: max(2, args.waves * n) for n in concurrency}
     codes = programs(max(counts.values()))
     console = Console(width=shutil.get_terminal_size((120, 24)).columns)  # piped: 120, not 80
+    default = hardware.evaluation_slots(args.device, measurement_path=measurement_path())
     console.print(
         f"{args.profile} profile, stage {args.stage}, {cores} cores, "
-        f"{'GPU' if gpu else 'CPU'}; default here: {hardware.evaluation_slots(args.device).reason}"
+        f"{'GPU' if gpu else 'CPU'}; default here: {default.reason}"
     )
     runs = {n: [] for n in concurrency}
     for number in range(args.rounds):
@@ -293,6 +294,7 @@ def main():
         sys.exit(1)
     if args.save:
         path = hardware.save_measurement(
+            measurement_path(),
             hardware.current_machine_key(args.device),
             best["parallel"],
             best["threads"],

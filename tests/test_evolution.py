@@ -21,7 +21,7 @@ from fake_llm_server import FakeLLMServer, outside_edit_reply
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
-from plasa_lab.evolution import discard_unsaved_iterations, unknown_config_keys
+from plasa_lab.evolution import RunOptions, _settings, discard_unsaved_iterations, unknown_config_keys
 from plasa_lab.ledger import code_key
 from plasa_lab.mutator import OfflineMutator, format_diff, parent_program, propose_edits
 from plasa_lab.rundir import latest_checkpoint, read_jsonl
@@ -272,12 +272,15 @@ def wait_for(condition, timeout, what):
 
 
 def worker_processes():
+    """plasa_lab.worker processes started from this checkout's Python (a left-over one is an orphan,
+    so not a descendant; another checkout's runs on the machine use their own Python)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"plasa_lab.worker" in f.read():
-                    found.append(pid)
+                cmdline = f.read()
+            if b"plasa_lab.worker" in cmdline and sys.executable.encode() in cmdline:
+                found.append(pid)
         except OSError:
             pass
     return found
@@ -343,6 +346,18 @@ def test_records_of_iterations_after_the_resumed_checkpoint_move_to_the_lost_fil
     assert discard_unsaved_iterations(run_dir, 2) == 0  # nothing moves twice
 
 
+def test_run_settings_take_the_resumed_run_s_ledger_then_plasa_ledger_then_the_run_folder_s(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.delenv("PLASA_LEDGER", raising=False)
+    assert _settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
+    monkeypatch.setenv("PLASA_LEDGER", str(tmp_path / "shared.sqlite"))
+    assert _settings(RunOptions(), None, run_dir).ledger == str(tmp_path / "shared.sqlite")
+    previous = dict(settings=dict(ledger=str(tmp_path / "first.sqlite")))
+    assert _settings(RunOptions(), previous, run_dir).ledger == str(tmp_path / "first.sqlite")
+    monkeypatch.setenv("PLASA_LEDGER", "")  # set but empty: as if unset
+    assert _settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
+
+
 def test_resuming_a_run_made_from_another_initial_program_fails_in_one_line(tmp_path, shared_ledger):
     """The project changed under a run (fixed code outside the blocks): every child would fail, so the
     resume refuses at once instead of spending the night on rejections."""
@@ -369,6 +384,7 @@ def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(
         "--output",
         str(run_dir),
         ledger=shared_ledger,
+        env=dict(PLASA_PARALLEL="1"),  # one child at a time: two at once could both be saved before the kill
         wait=False,
     )
     try:

@@ -106,7 +106,9 @@ def judge_process():
     plasa_lab.worker; on the Ray runner, a Ray worker."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if b"plasa_lab.worker" in cmdline(pid) and b"plasa_lab.worker" not in cmdline(parent_of(pid)):
+            command = cmdline(pid)
+            ours = sys.executable.encode() in command  # not a worker of another checkout's run on the machine
+            if ours and b"plasa_lab.worker" in command and b"plasa_lab.worker" not in cmdline(parent_of(pid)):
                 return parent_of(pid)
         except (OSError, StopIteration):
             pass

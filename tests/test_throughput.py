@@ -2,7 +2,7 @@
 
 How many evaluations share the machine is decided from what nvidia-smi and the OS report (pure
 functions, tested here on made-up machines); the same program must score the same val_loss
-whether it runs alone or beside another evaluation, and whether the training loop looks at its
+whether it runs alone or beside seven others, and whether the training loop looks at its
 losses every step or every 50 (real sandboxed evaluations, smoke profile, CPU).
 """
 
@@ -17,8 +17,8 @@ from plasa_lab.constants import VOCAB_SIZE
 from plasa_lab.evaluation import corpus_of
 from plasa_lab.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
 from plasa_lab.jobs import Job
-from plasa_lab.runners import run_local
-from plasa_lab.settings import Settings
+from plasa_lab.local_runner import run_local
+from plasa_lab.settings import Settings, measurement_path
 
 H200 = "143156, 143771\n"  # `nvidia-smi --query-gpu=memory.free,memory.total --format=csv,noheader,nounits`
 SAME = dict(rel=1e-4)  # issue 14: the same child's val_loss within 1e-4 relative
@@ -57,11 +57,12 @@ def test_nvidia_smi_output_that_is_not_free_and_total_mib_is_refused(output):
         parse_gpus(output)
 
 
-def test_a_cpu_machine_without_a_measurement_runs_evaluations_of_2_threads_as_the_ram_allows():
-    assert cpu_split(cores=2, ram_mib=16000)[:2] == (1, 2)
-    assert cpu_split(cores=16, ram_mib=64000)[:2] == (8, 2)
+def test_a_cpu_machine_without_a_measurement_runs_one_evaluation_per_core_as_the_ram_allows():
+    assert cpu_split(cores=2, ram_mib=16000)[:2] == (2, 1)  # the split measured best on 2 cores
+    assert cpu_split(cores=16, ram_mib=64000)[:2] == (16, 1)
     parallel, threads, reason = cpu_split(cores=16, ram_mib=5000)
-    assert (parallel, threads) == (2, 8) and "holds 2" in reason
+    assert (parallel, threads) == (2, 8) and "holds 2" in reason  # fewer evaluations, more threads each
+    assert cpu_split(cores=2, ram_mib=3000)[:2] == (1, 2)
 
 
 def test_asked_parallel_and_threads_win_over_memory_and_measurement():
@@ -75,12 +76,13 @@ def test_a_saved_measurement_sets_the_cpu_split_for_the_same_machine_only(tmp_pa
     monkeypatch.setenv("PLASA_CACHE", str(tmp_path))
     for variable in ("PLASA_PARALLEL", "PLASA_THREADS"):
         monkeypatch.delenv(variable, raising=False)
-    key = hardware.machine_key("cpu")
-    hardware.save_measurement(key, parallel=2, threads=1, children_per_hour=11.5, table=[])
+    key, path = hardware.machine_key("cpu"), measurement_path()
+    assert path.parent == tmp_path  # in the data cache, as PLASA_CACHE says
+    hardware.save_measurement(path, key, parallel=2, threads=1, children_per_hour=11.5, table=[])
     try:
-        assert hardware.measured_split(key) == (2, 1)
-        assert hardware.measured_split("cpu: 3 cores") is None
-        assert "measured best here" in hardware.evaluation_slots("cpu").reason
+        assert hardware.measured_split(key, path) == (2, 1)
+        assert hardware.measured_split("cpu: 3 cores", path) is None
+        assert "measured best here" in hardware.evaluation_slots("cpu", measurement_path=path).reason
         assert "measured best here" in Settings(device="cpu").slots_reason  # the line evolve.py can print
         assert (Settings(device="cpu").parallel, Settings(device="cpu").threads) == (2, 1)
         monkeypatch.setenv("PLASA_THREADS", "2")
@@ -127,14 +129,16 @@ def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
 
 
 # ---------------------------------------------------------------------------------------------
-# Real evaluations: the same val_loss alone, two at once, and with a sync every step
+# Real evaluations: the same val_loss alone, eight at once, and with a sync every step
+
+AT_ONCE = 8  # issue 14: N=1 and N=8; stage 1 (12 training steps, one validation batch) keeps 8 cheap
 
 
-def stage2(threads, check_every=None):
+def stage1(threads, check_every=None):
     corpus = corpus_of("auto")
     job = Job(
         code=INITIAL_PROGRAM.read_text(),
-        stage=2,
+        stage=1,
         profile="smoke",
         seed=42,
         corpus=corpus.name,
@@ -155,22 +159,26 @@ def stage2(threads, check_every=None):
 @pytest.fixture(scope="module")
 def alone():
     """The initial program evaluated alone with both cores of a 2-core machine, checked every 50 steps."""
-    return stage2(threads=2, check_every=50)
+    return stage1(threads=2, check_every=50)
 
 
 @pytest.fixture(scope="module")
-def side_by_side():
-    """Two evaluations of it at once, one thread each (the other split of 2 cores): one checks its
-    losses every 50 steps, the other every step."""
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip((50, 1), pool.map(lambda every: stage2(threads=1, check_every=every), (50, 1))))
+def eight_at_once():
+    """Eight evaluations of it at once, one thread each (as 8 slots would split 2 cores): half check
+    their losses every 50 steps, half every step. {check interval: [metrics, ...]}"""
+    intervals = [50, 1] * (AT_ONCE // 2)
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        results = list(pool.map(lambda every: stage1(threads=1, check_every=every), intervals))
+    return {every: [m for i, m in zip(intervals, results) if i == every] for every in (50, 1)}
 
 
-def test_two_evaluations_at_once_score_the_same_val_loss_as_one_alone(alone, side_by_side):
-    assert side_by_side[50]["val_loss"] == pytest.approx(alone["val_loss"], **SAME)
-    assert side_by_side[50]["train_loss"] == pytest.approx(alone["train_loss"], **SAME)
+def test_eight_evaluations_at_once_score_the_same_val_loss_as_one_alone(alone, eight_at_once):
+    for metrics in eight_at_once[50] + eight_at_once[1]:
+        assert metrics["val_loss"] == pytest.approx(alone["val_loss"], **SAME)
+        assert metrics["train_loss"] == pytest.approx(alone["train_loss"], **SAME)
 
 
-def test_a_host_sync_every_step_scores_the_same_val_loss_as_one_every_50_steps(side_by_side):
-    assert side_by_side[1]["val_loss"] == pytest.approx(side_by_side[50]["val_loss"], **SAME)
-    assert side_by_side[1]["train_loss"] == pytest.approx(side_by_side[50]["train_loss"], **SAME)
+def test_a_host_sync_every_step_scores_the_same_val_loss_as_one_every_50_steps(eight_at_once):
+    for every_step, every_50 in zip(eight_at_once[1], eight_at_once[50]):
+        assert every_step["val_loss"] == pytest.approx(every_50["val_loss"], **SAME)
+        assert every_step["train_loss"] == pytest.approx(every_50["train_loss"], **SAME)

@@ -1,0 +1,102 @@
+"""The package's shape: module imports form no cycle, counting the ones hidden inside functions
+(a lazy import keeps Python from failing, not a reader from going round in circles), and only
+plasa_lab.settings reads the PLASA_* environment."""
+
+import ast
+
+from plasa_lab import PROJECT_ROOT
+
+PACKAGE = "plasa_lab"
+
+
+def package_modules() -> dict[str, ast.Module]:
+    """Every module of the package by dotted name (a package by its own name, not `.__init__`)."""
+    modules = {}
+    for path in sorted((PROJECT_ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = ast.parse(path.read_text(), filename=str(path))
+    return modules
+
+
+def imports_of(name: str, tree: ast.Module, known: set[str], is_package: bool) -> set[str]:
+    """The package modules that `name` imports anywhere in its code, functions included."""
+    here = name if is_package else name.rpartition(".")[0]  # what `from .` means in this module
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = here
+            for _ in range(node.level - 1):  # `from ..x`: one package up per extra dot
+                base = base.rpartition(".")[0]
+            source = ".".join(filter(None, [base, node.module])) if node.level else node.module
+            # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
+            found |= {f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names}
+    return {m for m in found if m in known and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    packages = {n for n in modules if (PROJECT_ROOT / n.replace(".", "/") / "__init__.py").exists()}
+    return {name: imports_of(name, tree, set(modules), name in packages) for name, tree in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None (a depth-first search that remembers its path)."""
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if cycle := visit(nxt):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_the_import_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "plasa_lab.judge" in graph["plasa_lab.local_runner"]  # `from .judge import run_stage` inside run_local
+    assert "plasa_lab.rundir" in graph["plasa_lab.reporting"]  # `from .. import rundir`
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def environment_reads(tree: ast.Module) -> list[str]:
+    """The PLASA_* names a module reads with os.environ.get, os.getenv or os.environ[...]."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv") and node.args:
+            key = node.args[0]
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+            key = node.slice
+        else:
+            continue
+        if isinstance(key, ast.Constant) and str(key.value).startswith("PLASA_"):
+            names.append(key.value)
+    return names
+
+
+def test_only_settings_reads_plasa_variables():
+    assert environment_reads(ast.parse('os.environ.get("PLASA_LEDGER"); os.environ["PLASA_X"]')) == [
+        "PLASA_LEDGER",
+        "PLASA_X",
+    ]
+    readers = {name: found for name, tree in package_modules().items() if (found := environment_reads(tree))}
+    assert set(readers) <= {"plasa_lab.settings"}, readers
