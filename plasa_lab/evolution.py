@@ -922,6 +922,7 @@ def _evolve(
         with second_stops_ignored():
             with contextlib.suppress(Exception):
                 controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
+                controller._save_best_program()  # nor best/ after a second Ctrl-C (its sys.exit)
             if progress.stop_reason:  # not the user's stop: the LLM keeps failing
                 raise RunError(
                     f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "

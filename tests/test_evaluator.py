@@ -313,7 +313,7 @@ def test_failure_in_stage2_training_keeps_stage1_passed(smoke):
 
 def test_patching_a_scoring_function_through_an_alias_is_refused_and_would_not_fool_the_judge(smoke):
     patch = "self = F\nself.cross_entropy = lambda *args, **kwargs: torch.zeros(()) + 0.01"
-    assert_rejected(evaluate_code(at_import(patch), 1, smoke), "assignment to the name 'self'")
+    assert_rejected(evaluate_code(at_import(patch), 1, smoke), "'self.cross_entropy' outside __init__")
     # Past the static checks it patches only its own process: the judge computes the loss itself.
     result = judged(at_import(patch))
     assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
