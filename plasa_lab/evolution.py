@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import signal
@@ -923,6 +924,10 @@ def _evolve(
             with contextlib.suppress(Exception):
                 controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
                 controller._save_best_program()  # nor best/ after a second Ctrl-C (its sys.exit)
+            # Evaluations still in flight (a second stop cut OpenEvolve's wait for them) are lost, as a
+            # stop promises; without this, leaving would wait for them (its worker pool joins at exit).
+            for worker in multiprocessing.active_children():
+                worker.kill()
             if progress.stop_reason:  # not the user's stop: the LLM keeps failing
                 raise RunError(
                     f"stopped at iteration {reached} of {total} after {progress.stop_reason}; fix the LLM, "

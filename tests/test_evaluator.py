@@ -207,12 +207,13 @@ def test_a_slow_machine_gets_limits_from_the_slow_programs_own_measured_time(tmp
     )
     reference = evaluate_code(slow, 1, settings)
     assert reference.passed, reference.artifacts
-    start = time.monotonic()
-    looping = evaluate_code(at_import("while True:\n    pass"), 1, settings)
+    start, lines = time.monotonic(), []
+    looping = evaluate_code(at_import("while True:\n    pass"), 1, settings, on_line=lines.append)
     took = time.monotonic() - start
-    limit = max(30.0, 1.5 * reference.seconds)
     assert_rejected(looping, f"took more than 1.5x the initial program's time here ({reference.seconds:.0f} s)")
-    assert limit - 1 <= took <= limit + 15
+    # the limit it met: 1.5x the reference, stretched if other work loads the machine now
+    limit = float(next(line for line in lines if "stage 1: time limit" in line).split()[4])
+    assert limit >= max(30.0, 1.5 * reference.seconds) - 1 and limit - 1 <= took <= limit + 15
 
 
 def test_memory_bomb_hits_the_memory_limit_quickly(tmp_path):
