@@ -331,13 +331,15 @@ def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
     artifacts = dict(first.artifacts)
     others = [s for s in settings.seeds if s != settings.seed]
     contender = best is None or loss <= best + settings.confirm_margin * sd
-    known = ledger.seed_rows(ledger_key(code, 2, settings, fingerprint))
-    spent, trainings = confirmation_count(settings, ledger, fingerprint)
     # One that would lead on its one seed's (full-noise) score is always confirmed: no unconfirmed
     # program may outrank the confirmed best. The budget only skips the near ones.
     would_lead = best is None or pessimistic_loss(loss, sd, 1) < pessimistic_loss(best, sd, len(settings.seeds))
-    over_budget = spent >= settings.confirm_share * trainings and any(s not in known for s in others)
-    if contender and over_budget and not would_lead:
+    over_budget = False
+    if contender and not would_lead:  # only then is the budget asked (it reads the ledger's rows)
+        known = ledger.seed_rows(ledger_key(code, 2, settings, fingerprint))
+        spent, trainings = confirmation_count(settings, ledger, fingerprint)
+        over_budget = spent >= settings.confirm_share * trainings and any(s not in known for s in others)
+    if over_budget:
         artifacts["confirmation"] = (
             f"a contender, not confirmed: confirmations already take {spent} of the run's {trainings} "
             f"stage-2 trainings (PLASA_CONFIRM_SHARE={settings.confirm_share:g}); it keeps its one seed's score"

@@ -89,7 +89,8 @@ def main(argv=None):
     aware_trainings = stage2_trainings(aware)
     budget = len(aware_trainings)
     initial_key = code_key((PROJECT_ROOT / "initial_program.py").read_text())
-    confirmations = [r for r in aware_trainings if r["seed"] != 42 and r["code_key"] != initial_key]
+    # what the run itself counted (evaluation.confirmation_count), not a second definition of a confirmation
+    spent = json.loads((aware / "run.json").read_text())["confirmation"]["confirmation_trainings"]
     plain = evolve(args.out, args.profile, budget - 1, "42")  # the initial program's own training counts as one
     plain_trainings = stage2_trainings(plain)
 
@@ -149,8 +150,8 @@ def main(argv=None):
         runs={
             "noise-aware": dict(
                 stage2_trainings=budget,
-                confirmation_trainings=len(confirmations),
-                confirmation_share=len(confirmations) / budget,
+                confirmation_trainings=spent,
+                confirmation_share=spent / budget,
                 iterations=args.iterations,
             ),
             "plain": dict(stage2_trainings=len(plain_trainings), iterations=budget - 1),
@@ -160,8 +161,8 @@ def main(argv=None):
     lines = [
         f"# Plain vs noise-aware fitness ({args.profile} profile)",
         "",
-        f"noise-aware run: {budget} stage-2 trainings, {len(confirmations)} of them confirmations "
-        f"({100 * len(confirmations) / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
+        f"noise-aware run: {budget} stage-2 trainings, {spent} of them confirmations "
+        f"({100 * spent / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
         f"Replayed on seeds {', '.join(map(str, replay_seeds))} (never used by either run).",
         "",
         "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p "
@@ -191,7 +192,7 @@ def main(argv=None):
     atomic_write(args.out / "bench_fitness.json", json.dumps(summary, indent=2))
     atomic_write(args.out / "bench_fitness.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"confirmation_share: {len(confirmations) / budget:.3f}")
+    print(f"confirmation_share: {spent / budget:.3f}")
 
 
 if __name__ == "__main__":

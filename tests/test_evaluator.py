@@ -194,7 +194,6 @@ def test_time_limits_stretch_with_other_work_on_the_machine():
     from plasa_lab.hardware import load_factor
 
     assert load_factor(1.5, 2) == 1.0 and load_factor(9.0, 2) == 4.5 and load_factor(3.0, 16) == 1.0
-    assert load_factor() >= 1.0  # this machine, now
 
 
 def test_a_slow_machine_gets_limits_from_the_slow_programs_own_measured_time(tmp_path):
