@@ -6,8 +6,9 @@ per-layer k schedule, indexer training signal), then the fixed model and a short
 Each attention layer scores every past key with a cheap Lightning Indexer
 (DeepSeek-V3.2 style), keeps the top-k keys per query (k from a per-layer schedule: dense
 early, sparse middle, moderate late) and runs ordinary scaled dot-product attention with RoPE
-over the kept keys only. The indexer gets no gradient through top-k, so it learns from an
-auxiliary KL loss that pulls its scores towards the main attention distribution.
+over the kept keys only. The indexer reads the hidden states detached and gets no gradient through
+top-k: it learns only from an auxiliary KL loss that pulls its scores towards the main attention
+distribution, and the trunk only from the language-modelling loss (each clipped on its own).
 
 Only the EVOLVE-BLOCK regions may change; the evaluator rejects a program whose text outside
 them differs from this file, and checks causality by behaviour (a leak scores 0).
@@ -31,7 +32,8 @@ FFN_HIDDEN = 768  # SwiGLU hidden size: 4 layers then hold ~1.53M non-embedding 
 
 # EVOLVE-BLOCK-START lightning_indexer
 # May change: how the indexer scores keys (heads, dims, activation, weighting, positions), per layer.
-# Must hold: forward(x[B,T,C]) -> scores[B,T,T] where scores[b,t,s] uses only x[b,:t+1] and x[b,s].
+# Must hold: forward(x[B,T,C]) -> scores[B,T,T] where scores[b,t,s] uses only x[b,:t+1] and x[b,s];
+# the indexers of all layers stay within the 2.0M budget with the fixed model's 1.53M (4 bytes a value).
 INDEXER_HEADS = 4  # H_I query heads
 INDEXER_HEAD_DIM = 32  # d_I, also the size of the one key shared by all heads
 
@@ -87,13 +89,24 @@ def select_topk(scores, k, layer):
 # EVOLVE-BLOCK-START k_schedule
 # May change: how many keys each layer keeps (the per-layer sparsity schedule).
 # Must hold: layer_k_schedule(n_layers, seq_len) -> list of n_layers ints in [1, seq_len], not all equal.
+DENSE_UNTIL = 1 / 3  # layers at relative depth below this attend to every past key
+MIDDLE_UNTIL = 2 / 3  # then seq_len // MIDDLE_DIVISOR keys up to this depth, seq_len // LATE_DIVISOR after it
+MIDDLE_DIVISOR = 4
+LATE_DIVISOR = 2
+
+
 def layer_k_schedule(n_layers, seq_len):
-    """PROGRESSIVE_SPARSE: dense early (relative depth < 1/3), L/4 in the middle (< 2/3), L/2 late;
-    layer i sits at relative depth (i + 0.5) / n_layers. For 4 layers and L = 128: 128, 32, 32, 64."""
+    """PROGRESSIVE_SPARSE: dense early, L/4 in the middle, L/2 late; layer i sits at relative depth
+    (i + 0.5) / n_layers. For 4 layers and L = 128: 128, 32, 32, 64."""
     ks = []
     for i in range(n_layers):
         depth = (i + 0.5) / n_layers
-        k = seq_len if depth < 1 / 3 else seq_len // 4 if depth < 2 / 3 else seq_len // 2
+        if depth < DENSE_UNTIL:
+            k = seq_len
+        elif depth < MIDDLE_UNTIL:
+            k = seq_len // MIDDLE_DIVISOR
+        else:
+            k = seq_len // LATE_DIVISOR
         ks.append(max(1, min(seq_len, k)))
     return ks
 
@@ -103,7 +116,7 @@ def layer_k_schedule(n_layers, seq_len):
 
 # EVOLVE-BLOCK-START indexer_training
 # May change: the indexer's training signal, its weight and the indexer's initialisation.
-# Must hold: indexer_aux_loss returns a finite scalar; it is added to the training loss only.
+# Must hold: indexer_aux_loss returns a finite scalar; it trains the indexer only (its input is detached).
 INDEXER_LOSS_WEIGHT = 0.1  # small next to the LM loss: the indexer only has to rank keys
 
 
@@ -171,7 +184,9 @@ class PLASAAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        scores = self.indexer(x)
+        # The indexer sees the hidden states detached from the trunk, as DeepSeek-V3.2's does: it learns
+        # only from its own loss, and nothing it is handed leads back to the trunk's weights or graph.
+        scores = self.indexer(x.detach())
         # A private copy: no block keeps a handle on the mask attention uses and reports (a selector
         # could otherwise rewrite it after attention ran, so the report would not be what was used).
         selected = torch.clone(select_topk(scores, self.k, self.layer))
@@ -291,6 +306,8 @@ def main():
     train, val = tokens[:split], tokens[split:]
     model = build_model(V)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    indexers = [p for name, p in model.named_parameters() if ".indexer." in name]
+    trunk = [p for name, p in model.named_parameters() if ".indexer." not in name]
 
     def windows(data, starts):
         return torch.stack([data[s : s + L + 1] for s in starts.tolist()])
@@ -303,7 +320,8 @@ def main():
         loss = F.cross_entropy(out["logits"].flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         (loss + out.get("aux_loss", 0.0)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in (trunk, indexers):  # two models trained side by side: neither's norm scales the other
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
         opt.step()
         done = int(30 * step / args.steps)
         print(
