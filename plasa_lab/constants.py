@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 # Bump when the judge's numbers for the same program could change: the ledger keys on it, so
 # results of an older judge are never reused.
-HARNESS_VERSION = "4"
+HARNESS_VERSION = "5"
 
 DEFAULT_SEED = 42
 VOCAB_SIZE = 49152
@@ -43,6 +43,10 @@ class Profile:
     batch_size: int
     seq_len: int
     val_batches: int
+    # Stage 2 cuts every query position this many times (each a copy of another window with another
+    # future): a peek whose selection takes one of two values at one position escapes one cut with
+    # odds 1/2, all of them with 2**-cuts_per_position.
+    cuts_per_position: int = 1
 
     def as_dict(self):
         return asdict(self)
@@ -53,8 +57,8 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", steps=1000, batch_size=2, seq_len=128, val_batches=100),
-    "quick": Profile("quick", steps=200, batch_size=2, seq_len=128, val_batches=20),
+    "full": Profile("full", steps=1000, batch_size=2, seq_len=128, val_batches=100, cuts_per_position=4),
+    "quick": Profile("quick", steps=200, batch_size=2, seq_len=128, val_batches=20, cuts_per_position=2),
     "smoke": Profile("smoke", steps=20, batch_size=2, seq_len=128, val_batches=4),
 }
 STAGE1_TRAINING_STEPS = 12  # stage 1 screens: the loss must be finite and falling after this many steps

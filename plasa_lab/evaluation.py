@@ -29,7 +29,7 @@ from .checks import static_violation
 from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS, get_profile
 from .hardware import load_factor
 from .jobs import Job, StageResult
-from .judge import clamped_ppl
+from .validation import clamped_ppl
 from .ledger import Key, Ledger, code_key, code_sha256
 from .runners import get_runner
 from .sandbox import gpu_device_nodes

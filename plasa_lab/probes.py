@@ -1,9 +1,11 @@
 """Behavioural checks of a model: what it does, not what its code says.
 
 A check sees the model only through `forward(tokens[B,T]) -> (logits[B,T,V], selections[layers,B,T,T])`:
-in the judge that is a sandboxed worker answering over a pipe (plasa_lab.judge), in tests it can
-be a model in this process (`local_forward`). Each check returns None when the model behaves,
-else one line that names the rule broken and where, written for the LLM that will read it.
+in the judge that is the trusted trunk asking a sandboxed blocks process for the selections
+(plasa_lab.trunk), in tests it can be a model in this process (`local_forward`). Selections are
+compared exactly (the fixed trunk's rows <= p depend only on the tokens and selections at rows
+<= p), logits within a tolerance. Each check returns None when the model behaves, else one line
+that names the rule broken and where, written for the LLM that will read it.
 """
 
 import torch
@@ -41,12 +43,13 @@ def interface_violation(logits, tokens, vocab_size):
     return None
 
 
-def selection_violation(selections, ks):
-    """Every layer's selection: causal, 1 to min(k, t+1) keys per query."""
+def selection_violation(selections, ks, first_layer=0):
+    """Every layer's selection: causal, 1 to min(k, t+1) keys per query (`first_layer`: the number
+    of the first layer given, for the message)."""
     L, B, T, _ = selections.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=selections.device).tril()
     budget_rows = torch.arange(1, T + 1, device=selections.device)
-    for i, (sel, k) in enumerate(zip(selections.bool(), ks)):
+    for i, (sel, k) in enumerate(zip(selections.bool(), ks), start=first_layer):
         future = sel & ~causal
         if future.any():
             b, t, s = future.nonzero()[0].tolist()
@@ -78,6 +81,25 @@ def leak_message(p, t, moved):
     )
 
 
+def first_changed_selection(a, b, upto):
+    """(layer, query) of the first query 0..upto where selections a and b ([layers, T, T] or
+    [layers, B, T, T]) differ, else None."""
+    differs = (a[..., : upto + 1, :] != b[..., : upto + 1, :]).any(-1)  # [layers, (B,) queries]
+    if a.dim() == 4:
+        differs = differs.any(1)
+    if not differs.any():
+        return None
+    layer, t = (int(i) for i in differs.nonzero()[0])
+    return layer, t
+
+
+def selection_leak_message(p, layer, t):
+    return (
+        f"changing the tokens after position {p} changed layer {layer}'s selection at query {t}: the "
+        f"selection sees future tokens; query t may only use tokens <= t"
+    )
+
+
 def first_moved(a, b, upto):
     """(position, amount) of the first of positions 0..upto where logits a and b differ, else None."""
     moved = (
@@ -95,36 +117,45 @@ def first_moved(a, b, upto):
 def causality_violation(forward, tokens, cut_points, vocab_size, seed=0, base=None):
     """Change every token after position p: the logits at positions <= p must not move."""
     g = torch.Generator().manual_seed(seed)
-    base = forward(tokens)[0] if base is None else base
+    base = forward(tokens) if base is None else base
     for p in cut_points:
         changed = tokens.clone()
         shift = torch.randint(1, vocab_size, changed[:, p + 1 :].shape, generator=g).to(tokens.device)
         changed[:, p + 1 :] = (changed[:, p + 1 :] + shift) % vocab_size  # every suffix token differs
-        moved = first_moved(forward(changed)[0], base, p)
-        if moved:
+        logits, selections = forward(changed)
+        if moved := first_changed_selection(selections, base[1], p):
+            return selection_leak_message(p, *moved)
+        if moved := first_moved(logits, base[0], p):
             return leak_message(p, *moved)
     return None
 
 
 def batch_violation(forward, tokens, vocab_size, base):
-    """Changing one sequence of the batch must not move the logits of the others."""
-    if tokens.shape[0] < 2:
-        return None
-    changed = tokens.clone()
-    changed[-1] = (changed[-1] + 1) % vocab_size
-    moved = (forward(changed)[0][:-1] - base[:-1]).abs().max().item()
-    if not moved <= LOGIT_TOLERANCE:
-        return (
-            f"changing sequence {tokens.shape[0] - 1} of the batch moved the logits of the others by "
-            f"{moved:.3g}: sequences must not see each other (no mixing over the batch dimension)"
-        )
+    """Changing any one sequence of the batch (each in turn) must not move the others' selections or logits."""
+    B = tokens.shape[0]
+    for row in range(B if B > 1 else 0):
+        changed = tokens.clone()
+        changed[row] = (changed[row] + 1) % vocab_size
+        logits, selections = forward(changed)
+        others = [r for r in range(B) if r != row]
+        same_selection = bool((selections[:, others] == base[1][:, others]).all())
+        moved = (logits[others] - base[0][others]).abs().max().item()
+        if not (same_selection and moved <= LOGIT_TOLERANCE):
+            return (
+                f"changing sequence {row} of the batch changed the "
+                f"{'selections' if not same_selection else f'logits (by {moved:.3g})'} of the others: sequences "
+                f"must not see each other (no mixing over the batch dimension)"
+            )
     return None
 
 
 def state_violation(forward, tokens, vocab_size, base):
-    """The same input gives the same logits whatever was seen before: no memory between calls."""
+    """The same input gives the same selections and logits whatever was seen before: no memory between calls."""
     forward((tokens + 7) % vocab_size)
-    moved = (forward(tokens)[0] - base).abs().max().item()
+    logits, selections = forward(tokens)
+    if not bool((selections == base[1]).all()):
+        return "the same input gave other selections after another batch: the model must not keep state between calls"
+    moved = (logits - base[0]).abs().max().item()
     if not moved <= LOGIT_TOLERANCE:
         return (
             f"the same input gave logits {moved:.3g} apart after another batch: the model must not keep "
@@ -137,13 +168,13 @@ def probe(forward, ks, tokens, vocab_size, seed=0):
     """All behavioural checks on one batch of tokens [B, T]; None or the first rule broken."""
     T = tokens.shape[1]
     cut_points = sorted({0, T // 8, T // 3, T // 2, (3 * T) // 4, T - 2})
-    logits, selections = forward(tokens)
+    base = forward(tokens)
     return (
-        interface_violation(logits, tokens, vocab_size)
-        or selection_violation(selections, ks)
-        or causality_violation(forward, tokens, cut_points, vocab_size, seed, base=logits)
-        or batch_violation(forward, tokens, vocab_size, logits)
-        or state_violation(forward, tokens, vocab_size, logits)
+        interface_violation(base[0], tokens, vocab_size)
+        or selection_violation(base[1], ks)
+        or causality_violation(forward, tokens, cut_points, vocab_size, seed, base=base)
+        or batch_violation(forward, tokens, vocab_size, base)
+        or state_violation(forward, tokens, vocab_size, base)
     )
 
 

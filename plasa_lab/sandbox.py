@@ -17,13 +17,16 @@ stdout is either drained the same way (`run_sandboxed`) or kept as a binary chan
 """
 
 import ctypes
+import errno
 import fcntl
 import functools
 import importlib.util
 import os
 import resource
+import platform
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -94,6 +97,65 @@ class SandboxResult:
 
 
 # ---------------------------------------------------------------------------------------------
+# No new processes: a seccomp filter that lets a process make threads and nothing else
+
+# (audit arch, clone, clone3, other process-creating calls) per machine; numbers from the kernel's ABI.
+_SYSCALLS = {
+    "x86_64": (0xC000003E, 56, 435, (57, 58)),  # fork, vfork
+    "aarch64": (0xC00000B7, 220, 435, ()),
+}
+_CLONE_THREAD = 0x00010000
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _bpf(code, k, jt=0, jf=0) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def no_new_processes_filter() -> bytes | None:
+    """A classic-BPF seccomp program (bwrap --seccomp reads it): clone only with CLONE_THREAD (a
+    thread), clone3 answered ENOSYS (glibc then uses clone), fork and vfork EAGAIN, any other
+    architecture's calls kill the process. RLIMIT_NPROC does not bind root, this does, and a fork
+    bomb fails at its first fork. None on a machine whose numbers are not known here."""
+    known = _SYSCALLS.get(platform.machine())
+    if known is None:
+        return None
+    arch, clone, clone3, forks = known
+    ld_w, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+    refuse, no_such = 0x00050000 | errno.EAGAIN, 0x00050000 | errno.ENOSYS
+    # Layout: checks, then the four returns at the end: ALLOW, EAGAIN, ENOSYS, KILL.
+    checks = [("ld", 4), ("arch", arch), ("ld", 0), ("x32", _X32_SYSCALL_BIT), ("clone3", clone3)]
+    checks += [("fork", n) for n in forks] + [("clone", clone), ("ld", 16), ("thread", _CLONE_THREAD)]
+    n = len(checks)
+    ends = {"allow": n, "eagain": n + 1, "enosys": n + 2, "kill": n + 3}
+    out = b""
+    for i, (what, k) in enumerate(checks):
+        to = lambda end: ends[end] - i - 1  # noqa: E731 (a jump is relative to the next instruction)
+        if what == "ld":
+            out += _bpf(ld_w, k)
+        elif what == "arch":
+            out += _bpf(jeq, k, 0, to("kill"))
+        elif what in ("x32", "clone3"):
+            out += _bpf(jge if what == "x32" else jeq, k, to("enosys"), 0)
+        elif what == "fork":
+            out += _bpf(jeq, k, to("eagain"), 0)
+        elif what == "clone":
+            out += _bpf(jeq, k, 0, to("allow"))
+        else:  # the clone flags (args[0], low word): a thread may be made
+            out += _bpf(jset, k, to("allow"), to("eagain"))
+    return out + _bpf(ret, allow) + _bpf(ret, refuse) + _bpf(ret, no_such) + _bpf(ret, kill)
+
+
+def _filter_fd(program: bytes) -> int:
+    """A pipe holding the program, its write end closed: bwrap reads it to the end."""
+    read, write = os.pipe()
+    os.write(write, program)
+    os.close(write)
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
 # bubblewrap
 
 
@@ -140,10 +202,12 @@ def gpu_device_nodes() -> list[str]:
     return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
 
 
-def bwrap_prefix(binds: dict[str, str], gpu: bool, tmpfs_bytes: int, env: dict | None = None) -> list[str]:
+def bwrap_prefix(
+    binds: dict[str, str], gpu: bool, tmpfs_bytes: int, env: dict | None = None, seccomp_fd: int | None = None
+) -> list[str]:
     """bwrap's arguments for a child that sees only the system, Python, the package and `binds`
     (host path -> path inside), with a private tmpfs at SANDBOX_HOME as its working folder and
-    exactly the environment `env`."""
+    exactly the environment `env`; `seccomp_fd`: a seccomp program applied to the child."""
     argv = [
         bwrap_binary(),
         "--unshare-all",
@@ -172,6 +236,8 @@ def bwrap_prefix(binds: dict[str, str], gpu: bool, tmpfs_bytes: int, env: dict |
     argv += ["--size", str(tmpfs_bytes), "--tmpfs", SANDBOX_HOME, "--chdir", SANDBOX_HOME]
     for host, inside in binds.items():
         argv += ["--ro-bind", str(host), str(inside)]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     return argv
 
 
@@ -335,15 +401,24 @@ class SandboxedProcess:
         env_extra: dict | None = None,
         on_stderr_line=None,
         drain_stdout: bool = False,
+        pass_fds: tuple[int, ...] = (),
+        no_new_processes: bool = False,
     ):
+        """`pass_fds`: open file descriptors the child keeps, at the same numbers (pipes to other
+        processes the caller set up; the caller closes its own copies). `no_new_processes`: under
+        bwrap, the child may make threads but no process (`no_new_processes_filter`)."""
         require_isolation(isolation)
         self.limits, self.isolation, self.binds = limits, isolation, dict(binds or {})
         self.start = time.monotonic()
         self.deadline = self.start + limits.wall_seconds
         self._host_home = None
+        seccomp_fd = None
+        if isolation == "bwrap" and no_new_processes and (program := no_new_processes_filter()):
+            seccomp_fd = _filter_fd(program)
+            pass_fds = (*pass_fds, seccomp_fd)
         if isolation == "bwrap":
             env = scrubbed_env(SANDBOX_HOME, threads, env_extra)
-            command = bwrap_prefix(self.binds, gpu, limits.tmpfs_bytes, env) + ["--"] + argv
+            command = bwrap_prefix(self.binds, gpu, limits.tmpfs_bytes, env, seccomp_fd) + ["--"] + argv
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # bwrap's own; the child's is set above
         else:
             self._host_home = tempfile.mkdtemp(prefix="plasa-sandbox-")
@@ -360,7 +435,10 @@ class SandboxedProcess:
             start_new_session=True,
             preexec_fn=_child_setup(limits, cpu_seconds),
             close_fds=True,
+            pass_fds=tuple(pass_fds),
         )
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
         for pipe in (self.proc.stdin, self.proc.stdout):
             _widen(pipe)
         self.budget = _OutputBudget(on_exceeded=lambda: kill_group(self.proc.pid))

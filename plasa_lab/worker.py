@@ -1,54 +1,54 @@
-"""The untrusted side: runs a child program inside the sandbox and does only what the judge asks.
+"""The untrusted side: a program's EVOLVE-BLOCKs, run inside the sandbox, answering the trusted trunk.
 
-    python -I -m plasa_lab.worker        (stdin/stdout: the plasa_lab.wire protocol)
+    python -I -m plasa_lab.worker        (stdin/stdout: the plasa_lab.wire protocol, to the trunk)
 
-Nothing here is trusted and nothing here decides a score: the child's code shares this process
-and could change any of it. The worker builds the model, trains it with the fixed recipe and
-sends back a snapshot of its weights (`train`), or loads a snapshot and answers forward passes
-(`serve`). The judge (plasa_lab.judge) checks everything that comes back and computes every
-metric outside this process; a worker that lies can only fail its own evaluation.
+The fixed model never exists in this process. The trunk (plasa_lab.trunk) runs it elsewhere and sends
+this one, per layer, the hidden states that layer's indexer reads (plain arrays: detached from
+everything) and takes back only the keys each query keeps, which it checks (causal, within the
+layer's k) before attention uses them. So nothing block code can reach here leads to a fixed weight,
+an optimiser or an autograd node of the trunk, and the trunk's training is the recipe's whatever this
+process does. In training the indexers learn here, from the program's aux loss alone, with an AdamW
+and a gradient clip of their own (the recipe's settings); their weights go back as a snapshot, which
+two fresh imports of the program load to answer validation.
+
+Nothing here is trusted and nothing here decides a score: the child's code shares this process and
+could change any of it; a worker that lies can only fail its own evaluation.
 
 Messages (one JSON line each, then raw little-endian bytes where noted):
-    judge -> worker   {"mode": "train"|"serve", "code", "seed", "device", "threads", ...}
-    worker -> judge   {"ok": true, "spec": {...}}  what a freshly built model declares
-    train:  worker -> judge   {"ok": true, "losses": [...], "snapshot_bytes": n} + snapshot
-    serve:  judge -> worker   {"op": "load", "snapshot_bytes": n} + the snapshot (safetensors)
-            worker -> judge   {"ok": true}
-            judge -> worker   {"op": "forward", "shape": [B, T]} + int64 tokens
-            worker -> judge   {"ok": true} + float32 logits [B,T,V] + uint8 selections [layers,B,T,T]
-    any failure: {"ok": false, "error": "one line"}, then the worker exits.
+    trunk -> worker   {"mode": "train"|"serve", "code", "seed", "device", "threads"}
+    worker -> trunk   {"ok": true, "spec": {"schedule": [...], "state": {name: [shape, dtype]}}}
+    trunk -> worker   {"op": "select", "layer": l, "shape": [B, T]} + float32 hidden states [B, T, C]
+    worker -> trunk   {"ok": true} + the selection [B, T, T] as bits (numpy.packbits)
+  train:
+    trunk -> worker   {"op": "attention", "layer": l, "shape": [B, T]} + float32 attention [B, H, T, T]
+    trunk -> worker   {"op": "step"}     no answer: the indexers' loss, backward and optimiser step
+    trunk -> worker   {"op": "finish"}
+    worker -> trunk   {"ok": true, "aux_losses": [...], "snapshot_bytes": n} + the indexers' weights
+  serve:
+    trunk -> worker   {"op": "load", "snapshot_bytes": n} + weights; worker -> trunk {"ok": true}
+  any failure: {"ok": false, "error": "one line"}, then the worker exits.
 """
 
 import math
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import wire
-from .constants import GRAD_CLIP, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
+from .constants import GRAD_CLIP, MODEL_CONFIG, OPTIMIZER
 from .program import load_program
-from .tokens import train_batches
 from .util import message_line
 
 PROGRAM_FILE = "program.py"  # in the worker's private folder
-# Training steps between finiteness checks and progress lines: the loop's only host syncs. A sync
-# drains the device queue, so every few dozen steps costs nothing measurable; every step would
-# stall a launch-bound GPU once per step. The judge may ask for another interval (tests do).
-PROGRESS_EVERY = 50
+BLOCK_API = ("LightningIndexer", "select_topk", "layer_k_schedule", "indexer_aux_loss", "init_indexer")
 
 
 class Refusal(Exception):
     """The child broke a rule the worker can see; the message is the one-line failure."""
-
-
-def log(message: str):
-    print(message, file=sys.stderr, flush=True)
 
 
 def describe(exc: BaseException, doing: str) -> str:
@@ -61,184 +61,170 @@ def describe(exc: BaseException, doing: str) -> str:
     return f"{doing}: {type(exc).__name__}{where}: {message_line(exc)}".rstrip(": ")
 
 
-# ---------------------------------------------------------------------------------------------
-# Building
-
-
-def build(request: dict):
-    """Import the program, build its model under the seed, describe what it declares."""
-    Path(PROGRAM_FILE).write_text(request["code"])
+def guarded(doing: str, action):
+    """action(), with any exception of the child's code turned into a one-line Refusal."""
     try:
-        module = load_program(PROGRAM_FILE)
-    except BaseException as e:  # SyntaxError, ImportError, SystemExit, anything at import time
-        raise Refusal(describe(e, "importing the program failed"))
-    if getattr(module, "MODEL_CONFIG", None) != MODEL_CONFIG:
-        raise Refusal(f"MODEL_CONFIG is {getattr(module, 'MODEL_CONFIG', None)}, must stay {MODEL_CONFIG}")
-    if not callable(getattr(module, "build_model", None)):
-        raise Refusal("the program defines no build_model(vocab_size) function")
-    device = resolve_device(request["device"])
-    torch.manual_seed(request["seed"])
-    model = module.build_model(VOCAB_SIZE)
-    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "plasa_layers", None)):
-        raise Refusal("build_model() must return a torch.nn.Module with a plasa_layers() method")
-    model = model.to(device)
-    n, L = MODEL_CONFIG["n_layers"], MODEL_CONFIG["seq_len"]
-    schedule = module.layer_k_schedule(n, L) if callable(getattr(module, "layer_k_schedule", None)) else None
-    spec = dict(
-        device=device.type,
-        schedule=[int(k) if isinstance(k, int) else repr(k)[:20] for k in schedule]
-        if isinstance(schedule, (list, tuple))
-        else repr(schedule)[:80],
-        layer_ks=[
-            int(k) if isinstance(k := getattr(layer, "k", None), int) else None for layer in model.plasa_layers()
-        ],
-        state={name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in model.state_dict().items()},
-    )
-    return module, model, device, spec
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training (the fixed recipe)
-
-
-def lm_loss_and_aux(model, batch):
-    out = model(batch[:, :-1])
-    logits = out.get("logits") if isinstance(out, dict) else None
-    if not torch.is_tensor(logits) or logits.shape != (*batch[:, 1:].shape, VOCAB_SIZE):
-        raise Refusal("model output must be a dict whose 'logits' have shape [B, T, vocab_size]")
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-    aux = out.get("aux_loss")
-    if aux is not None and (not torch.is_tensor(aux) or aux.numel() != 1):
-        raise Refusal("aux_loss must be a scalar tensor")
-    return loss, aux
-
-
-def train(model, batches, steps, device, seed, check_every=PROGRESS_EVERY):
-    """AdamW, grad clip, LM loss + the child's aux_loss, with no host sync inside a step: the batches
-    go to the device in one copy before the first step, each step's losses stay on the device, and
-    they are checked for finiteness every `check_every` steps and at the end (one sync each). The
-    first non-finite step is still named exactly, and every step's loss comes back (the curve).
-    The numbers do not depend on `check_every`: it only decides when the host looks."""
-    torch.manual_seed(seed)  # dropout's stream: the same for every program, whatever its init drew
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER, fused=fused)
-    model.train()
-    check_every = max(1, int(check_every))
-    start, checked = time.perf_counter(), 0
-    # All batches at once (steps x B x (T+1) int64: 2 MB for 1000 steps): no copy from pageable
-    # host memory between two steps. The batch stream has its own generator, so drawing it ahead
-    # leaves dropout's stream as it was.
-    all_batches = torch.stack([next(batches) for _ in range(steps)]).to(device) if steps else None
-    lm_losses = torch.empty(steps, device=device)
-    total_losses = torch.empty(steps, device=device)
-    for step in range(steps):
-        loss, aux = lm_loss_and_aux(model, all_batches[step])
-        total = loss if aux is None else loss + aux.reshape(())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)  # the norm stays on the device
-        optimizer.step()
-        lm_losses[step], total_losses[step] = loss.detach(), total.detach()  # device copies, no sync
-        if (step + 1) % check_every == 0 or step + 1 == steps:
-            _check_finite(lm_losses, total_losses, checked, step + 1)
-            checked = step + 1
-            elapsed = time.perf_counter() - start
-            log(f"step {step + 1}/{steps} loss {lm_losses[step].item():.4f} ({elapsed / (step + 1):.3f} s/step)")
-    return lm_losses.tolist(), time.perf_counter() - start
-
-
-def _check_finite(lm_losses, total_losses, begin, end):
-    finite = torch.isfinite(total_losses[begin:end])
-    if not bool(finite.all()):
-        i = begin + int((~finite).nonzero()[0])
-        what = "LM loss" if not math.isfinite(lm_losses[i].item()) else "aux_loss"
-        raise Refusal(
-            f"training {what} became {total_losses[i].item()} at step {i + 1}: keep the training signal finite"
-        )
-
-
-def snapshot(model) -> bytes:
-    """The weights as safetensors bytes: parameters and persistent buffers, nothing else."""
-    from safetensors.torch import save
-
-    return save({name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()})
-
-
-def run_train(request: dict, channel_out, spec_sent):
-    module, model, device, spec = build(request)
-    spec_sent(spec)
-    train_tokens = np.fromfile(request["train_path"], dtype="<u2")
-    batches = train_batches(train_tokens, request["batch_size"], request["seq_len"], request["seed"])
-    log(f"training {request['steps']} steps (seed {request['seed']}, {device.type})")
-    try:
-        losses, seconds = train(
-            model, batches, request["steps"], device, request["seed"], request.get("check_every") or PROGRESS_EVERY
-        )
+        return action()
     except Refusal:
         raise
     except BaseException as e:
-        raise Refusal(describe(e, "training failed"))
-    try:
-        weights = snapshot(model)
-    except BaseException as e:
-        raise Refusal(describe(e, "saving the weights failed"))
-    wire.send(channel_out, dict(ok=True, losses=losses, train_seconds=seconds, snapshot_bytes=len(weights)), weights)
+        raise Refusal(describe(e, doing))
 
 
-# ---------------------------------------------------------------------------------------------
-# Serving forward passes of a snapshot
+class Blocks:
+    """The program's blocks for every layer: an indexer each, the selector, the schedule, the aux loss."""
+
+    def __init__(self, request: dict):
+        Path(PROGRAM_FILE).write_text(request["code"])
+        self.module = guarded("importing the program failed", lambda: load_program(PROGRAM_FILE))
+        if getattr(self.module, "MODEL_CONFIG", None) != MODEL_CONFIG:
+            raise Refusal(f"MODEL_CONFIG is {getattr(self.module, 'MODEL_CONFIG', None)}, must stay {MODEL_CONFIG}")
+        missing = [name for name in BLOCK_API if not callable(getattr(self.module, name, None))]
+        if missing:
+            raise Refusal(f"the program defines no {missing[0]}: keep every block's interface")
+        name = request["device"]
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(name)
+        n, L, C = MODEL_CONFIG["n_layers"], MODEL_CONFIG["seq_len"], MODEL_CONFIG["d_model"]
+        self.d_model, self.heads = C, MODEL_CONFIG["n_heads"]
+        torch.manual_seed(request["seed"])
+        self.schedule = guarded("layer_k_schedule failed", lambda: self.module.layer_k_schedule(n, L))
+        indexers = [guarded("building the indexer failed", lambda: self.module.LightningIndexer(C, i)) for i in range(n)]
+        if not all(isinstance(ix, torch.nn.Module) for ix in indexers):
+            raise Refusal("LightningIndexer(d_model, layer) must build a torch.nn.Module")
+        self.indexers = torch.nn.ModuleList(indexers)
+        init_weights = getattr(getattr(self.module, "PLASAModel", None), "_init_weights", None)
+        if callable(init_weights):  # what the fixed model does to every Linear and Embedding, first
+            guarded("initialising the indexer failed", lambda: self.indexers.apply(init_weights))
+        for i, ix in enumerate(indexers):
+            guarded("init_indexer failed", lambda: self.module.init_indexer(ix, i))
+        self.indexers.to(self.device)
+        self.scores, self.kept, self.aux_terms = {}, {}, []
+
+    def spec(self) -> dict:
+        schedule = self.schedule
+        return dict(
+            schedule=[int(k) if isinstance(k, int) else repr(k)[:20] for k in schedule]
+            if isinstance(schedule, (list, tuple))
+            else repr(schedule)[:80],
+            state={
+                name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
+                for name, t in self.indexers.state_dict().items()
+            },
+        )
+
+    def select(self, layer: int, x: torch.Tensor, training: bool) -> np.ndarray:
+        """The keys each query of `layer` keeps, as a bool array [B, T, T] (the trunk checks it)."""
+        k = self.schedule[layer]
+
+        def run():
+            with torch.set_grad_enabled(training):
+                scores = self.indexers[layer](x)
+                return scores, self.module.select_topk(scores, k, layer)
+
+        scores, kept = guarded("the indexer or select_topk failed", run)
+        B, T = x.shape[:2]
+        if not torch.is_tensor(kept) or tuple(kept.shape) != (B, T, T):
+            shape = tuple(kept.shape) if torch.is_tensor(kept) else type(kept).__name__
+            raise Refusal(f"select_topk returned {shape}: expected a BoolTensor of shape {(B, T, T)}")
+        kept = kept.detach().to(torch.bool)
+        if training:
+            self.scores[layer], self.kept[layer] = scores, kept
+        return kept.to("cpu").numpy()
+
+    def attention(self, layer: int, attn_probs: torch.Tensor):
+        if layer not in self.scores:
+            return
+        aux = guarded(
+            "indexer_aux_loss failed",
+            lambda: self.module.indexer_aux_loss(attn_probs, self.scores[layer], self.kept[layer], layer),
+        )
+        if not torch.is_tensor(aux) or aux.numel() != 1:
+            raise Refusal("indexer_aux_loss must return a scalar tensor")
+        self.aux_terms.append(aux.reshape(()))
+
+    def release(self):
+        self.scores, self.kept, self.aux_terms = {}, {}, []
 
 
-def run_serve(request: dict, channel_in, channel_out, spec_sent):
-    """Build first (while the judge may still be training elsewhere), then load the weights it sends."""
+class IndexerTraining:
+    """The indexers' own optimiser step after each trunk step: the program's aux loss, AdamW, clip."""
+
+    def __init__(self, blocks: Blocks):
+        self.blocks = blocks
+        self.params = [p for p in blocks.indexers.parameters() if p.requires_grad]
+        fused = blocks.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(self.params, **OPTIMIZER, fused=fused) if self.params else None
+        self.losses, self.step_index = [], 0
+
+    def step(self):
+        self.step_index += 1
+        terms = self.blocks.aux_terms
+        if terms:
+            total = torch.stack(terms).sum()
+            value = float(total.detach())
+            if not math.isfinite(value):
+                raise Refusal(
+                    f"training aux_loss became {value} at step {self.step_index}: keep the training signal finite"
+                )
+            self.losses.append(value)
+            if self.optimizer is not None and total.requires_grad:
+                guarded("the aux loss's backward pass failed", total.backward)
+                torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.blocks.release()
+
+
+def snapshot(blocks: Blocks) -> bytes:
+    """The indexers' weights as safetensors bytes: parameters and persistent buffers, nothing else."""
+    from safetensors.torch import save
+
+    state = blocks.indexers.state_dict()
+    return save({name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()})
+
+
+def receive_floats(channel_in, shape) -> torch.Tensor:
+    n = math.prod(shape)
+    raw = wire.receive_bytes(channel_in, 4 * n)
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").reshape(shape).copy())
+
+
+def answer(blocks: Blocks, channel_in, channel_out, training: IndexerTraining | None):
+    """The trunk's requests until it closes the channel (or asks to finish a training)."""
     from safetensors.torch import load
 
-    module, model, device, spec = build(request)
-    spec_sent(spec)
-    ask = wire.receive(channel_in)
-    if ask.get("op") != "load":
-        return
-    weights = wire.receive_bytes(channel_in, ask["snapshot_bytes"])
-    try:
-        model.load_state_dict({k: v.to(device) for k, v in load(weights).items()}, strict=True)
-    except BaseException as e:
-        raise Refusal(describe(e, "loading the trained weights into a fresh model failed"))
-    del weights
-    model.eval()
-    wire.send(channel_out, dict(ok=True))
     while True:
         ask = wire.receive(channel_in)
-        if ask.get("op") != "forward":
+        op = ask.get("op")
+        if op in ("select", "attention"):
+            layer, (B, T) = int(ask["layer"]), ask["shape"]
+            if op == "select":
+                x = receive_floats(channel_in, (B, T, blocks.d_model)).to(blocks.device)
+                kept = blocks.select(layer, x, training is not None)
+                wire.send(channel_out, dict(ok=True), np.packbits(kept.reshape(-1)).tobytes())
+            else:
+                attn = receive_floats(channel_in, (B, blocks.heads, T, T)).to(blocks.device)
+                blocks.attention(layer, attn)
+        elif op == "step" and training is not None:
+            training.step()
+        elif op == "finish" and training is not None:
+            weights = guarded("saving the indexers' weights failed", lambda: snapshot(blocks))
+            wire.send(channel_out, dict(ok=True, aux_losses=training.losses, snapshot_bytes=len(weights)), weights)
             return
-        B, T = ask["shape"]
-        tokens = torch.from_numpy(
-            np.frombuffer(wire.receive_bytes(channel_in, B * T * 8), dtype="<i8").reshape(B, T).copy()
-        )
-        try:
-            with torch.no_grad():
-                out = model(tokens.to(device))
-                logits = out["logits"] if isinstance(out, dict) else out
-                selections = torch.stack([layer.last_selection for layer in model.plasa_layers()])
-        except BaseException as e:
-            raise Refusal(describe(e, "a forward pass failed"))
-        # Shapes and dtypes are the judge's to check: send what came out, converted as far as it goes.
-        logits = logits.detach().float().to("cpu").contiguous().numpy().astype("<f4", copy=False)
-        selections = selections.detach().to("cpu").to(torch.uint8).contiguous().numpy()
-        expected = (B, T, VOCAB_SIZE)
-        if logits.shape != expected or selections.shape != (len(model.plasa_layers()), B, T, T):
-            raise Refusal(
-                f"logits have shape {tuple(logits.shape)} and selections {tuple(selections.shape)}: "
-                f"expected {expected} and (layers, {B}, {T}, {T})"
+        elif op == "load" and training is None:
+            weights = wire.receive_bytes(channel_in, int(ask["snapshot_bytes"]))
+            guarded(
+                "loading the trained weights into a fresh import failed",
+                lambda: blocks.indexers.load_state_dict(
+                    {k: v.to(blocks.device) for k, v in load(weights).items()}, strict=True
+                ),
             )
-        wire.send(channel_out, dict(ok=True), memoryview(logits.reshape(-1).view(np.uint8)))  # no 50 MB copy
-        channel_out.write(memoryview(selections.reshape(-1)))
-        channel_out.flush()
+            blocks.indexers.eval()
+            wire.send(channel_out, dict(ok=True))
+        else:
+            return
 
 
 def main():
@@ -247,21 +233,22 @@ def main():
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     channel_in = sys.stdin.buffer
-    request = wire.receive(channel_in)
-    torch.set_num_threads(int(request["threads"]))
-
-    def spec_sent(spec):
-        wire.send(channel_out, dict(ok=True, spec=spec))
-
     try:
+        request = wire.receive(channel_in)
+        torch.set_num_threads(int(request["threads"]))
+        blocks = Blocks(request)
+        wire.send(channel_out, dict(ok=True, spec=blocks.spec()))
+        training = None
         if request["mode"] == "train":
-            run_train(request, channel_out, spec_sent)
+            blocks.indexers.train()
+            training = IndexerTraining(blocks)
         else:
-            run_serve(request, channel_in, channel_out, spec_sent)
+            blocks.indexers.eval()
+        answer(blocks, channel_in, channel_out, training)
     except Refusal as e:
         wire.send(channel_out, dict(ok=False, error=str(e)))
     except EOFError:
-        pass  # the judge is done with us
+        pass  # the trunk is done with us
     except BaseException as e:
         wire.send(channel_out, dict(ok=False, error=describe(e, "the worker failed")))
     channel_out.flush()

@@ -263,9 +263,15 @@ def test_static_checks_win_over_a_passing_row_in_the_ledger(smoke):
     assert_rejected(evaluation, "outside the EVOLVE-BLOCKs changed")
 
 
-def test_nan_logits_are_rejected(smoke):
+def test_a_query_left_with_no_key_is_rejected_at_the_first_training_step(smoke):
+    """It would make NaN attention; the trunk checks every selection before attention uses it."""
     code = variant("    return selected & causal\n", "    return selected & causal & False\n")
-    assert_rejected(evaluate_code(code, 1, smoke), "became nan")
+    assert_rejected(evaluate_code(code, 1, smoke), "during training", "keeps no key for query 0")
+
+
+def test_a_nan_aux_loss_is_rejected_with_its_step(smoke):
+    code = variant("    return INDEXER_LOSS_WEIGHT * kl.sum(dim=-1).mean()", "    return kl.sum() * float('nan')")
+    assert_rejected(evaluate_code(code, 1, smoke), "aux_loss became nan at step 1")
 
 
 def test_model_config_changed_from_a_block_is_rejected(smoke):
@@ -342,23 +348,6 @@ def test_reading_the_callers_frames_finds_no_targets(smoke):
     assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
 
 
-def test_perfect_logits_from_the_next_input_token_are_a_caught_leak(smoke):
-    # The targets are the inputs shifted by one: "predicting" them is reading the future.
-    cheat = """def cheat_forward(module, inputs, output):
-    ids = inputs[0]
-    if not module.training and isinstance(output, dict):
-        nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
-        output["logits"] = F.one_hot(nxt, output["logits"].shape[-1]).float() * 30
-    return output
-"""
-    code = (
-        SOURCE + "\n" + cheat + "\n_build = build_model\n\n\ndef build_model(vocab_size=49152):\n"
-        "    m = _build(vocab_size)\n    m.register_forward_hook(cheat_forward)\n    return m\n"
-    )
-    result = judged(code)  # past the static checks (it edits outside the blocks)
-    assert_failed(result, "sees future tokens")
-
-
 def test_forged_protocol_messages_fail_the_child_never_the_evaluator(tmp_path):
     forge = (
         "import os\n"
@@ -387,25 +376,44 @@ def test_forged_protocol_messages_fail_the_child_never_the_evaluator(tmp_path):
     assert_failed(result, "broke the protocol")
 
 
+NEXT_TOKEN_HOOK = """
+def cheat_forward(module, inputs, output):
+    ids = inputs[0]
+    if not module.training and isinstance(output, dict):
+        nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+        output["logits"] = F.one_hot(nxt, output["logits"].shape[-1]).float() * 30
+    return output
+
+
+_build = build_model
+
+
+def build_model(vocab_size=49152):
+    m = _build(vocab_size)
+    m.register_forward_hook(cheat_forward)
+    return m
+"""
+
+
 @pytest.mark.parametrize(
-    "logits, phrase",
-    [
-        ("torch.full_like(logits, float('nan'))", "NaN or inf"),
-        ("logits[:, :, :100]", "shape"),
-        ("logits * 1e30", None),  # huge but finite: scored (badly) or refused, never a crash
-    ],
+    "edit",
+    ["next-token hook", "nan logits", "misshapen logits", "no causal mask"],
 )
-def test_nan_misshapen_or_huge_logits_fail_or_score_honestly(logits, phrase):
-    code = variant(
-        '        out = {"logits": self.lm_head(self.norm(x))}\n',
-        "        logits = self.lm_head(self.norm(x))\n"
-        f'        out = {{"logits": {logits} if not self.training else logits}}\n',
-    )
-    result = judged(code)
-    if phrase:
-        assert_failed(result, phrase)
-    else:
-        assert not result.ok or result.metrics["val_loss"] > HONEST_SMOKE_LOSS, result
+def test_edits_of_the_fixed_model_past_the_static_checks_change_nothing_the_judge_runs(edit):
+    """The trunk runs the initial program's fixed code, not the child's: an edit outside the blocks
+    (a hook that "predicts" the next input token, NaN or misshapen logits, attention without the
+    selection mask) reaches no score. The judge scores the child exactly as the initial program."""
+    fixed_logits = '        out = {"logits": self.lm_head(self.norm(x))}\n'
+    code = {
+        "next-token hook": SOURCE + NEXT_TOKEN_HOOK,
+        "nan logits": variant(fixed_logits, fixed_logits + '        out["logits"] = out["logits"] * float("nan")\n'),
+        "misshapen logits": variant(fixed_logits, fixed_logits + '        out["logits"] = out["logits"][:, :, :100]\n'),
+        "no causal mask": variant("att.masked_fill(~selected[:, None], float(\"-inf\"))", "att"),
+    }[edit]
+    honest, child = judged(SOURCE), judged(code)
+    assert honest.ok and child.ok, (honest.failure, child.failure)
+    assert child.metrics["val_loss"] == pytest.approx(honest.metrics["val_loss"], rel=1e-6)
+    assert child.metrics["train_loss"] == pytest.approx(honest.metrics["train_loss"], rel=1e-6)
     assert worker_processes() == []
 
 
@@ -436,7 +444,7 @@ def test_memoised_prefix_scores_cannot_hide_a_peek_ahead(smoke):
 MEMORY = []
 """
     evaluation = evaluate_code(variant(INDEXER_FORWARD, memoiser), 1, smoke)
-    assert_rejected(evaluation, "during validation", "sees future tokens", "another process")
+    assert_rejected(evaluation, "during validation", "sees future tokens", "the other process")
 
 
 def test_a_method_handed_a_fixed_class_cannot_replace_the_fixed_attention(smoke):
@@ -527,6 +535,103 @@ PLASAModel.forward = biased_forward
 
 
 # ---------------------------------------------------------------------------------------------
+# attacks: reaching the fixed model (block code runs in a process of its own, the trunk elsewhere)
+
+REACH = """
+import gc, os, sys
+
+FOUND = {}
+
+
+def search_for_the_fixed_model(inputs):
+    \"\"\"Every way in we know: the heap, the modules loaded, the autograd graph of what we are handed,
+    the other processes.\"\"\"
+    vocab = MODEL_CONFIG["vocab_size"]
+    heap = [o for o in gc.get_objects() if torch.is_tensor(o) and vocab in tuple(o.shape)]
+    modules = [o for o in gc.get_objects() if isinstance(o, nn.Module) and hasattr(o, "lm_head")]
+    graph = [t for t in inputs if torch.is_tensor(t) and (t.grad_fn is not None or t.requires_grad)]
+    loaded = [m for m in list(sys.modules) if "trunk" in m or "judge" in m]
+    others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
+    FOUND.update(heap=len(heap), modules=len(modules), graph=len(graph), loaded=len(loaded), others=len(others))
+"""
+
+
+def test_block_code_finds_no_fixed_weight_module_graph_or_process_by_any_means_we_know():
+    """Past the static checks, an indexer searches its whole process (heap, modules, the autograd
+    graph of its input) and the process table for the trunk, and reports what it found."""
+    reach = REACH + """
+
+def report():
+    raise RuntimeError("reach report: " + " ".join(f"{k}={v}" for k, v in FOUND.items()))
+"""
+    forward = INDEXER_FORWARD.replace(
+        "        q, k, w = self.components(x)\n",
+        "        search_for_the_fixed_model([x])\n        report()\n        q, k, w = self.components(x)\n",
+    )
+    result = judged(variant(INDEXER_FORWARD, forward + reach))
+    assert_failed(result, "reach report")
+    found = dict(part.split("=") for part in result.failure.split("reach report: ")[1].split())
+    assert found == dict(heap="0", modules="0", graph="0", loaded="0", others="0"), found
+
+
+def test_a_state_dict_hook_sees_only_the_indexers_and_the_score_stays_the_initial_programs(smoke):
+    """An indexer's state-dict hook once received the whole model's tensors and wrote a unigram table
+    into the LM head (3.8x the honest score). Now the snapshot it sees holds the indexers only, the
+    train loss is the trunk's, and the child scores exactly what the initial program scores."""
+    hook = """
+
+def steal_the_head(module, state, prefix, metadata):
+    for name, tensor in state.items():
+        if tensor.shape[0] == MODEL_CONFIG["vocab_size"]:
+            tensor.fill_(1.0)
+    STOLEN.append(sorted(state))
+
+
+STOLEN = []
+"""
+    init = "        self.w_proj = nn.Linear(d_model, self.n_heads, bias=False)\n"
+    code = variant(init, init + "        self._register_state_dict_hook(steal_the_head)\n")
+    code = code.replace(INDEXER_TRAINING, hook.lstrip() + "\n\n" + INDEXER_TRAINING, 1)
+    assert_rejected(evaluate_code(code, 1, smoke), "_register_state_dict_hook")
+    honest, child = judged(SOURCE), judged(code)
+    assert honest.ok and child.ok, child.failure
+    assert child.metrics["val_loss"] == pytest.approx(honest.metrics["val_loss"], rel=1e-6)
+    assert child.metrics["train_loss"] == pytest.approx(honest.metrics["train_loss"], rel=1e-6)
+
+
+def test_float64_buffers_count_by_their_bytes_against_the_budget():
+    """300k float64 values are 600k 4-byte values: with the fixed 1.44M and the indexers' 84k, over 2.0M."""
+    init = "        self.w_proj = nn.Linear(d_model, self.n_heads, bias=False)\n"
+    code = variant(
+        init, init + "        self.register_buffer('spare', torch.zeros(75_000, dtype=torch.float64))\n"
+    )
+    result = judged(code)
+    assert_failed(result, "over the budget of 2,000,000")
+
+
+def test_a_peek_at_one_query_position_below_the_smallest_k_is_caught_in_stage_2_every_time(smoke):
+    """Query 20 (no probe cuts there; every layer keeps all its 21 keys) drops the keys 0..19 that
+    the next position's hidden state names. Stage 2 cuts every position: caught, every run."""
+    peek = INDEXER_FORWARD.replace(
+        '        return torch.einsum("bth,bhts->bts", w, F.relu(dots))\n',
+        '        scores = torch.einsum("bth,bhts->bts", w, F.relu(dots))\n'
+        "        scores[:, 20, :20] = x[:, 21, :20]  # what comes next, where the selector will look\n"
+        "        return scores\n",
+    )
+    drop = "    return selected & causal\n"
+    selector = (
+        "    keep = selected & causal\n"
+        "    keep[:, 20, :20] = keep[:, 20, :20] & (scores[:, 20, :20] <= 0)\n"
+        "    return keep\n"
+    )
+    code = variant(INDEXER_FORWARD, peek).replace(drop, selector, 1)
+    code = code.replace("    if k >= T:\n        return causal.expand_as(scores)\n", "", 1)
+    for _ in range(2):
+        result = judged(code, stage=2)
+        assert_failed(result, "during validation", "at query 20", "sees future tokens")
+
+
+# ---------------------------------------------------------------------------------------------
 # attacks: escaping the sandbox
 
 
@@ -564,7 +669,7 @@ attempt("val_file", lambda: len(open("{corpus.dir / "val.bin"}", "rb").read()))
 attempt("raw_corpus", lambda: len(open("{raw_corpus}", "rb").read()))
 attempt("write_outside", lambda: open("{outside}", "w").write("pwned"))
 attempt("write_project", lambda: open("{PROJECT_ROOT / "pwned.txt"}", "w").write("pwned"))
-subprocess.Popen(["setsid", "sh", "-c", "sleep 300 # {marker}"])
+attempt("detach", lambda: subprocess.Popen(["setsid", "sh", "-c", "sleep 300 # {marker}"]))
 raise RuntimeError("escape report: " + " ".join(REPORT))
 '''
     try:
@@ -577,7 +682,7 @@ raise RuntimeError("escape report: " + " ".join(REPORT))
     assert report["raw_corpus"] == "refused"
     assert "sk-test-secret" not in result.failure + result.stderr and report["key"] == "None"
     assert "sk-test" not in report["parent_env"]
-    assert report["shell"] != "0" or not outside.exists()  # a shell may run inside, writing nowhere that lasts
+    assert report["shell"] == "refused" and report["detach"] == "refused"  # a blocks process starts no process
     assert not outside.exists() and not (PROJECT_ROOT / "pwned.txt").exists()
     time.sleep(0.5)
     assert not any(
@@ -662,7 +767,7 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
     import numpy as np
     import torch
 
-    from plasa_lab.judge import plan_validation
+    from plasa_lab.validation import plan_validation
 
     windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE
     ks = [128, 32, 32, 64]
@@ -682,24 +787,46 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
     assert 0.8 < sum(c >= 32 for c in cuts) / len(cuts) < 0.95 and min(cuts) < 32
 
 
+def test_stage_2_cuts_every_query_position_the_profiles_number_of_times():
+    """A peek at one query position shows only at a cut there: stage 2 covers them all, whatever the draw."""
+    import numpy as np
+    import torch
+
+    from plasa_lab.validation import plan_validation, windows_to_run
+
+    from collections import Counter
+
+    for rounds in (1, 3):
+        n = windows_to_run(8, 128, rounds)
+        windows = torch.arange(n * 129).reshape(n, 129) % VOCAB_SIZE
+        for seed in range(3):
+            batches = plan_validation(windows, 2, [128, 32, 32, 64], np.random.default_rng(seed), rounds)
+            cuts = Counter(i.cut for per in batches for batch in per for i in batch if i.cut not in (None, -1))
+            assert set(cuts) == set(range(127)) and set(cuts.values()) == {rounds}
+
+
 def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
-    from plasa_lab.judge import MIN_CHECKED, checked_windows, windows_to_run
+    from plasa_lab.validation import MIN_CHECKED, checked_windows, windows_to_run
 
     assert windows_to_run(8) == MIN_CHECKED and checked_windows(windows_to_run(8)) == MIN_CHECKED
     assert windows_to_run(200) == 200 and checked_windows(200) == 60
+    assert windows_to_run(8, 128, 1) == 127 and checked_windows(200, 128, 1) == 127
+    assert windows_to_run(200, 128, 4) == 508 and checked_windows(508, 128, 4) == 508
 
 
-def test_a_model_declaring_a_giant_embedding_is_refused_before_the_judge_receives_its_weights():
-    """The judge sizes the snapshot it reads from what the fresh model declares: a forged embedding
-    shape would have it read gigabytes. The fixed weights must have the fixed shape."""
-    from plasa_lab.constants import MODEL_CONFIG
-    from plasa_lab.judge import Rejection, Spec, check_spec, expected_snapshot_bytes
+def test_a_spec_declaring_giant_indexers_is_refused_before_the_judge_receives_its_weights():
+    """The trunk sizes the snapshot it reads from what the fresh indexers declare, and counts the
+    budget in bytes: a float64 buffer counts two values per element."""
+    from plasa_lab.trunk import Rejection, Spec, check_budget, expected_snapshot_bytes
 
-    d = MODEL_CONFIG["d_model"]
-    honest = {"embed.weight": ((VOCAB_SIZE, d), "float32"), "lm_head.weight": ((VOCAB_SIZE, d), "float32")}
-    spec = Spec([128, 32, 32, 64], [128, 32, 32, 64], honest)
-    assert check_spec(spec, False)["nonembed_params"] == 0
-    giant = dict(honest, **{"embed.weight": ((VOCAB_SIZE * 1000, d), "float32")})
-    assert expected_snapshot_bytes(Spec([128, 32, 32, 64], [128, 32, 32, 64], giant)) > 20e9
-    with pytest.raises(Rejection, match="keep the fixed model"):
-        check_spec(Spec([128, 32, 32, 64], [128, 32, 32, 64], giant), False)
+    trunk = 1_442_944
+    honest = Spec([128, 32, 32, 64], {"0.q_proj.weight": ((128, 128), "float32")})
+    assert check_budget(honest, trunk)["nonembed_params"] == trunk + 128 * 128
+    giant = Spec([128, 32, 32, 64], {"0.table": ((VOCAB_SIZE * 1000, 128), "float32")})
+    with pytest.raises(Rejection, match="over the budget"):
+        check_budget(giant, trunk)
+    assert expected_snapshot_bytes(giant) > 20e9  # never read: the budget refuses it first
+    doubles = Spec([128, 32, 32, 64], {"0.table": ((300_000,), "float64")})  # 300k elements, 600k values
+    assert check_budget(Spec([128, 32, 32, 64], {"0.table": ((300_000,), "float32")}), trunk)
+    with pytest.raises(Rejection, match="over the budget"):
+        check_budget(doubles, trunk)

@@ -1,0 +1,422 @@
+"""The trusted trunk: every program's fixed model, trained and validated by the judge's own code.
+
+    python -I -m plasa_lab.trunk     (stdin/stdout: plasa_lab.wire to the judge; blocks processes on passed fds)
+
+A program's text outside its EVOLVE-BLOCKs is the initial program's (plasa_lab.checks), so this
+process runs that fixed code, from the initial program itself, with the names the blocks define
+bound to stand-ins: each layer's indexer and selector become a request to a sandboxed blocks process
+(plasa_lab.worker) that runs the program's blocks, the aux loss becomes the attention sent there for
+the indexers' own training, the schedule is the one the program declared. The blocks process gets
+plain arrays (hidden states already detached by the fixed code) and sends back only which keys each
+query keeps, checked here at every step: causal, between 1 and min(k, t+1) keys. So the trunk's
+weights are trained by the recipe and nothing else, the LM loss, train_loss and the stage-1 gate are
+computed here, and validation (plasa_lab.validation) runs the trained trunk here too, asking two fresh
+blocks processes (A and B) for the selections.
+
+Everything a blocks process sends is untrusted: a malformed, oversized, late or missing answer is the
+program's failure with a one-line reason, never an exception of the trunk.
+
+    judge -> trunk   {reference, code, stage, seed, steps, ..., links: {name: [write_fd, read_fd]}}
+    trunk -> judge   {"ok": true, "metrics": {...}}
+                     {"ok": false, "error": "one line" | "gone": name, "doing": "..." | "deadline": true, "metrics"}
+"""
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import probes, wire
+from .constants import FIXED_WEIGHTS, GRAD_CLIP, MAX_NONEMBED_PARAMS, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
+from .tokens import train_batches, val_windows
+from .validation import Rejection, validate, windows_to_run
+
+SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
+DTYPE_BYTES = dict(float64=8, float32=4, float16=2, bfloat16=2, int64=8, int32=4, int16=2, int8=1, uint8=1, bool=1)
+VALUE_BYTES = 4  # the budget counts 4-byte values: a float64 buffer counts twice per element
+
+
+class Gone(Exception):
+    """A blocks process closed its end (it exited or was killed); the judge knows why."""
+
+    def __init__(self, name: str, doing: str):
+        super().__init__(f"{name} gone while {doing}")
+        self.name, self.doing = name, doing
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the blocks declare, and the weights they send back
+
+
+@dataclass
+class Spec:
+    schedule: list
+    state: dict  # name -> (shape tuple, dtype name)
+
+    @classmethod
+    def parse(cls, raw) -> "Spec":
+        try:
+            state = {
+                str(name): (tuple(int(d) for d in shape), str(dtype)) for name, (shape, dtype) in raw["state"].items()
+            }
+            schedule = raw["schedule"]
+            return cls(list(schedule) if isinstance(schedule, list) else schedule, state)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise Rejection(f"the worker described the model in a malformed way ({type(e).__name__})") from None
+
+    def indexer_bytes(self) -> int:
+        unknown = [name for name, (_, dtype) in self.state.items() if dtype not in DTYPE_BYTES]
+        if unknown:
+            raise Rejection(f"the indexer's {unknown[0]} has dtype {self.state[unknown[0]][1]}: use float32")
+        return sum(math.prod(shape) * DTYPE_BYTES[dtype] for shape, dtype in self.state.values())
+
+
+def check_schedule(spec: Spec, allow_uniform: bool):
+    n, L = MODEL_CONFIG["n_layers"], MODEL_CONFIG["seq_len"]
+    ks = spec.schedule
+    if not isinstance(ks, list) or len(ks) != n or not all(type(k) is int and 1 <= k <= L for k in ks):
+        raise Rejection(f"layer_k_schedule({n}, {L}) returned {ks!r}: expected {n} ints in [1, {L}]")
+    if not allow_uniform and len(set(ks)) == 1:
+        raise Rejection(f"layer_k_schedule gives every layer k={ks[0]}: the schedule must adapt k per layer")
+
+
+def check_budget(spec: Spec, trunk_nonembed: int) -> dict:
+    """The fresh indexers' size against the budget; returns the parameter counts (in 4-byte values)."""
+    indexer = spec.indexer_bytes() / VALUE_BYTES
+    if trunk_nonembed + indexer > MAX_NONEMBED_PARAMS:
+        raise Rejection(
+            f"{trunk_nonembed + indexer:,.0f} non-embedding parameters and buffers (4 bytes a value), over the "
+            f"budget of {MAX_NONEMBED_PARAMS:,}: the fixed model holds {trunk_nonembed:,}, make the indexers smaller"
+        )
+    return dict(nonembed_params=float(trunk_nonembed + indexer), indexer_params=float(indexer))
+
+
+def expected_snapshot_bytes(spec: Spec) -> int:
+    return spec.indexer_bytes() + SNAPSHOT_SLACK
+
+
+def check_snapshot(raw: bytes, spec: Spec):
+    """The trained indexer weights, parsed without running code (safetensors), exactly as declared."""
+    from safetensors.torch import load
+
+    try:
+        weights = load(raw)
+    except Exception as e:
+        raise Rejection(f"the trained weights are not a valid safetensors file ({type(e).__name__})") from None
+    got = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in weights.items()}
+    if got != spec.state:
+        extra, lost = sorted(set(got) - set(spec.state)), sorted(set(spec.state) - set(got))
+        changed = sorted(n for n in set(got) & set(spec.state) if got[n] != spec.state[n])
+        what = (
+            f"{extra[0]} is not a weight of a fresh model"
+            if extra
+            else f"{lost[0]} is missing"
+            if lost
+            else f"{changed[0]} is {got[changed[0]]}, a fresh model declares {spec.state[changed[0]]}"
+        )
+        raise Rejection(
+            f"the trained weights differ from what freshly built indexers declare ({what}): keep every "
+            f"trained value in the indexers' parameters and buffers"
+        )
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise Rejection(f"the trained weight {name} holds NaN or inf: keep the training stable")
+
+
+# ---------------------------------------------------------------------------------------------
+# One blocks process
+
+
+class BlocksLink:
+    """The trunk's side of one sandboxed blocks process: every answer bounded in size and time."""
+
+    def __init__(self, name: str, write_fd: int, read_fd: int, deadline: float):
+        self.name = name
+        self.channel = wire.Channel(write_fd, read_fd, deadline)
+
+    def talk(self, doing: str, action):
+        try:
+            return action()
+        except wire.Deadline:
+            raise
+        except wire.WorkerGone:
+            self._pending_error(doing)
+            raise Gone(self.name, doing) from None
+        except wire.ProtocolError as e:
+            raise Rejection(f"{doing}: the {self.name} process broke the protocol: {e}") from None
+
+    def _pending_error(self, doing: str):
+        """A worker that failed sends its reason, then exits: read it if it is there."""
+        try:
+            message = self.channel.receive()
+        except wire.ProtocolError:
+            return
+        self._raise_error(message, doing)
+
+    def _raise_error(self, message: dict, doing: str):
+        error = message.get("error")
+        raise Rejection(
+            " ".join(error.split())[:300]
+            if isinstance(error, str) and error.strip()
+            else f"{doing}: the {self.name} process failed without saying why"
+        )
+
+    def send(self, doing: str, header: dict, payload=b""):
+        self.talk(doing, lambda: self.channel.send(header, payload))
+
+    def receive_ok(self, doing: str) -> dict:
+        message = self.talk(doing, self.channel.receive)
+        if message.get("ok") is not True:
+            self._raise_error(message, doing)
+        return message
+
+    def spec(self) -> Spec:
+        return Spec.parse(self.receive_ok("building the indexers").get("spec"))
+
+    def select(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        data = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        self.send("a forward pass", dict(op="select", layer=layer, shape=[B, T]), memoryview(data).cast("B"))
+        self.receive_ok("a forward pass")
+        bits = self.talk("a forward pass", lambda: self.channel.receive_array(((B * T * T + 7) // 8,), np.uint8))
+        return torch.from_numpy(np.unpackbits(bits, count=B * T * T).reshape(B, T, T).astype(bool))
+
+    def attention(self, layer: int, attn_probs: torch.Tensor):
+        B, _, T, _ = attn_probs.shape
+        data = attn_probs.detach().to("cpu", torch.float32).contiguous().numpy()
+        self.send("training", dict(op="attention", layer=layer, shape=[B, T]), memoryview(data).cast("B"))
+
+    def step(self):
+        self.send("training", dict(op="step"))
+
+    def finish(self, spec: Spec) -> bytes:
+        self.send("training", dict(op="finish"))
+        done = self.receive_ok("training")
+        try:
+            n = int(done["snapshot_bytes"])
+        except (KeyError, TypeError, ValueError):
+            raise Rejection("the training process answered in a malformed way") from None
+        if not 0 < n <= expected_snapshot_bytes(spec):
+            raise Rejection(
+                f"the training process announced {n} bytes of weights; the indexers declare at most "
+                f"{expected_snapshot_bytes(spec)}"
+            )
+        return self.talk("sending the trained weights", lambda: self.channel.receive_bytes(n))
+
+    def load(self, weights: bytes):
+        self.send("loading the trained weights", dict(op="load", snapshot_bytes=len(weights)), weights)
+        self.receive_ok("loading the trained weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed model, with the blocks answered by a blocks process
+
+
+class Selections:
+    """What the trunk's stand-ins for the blocks ask: the blocks process now answering (`link`)."""
+
+    def __init__(self, schedule: list, device: torch.device):
+        self.schedule, self.device, self.link, self.phase = list(schedule), device, None, "during training"
+
+    def select(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        kept = self.link.select(layer, x)
+        if problem := probes.selection_violation(kept[None], [self.schedule[layer]], first_layer=layer):
+            raise Rejection(f"{self.phase}: {problem}")
+        return kept.to(self.device)
+
+    def attention(self, layer: int, attn_probs: torch.Tensor):
+        self.link.attention(layer, attn_probs)
+
+
+def build_trunk(reference_code: str, selections: Selections) -> torch.nn.Module:
+    """The fixed model of `reference_code` (the initial program: every program's fixed text), its
+    block names bound to stand-ins that ask `selections`. The fixed code calls
+    `select_topk(self.indexer(x.detach()), k, layer)` and `indexer_aux_loss(att.detach(), ...)`: the
+    stand-in indexer returns the blocks' selection, the stand-in selector passes it on, the stand-in
+    loss sends the attention to the blocks' own training and adds nothing to the trunk's loss."""
+    namespace = {"__name__": "plasa_trunk"}
+    exec(compile(reference_code, "initial_program.py", "exec"), namespace)
+
+    class RemoteIndexer(torch.nn.Module):
+        def __init__(self, d_model, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return selections.select(self.layer, x)
+
+    def remote_aux_loss(attn_probs, scores, selected, layer):
+        selections.attention(layer, attn_probs)
+        return None
+
+    namespace.update(
+        LightningIndexer=RemoteIndexer,
+        select_topk=lambda selected, k, layer: selected,
+        indexer_aux_loss=remote_aux_loss,
+        init_indexer=lambda indexer, layer: None,
+        layer_k_schedule=lambda n_layers, seq_len: list(selections.schedule),
+    )
+    return namespace["build_model"](VOCAB_SIZE).to(selections.device)
+
+
+def nonembed_params(model) -> int:
+    return sum(t.numel() for name, t in model.state_dict().items() if name not in FIXED_WEIGHTS)
+
+
+@contextlib.contextmanager
+def without_lm_head(model):
+    """Forward passes whose selections are all that is wanted (the cut checks' copies): the LM head,
+    most of a forward's arithmetic, is skipped."""
+    head = model.lm_head
+    model.lm_head = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        model.lm_head = head
+
+
+def train(model, selections, trainer: BlocksLink, batches, steps, device, seed, check_every) -> tuple[list, float]:
+    """The recipe: AdamW, LM loss, the trunk's gradients clipped at GRAD_CLIP. After each forward the
+    blocks process takes its indexers' step on the attention it was sent, while this one takes its own."""
+    torch.manual_seed(seed)  # dropout's stream: the same for every program
+    optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER, fused=device.type in ("cpu", "cuda"))
+    model.train()
+    selections.link, selections.phase = trainer, "during training"
+    all_batches = torch.stack([next(batches) for _ in range(steps)]).to(device) if steps else None
+    losses = torch.empty(steps, device=device)
+    start, check_every = time.perf_counter(), max(1, int(check_every))
+    for step in range(steps):
+        batch = all_batches[step]
+        logits = model(batch[:, :-1])["logits"]
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        trainer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        losses[step] = loss.detach()
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            last = losses[step].item()
+            if not math.isfinite(last):
+                raise Rejection(f"training LM loss became {last} at step {step + 1}: keep the selection sane")
+            elapsed = time.perf_counter() - start
+            log(f"step {step + 1}/{steps} loss {last:.4f} ({elapsed / (step + 1):.3f} s/step)")
+    return losses.tolist(), time.perf_counter() - start
+
+
+def forward_with(model, selections, servers, device):
+    """forward(tokens, server, need_logits) -> (logits on the CPU or None, selections [layers, B, T, T])."""
+    model.eval()
+
+    def forward(tokens, server, need_logits=True):
+        selections.link = servers[server]
+        with torch.no_grad(), contextlib.nullcontext() if need_logits else without_lm_head(model):
+            logits = model(tokens.to(device))["logits"]
+        kept = torch.stack([layer.last_selection for layer in model.plasa_layers()]).to("cpu")
+        return (logits.float().to("cpu") if need_logits else None), kept
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# A stage
+
+
+def run_stage(request: dict, links: dict[str, BlocksLink], metrics: dict) -> dict:
+    """Build, train, check and validate one program; fills `metrics` as it goes."""
+    device = torch.device(request["device"])
+    blocks_request = dict(mode="serve", code=request["code"], seed=request["seed"], device=device.type, threads=1)
+    trainer, servers = links["training"], [links["validation A"], links["validation B"]]
+    trainer.send("starting", {**blocks_request, "mode": "train"})
+    for server in servers:  # they import and build while the trunk trains
+        server.send("starting", blocks_request)
+    spec = trainer.spec()
+    check_schedule(spec, request["allow_uniform_schedule"])
+    selections = Selections(spec.schedule, device)
+    torch.manual_seed(request["seed"])  # the trunk's initialisation: the same for every program
+    model = build_trunk(request["reference"], selections)
+    metrics.update(check_budget(spec, nonembed_params(model)))
+
+    B, L, steps = request["batch_size"], request["seq_len"], request["steps"]
+    train_tokens = np.fromfile(request["train_path"], dtype="<u2")
+    batches = train_batches(train_tokens, B, L, request["seed"])
+    log(f"training {steps} steps (seed {request['seed']}, {device.type})")
+    losses, metrics["train_seconds"] = train(
+        model, selections, trainer, batches, steps, device, request["seed"], request["check_every"]
+    )
+    if request["stage"] == 1:
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        if not last < first:
+            raise Rejection(
+                f"the training loss did not fall in {steps} steps ({first:.3f} -> {last:.3f}): the model does not learn"
+            )
+        metrics["train_loss"] = last
+    else:
+        tail = losses[-max(1, len(losses) // 10) :]
+        metrics["train_loss"] = sum(tail) / len(tail)  # mean over the last 10% of steps
+    weights = trainer.finish(spec)
+    check_snapshot(weights, spec)
+    for server in servers:
+        if server.spec() != spec:
+            raise Rejection(
+                "a fresh import of the program builds other indexers than the ones that were trained: "
+                "the model must not depend on anything but the code"
+            )
+        server.load(weights)
+
+    selections.phase = "during validation"
+    forward = forward_with(model, selections, servers, device)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))  # an order the child cannot predict
+    random_tokens = torch.from_numpy(rng.integers(0, VOCAB_SIZE, (B, L)))
+    train_text = next(train_batches(train_tokens, B, L, request["seed"]))[:, :-1]
+    log("checking behaviour (causality, selection, batch independence, no state)")
+    for s, (what, tokens) in enumerate((("on random tokens", random_tokens), ("on training text", train_text))):
+        if failure := probes.probe(lambda t, s=s: forward(t, s), spec.schedule, tokens, VOCAB_SIZE):
+            raise Rejection(f"{what}: {failure}")
+    if request["stage"] == 2:
+        metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own
+    n_scored, rounds = request["n_scored"], request["cut_rounds"]
+    val_tokens = np.fromfile(request["val_path"], dtype="<u2")
+    windows = val_windows(val_tokens, windows_to_run(n_scored, L, rounds), L)
+    cuts = f"every position cut {rounds} times" if rounds else "cuts at random positions"
+    log(f"validating on {n_scored} windows ({len(windows)} run, {cuts})")
+    metrics.update(validate(forward, windows, n_scored, B, spec.schedule, rng, rounds))
+    return metrics
+
+
+def main():
+    judge_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    request = wire.receive(sys.stdin.buffer)
+    torch.set_num_threads(int(request["threads"]))
+    deadline = time.monotonic() + float(request["seconds"])
+    links = {name: BlocksLink(name, fds[0], fds[1], deadline) for name, fds in request["links"].items()}
+    metrics = {}
+    try:
+        run_stage(request, links, metrics)
+        report = dict(ok=True, metrics=metrics)
+    except Rejection as e:
+        report = dict(ok=False, error=str(e), metrics=metrics)
+    except Gone as e:
+        report = dict(ok=False, gone=e.name, doing=e.doing, metrics=metrics)
+    except wire.Deadline:
+        report = dict(ok=False, deadline=True, metrics=metrics)
+    except Exception as e:  # whatever a worker's answer did to the arithmetic here: the program's failure
+        report = dict(ok=False, error=f"the judge could not use the program's answers: {type(e).__name__}: {e}"[:300])
+        report["metrics"] = metrics
+    wire.send(judge_out, {**report, "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}})
+
+
+if __name__ == "__main__":
+    main()
