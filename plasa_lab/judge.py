@@ -48,7 +48,13 @@ def _process(job: Job, deadline: float, module: str, threads: int, **options) ->
     )
     hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if job.device == "cpu" else None  # nothing probes a GPU it may not use
     return SandboxedProcess(
-        [sys.executable, "-I", "-m", module], limits, threads, isolation=job.sandbox, gpu=gpu, env_extra=hide_gpus, **options
+        [sys.executable, "-I", "-m", module],
+        limits,
+        threads,
+        isolation=job.sandbox,
+        gpu=gpu,
+        env_extra=hide_gpus,
+        **options,
     )
 
 
@@ -120,9 +126,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     processes, metrics = {}, {}
 
     def result(ok, failure=None, retry_later=False):
-        stderr = "\n".join(
-            f"[{name}]\n{p.stderr_text()}" for name, p in processes.items() if p.stderr_text().strip()
-        )
+        stderr = "\n".join(f"[{name}]\n{p.stderr_text()}" for name, p in processes.items() if p.stderr_text().strip())
         return StageResult(ok, failure, metrics, stderr, time.monotonic() - start, retry_later)
 
     try:

@@ -22,8 +22,8 @@ import fcntl
 import functools
 import importlib.util
 import os
-import resource
 import platform
+import resource
 import shutil
 import signal
 import struct
@@ -131,7 +131,7 @@ def no_new_processes_filter() -> bytes | None:
     ends = {"allow": n, "eagain": n + 1, "enosys": n + 2, "kill": n + 3}
     out = b""
     for i, (what, k) in enumerate(checks):
-        to = lambda end: ends[end] - i - 1  # noqa: E731 (a jump is relative to the next instruction)
+        to = lambda end, i=i: ends[end] - i - 1  # a jump is relative to the next instruction
         if what == "ld":
             out += _bpf(ld_w, k)
         elif what == "arch":

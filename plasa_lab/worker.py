@@ -90,7 +90,9 @@ class Blocks:
         self.d_model, self.heads = C, MODEL_CONFIG["n_heads"]
         torch.manual_seed(request["seed"])
         self.schedule = guarded("layer_k_schedule failed", lambda: self.module.layer_k_schedule(n, L))
-        indexers = [guarded("building the indexer failed", lambda: self.module.LightningIndexer(C, i)) for i in range(n)]
+        indexers = [
+            guarded("building the indexer failed", lambda i=i: self.module.LightningIndexer(C, i)) for i in range(n)
+        ]
         if not all(isinstance(ix, torch.nn.Module) for ix in indexers):
             raise Refusal("LightningIndexer(d_model, layer) must build a torch.nn.Module")
         self.indexers = torch.nn.ModuleList(indexers)
@@ -98,7 +100,7 @@ class Blocks:
         if callable(init_weights):  # what the fixed model does to every Linear and Embedding, first
             guarded("initialising the indexer failed", lambda: self.indexers.apply(init_weights))
         for i, ix in enumerate(indexers):
-            guarded("init_indexer failed", lambda: self.module.init_indexer(ix, i))
+            guarded("init_indexer failed", lambda ix=ix, i=i: self.module.init_indexer(ix, i))
         self.indexers.to(self.device)
         self.scores, self.kept, self.aux_terms = {}, {}, []
 
@@ -217,7 +219,7 @@ def answer(blocks: Blocks, channel_in, channel_out, training: IndexerTraining | 
             weights = wire.receive_bytes(channel_in, int(ask["snapshot_bytes"]))
             guarded(
                 "loading the trained weights into a fresh import failed",
-                lambda: blocks.indexers.load_state_dict(
+                lambda weights=weights: blocks.indexers.load_state_dict(
                     {k: v.to(blocks.device) for k, v in load(weights).items()}, strict=True
                 ),
             )

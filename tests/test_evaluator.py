@@ -408,7 +408,7 @@ def test_edits_of_the_fixed_model_past_the_static_checks_change_nothing_the_judg
         "next-token hook": SOURCE + NEXT_TOKEN_HOOK,
         "nan logits": variant(fixed_logits, fixed_logits + '        out["logits"] = out["logits"] * float("nan")\n'),
         "misshapen logits": variant(fixed_logits, fixed_logits + '        out["logits"] = out["logits"][:, :, :100]\n'),
-        "no causal mask": variant("att.masked_fill(~selected[:, None], float(\"-inf\"))", "att"),
+        "no causal mask": variant('att.masked_fill(~selected[:, None], float("-inf"))', "att"),
     }[edit]
     honest, child = judged(SOURCE), judged(code)
     assert honest.ok and child.ok, (honest.failure, child.failure)
@@ -559,11 +559,14 @@ def search_for_the_fixed_model(inputs):
 def test_block_code_finds_no_fixed_weight_module_graph_or_process_by_any_means_we_know():
     """Past the static checks, an indexer searches its whole process (heap, modules, the autograd
     graph of its input) and the process table for the trunk, and reports what it found."""
-    reach = REACH + """
+    reach = (
+        REACH
+        + """
 
 def report():
     raise RuntimeError("reach report: " + " ".join(f"{k}={v}" for k, v in FOUND.items()))
 """
+    )
     forward = INDEXER_FORWARD.replace(
         "        q, k, w = self.components(x)\n",
         "        search_for_the_fixed_model([x])\n        report()\n        q, k, w = self.components(x)\n",
@@ -602,9 +605,7 @@ STOLEN = []
 def test_float64_buffers_count_by_their_bytes_against_the_budget():
     """300k float64 values are 600k 4-byte values: with the fixed 1.44M and the indexers' 84k, over 2.0M."""
     init = "        self.w_proj = nn.Linear(d_model, self.n_heads, bias=False)\n"
-    code = variant(
-        init, init + "        self.register_buffer('spare', torch.zeros(75_000, dtype=torch.float64))\n"
-    )
+    code = variant(init, init + "        self.register_buffer('spare', torch.zeros(75_000, dtype=torch.float64))\n")
     result = judged(code)
     assert_failed(result, "over the budget of 2,000,000")
 
@@ -789,12 +790,12 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
 
 def test_stage_2_cuts_every_query_position_the_profiles_number_of_times():
     """A peek at one query position shows only at a cut there: stage 2 covers them all, whatever the draw."""
+    from collections import Counter
+
     import numpy as np
     import torch
 
     from plasa_lab.validation import plan_validation, windows_to_run
-
-    from collections import Counter
 
     for rounds in (1, 3):
         n = windows_to_run(8, 128, rounds)

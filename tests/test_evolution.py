@@ -3,7 +3,6 @@
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -23,7 +22,7 @@ from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
 from plasa_lab.evolution import RunOptions, _settings, discard_unsaved_iterations, unknown_config_keys
 from plasa_lab.ledger import code_key
-from plasa_lab.mutator import OfflineMutator, format_diff, parent_program, propose_edits
+from plasa_lab.mutator import OfflineMutator, parent_program
 from plasa_lab.rundir import latest_checkpoint, read_jsonl
 from plasa_lab.settings import Settings
 
@@ -169,43 +168,6 @@ def test_the_prompts_rules_are_the_checkers_rules():
 
 # ---------------------------------------------------------------------------------------------
 # the offline mutator
-
-
-def test_offline_mutator_edits_only_inside_blocks_with_valid_diffs():
-    from openevolve.utils.code_utils import apply_diff, extract_diffs
-
-    kinds = set()
-    for seed in range(200):
-        edits = propose_edits(SOURCE, random.Random(seed))
-        kinds |= {name for name, _, _ in edits}
-        diff = format_diff(edits)
-        assert len(extract_diffs(diff)) == len(edits) >= 1
-        child = apply_diff(SOURCE, diff)
-        assert child != SOURCE and static_violation(child, SOURCE) is None
-    assert kinds == {
-        "indexer loss weight",
-        "indexer heads",
-        "indexer head size",
-        "index score activation",
-        "schedule rule",
-        "indexer init scale",
-    }
-
-
-def test_offline_mutator_schedule_entries_stay_within_1_and_L():
-    from openevolve.utils.code_utils import apply_diff
-
-    from plasa_lab.program import load_program
-
-    code = SOURCE
-    for seed in range(30):  # a chain of schedule moves
-        edits = [e for e in propose_edits(code, random.Random(seed), max_edits=2) if "schedule" in e[0]]
-        if edits:
-            code = apply_diff(code, format_diff(edits))
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"chain_{os.getpid()}.py"
-    path.write_text(code)
-    ks = load_program(path).layer_k_schedule(4, 128)
-    assert code != SOURCE and all(1 <= k <= 128 for k in ks)
 
 
 def test_offline_mutator_is_seeded_by_parent_and_iteration():
