@@ -21,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+from . import notebook
 from .program import BlockError, split_blocks
 from .rundir import LLM_CALLS
 
@@ -183,12 +184,12 @@ class LLMClient:
     """OpenEvolve's LLM interface (`.model`, async `generate_with_context`) over an OpenAI-compatible
     endpoint, one attempt per call, every call recorded."""
 
-    def __init__(self, model_cfg, run_dir: str | None = None, compact: bool = False):
+    def __init__(self, model_cfg, run_dir: str | None = None, compact: bool = False, notebook: bool = True):
         self.model = model_cfg.name
         self.api_base, self.api_key = model_cfg.api_base, model_cfg.api_key or "none"
         self.temperature, self.max_tokens = model_cfg.temperature, model_cfg.max_tokens
         self.timeout = float(model_cfg.timeout or 180)
-        self.run_dir, self.compact = run_dir, compact
+        self.run_dir, self.compact, self.notebook = run_dir, compact, notebook and run_dir is not None
         self.last_usage = None
         self._client = None
 
@@ -207,6 +208,8 @@ class LLMClient:
             for m in messages:
                 if m.get("role") == "user":
                     m["content"] = compact_prompt(m["content"])
+        if self.notebook and messages and messages[-1].get("role") == "user":
+            messages[-1]["content"] = notebook.with_notebook(messages[-1]["content"], notebook.build(self.run_dir))
         request = [{"role": "system", "content": system_message}, *messages]
         chars = sum(len(m["content"]) for m in request)
         start, response, error = time.monotonic(), None, None
@@ -244,10 +247,10 @@ class LLMClient:
                 f.write(json.dumps(call) + "\n")
 
 
-def llm_client(model_cfg, run_dir=None, compact=False):
+def llm_client(model_cfg, run_dir=None, compact=False, notebook=True):
     """OpenEvolve's init_client hook (a module-level function: `functools.partial` of it pickles)."""
-    return LLMClient(model_cfg, run_dir, compact)
+    return LLMClient(model_cfg, run_dir, compact, notebook)
 
 
-def client_factory(run_dir: Path, compact: bool):
-    return functools.partial(llm_client, run_dir=str(run_dir), compact=compact)
+def client_factory(run_dir: Path, compact: bool, notebook: bool = True):
+    return functools.partial(llm_client, run_dir=str(run_dir), compact=compact, notebook=notebook)
