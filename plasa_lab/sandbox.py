@@ -508,10 +508,19 @@ def run_sandboxed(
     binds: dict | None = None,
     env_extra: dict | None = None,
     on_stderr_line=None,
+    no_new_processes: bool = False,
 ) -> SandboxResult:
     """Run argv to its end under the limits, both streams drained; never leaves the group behind."""
     child = SandboxedProcess(
-        argv, limits, threads, isolation, binds, env_extra=env_extra, on_stderr_line=on_stderr_line, drain_stdout=True
+        argv,
+        limits,
+        threads,
+        isolation,
+        binds,
+        env_extra=env_extra,
+        on_stderr_line=on_stderr_line,
+        drain_stdout=True,
+        no_new_processes=no_new_processes,
     )
     try:
         child.wait()

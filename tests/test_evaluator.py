@@ -7,6 +7,7 @@ once as a child would send them (the static checks answer first, as a friendly f
 once past the static checks (`judged`), because the boundary is the OS and the judge, not them.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -536,6 +537,22 @@ PLASAModel.forward = biased_forward
 
 # ---------------------------------------------------------------------------------------------
 # attacks: reaching the fixed model (block code runs in a process of its own, the trunk elsewhere)
+
+
+def test_the_judge_trains_and_scores_what_the_recipe_computes_in_one_process():
+    """The judge's processes, pipes and sandbox change nothing: the trunk's losses at every step and the
+    validation loss are the recipe's own, run in this process with the blocks beside it."""
+    from plasa_lab.constants import STAGE1_TRAINING_STEPS, get_profile
+    from plasa_lab.recipe import train_and_score
+
+    corpus, profile = corpus_of("auto"), get_profile("smoke")
+    profile = dataclasses.replace(profile, steps=STAGE1_TRAINING_STEPS)
+    run = train_and_score(SOURCE, corpus.train, corpus.val, profile, 42, "cpu", n_windows=8)
+    result = judged(SOURCE)
+    assert result.ok, result.failure
+    assert result.metrics["train_loss"] == pytest.approx(sum(run.losses[-3:]) / 3, rel=1e-5)
+    assert result.metrics["val_loss"] == pytest.approx(run.val_loss, rel=1e-5)
+
 
 REACH = """
 import gc, os, sys

@@ -124,6 +124,53 @@ def test_grandchildren_are_killed_when_the_child_exits_normally_even_unisolated(
     assert processes_with(marker) == []
 
 
+FORK_BOMB = """
+import os, subprocess, threading
+try:
+    for n in range(100000):
+        if os.fork() == 0:
+            while True:
+                os.fork()
+except OSError as e:
+    print("fork refused", e.errno, "after", n)
+try:
+    subprocess.run(["true"])
+except OSError as e:
+    print("subprocess refused", e.errno)
+t = threading.Thread(target=print, args=("a thread runs",))
+t.start()
+t.join()
+"""
+
+
+def descendants():
+    """Processes below this test process (others on the machine come and go on their own)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        ancestor = int(pid)
+        while ancestor > 1 and ancestor != os.getpid():
+            try:
+                with open(f"/proc/{ancestor}/status") as f:
+                    ancestor = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+            except (OSError, StopIteration):
+                break
+        if ancestor == os.getpid():
+            found.append(pid)
+    return found
+
+
+def test_a_fork_bomb_is_refused_at_its_first_fork_where_no_new_processes_are_allowed_even_as_root():
+    """RLIMIT_NPROC does not bind root (as CI runs): the blocks' sandboxes refuse fork, vfork and
+    clone without CLONE_THREAD (seccomp), so a bomb never starts and threads still run."""
+    before = descendants()
+    run = python(FORK_BOMB, no_new_processes=True)
+    assert run.returncode == 0, run.stderr
+    assert "fork refused 11 after 0" in run.stdout and "subprocess refused" in run.stdout
+    assert "a thread runs" in run.stdout
+    time.sleep(0.2)
+    assert descendants() == before
+
+
 def test_memory_bomb_hits_the_address_space_limit_quickly():
     run = python("x = []\nwhile True: x.append(bytearray(50 << 20))", Limits(wall_seconds=60, memory_bytes=1 << 30))
     assert run.returncode != 0 and "MemoryError" in run.stderr
