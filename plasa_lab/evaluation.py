@@ -224,22 +224,7 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
         limit, reason = limit * busy, f"{reason}, times {busy:.1f} for cores loaded {busy:.1f}x over"
     if on_line:
         on_line(f"stage {stage}: time limit {limit:.0f} s ({reason})")
-    job = Job(
-        code=code,
-        stage=stage,
-        profile=profile.name,
-        seed=seed,
-        corpus=corpus.name,
-        fingerprint=corpus.fingerprint,
-        device=settings.device,
-        threads=settings.threads,
-        memory_gb=settings.memory_gb,
-        time_limit=limit,
-        time_limit_reason=reason,
-        val_windows=val_windows,
-        sandbox=settings.sandbox,
-        allow_uniform_schedule=settings.allow_uniform_schedule,
-    )
+    job = Job.of(code, stage, settings, corpus, seed, (limit, reason), val_windows)
     start = time.monotonic()
     result: StageResult = get_runner(settings.runner)(job, on_line)
     seconds = time.monotonic() - start

@@ -29,6 +29,27 @@ class Job:
     allow_uniform_schedule: bool = False
     check_every: int | None = None  # training steps between host syncs (None: the worker's default); not in the score
 
+    @classmethod
+    def of(cls, code: str, stage: int, settings, corpus, seed: int, limit: tuple, val_windows: int) -> "Job":
+        """The one way to make a job: a stage of `code` under `settings` (plasa_lab.settings.Settings)
+        on a resolved corpus, with a time limit and the reason it was set."""
+        return cls(
+            code=code,
+            stage=stage,
+            profile=settings.profile,
+            seed=seed,
+            corpus=corpus.name,
+            fingerprint=corpus.fingerprint,
+            device=settings.device,
+            threads=settings.threads,
+            memory_gb=settings.memory_gb,
+            time_limit=limit[0],
+            time_limit_reason=limit[1],
+            val_windows=val_windows,
+            sandbox=settings.sandbox,
+            allow_uniform_schedule=settings.allow_uniform_schedule,
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
