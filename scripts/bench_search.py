@@ -1,0 +1,161 @@
+"""Which search finds a better program? Arms with equal evaluation budgets from the same start,
+each arm's best replayed on seeds no run used, through the same judge.
+
+    python scripts/bench_search.py [--profile full] [--iterations 60] [--replay-seeds 101,102,103,104,105]
+                                   [--api-base URL [--model NAME]] [--out openevolve_output/bench-search]
+
+Arms: `offline` (the offline mutator); with --api-base, `llm+notebook` and `llm` (the same local or API
+model with and without the lab notebook in its prompts). Every arm is one noise-aware run
+(scripts/evolve.py, seeds 42,43,44) of the same number of iterations with its own ledger; each arm's
+best (OpenEvolve's, which a noise-aware run only lets a confirmed program be) and the initial program
+are then replayed on the replay seeds. The change against the initial program is paired by seed (every
+program trains from the same trunk initialisation and batches on a seed) and tested with a paired t-test.
+Resumable: a run resumes from its last checkpoint, a replay from its ledger. Writes OUT/bench_search.md
+and .json; ends with `best_beyond_noise: ARM -X.X% p=P` or `best_beyond_noise: none`.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.ledger import Ledger, code_key
+from plasa_lab.replay import Candidate, Plan, run_plan
+from plasa_lab.util import atomic_write
+
+ALPHA = 0.05
+
+
+def fail(message: str):
+    print(f"bench_search.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def evolve(run_dir: Path, profile: str, iterations: int, llm: list[str]) -> Path:
+    keep = ("PLASA_TIME_LIMIT", "PLASA_CACHE")  # the machine's; the rest is what this benchmark decides
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in keep}
+    env["PLASA_LEDGER"] = str(run_dir / "ledger.sqlite")  # each arm pays for its own evaluations
+    resume = ["--resume"] if (run_dir / "run.json").exists() else []
+    command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations)]
+    command += [*llm, "--seeds", "42,43,44", "--output", str(run_dir), *resume]
+    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
+    if done.returncode != 0:
+        fail(f"the {run_dir.name} run exited with {done.returncode}")
+    return run_dir
+
+
+def paired(losses: dict[int, float], reference: dict[int, float]) -> tuple[float, float | None, int]:
+    """(mean change of val_loss, two-sided p of a paired t-test, n) over the seeds both passed."""
+    seeds = sorted(set(losses) & set(reference))
+    diffs = [losses[s] - reference[s] for s in seeds]
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else math.nan), None, len(diffs)
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return mean, (1.0 if mean == 0 else 0.0), len(diffs)
+    from scipy.stats import t as student
+
+    t = mean / (sd / math.sqrt(len(diffs)))
+    return mean, float(2 * student.sf(abs(t), len(diffs) - 1)), len(diffs)
+
+
+def arms(args) -> dict[str, list[str]]:
+    out = {"offline": ["--llm", "offline"]}
+    if args.api_base:
+        llm = ["--llm", "local", "--api-base", args.api_base, *(["--model", args.model] if args.model else [])]
+        out["llm+notebook"] = llm
+        out["llm"] = [*llm, "--no-notebook"]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="full", choices=["full", "quick", "smoke"])
+    parser.add_argument("--iterations", type=int, default=60, help="children per arm (default 60)")
+    parser.add_argument("--replay-seeds", default="101,102,103,104,105")
+    parser.add_argument("--api-base", help="an OpenAI-compatible server: adds the LLM arms")
+    parser.add_argument("--model", help="the model name to ask the server for")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-search")
+    args = parser.parse_args(argv)
+    try:
+        replay_seeds = [int(s) for s in args.replay_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--replay-seeds must be integers separated by commas, got {args.replay_seeds!r}")
+    if args.iterations < 1 or len(replay_seeds) < 2 or set(replay_seeds) & {42, 43, 44}:
+        parser.error("--iterations must be at least 1, --replay-seeds at least 2 seeds none of 42, 43, 44")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    initial = INITIAL_PROGRAM.read_text()
+    candidates, runs = [Candidate("initial", "initial", initial, "initial_program.py")], {}
+    for arm, llm in arms(args).items():
+        run_dir = evolve(args.out / arm, args.profile, args.iterations, llm)
+        info = json.loads((run_dir / "best" / "best_program_info.json").read_text())
+        runs[arm] = dict(
+            run_dir=run_dir,
+            claim=info["metrics"],
+            trainings=sum(1 for r in Ledger(run_dir / "ledger.sqlite").rows() if r["stage"] == 2),
+            children=json.loads((run_dir / "run.json").read_text()).get("iterations_total", args.iterations),
+        )
+        code = (run_dir / "best" / "best_program.py").read_text()
+        candidates.append(Candidate(arm, "program", code, str(run_dir / "best" / "best_program.py")))
+    plan = Plan(candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, "search")
+    results = run_plan(plan)
+    by_seed = {c.name: {r.seed: r.val_loss for r in results[c.name] if r.passed} for c in candidates}
+
+    rows = []
+    for arm, run in runs.items():
+        change, p, n = paired(by_seed[arm], by_seed["initial"])
+        replayed = statistics.fmean(by_seed[arm].values()) if by_seed[arm] else math.nan
+        rows.append(
+            dict(
+                arm=arm,
+                children=run["children"],
+                stage2_trainings=run["trainings"],
+                best_is_initial=code_key(next(c.code for c in candidates if c.name == arm)) == code_key(initial),
+                claimed_val_ppl=math.exp(run["claim"]["val_loss"]),
+                replayed_val_ppl=math.exp(replayed),
+                change_vs_initial_pct=100 * math.expm1(change),
+                p_vs_initial=p,
+                seeds=n,
+            )
+        )
+    lines = [
+        f"# Search benchmark ({args.profile} profile, {args.iterations} children an arm)",
+        "",
+        f"Each arm's best replayed on seeds {', '.join(map(str, replay_seeds))} (no run used them); change of "
+        "val_ppl against the initial program paired by seed, paired t-test.",
+        "",
+        "| arm | children | stage-2 trainings | claimed val_ppl | replayed val_ppl | vs initial | p | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
+        lines.append(
+            f"| {r['arm']}{' (= initial)' * r['best_is_initial']} | {r['children']} | {r['stage2_trainings']} | "
+            f"{r['claimed_val_ppl']:.2f} | {r['replayed_val_ppl']:.2f} | {r['change_vs_initial_pct']:+.2f}% | {p} | "
+            f"{r['seeds']} |"
+        )
+    winners = [
+        r
+        for r in rows
+        if r["p_vs_initial"] is not None and r["p_vs_initial"] < ALPHA and r["change_vs_initial_pct"] < 0
+    ]
+    best = min(winners, key=lambda r: r["change_vs_initial_pct"]) if winners else None
+    last = "best_beyond_noise: none"
+    if best:
+        last = f"best_beyond_noise: {best['arm']} {best['change_vs_initial_pct']:+.1f}% p={best['p_vs_initial']:.3g}"
+    summary = dict(profile=args.profile, iterations=args.iterations, replay_seeds=replay_seeds, arms=rows)
+    atomic_write(args.out / "bench_search.json", json.dumps(summary, indent=2, default=str))
+    atomic_write(args.out / "bench_search.md", "\n".join(lines + ["", last]) + "\n")
+    print("\n".join(lines))
+    print(last)
+
+
+if __name__ == "__main__":
+    main()

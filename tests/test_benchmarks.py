@@ -1,0 +1,44 @@
+"""The benchmarks' own arithmetic (their runs are hours, not tests): the search benchmark's paired
+test, the rank benchmark's Spearman's rho and its eight programs, which the judge's static checks
+accept."""
+
+import importlib.util
+import random
+import sys
+
+import pytest
+from scipy.stats import spearmanr, ttest_rel
+
+from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.checks import static_violation
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_search_benchmark_pairs_by_seed_as_a_paired_t_test_does():
+    bench = script("bench_search")
+    rng = random.Random(0)
+    reference = {s: 5.0 + rng.gauss(0, 0.02) for s in range(101, 106)}
+    losses = {s: v - 0.01 + rng.gauss(0, 0.005) for s, v in reference.items()}
+    losses[107] = 1.0  # a seed the reference lacks is not paired
+    change, p, n = bench.paired(losses, reference)
+    seeds = sorted(reference)
+    want = ttest_rel([losses[s] for s in seeds], [reference[s] for s in seeds])
+    assert n == 5 and p == pytest.approx(want.pvalue, rel=1e-9)
+    assert change == pytest.approx(sum(losses[s] - reference[s] for s in seeds) / 5)
+
+
+def test_the_rank_benchmark_computes_spearmans_rho_with_ties_and_judges_eight_valid_programs():
+    bench = script("bench_rank")
+    a, b = [3.0, 1.0, 2.0, 2.0, 5.0], [2.5, 1.0, 2.0, 3.0, 4.0]
+    assert bench.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, rel=1e-12)
+    programs = bench.programs()
+    source = INITIAL_PROGRAM.read_text()
+    assert len(programs) >= 8 and len({p.code for p in programs}) == len(programs)
+    assert all(static_violation(p.code, source) is None for p in programs)
