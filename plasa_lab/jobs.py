@@ -28,6 +28,7 @@ class Job:
     sandbox: str = "bwrap"  # bwrap | none
     allow_uniform_schedule: bool = False
     check_every: int | None = None  # training steps between host syncs (None: the worker's default); not in the score
+    compile: bool = False  # torch.compile the fixed model's pure parts (falls back to eager); not in the score
 
     @classmethod
     def of(cls, code: str, stage: int, settings, corpus, seed: int, limit: tuple, val_windows: int) -> "Job":
@@ -48,6 +49,7 @@ class Job:
             val_windows=val_windows,
             sandbox=settings.sandbox,
             allow_uniform_schedule=settings.allow_uniform_schedule,
+            compile=settings.compile,
         )
 
     def to_json(self) -> str:

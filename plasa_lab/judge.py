@@ -112,6 +112,7 @@ def trunk_request(job: Job, trunk: SandboxedProcess, corpus, fds: dict, deadline
         n_scored=STAGE1_WINDOWS if job.stage == 1 else job.val_windows,
         allow_uniform_schedule=job.allow_uniform_schedule,
         check_every=job.check_every or 50,
+        compile=job.compile,
         train_path=trunk.path_inside(str(corpus.dir / "train.bin")),
         val_path=trunk.path_inside(str(corpus.dir / "val.bin")),
         seconds=max(1.0, deadline - time.monotonic()),

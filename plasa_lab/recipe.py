@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import INITIAL_PROGRAM
 from .tokens import train_batches, val_windows
-from .trunk import Selections, build_trunk, forward_with, train
+from .trunk import Selections, build_trunk, compile_fixed_parts, forward_with, train
 
 
 class InProcessBlocks:
@@ -54,16 +54,21 @@ class RecipeRun:
     train_seconds: float
     val_loss: float
     val_seconds: float
+    fixed_step: str = "eager"  # or what compile_fixed_parts did
 
 
-def train_and_score(code: str, train_tokens, val_tokens, profile, seed: int, device, n_windows=None) -> RecipeRun:
+def train_and_score(
+    code: str, train_tokens, val_tokens, profile, seed: int, device, n_windows=None, compiler=False
+) -> RecipeRun:
     """Train a program by the recipe in this process, then score n_windows validation windows once
-    (no checks): the numbers a judged evaluation must reproduce, at the recipe's bare cost."""
+    (no checks): the numbers a judged evaluation must reproduce, at the recipe's bare cost.
+    `compiler`: False (eager), True (torch.compile) or a function standing in for torch.compile."""
     device = torch.device(device)
     link = InProcessBlocks(code, seed, device, training=True)
     selections = Selections(link.schedule, device)
     torch.manual_seed(seed)  # the trunk's initialisation, as the judge seeds it
     model = build_trunk(INITIAL_PROGRAM.read_text(), selections)
+    fixed_step = compile_fixed_parts(model, device, None if compiler is True else compiler) if compiler else "eager"
     batches = train_batches(np.asarray(train_tokens), profile.batch_size, profile.seq_len, seed)
     losses, train_seconds = train(model, selections, link, batches, profile.steps, device, seed, profile.steps)
 
@@ -77,4 +82,4 @@ def train_and_score(code: str, train_tokens, val_tokens, profile, seed: int, dev
         logits, _ = forward(batch[:, :-1], 0)
         total += F.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten(), reduction="sum").item()
     val_loss = total / windows[:, 1:].numel()
-    return RecipeRun(losses, train_seconds, val_loss, time.perf_counter() - start)
+    return RecipeRun(losses, train_seconds, val_loss, time.perf_counter() - start, fixed_step)

@@ -57,6 +57,7 @@ class Settings:
     confirm_share: float = None  # confirmations stop while they hold this share of the stage-2 trainings
     allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
     whole_validation: bool = False  # stage 2 validates on every window of the split (replay)
+    compile: bool = None  # torch.compile the fixed model's pure parts, eager where that fails (PLASA_COMPILE=1)
     time_reference: str | None = None  # code whose measured time sets the limits (default: the initial program)
 
     def __post_init__(self):
@@ -79,6 +80,7 @@ class Settings:
                 self.device, asked_parallel, asked_threads, measurement_path=measurement_path()
             )
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
+        self.compile = bool(self.compile) if self.compile is not None else env("PLASA_COMPILE", "") == "1"
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)
         if self.time_limit < 1:
