@@ -359,7 +359,7 @@ def _attribute_allowed(node, source) -> bool:
     "attributes only from this list, besides math.<any> and what the program itself defines (self.<name> it "
     "assigns, its functions and classes, buffers it registers; private ones only as self._name; none named "
     "like an attribute of torch.Tensor or nn.Module); no hooks, state dicts, .data, grad_fn or __dunders__ "
-    f"(super().__init__ is the one): {', '.join(sorted(ALLOWED_ATTRIBUTES, key=str.lower))}",
+    f"(super().__init__ is the one): {', '.join(sorted(ALLOWED_ATTRIBUTES, key=lambda n: (n.lower(), n)))}",
     per_node=True,
 )
 def _attributes(node, source):

@@ -29,11 +29,11 @@ from .checks import static_violation
 from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS, get_profile
 from .hardware import load_factor
 from .jobs import Job, StageResult
-from .validation import clamped_ppl
 from .ledger import Key, Ledger, code_key, code_sha256
 from .runners import get_runner
 from .sandbox import gpu_device_nodes
 from .settings import Settings
+from .validation import clamped_ppl
 
 STDERR_ARTIFACT_CHARS = 4000
 CONFIDENCE_Z = 1.0  # the score is a one-sided 84% lower bound on 1/ppl: mean loss + z * noise_sd / sqrt(seeds)
@@ -407,7 +407,7 @@ def evaluate_file(
 ) -> Evaluation:
     settings = settings or Settings()
     try:
-        code = Path(path).read_text()
+        code = Path(path).read_text(encoding="utf-8")  # UTF-8 whatever the locale, as Python reads a source file
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason} at byte {e.start})"
         return Evaluation(failure_metrics(), dict(failure=f"cannot read the program {path}: {reason}"))

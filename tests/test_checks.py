@@ -1,14 +1,17 @@
 """Static checks: what a child may write inside its EVOLVE-BLOCKs, before any of it runs."""
 
 import ast
+import re
 
 import pytest
+import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.allowlists import MAX_PROGRAM_CHARS, NOT_LINE_ENDS
+from plasa_lab.allowlists import ALLOWED_ATTRIBUTES, ALLOWED_BUILTINS, MAX_PROGRAM_CHARS, NOT_LINE_ENDS
 from plasa_lab.checks import RULES, find_violation, static_violation
 from plasa_lab.constants import METRIC_KEYS
 from plasa_lab.program import program_lines
+from plasa_lab.prompting import HEADING, SYSTEM_MESSAGE, static_rules_text
 
 REFERENCE = INITIAL_PROGRAM.read_text()
 ANCHOR = "def init_indexer(indexer, layer):\n"  # inside the indexer_training block
@@ -252,3 +255,278 @@ def test_what_models_need_is_allowed():
         "def scale(x):\n    nn.init.normal_(x)\n    return F.relu(x) * torch.special.expit(x) + math.log1p(math.pi)"
     )
     assert static_violation(with_block_code(code), REFERENCE) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# what an LLM writes, and what an attacker writes
+
+SELECTOR, INDEXER, TRAINING = "def select_topk(", "class LightningIndexer(", "def indexer_aux_loss("
+PLAUSIBLE_VARIANTS = {
+    "recency window by position": (
+        SELECTOR,
+        '''
+def select_topk(scores, k, layer):
+    """Keep the k most recent past keys of each query, whatever the scores say."""
+    T = scores.shape[-1]
+    pos = torch.arange(T, device=scores.device)
+    distance = pos[:, None] - pos[None, :]
+    return ((distance >= 0) & (distance < k)).expand_as(scores)
+''',
+    ),
+    "a mixture of score and recency": (
+        SELECTOR,
+        """
+RECENCY_WEIGHT = 0.5
+
+
+def select_topk(scores, k, layer):
+    T = scores.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+    if k >= T:
+        return causal.expand_as(scores)
+    pos = torch.arange(T, device=scores.device, dtype=scores.dtype)
+    recency = -(pos[:, None] - pos[None, :]).clamp_min(0) / T
+    z = (scores - scores.mean(dim=-1, keepdim=True)) / (scores.std(dim=-1, keepdim=True) + 1e-6)
+    mixed = (z + RECENCY_WEIGHT * recency).masked_fill(~causal, float("-inf"))
+    top = mixed.topk(min(k, T), dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & causal
+""",
+    ),
+    "per-layer rules": (
+        SELECTOR,
+        """
+def select_topk(scores, k, layer):
+    T = scores.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+    if layer == 0 or k >= T:
+        return causal.expand_as(scores)
+    if layer == 3:  # the last layer always keeps the first token, an attention sink
+        sink = torch.zeros(T, T, dtype=torch.bool, device=scores.device)
+        sink[:, 0] = True
+        scores = scores.masked_fill(sink, float("inf"))
+    elif layer in (1, 2):
+        scores = scores + torch.linspace(0, 1e-3, T, device=scores.device)
+    top = scores.masked_fill(~causal, float("-inf")).topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & causal
+""",
+    ),
+    "torch.where rules": (
+        SELECTOR,
+        """
+def select_topk(scores, k, layer):
+    T = scores.shape[-1]
+    pos = torch.arange(T, device=scores.device)
+    causal = pos[None, :] <= pos[:, None]
+    local = (pos[:, None] - pos[None, :]) < 4
+    boosted = torch.where(local & causal, scores + 1e4, scores)
+    boosted = torch.where(causal, boosted, torch.full_like(scores, float("-inf")))
+    top = boosted.topk(min(k, T), dim=-1).indices
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, top, True)
+    return keep & causal
+""",
+    ),
+    "a multi-head indexer with per-head weights and a position bias": (
+        INDEXER,
+        '''
+class LightningIndexer(nn.Module):
+    """Per-head keys, learned per-head weights, and a learned bias by distance."""
+
+    def __init__(self, d_model, layer):
+        super().__init__()
+        self.n_heads, self.head_dim = INDEXER_HEADS, INDEXER_HEAD_DIM
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.head_weight = nn.Parameter(torch.ones(self.n_heads) / self.n_heads)
+        self.distance_bias = nn.Embedding(MODEL_CONFIG["seq_len"], 1)
+        self.register_buffer("positions", torch.arange(MODEL_CONFIG["seq_len"]), persistent=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
+        dots = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(self.head_dim)
+        scores = torch.einsum("h,bhts->bts", F.softmax(self.head_weight, dim=0), F.gelu(dots))
+        pos = self.positions[:T]
+        distance = (pos[:, None] - pos[None, :]).clamp(min=0)
+        return scores + self.distance_bias(distance).squeeze(-1)
+''',
+    ),
+    "an indexer with a causal shift by F.pad, a norm and a different head count per layer": (
+        INDEXER,
+        """
+class LightningIndexer(nn.Module):
+    def __init__(self, d_model, layer):
+        super().__init__()
+        self.n_heads = 2 if layer == 0 else INDEXER_HEADS
+        self.head_dim = INDEXER_HEAD_DIM
+        self.norm = nn.LayerNorm(d_model)
+        self.shift_mix = nn.Parameter(torch.zeros(d_model))
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim)
+        self.k_proj = nn.Linear(d_model, self.head_dim)
+        self.w_proj = nn.Linear(d_model, self.n_heads)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        previous = F.pad(x, (0, 0, 1, 0))[:, :T]  # x one position later: causal, like a width-2 conv
+        x = self.norm(x + torch.sigmoid(self.shift_mix) * previous)
+        q = self.q_proj(x).reshape(B, T, self.n_heads, -1)
+        k = F.normalize(self.k_proj(x), dim=-1)
+        w = self.w_proj(x).softmax(dim=-1)
+        dots = torch.einsum("bthd,bsd->bhts", q, k).transpose(1, 2)
+        return (w.unsqueeze(-1) * F.silu(dots)).sum(dim=2)
+""",
+    ),
+    "a temperature in the aux loss and a fan-in init": (
+        TRAINING,
+        """
+INDEXER_LOSS_WEIGHT = 0.05
+TEMPERATURE = 2.0
+
+
+def indexer_aux_loss(attn_probs, scores, selected, layer):
+    target = attn_probs.sum(dim=1)
+    target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+    log_q = F.log_softmax((scores / TEMPERATURE).masked_fill(~selected, float("-inf")), dim=-1)
+    log_q = torch.where(selected, log_q, torch.zeros_like(log_q))
+    kl = target * (target.clamp_min(1e-9).log() - log_q)
+    weight = INDEXER_LOSS_WEIGHT * (2.0 if layer > 1 else 1.0)
+    return weight * kl.sum(dim=-1).mean()
+
+
+def init_indexer(indexer, layer):
+    for name, p in indexer.named_parameters():
+        if p.dim() > 1:
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        elif "bias" in name:
+            nn.init.zeros_(p)
+        else:
+            with torch.no_grad():
+                p.copy_(torch.ones_like(p) / len(p))
+""",
+    ),
+    "a schedule computed from a list": (
+        "def layer_k_schedule(",
+        """
+def layer_k_schedule(n_layers, seq_len):
+    fractions = [1.0, 0.25, 0.375, 0.5]
+    ks = [max(1, min(seq_len, int(math.ceil(seq_len * f)))) for f in fractions[:n_layers]]
+    return ks + [seq_len // 2] * (n_layers - len(ks))
+""",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAUSIBLE_VARIANTS))
+def test_plausible_llm_variants_pass(name):
+    first_line, code = PLAUSIBLE_VARIANTS[name]
+    assert static_violation(with_block_tail(first_line, code), REFERENCE) is None
+
+
+INIT = "        self.w_proj = nn.Linear(d_model, self.n_heads, bias=False)\n"
+FORWARD = "        q, k, w = self.components(x)\n"
+ATTACKS = {
+    "a parameter written through .data": (
+        "    for p in indexer.parameters():\n",
+        "        p.data.zero_()\n",
+        "attribute-allow-list",
+    ),
+    "a forward hook on its own module": (INIT, "        self.register_forward_hook(print)\n", "attribute-allow-list"),
+    "a state-dict hook": (INIT, "        self._register_state_dict_hook(print)\n", "attribute-allow-list"),
+    "a hook registered by hand": (INIT, "        self._forward_hooks = {0: print}\n", "attribute-allow-list"),
+    "the autograd graph": (FORWARD, "        n = x.grad_fn.next_functions\n", "attribute-allow-list"),
+    "a state dict": (FORWARD, "        s = self.state_dict()\n", "attribute-allow-list"),
+    "bits as another dtype": (FORWARD, "        x = x.view(torch.int32).float()\n", "view-sizes"),
+    "bits by keyword": (FORWARD, "        x = x.view(dtype=torch.float64)\n", "view-sizes"),
+    "bits through a name": (FORWARD, "        d = torch.int32\n        x = x.view(d)\n", "view-sizes"),
+    "bits through the unbound method": (FORWARD, "        x = torch.Tensor.view(x, torch.int32)\n", "view-sizes"),
+    "the storage": (FORWARD, "        s = x.untyped_storage()\n", "attribute-allow-list"),
+    "set_": (FORWARD, "        x.set_(torch.zeros(3))\n", "attribute-allow-list"),
+    "a pointer": (FORWARD, "        p = x.data_ptr()\n", "attribute-allow-list"),
+    "an instance dict": (FORWARD, "        d = self.__dict__\n", "attribute-allow-list"),
+    "str.format reading dunders": (FORWARD, '        s = "{0.__class__}".format(x)\n', "attribute-allow-list"),
+    "a match pattern reading .data": (
+        FORWARD,
+        "        match x:\n            case torch.Tensor(data=d):\n                pass\n",
+        "attribute-allow-list",
+    ),
+    "a comprehension assigning a library function": (
+        FORWARD,
+        "        [0 for F.relu in [print]]\n",
+        "attribute-assignment",
+    ),
+    "a numpy view of the memory": (FORWARD, "        a = x.numpy()\n", "attribute-allow-list"),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attacks_are_refused_by_the_rule_that_closes_them(name):
+    anchor, line, rule = ATTACKS[name]
+    assert anchor in REFERENCE
+    found = find_violation(REFERENCE.replace(anchor, anchor + line, 1), REFERENCE)
+    assert found is not None and found.rule == rule, (name, found)
+
+
+def test_defining_an_attribute_named_like_a_forbidden_one_does_not_unlock_it():
+    """A program's own names unlock that name everywhere: not for names of tensors', modules' or
+    the interpreter's attributes (def data(self) must not make p.data legal)."""
+    for name in ("data", "grad_fn", "gi_frame", "f_back", "state_dict", "format", "next_functions"):
+        code = f"class Own(nn.Module):\n    def {name}(self):\n        return 1\n\n\ndef f(p):\n    return p.{name}"
+        found = find_violation(with_block_code(code), REFERENCE)
+        assert found.rule == "attribute-allow-list" and "give yours another name" in found.message, name
+    code = "class Own(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+    code += "        self.register_buffer('data', torch.zeros(1))\n\n\ndef f(p):\n    return p.data"
+    assert find_violation(with_block_code(code), REFERENCE).rule == "attribute-allow-list"
+
+
+def test_a_decorator_on_a_blocks_last_line_cannot_decorate_the_fixed_class_after_it():
+    child = REFERENCE.replace(
+        "        nn.init.normal_(p, mean=0.0, std=0.02)\n",
+        "        nn.init.normal_(p, mean=0.0, std=0.02)\n\n\n@torch.no_grad()\n",
+        1,
+    )
+    found = find_violation(child, REFERENCE)
+    assert found.rule == "block-statements" and "crosses an EVOLVE-BLOCK marker" in found.message
+
+
+def test_a_string_left_open_cannot_swallow_a_marker():
+    child = REFERENCE.replace("    return ks\n", "    return ks\n\n\n_ = '''\n", 1)
+    child = child.replace("INDEXER_LOSS_WEIGHT = 0.1", "'''\nINDEXER_LOSS_WEIGHT = 0.1", 1)
+    assert find_violation(child, REFERENCE).rule == "block-statements"
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules as the LLM is told them
+
+
+def test_every_rule_has_a_name_what_it_closes_and_what_it_allows():
+    names = [r.name for r in RULES]
+    assert len(set(names)) == len(names) and all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", n) for n in names)
+    assert all(r.closes and r.allows and callable(r.check) for r in RULES)
+    assert names[:3] == ["program-size", "line-ends", "syntax"]  # the text is read before it is parsed
+
+
+def test_the_system_message_states_the_rules_as_the_checks_apply_them():
+    """Regenerate with `python -m plasa_lab.prompting` when a rule changes."""
+    system = SYSTEM_MESSAGE.read_text()
+    assert static_rules_text() in system and system.count(HEADING) == 1
+    flat = " ".join(system[system.index(HEADING) :].split())
+    for rule in RULES:
+        assert f"- {rule.name}: {' '.join(rule.allows.split())}" in flat
+
+
+def test_the_attributes_and_builtins_shown_to_the_llm_are_the_allow_lists():
+    flat = " ".join(SYSTEM_MESSAGE.read_text().split())
+    attributes = re.search(r"is the one\): (.*?) - view-sizes:", flat)[1]
+    builtins_shown = re.search(r"builtins only from: (.*?); no dunder names", flat)[1]
+    assert set(attributes.split(", ")) == ALLOWED_ATTRIBUTES
+    assert set(builtins_shown.split(", ")) == ALLOWED_BUILTINS
+
+
+def test_every_allowed_attribute_is_one_that_torch_or_python_has():
+    """A typo in the list would allow a name nobody meant."""
+    import builtins
+
+    owners = [torch, torch.Tensor, torch.nn, torch.nn.functional, torch.nn.init, torch.linalg, torch.special]
+    owners += [torch.nn.Module, torch.nn.Linear(1, 1), torch.finfo(torch.float32), torch.return_types.topk, list, dict]
+    assert [a for a in ALLOWED_ATTRIBUTES if not any(hasattr(owner, a) for owner in owners)] == []
+    assert [b for b in ALLOWED_BUILTINS if not hasattr(builtins, b)] == []
