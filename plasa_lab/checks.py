@@ -31,6 +31,7 @@ from .allowlists import (
     NOT_LINE_ENDS,
     REACHABLE_MODULES,
     dtype_names,
+    module_machinery,
     reserved_attributes,
 )
 from .program import BlockError, program_lines, split_blocks
@@ -454,18 +455,37 @@ def _classes(node, source):
     return None
 
 
+def _class_names(node):
+    """The names a class defines: its methods, its class attributes, every self.<name> its methods assign."""
+    names = [n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    for statement in node.body:
+        if not isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names += [n.id for n in ast.walk(statement) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and root_name(n) == "self":
+            names.append(n.attr)
+    return names
+
+
 @rule(
     "definitions",
     f"no decorator but {', '.join('@' + d for d in sorted(ALLOWED_DECORATORS))} (no staticmethod, "
-    "classmethod), none on __init__; no dunder method but __init__",
+    "classmethod), none on __init__; no dunder method but __init__; a class redefines nothing nn.Module "
+    "defines (state_dict, parameters, to, training, ...) but forward",
     per_node=True,
 )
 def _definitions(node, source):
-    """__getattr__, __call__ and every other dunder, and decorators that make a method run on a class."""
+    """__getattr__, __call__ and every other dunder; decorators that make a method run on a class; a
+    module that answers state_dict(), parameters() or its own calls with something else than it is."""
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return None
     if node.name.startswith("__") and node.name != "__init__":
         return f"defining {node.name!r}: a block defines no dunder but __init__"
+    clash = (
+        [name for name in _class_names(node) if name in module_machinery()] if isinstance(node, ast.ClassDef) else []
+    )
+    if clash:
+        return f"class {node.name} redefines {clash[0]!r}, which nn.Module defines: give it another name"
     for decorator in node.decorator_list:
         if ast.unparse(decorator) not in ALLOWED_DECORATORS or node.name == "__init__":
             return (

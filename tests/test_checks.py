@@ -455,6 +455,17 @@ ATTACKS = {
         "attribute-assignment",
     ),
     "a numpy view of the memory": (FORWARD, "        a = x.numpy()\n", "attribute-allow-list"),
+    "a module that answers state_dict() itself": (INIT, "        self.state_dict = dict\n", "attribute-allow-list"),
+    "a module that says it has no parameters": (
+        '        return torch.einsum("bth,bhts->bts", w, F.relu(dots))\n',
+        "\n    def parameters(self, recurse=True):\n        return iter([])\n",
+        "definitions",
+    ),
+    "a module whose extra state rides in its state dict": (
+        '        return torch.einsum("bth,bhts->bts", w, F.relu(dots))\n',
+        "\n    get_extra_state = dict\n",
+        "definitions",
+    ),
 }
 
 
