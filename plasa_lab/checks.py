@@ -84,7 +84,8 @@ def rule(name: str, allows: str, per_node: bool = False):
 
 @rule("program-size", f"the whole program has at most {MAX_PROGRAM_CHARS:,} characters")
 def _program_size(source):
-    """Inputs that exhaust the parser (thousands of nested operators) or the wire (megabytes of code)."""
+    """Programs too big to read cheaply: megabytes of code that would fail later, on the wire, with a
+    misleading error."""
     if len(source.text) > MAX_PROGRAM_CHARS:
         return None, (
             f"the program has {len(source.text):,} characters, over the limit of {MAX_PROGRAM_CHARS:,}: "
