@@ -17,6 +17,7 @@ checked at run time by the judge.
 import ast
 import builtins
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -114,7 +115,9 @@ def _syntax(source):
     """Programs Python cannot parse or compile (return outside a function, say), and every way its
     parser fails (recursion, memory, NUL characters)."""
     try:
-        compile(source.tree, "<program>", "exec", dont_inherit=True)  # compiled, never run
+        with warnings.catch_warnings():  # the child's SyntaxWarnings are no line of the evaluator's stderr
+            warnings.simplefilter("ignore")
+            compile(source.tree, "<program>", "exec", dont_inherit=True)  # compiled, never run
     except SyntaxError as e:
         return e.lineno, f"syntax error{f' at line {e.lineno}' if e.lineno else ''}: {e.msg}: fix the Python syntax"
     except (RecursionError, MemoryError) as e:

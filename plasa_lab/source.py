@@ -39,7 +39,7 @@ def reached(chain, modules):
 
 
 def top_level_bindings(statements):
-    """name -> module path (for imports) or None (anything else) bound by module-level statements."""
+    """name -> module path (for imports) or None (anything else) bound (or deleted) by module-level statements."""
     bound = {}
     for node in statements:
         if isinstance(node, ast.Import):
@@ -54,7 +54,7 @@ def top_level_bindings(statements):
             bound[node.name] = None
         else:
             for sub in ast.walk(node):
-                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):  # del unbinds
                     bound[sub.id] = None
     return bound
 

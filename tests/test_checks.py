@@ -185,6 +185,7 @@ def test_openevolves_entry_point_answers_a_program_that_is_not_utf8_with_one_lin
         ("MODEL_CONFIG['n_layers'] = 8", "fixed-names", "assignment into 'MODEL_CONFIG'"),
         ("def apply_rope(x, cos, sin):\n    return x", "fixed-names", "redefines 'apply_rope'"),
         ("FFN_HIDDEN = 4096", "fixed-names", "redefines 'FFN_HIDDEN'"),
+        ("del apply_rope", "fixed-names", "redefines 'apply_rope'"),
         ("import math as torch", "fixed-names", "redefines 'torch'"),
         ("def f():\n    global INDEXER_LOSS_WEIGHT", "global-nonlocal", "global/nonlocal"),
         # self is only ever a method's first parameter, so self.x = ... always means the object
