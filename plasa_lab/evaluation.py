@@ -392,7 +392,7 @@ def evaluate_file(
 ) -> Evaluation:
     settings = settings or Settings()
     try:
-        code = Path(path).read_text()
+        code = Path(path).read_text(encoding="utf-8")  # UTF-8 whatever the locale, as Python reads a source file
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason} at byte {e.start})"
         return Evaluation(failure_metrics(), dict(failure=f"cannot read the program {path}: {reason}"))

@@ -24,10 +24,22 @@ class BlockError(ValueError):
     """The markers are missing, nested or unbalanced."""
 
 
+# The line ends of Python's tokenizer. str.splitlines also ends lines at \v \f \x1c \x1d \x1e \x85
+# \u2028 \u2029, which Python reads as ordinary characters (in a comment, say): a text cut by it
+# would number its lines differently from the AST, and a statement could hide between the two.
+_LINE = re.compile(r".*?(?:\r\n|\r|\n)|.+\Z", re.DOTALL)
+
+
+def program_lines(text: str, keepends: bool = False) -> list[str]:
+    """The program's lines as Python numbers them (line i + 1 is lines[i]), like str.splitlines otherwise."""
+    lines = _LINE.findall(text)
+    return lines if keepends else [line.rstrip("\r\n") for line in lines]
+
+
 def split_blocks(text: str) -> tuple[list[str], list[Block]]:
     """Cut a program into the text outside the blocks (one segment before, between and after
     the blocks, markers included) and the blocks. len(outside) == len(blocks) + 1."""
-    lines = text.splitlines(keepends=True)
+    lines = program_lines(text, keepends=True)
     outside, blocks, current, open_at = [], [], [], None
     for i, line in enumerate(lines):
         stripped = line.strip()
@@ -97,7 +109,7 @@ def with_schedule(code: str, name: str) -> str:
     if names.count(SCHEDULE_BLOCK) != 1:
         raise BlockError(f"the program has no EVOLVE-BLOCK {SCHEDULE_BLOCK!r} to make the {name} schedule from")
     bodies = [b.body for b in blocks]
-    lines = bodies[names.index(SCHEDULE_BLOCK)].splitlines(keepends=True)
+    lines = program_lines(bodies[names.index(SCHEDULE_BLOCK)], keepends=True)
     comments = lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
     bodies[names.index(SCHEDULE_BLOCK)] = "".join(comments) + (
         f"def layer_k_schedule(n_layers, seq_len):\n"
