@@ -27,9 +27,9 @@ LEVERS = {
     "k_schedule": "schedule",
     "indexer_training": "indexer training",
 }
-MAX_ROWS = 16  # the best 12 and the 4 latest failures at most: about 600 tokens
-MAX_FAILURES = 4
-SUMMARY_CHARS = 110
+MAX_ROWS = 12  # the best 9 and the 3 latest failures at most
+MAX_FAILURES = 3
+SUMMARY_CHARS = 90
 SEED_KEY = re.compile(r"^val_loss_seed(\d+)$")
 
 

@@ -130,7 +130,8 @@ def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbati
 
     config = Config.from_yaml(CONFIG)
     full, compact = first_prompt(config, compact=False), first_prompt(config, compact=True)
-    assert smollm_tokens(compact["system"] + compact["user"]) < 4000 < smollm_tokens(full["system"] + full["user"])
+    # 8,192 tokens of context hold it, the notebook (under 900) and an answer of over 1,500 tokens
+    assert smollm_tokens(compact["system"] + compact["user"]) < 5500 < smollm_tokens(full["system"] + full["user"])
     for block in split_blocks(SOURCE)[1]:
         assert block.body in compact["user"]  # a SEARCH can copy any block line exactly
     assert compact["user"].count("class LightningIndexer") == 1  # every program once
