@@ -83,6 +83,7 @@ def one_round(number: int, code: str, corpus, settings: Settings) -> dict:
         cascade=bwrap["wall"] / bwrap["train"],
         cascade_vs_recipe=bwrap["wall"] / (got["ref_train"] + got["ref_val"]),
         isolation=(bwrap["wall"] - none["wall"]) / bwrap["wall"],
+        stage2_outside_training=(bwrap["stage2_wall"] - bwrap["stage2_train"]) / bwrap["stage2_wall"],
     )
     return got
 
@@ -146,6 +147,10 @@ def main():
     console.print(
         f"cascade (stage 1 + stage 2) under bwrap: {median('cascade'):.3f}x its training time ({verdict} the target "
         f"of {CASCADE_TARGET:.2f}x); {median('cascade_vs_recipe'):.3f}x the recipe's training and bare validation"
+    )
+    console.print(
+        f"stage 2 alone: {statistics.median(r['bwrap']['stage2_wall'] for r in rounds):.1f} s wall, "
+        f"{median('stage2_outside_training'):.1%} of it outside training (start-ups, weights, probes, validation)"
     )
     console.print(f"isolation (bwrap - none): {median('isolation'):.1%} of the cascade's wall time")
     ratio = median("ratio")
