@@ -40,6 +40,7 @@ from .validation import Rejection, validate, windows_to_run
 SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
 DTYPE_BYTES = dict(float64=8, float32=4, float16=2, bfloat16=2, int64=8, int32=4, int16=2, int8=1, uint8=1, bool=1)
 VALUE_BYTES = 4  # the budget counts 4-byte values: a float64 buffer counts twice per element
+VALIDATION_BATCH = 8  # windows per validation forward: a quarter of the round trips of the training batch's 2
 
 
 class Gone(Exception):
@@ -298,8 +299,8 @@ def nonembed_params(model) -> int:
 
 @contextlib.contextmanager
 def without_lm_head(model):
-    """Forward passes whose selections are all that is wanted (the cut checks' copies): the LM head,
-    most of a forward's arithmetic, is skipped."""
+    """Forward passes that stop at the final norm: the LM head, most of a forward's arithmetic, is
+    applied afterwards to the rows that need logits only."""
     head = model.lm_head
     model.lm_head = torch.nn.Identity()
     try:
@@ -338,15 +339,20 @@ def train(model, selections, trainer: BlocksLink, batches, steps, device, seed, 
 
 
 def forward_with(model, selections, servers, device):
-    """forward(tokens, server, need_logits) -> (logits on the CPU or None, selections [layers, B, T, T])."""
+    """forward(tokens, server, rows=None) -> (logits on the CPU, selections [layers, B, T, T]): logits of
+    every row, or with `rows` (a list) of those rows only, in that order (the LM head, most of a
+    forward's arithmetic, runs only where a score needs it)."""
     model.eval()
 
-    def forward(tokens, server, need_logits=True):
+    def forward(tokens, server, rows=None):
         selections.link = servers[server]
-        with torch.no_grad(), contextlib.nullcontext() if need_logits else without_lm_head(model):
-            logits = model(tokens.to(device))["logits"]
+        with torch.no_grad(), without_lm_head(model):
+            hidden = model(tokens.to(device))["logits"]  # the final norm's output: the LM head is skipped
         kept = torch.stack([layer.last_selection for layer in model.plasa_layers()]).to("cpu")
-        return (logits.float().to("cpu") if need_logits else None), kept
+        wanted = hidden if rows is None else hidden[list(rows)]
+        with torch.no_grad():
+            logits = model.lm_head(wanted) if len(wanted) else None
+        return (logits.float().to("cpu") if logits is not None else None), kept
 
     return forward
 
@@ -415,7 +421,7 @@ def run_stage(request: dict, links: dict[str, BlocksLink], metrics: dict) -> dic
     windows = val_windows(val_tokens, windows_to_run(n_scored, L, rounds), L)
     cuts = f"every position cut {rounds} times" if rounds else "cuts at random positions"
     log(f"validating on {n_scored} windows ({len(windows)} run, {cuts})")
-    metrics.update(validate(forward, windows, n_scored, B, spec.schedule, rng, rounds))
+    metrics.update(validate(forward, windows, n_scored, VALIDATION_BATCH, spec.schedule, rng, rounds))
     return metrics
 
 

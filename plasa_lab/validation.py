@@ -3,7 +3,7 @@
 The trunk (plasa_lab.trunk) runs the fixed model itself; the only thing a program contributes to a
 forward pass is each layer's selection, answered by one of two sandboxed blocks processes
 ("servers" A and B, fresh imports of the program holding the trained indexer weights). So a
-forward pass here is `forward(tokens[B,T], server, need_logits) -> (logits | None, selections)`.
+forward pass here is `forward(tokens[B,T], server, rows) -> (logits of those rows | None, selections)`.
 
 The cut checks. Validation windows also go, cut at a position p and spliced with other validation
 text after p, to the *other* server, shuffled among the real windows in batches of the same shape.
@@ -148,16 +148,18 @@ def validate(forward, windows: torch.Tensor, n_scored: int, batch_size: int, ks,
     for s, per_server in enumerate(batches):
         for batch in per_server:
             scored = [item.cut is None and item.window < n_scored for item in batch]
-            logits, selections = forward(torch.stack([item.tokens for item in batch]), s, any(scored))
+            rows = [row for row, is_scored in enumerate(scored) if is_scored]
+            logits, selections = forward(torch.stack([item.tokens for item in batch]), s, rows)
+            logits_of = dict(zip(rows, logits)) if rows else {}
             if problem := probes.selection_violation(selections, ks):
                 raise Rejection(f"during validation: {problem}")
             for row, item in enumerate(batch):
                 mine = selections[:, row]
                 if scored[row]:
                     loss_sums.append(
-                        F.cross_entropy(logits[row].double(), targets[item.window], reduction="sum").item()
+                        F.cross_entropy(logits_of[row].double(), targets[item.window], reduction="sum").item()
                     )
-                    correct += int((logits[row].argmax(-1) == targets[item.window]).sum())
+                    correct += int((logits_of[row].argmax(-1) == targets[item.window]).sum())
                     densities.append(probes.density(selections[:, row : row + 1]))
                 if item.cut is None:
                     if item.window in checked:
