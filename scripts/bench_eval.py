@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plasa_lab import INITIAL_PROGRAM, hardware
+from plasa_lab.cli import fail
 from plasa_lab.constants import GRAD_CLIP, OPTIMIZER, PROFILES, VOCAB_SIZE, get_profile
 from plasa_lab.evaluation import Calibration, corpus_of
 from plasa_lab.jobs import Job
@@ -36,11 +37,6 @@ from plasa_lab.program import load_program
 from plasa_lab.tokens import train_batches, val_windows
 
 ISSUE_11_TARGET = 0.05  # isolation plus the separate validation processes: at most 5% of an evaluation
-
-
-def fail(message: str):
-    print(f"bench_eval.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def synchronize(device):
