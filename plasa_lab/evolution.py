@@ -35,7 +35,7 @@ import yaml
 from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
 from .checks import integrity_violation
 from .constants import HARNESS_VERSION, get_profile
-from .evaluation import Calibration, benchmark, calibration, confirmation_count, corpus_of, evaluate_stage
+from .evaluation import Calibration, calibration, confirmation_count, corpus_of, evaluate_stage, noise_aware_stage2
 from .ledger import Ledger, LedgerError
 from .mutator import NAME as OFFLINE_MODEL_NAME
 from .rundir import OUTPUT_ROOT, TRACE, TRACE_FAILURES, TRACE_LOST, latest_checkpoint, newest_run, read_jsonl
@@ -379,7 +379,7 @@ def evaluate_initial_program(settings: Settings, say) -> tuple[NoiseFloor, dict]
         )
     floor = NoiseFloor(list(settings.seeds), losses, statistics.stdev(losses) if len(losses) > 1 else None)
     # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best.
-    return floor, benchmark(code, settings).metrics
+    return floor, noise_aware_stage2(code, settings).metrics
 
 
 def expected_seconds_per_child(cal: Calibration, settings: Settings) -> float | None:
@@ -406,7 +406,7 @@ def child_ppl(metrics: dict | None):
 
 class Best:
     """The best program as OpenEvolve keeps it: the highest combined_score, the earlier on a tie. With
-    noise-aware scores only a program confirmed on every seed can hold it (see evaluation.benchmark)."""
+    noise-aware scores only a program confirmed on every seed can hold it (see evaluation.noise_aware_stage2)."""
 
     def __init__(self, metrics: dict | None, initial_losses: list[float]):
         self.metrics, self.initial_losses = metrics or {}, initial_losses
