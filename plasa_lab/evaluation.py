@@ -10,7 +10,7 @@
     seeds    in an evolution run (settings.noise_aware), a stage-2 result that could be the best is
              confirmed on every seed of the run before it can win (see `noise_aware_stage2`).
 
-Every result holds every metric of CONTRACT.md section 4; a failure scores 0.0 and says why in one
+Every result holds every metric of docs/contract.md section 4; a failure scores 0.0 and says why in one
 line (artifact `failure`). Time limits are multiples of what the initial program needs on this
 machine, now (`Calibration`), so a loaded machine does not fail honest children.
 """

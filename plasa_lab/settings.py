@@ -31,7 +31,7 @@ ENVIRONMENT = {  # field -> variable
     "confirm_share": "PLASA_CONFIRM_SHARE",
 }
 DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
-DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (issue 12: about 30%)
+DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (README, "What best means")
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
 CHOICES = dict(
     device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"), profile=tuple(PROFILES)
