@@ -92,7 +92,9 @@ class NothingToDo(Exception):
 
 def plan_run(options: RunOptions) -> RunPlan:
     """The run the options ask for, checked; RunError (one line) when it cannot start, NothingToDo
-    when a resume has already reached its total. It writes nothing, and prints what it checks."""
+    when a resume has already reached its total. It writes nothing of the run (the token cache is
+    built if missing) and prints what it checks, the LLM's endpoint first: that check takes minutes
+    on a CPU server, and the checks after it need what it resolved."""
     config, raw_config = load_config(options.config)
     run_dir = run_folder(options)
     previous = rundir.read_run_record(run_dir) if options.resume else None
@@ -114,17 +116,8 @@ def plan_run(options: RunOptions) -> RunPlan:
         )
     _check_isolation(settings)
     corpus = corpus_of(settings.corpus)
-    if previous and previous["corpus"]["fingerprint"] != corpus.fingerprint:
-        raise RunError(
-            f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
-            f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare"
-        )
-    if checkpoint and (problem := fixed_code_drift(checkpoint[0])):
-        commit = ((previous or {}).get("versions") or {}).get("project_commit") or "?"
-        raise RunError(
-            f"this run's programs were made from another initial_program.py ({problem}): every child would "
-            f"fail; resume it at the commit it started from ({commit[:12]}) or start a new run"
-        )
+    if previous:
+        _check_the_resume(previous, corpus, checkpoint[0] if checkpoint else None)
     settings.corpus = corpus.name
     config.evaluator.parallel_evaluations = _evaluation_slots(settings)
     return RunPlan(
@@ -227,6 +220,21 @@ def _evaluation_slots(settings: Settings) -> int:
     else:
         say(f"evaluations: {settings.slots_reason}")
     return settings.parallel
+
+
+def _check_the_resume(previous: dict, corpus: Corpus, checkpoint: Path | None):
+    """A resumed run's scores must compare with its first ones, and its children must be able to pass."""
+    if previous["corpus"]["fingerprint"] != corpus.fingerprint:
+        raise RunError(
+            f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
+            f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare"
+        )
+    if checkpoint and (problem := fixed_code_drift(checkpoint)):
+        commit = (previous.get("versions") or {}).get("project_commit") or "?"
+        raise RunError(
+            f"this run's programs were made from another initial_program.py ({problem}): every child would "
+            f"fail; resume it at the commit it started from ({commit[:12]}) or start a new run"
+        )
 
 
 def fixed_code_drift(checkpoint: Path) -> str | None:

@@ -31,6 +31,8 @@ class LLMChoice:
 def choose_llm(
     mode: str | None, api_base: str | None, model: str | None, config, prompt: str | None = None
 ) -> LLMChoice:
+    """The LLM a run asks for (None: the environment's key decides, else the offline mutator), with
+    its endpoint, models, prompt style and per-call limit; RunError when a mode lacks what it needs."""
     env_key, env_base = os.environ.get("OPENAI_API_KEY"), os.environ.get("OPENAI_API_BASE")
     if mode is None:
         mode = "api" if env_key else "offline"
