@@ -1,4 +1,4 @@
-"""What every evaluation holds fixed (CONTRACT.md sections 2 and 4): the model's shape, the training
+"""What every evaluation holds fixed (docs/contract.md sections 2 and 4): the model's shape, the training
 recipe, the profiles, the metrics, and the versions that key the ledger. A leaf module: it imports
 nothing of the package, so every other module (and the sandboxed worker) can import it."""
 

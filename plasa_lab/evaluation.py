@@ -8,9 +8,9 @@
              sandboxed processes that run the child's code.
     stage 2  the same with the profile's full training and validation.
     seeds    in an evolution run (settings.noise_aware), a stage-2 result that could be the best is
-             confirmed on every seed of the run before it can win (see `benchmark`).
+             confirmed on every seed of the run before it can win (see `noise_aware_stage2`).
 
-Every result holds every metric of CONTRACT.md section 4; a failure scores 0.0 and says why in one
+Every result holds every metric of docs/contract.md section 4; a failure scores 0.0 and says why in one
 line (artifact `failure`). Time limits are multiples of what the initial program needs on this
 machine, now (`Calibration`), so a loaded machine does not fail honest children.
 """
@@ -297,7 +297,7 @@ def confirmation_count(settings: Settings, ledger: Ledger, fingerprint: str) -> 
     return sum(1 for code, seed in trainings if seed != settings.seed and code != initial), len(trainings)
 
 
-def benchmark(code: str, settings: Settings, on_line=None) -> Evaluation:
+def noise_aware_stage2(code: str, settings: Settings, on_line=None) -> Evaluation:
     """Stage 2. In a noise-aware run the first seed decides whether the program is a contender: a
     first-seed loss within `confirm_margin` noise sds of the best confirmed mean loss. A contender
     is trained on every other seed of the run (ledger first) and scored on all of them; anyone
@@ -373,11 +373,11 @@ def evaluate_code(code: str, stage: str | int, settings: Settings, on_line=None)
     if str(stage) == "1":
         return evaluate_stage(code, 1, settings, on_line)
     if str(stage) == "2":
-        return benchmark(code, settings, on_line)
+        return noise_aware_stage2(code, settings, on_line)
     first = evaluate_stage(code, 1, settings, on_line)
     if not first.passed:
         return first
-    second = benchmark(code, settings, on_line)
+    second = noise_aware_stage2(code, settings, on_line)
     second.metrics["stage1_passed"] = 1.0
     return Evaluation(
         second.metrics,

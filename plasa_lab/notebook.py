@@ -88,11 +88,15 @@ def summary(response: str, child_code: str = "", parent_code: str = "") -> str:
     return _one_line(f"{first}: {constants}" if constants else first, SUMMARY_CHARS)
 
 
-def seed_losses(metrics: dict) -> dict[int, float]:
+def seed_losses(metrics: dict, search_seed: int | None = None) -> dict[int, float]:
+    """val_loss per seed: the val_loss_seedN metrics of a noise-aware run, else val_loss at the search seed."""
     out = {}
     for key, value in (metrics or {}).items():
         if (m := SEED_KEY.match(key)) and isinstance(value, (int, float)) and math.isfinite(value):
             out[int(m[1])] = float(value)
+    value = (metrics or {}).get("val_loss")
+    if not out and search_seed is not None and isinstance(value, (int, float)) and math.isfinite(value):
+        out[search_seed] = float(value)
     return out
 
 
@@ -103,13 +107,13 @@ def paired_effect(child: dict[int, float], initial: dict[int, float]) -> tuple[f
     return sum(child[s] - initial[s] for s in shared) / len(shared), len(shared)
 
 
-def rows(trace: list[dict], initial: dict[int, float]) -> list[Row]:
+def rows(trace: list[dict], initial: dict[int, float], search_seed: int | None = None) -> list[Row]:
     out = []
     for record in trace:
         metrics = record.get("child_metrics") or {}
         passed = metrics.get("stage2_passed") == 1.0
         failure = None if passed else _one_line((record.get("artifacts") or {}).get("failure", "failed"), SUMMARY_CHARS)
-        effect, n = paired_effect(seed_losses(metrics), initial) if passed else (None, 0)
+        effect, n = paired_effect(seed_losses(metrics, search_seed), initial) if passed else (None, 0)
         out.append(
             Row(
                 iteration=int(record.get("iteration") or 0),
@@ -126,10 +130,12 @@ def rows(trace: list[dict], initial: dict[int, float]) -> list[Row]:
 
 
 def chosen(all_rows: list[Row]) -> list[Row]:
-    """The best measured effects first, then the latest failures, within MAX_ROWS."""
+    """The best measured effects first, then children with no paired seed, then the latest failures,
+    within MAX_ROWS."""
     measured = sorted((r for r in all_rows if r.effect is not None), key=lambda r: (r.effect, -r.n))
+    unpaired = [r for r in all_rows if r.effect is None and not r.failure]
     failed = [r for r in all_rows if r.failure][-MAX_FAILURES:]
-    return measured[: MAX_ROWS - len(failed)] + failed
+    return (measured + unpaired)[: MAX_ROWS - len(failed)] + failed
 
 
 def render(all_rows: list[Row], noise_sd: float | None, initial_seeds: int) -> str:
@@ -148,9 +154,10 @@ def render(all_rows: list[Row], noise_sd: float | None, initial_seeds: int) -> s
     for r in chosen(all_rows):
         if r.failure:
             outcome = f"failed: {r.failure}"
+        elif r.effect is None:
+            outcome = "passed; no seed shared with the initial program"
         else:
-            ppl = math.exp(r.effect) - 1
-            outcome = f"{r.effect:+.4f} ({ppl:+.1%} ppl, n={r.n})" if r.n else "no paired seed"
+            outcome = f"{r.effect:+.4f} ({math.exp(r.effect) - 1:+.1%} ppl, n={r.n})"
         lines.append(f"| {r.iteration} | {r.lever} | {r.summary} | {outcome} |")
     return "\n".join(lines) + "\n"
 
@@ -162,7 +169,9 @@ def build(run_dir: Path) -> str:
     floor = record.get("noise_floor") or {}
     initial = dict(zip(floor.get("seeds") or [], floor.get("val_losses") or []))
     initial = {int(s): float(v) for s, v in initial.items() if isinstance(v, (int, float))}
-    return render(rows(read_jsonl(run_dir / TRACE), initial), floor.get("val_loss_sd"), len(initial))
+    seed = (record.get("settings") or {}).get("seed")
+    trace = read_jsonl(run_dir / TRACE)
+    return render(rows(trace, initial, seed if isinstance(seed, int) else None), floor.get("val_loss_sd"), len(initial))
 
 
 def write(run_dir: Path) -> str:

@@ -6,15 +6,13 @@ stage 1 then stage 2) and through the ledger, so an interrupted replay resumes w
 and the seeds a run already trained (42) are not trained again.
 
 The verdict rule (VERDICT_RULE) compares each program's val_loss (log perplexity) across seeds
-with the initial program's: Welch's t-test, two-sided, alpha 0.05.
+with the initial program's: Welch's t-test, two-sided, alpha 0.05 (plasa_lab.stats).
 """
 
 import json
-import math
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,10 +24,9 @@ from .ledger import code_sha256
 from .program import SCHEDULE_RULES, BlockError, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
 from .settings import Settings
+from .stats import ALPHA, VERDICTS, mean_sd, verdict
 from .util import atomic_write
 
-VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
-ALPHA = 0.05
 DEFAULT_SEEDS = (42, 43, 44)
 BASELINES = ("DENSE", "UNIFORM")  # named schedules (program.SCHEDULE_RULES) with one k in every layer
 VERDICT_RULE = (
@@ -134,55 +131,64 @@ def plan_replay(
         raise ReplayError("give at least one seed")
     if profile is not None:
         get_profile(profile)  # an unknown name fails here, before any training
-    default_profile = lambda name: Settings(profile=name).profile  # None: $PLASA_PROFILE, else full
-
     if not targets or folders:
-        try:
-            view = load_run(folders[0] if folders else None)
-        except ReportError as e:
-            raise ReplayError(str(e)) from None
-        record = view.record
-        initial = view.initial
-        initial_code = initial.code if initial else INITIAL_PROGRAM.read_text()
-        refs = reference_candidates(
-            initial_code, "the run's initial program" if initial else str(INITIAL_PROGRAM), baselines
-        )
-        programs, seen = [], {code_sha256(c.code) for c in refs}
-        for p in view.population:
-            if len(programs) == top:
-                break
-            if p.passed and code_sha256(p.code) not in seen:
-                seen.add(code_sha256(p.code))
-                programs.append(
-                    Candidate(
-                        p.short_id,
-                        "program",
-                        p.code,
-                        f"run program {p.id} (iteration {p.iteration}, seed-42 val_ppl {p.val_ppl:.1f})",
-                    )
-                )
-        notes = list(view.warnings)
-        if not programs:
-            notes.append("the run has no passing program other than the initial one: only the references are replayed")
-        run_profile = (record.get("profile") or {}).get("name")
-        if profile and run_profile and profile != run_profile:
-            notes.append(
-                f"profile {profile} differs from the run's ({run_profile}): the run's own numbers do not compare"
-            )
-        ledger_path = Path(ledger) if ledger else _run_ledger(view.run_dir, record)
-        return Plan(
-            refs + programs,
-            seeds,
-            default_profile(profile or run_profile),
-            (record.get("corpus") or {}).get("corpus"),
-            ledger_path,
-            Path(out_dir) if out_dir else view.run_dir / rundir.REPORT,
-            f"run {view.run_dir}",
-            notes,
-            whole_validation,
-            sandbox_warning(record),
-        )
+        run_dir = folders[0] if folders else None
+        return _plan_run_replay(run_dir, top, seeds, baselines, profile, ledger, out_dir, whole_validation)
+    return _plan_file_replay(targets, seeds, baselines, profile, ledger, out_dir, whole_validation)
 
+
+def _default_profile(name: str | None) -> str:
+    return Settings(profile=name).profile  # None: $PLASA_PROFILE, else full
+
+
+def _plan_run_replay(run_dir: Path | None, top, seeds, baselines, profile, ledger, out_dir, whole_validation) -> Plan:
+    """A run's top passing programs (other than the references), next to its own initial program."""
+    try:
+        view = load_run(run_dir)
+    except ReportError as e:
+        raise ReplayError(str(e)) from None
+    record = view.record
+    initial = view.initial
+    initial_code = initial.code if initial else INITIAL_PROGRAM.read_text()
+    refs = reference_candidates(
+        initial_code, "the run's initial program" if initial else str(INITIAL_PROGRAM), baselines
+    )
+    programs, seen = [], {code_sha256(c.code) for c in refs}
+    for p in view.population:
+        if len(programs) == top:
+            break
+        if p.passed and code_sha256(p.code) not in seen:
+            seen.add(code_sha256(p.code))
+            programs.append(
+                Candidate(
+                    p.short_id,
+                    "program",
+                    p.code,
+                    f"run program {p.id} (iteration {p.iteration}, seed-42 val_ppl {p.val_ppl:.1f})",
+                )
+            )
+    notes = list(view.warnings)
+    if not programs:
+        notes.append("the run has no passing program other than the initial one: only the references are replayed")
+    run_profile = (record.get("profile") or {}).get("name")
+    if profile and run_profile and profile != run_profile:
+        notes.append(f"profile {profile} differs from the run's ({run_profile}): the run's own numbers do not compare")
+    return Plan(
+        refs + programs,
+        seeds,
+        _default_profile(profile or run_profile),
+        (record.get("corpus") or {}).get("corpus"),
+        Path(ledger) if ledger else _run_ledger(view.run_dir, record),
+        Path(out_dir) if out_dir else view.run_dir / rundir.REPORT,
+        f"run {view.run_dir}",
+        notes,
+        whole_validation,
+        sandbox_warning(record),
+    )
+
+
+def _plan_file_replay(targets: list[Path], seeds, baselines, profile, ledger, out_dir, whole_validation) -> Plan:
+    """Program files, next to this checkout's initial program; a file that is a reference is replayed once."""
     programs = []
     for t in targets:
         try:
@@ -206,7 +212,7 @@ def plan_replay(
     return Plan(
         refs + programs,
         seeds,
-        default_profile(profile),
+        _default_profile(profile),
         None,
         Path(ledger) if ledger else REPLAYS_ROOT / rundir.LEDGER,
         Path(out_dir) if out_dir else REPLAYS_ROOT / rundir.REPORT,
@@ -296,26 +302,6 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
 # Judging
 
 
-def verdict(losses: list[float], reference: list[float]) -> tuple[str, float | None]:
-    """(verdict, p) of one program's val_losses against the initial program's (VERDICT_RULE)."""
-    if len(losses) < 2 or len(reference) < 2:
-        return "within noise", None
-    if statistics.pvariance(losses) == 0 and statistics.pvariance(reference) == 0:
-        return "within noise", None
-    from scipy.stats import ttest_ind
-
-    with warnings.catch_warnings():  # nearly identical samples: scipy warns, the p-value says enough
-        warnings.simplefilter("ignore")
-        p = float(ttest_ind(losses, reference, equal_var=False).pvalue)
-    if not math.isfinite(p) or p >= ALPHA:
-        return "within noise", (p if math.isfinite(p) else None)
-    return ("better beyond noise" if statistics.mean(losses) < statistics.mean(reference) else "worse beyond noise"), p
-
-
-def _mean_sd(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
     """Everything replay.json holds: the set-up, the rule, and one entry per program."""
     reference = results[plan.candidates[0].name]
@@ -324,8 +310,8 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
     entries = []
     for c in plan.candidates:
         runs = results[c.name]
-        ppl_mean, ppl_sd = _mean_sd([r.val_ppl for r in runs])
-        acc_mean, acc_sd = _mean_sd([r.val_acc for r in runs])
+        ppl_mean, ppl_sd = mean_sd([r.val_ppl for r in runs])
+        acc_mean, acc_sd = mean_sd([r.val_acc for r in runs])
         failed = [r for r in runs if not r.passed]
         word, p = verdict([r.val_loss for r in runs], ref_losses)
         if failed and word == "better beyond noise":

@@ -1,8 +1,9 @@
 """The run folder, in one place: what `openevolve_output/<run>/` holds, and the rules for reading it back.
 
-Both sides use this module: the run that writes the folder (evolution) and the reports that read
-it (reporting, replay). It imports nothing but the standard library, so reading a run never
-imports the orchestrator, OpenEvolve or torch.
+Both sides use this module: the run that writes the folder (launch, evolution: run.json, the LLM
+responses, the records a resume sets aside) and the reports that read it (reporting, replay). It
+imports nothing but the standard library, so reading a run never imports the orchestrator,
+OpenEvolve or torch.
 
     run.json                          the run's record (config, versions, corpus, profile, llm, sandbox)
     ledger.sqlite                     every evaluation once
@@ -11,6 +12,7 @@ imports the orchestrator, OpenEvolve or torch.
     evolution_trace.jsonl             one line per evaluated child
     evolution_trace_failures.jsonl    one line per iteration that produced no child
     llm_responses.jsonl               one line per LLM call (LLM_OUTCOMES)
+    notebook.md                       the lab notebook the LLM reads (plasa_lab.notebook), as of the last child
     report/                           what inspect_run.py and replay.py write
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import PROJECT_ROOT
-from .util import first_line
+from .util import atomic_write, first_line
 
 OUTPUT_ROOT = PROJECT_ROOT / "openevolve_output"
 RUN_RECORD = "run.json"
@@ -63,6 +65,14 @@ def read_run_record(run_dir: Path) -> dict | None:
     if not isinstance(record, dict):
         raise RunDirError(f"{path} is not a JSON object")
     return record
+
+
+def write_run_record(run_dir: Path, record: dict):
+    """run.json, written whole (a reader never sees half of it); RunDirError when it cannot be."""
+    try:
+        atomic_write(Path(run_dir) / RUN_RECORD, json.dumps(record, indent=2))
+    except OSError as e:
+        raise RunDirError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,9 +177,115 @@ def read_trace(run_dir: Path, up_to_iteration: int | None = None) -> Trace:
     return Trace(kept_children, kept_failures, left_out)
 
 
-def read_llm_responses(run_dir: Path, up_to_iteration: int | None = None) -> list[dict]:
-    """llm_responses.jsonl (one line per LLM call; [] when the run wrote none), up to an iteration."""
+def read_llm_responses(run_dir: Path, up_to_iteration: int | None = None, after: int | None = None) -> list[dict]:
+    """llm_responses.jsonl (one line per iteration's LLM call; [] when the run wrote none), up to an
+    iteration, and after one (a session that resumed from it)."""
     records = read_jsonl(Path(run_dir) / LLM_RESPONSES)
-    if up_to_iteration is None:
-        return records
-    return [r for r in records if _iteration(r) <= up_to_iteration]
+    if up_to_iteration is not None:
+        records = [r for r in records if _iteration(r) <= up_to_iteration]
+    if after is not None:
+        records = [r for r in records if _iteration(r) > after]
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run writes as it goes
+
+
+@dataclass(frozen=True)
+class FinishedIteration:
+    """One iteration as the trace filed it: a child (a TRACE line) or none (a TRACE_FAILURES line)."""
+
+    iteration: int
+    record: dict
+    failed: bool  # no child: the LLM failed or its diff did not apply
+
+    @property
+    def child_metrics(self) -> dict:
+        return self.record.get("child_metrics") or {}
+
+    @property
+    def error(self) -> str | None:
+        """Why there was no child (OpenEvolve's line); None when there was one."""
+        return self.record.get("error") if self.failed else None
+
+
+def finished_iterations(run_dir: Path) -> list[FinishedIteration]:
+    """Every iteration the trace holds, in the order OpenEvolve filed them (with parallel evaluations
+    not the iterations' order): children first, then the iterations without one."""
+    run_dir = Path(run_dir)
+    children = [FinishedIteration(_iteration(r), r, False) for r in read_jsonl(run_dir / TRACE)]
+    return children + [FinishedIteration(_iteration(r), r, True) for r in read_jsonl(run_dir / TRACE_FAILURES)]
+
+
+class LLMResponseLog:
+    """llm_responses.jsonl, written as the run goes: one line per finished iteration, its outcome
+    (LLM_OUTCOMES) joined with the LLM client's record of the call (llm_calls.jsonl; matched by the
+    response's text, or by the error) for the model, the prompt's size and the seconds. Resumes
+    and the reports read it."""
+
+    def __init__(self, run_dir: Path, model: str, since: float):
+        self.run_dir, self.model, self.since = (
+            Path(run_dir),
+            model,
+            since,
+        )  # since: calls before it are another session's
+        self.used_calls = set()  # indexes into llm_calls.jsonl (it only grows) already joined to an iteration
+
+    def file(self, outcomes: list[tuple[FinishedIteration, str]]):
+        """One line per (iteration, its outcome)."""
+        if not outcomes:
+            return
+        calls = read_jsonl(self.run_dir / LLM_CALLS)
+        lines = [self._line(finished, outcome, calls) for finished, outcome in outcomes]
+        with open(self.run_dir / LLM_RESPONSES, "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+
+    def _line(self, finished: FinishedIteration, outcome: str, calls: list[dict]) -> dict:
+        record, error = finished.record, finished.error
+        response = record.get("llm_response")
+        call = next(
+            (
+                i
+                for i, c in enumerate(calls)
+                if i not in self.used_calls
+                and c.get("time", 0) >= self.since
+                and (
+                    (response is not None and c.get("response") == response)
+                    or (c.get("error") and error and c["error"] in error)
+                )
+            ),
+            None,
+        )
+        if call is not None:
+            self.used_calls.add(call)
+        c = calls[call] if call is not None else {}
+        return dict(
+            iteration=finished.iteration,
+            model=c.get("model", self.model),
+            prompt_chars=c.get("prompt_chars"),
+            prompt_tokens=c.get("prompt_tokens"),
+            seconds=c.get("seconds"),
+            outcome=outcome,
+            error=error or (record.get("artifacts") or {}).get("failure"),
+            response=response,
+        )
+
+
+def discard_unsaved_iterations(run_dir: Path, done: int) -> int:
+    """Move the records (children, failures, LLM responses) of iterations after the checkpoint a run
+    resumes from into TRACE_LOST: a kill before or during a checkpoint's save leaves them without a
+    population entry, and the resumed run runs those iterations again (an evaluation it repeats is
+    answered by the ledger). Returns how many records moved."""
+    run_dir, moved = Path(run_dir), []
+    for name in (TRACE, TRACE_FAILURES, LLM_RESPONSES):
+        path = run_dir / name
+        records = read_jsonl(path)
+        keep = [r for r in records if _iteration(r) <= done]
+        if len(keep) != len(records):
+            moved += [dict(r, lost_from=name) for r in records if _iteration(r) > done]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
+    if moved:
+        with open(run_dir / TRACE_LOST, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in moved)
+    return len(moved)

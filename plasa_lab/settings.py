@@ -31,7 +31,7 @@ ENVIRONMENT = {  # field -> variable
     "confirm_share": "PLASA_CONFIRM_SHARE",
 }
 DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
-DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (issue 12: about 30%)
+DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (README, "What best means")
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
 CHOICES = dict(
     device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"), profile=tuple(PROFILES)
@@ -72,7 +72,7 @@ class Settings:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(CHOICES[name])}")
         asked_parallel = max(1, int(p)) if (p := self.parallel or env("PLASA_PARALLEL")) else None
         asked_threads = max(1, int(t)) if (t := self.threads or env("PLASA_THREADS")) else None
-        if self.runner == "ray":  # the cluster's size decides (evolution.py asks it); a task asks 2 CPUs of a node
+        if self.runner == "ray":  # the cluster's size decides (launch.plan_run asks it); a task asks 2 CPUs of a node
             self.parallel, self.threads = asked_parallel or 1, asked_threads or 2
             self.slots_reason = f"ray: {self.threads} thread(s) per evaluation; the cluster's CPUs set how many at once"
         else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.hardware)

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plasa_lab import INITIAL_PROGRAM, hardware
+from plasa_lab.cli import fail
 from plasa_lab.constants import PROFILES, get_profile
 from plasa_lab.evaluation import Calibration, corpus_of
 from plasa_lab.jobs import Job
@@ -37,11 +38,6 @@ from plasa_lab.recipe import train_and_score
 from plasa_lab.settings import Settings
 
 CASCADE_TARGET = 1.10  # the whole cascade's wall time over its training time
-
-
-def fail(message: str):
-    print(f"bench_eval.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def cascade(code: str, corpus, settings: Settings) -> dict:

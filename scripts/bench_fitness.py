@@ -1,4 +1,4 @@
-"""Does a run's best hold up? Plain single-seed fitness against noise-aware fitness (issue 12).
+"""Does a run's best hold up? Plain single-seed fitness against noise-aware fitness.
 
     python scripts/bench_fitness.py [--profile quick] [--iterations 12] [--replay-seeds 101,102,103,104,105]
                                     [--out openevolve_output/bench-fitness]
@@ -21,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from plasa_lab import PROJECT_ROOT
+from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.cli import fail
 from plasa_lab.ledger import Ledger, code_key
-from plasa_lab.replay import Candidate, Plan, run_plan, verdict
+from plasa_lab.replay import Candidate, Plan, run_plan
+from plasa_lab.stats import ALPHA, claim_p, mean_sd, ppl_change_pct, verdict
 from plasa_lab.util import atomic_write
 
 
@@ -51,7 +53,7 @@ def evolve(out: Path, profile: str, iterations: int, seeds: str) -> Path:
     print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"bench_fitness.py: error: the {run_dir.name} run exited with {done.returncode}")
+        fail(f"the {run_dir.name} run exited with {done.returncode}")
     return run_dir
 
 
@@ -67,6 +69,70 @@ def best_of(run_dir: Path) -> tuple[str, dict]:
 def claimed_loss(metrics: dict) -> float:
     """What the run says the best's val_loss is: its seed mean (noise-aware) or its one seed (plain)."""
     return metrics["val_loss"]
+
+
+def compare(candidate: Candidate, runs: list, reference: list[float], claim: dict | None, initial_key: str) -> dict:
+    """One row of the table: a program's replay against the initial program's and against its run's claim."""
+    passed = [r for r in runs if r.passed]
+    if len(passed) < 2:  # nothing to compare: say why instead of computing on failure values
+        failure = next((r.failure for r in runs if not r.passed), "too few seeds")
+        return dict(program=candidate.name, failed=f"{len(passed)} of {len(runs)} replays passed: {failure}")
+    losses = [r.val_loss for r in passed]
+    word, p = verdict(losses, reference) if candidate.kind != "initial" else ("reference", None)
+    row = dict(
+        program=candidate.name,
+        same_as_initial=code_key(candidate.code) == initial_key,
+        replay_val_ppl=math.exp(statistics.fmean(losses)),
+        replay_val_loss_sd=mean_sd(losses)[1],
+        change_vs_initial_pct=ppl_change_pct(losses, reference),
+        p_vs_initial=p,
+        verdict_vs_initial=word,
+    )
+    if claim:
+        p_claim = claim_p(losses, claimed_loss(claim))  # worse than claimed beyond noise?
+        worse = p_claim is not None and p_claim < ALPHA and statistics.fmean(losses) > claimed_loss(claim)
+        row.update(
+            claimed_val_ppl=math.exp(claimed_loss(claim)),
+            claimed_seeds=int(claim.get("seeds", 1)),
+            replay_minus_claim_pct=ppl_change_pct(losses, [claimed_loss(claim)]),
+            p_vs_claim=p_claim,
+            held_up="worse than claimed beyond noise" if worse else "held up",
+        )
+    return row
+
+
+def table(rows: list[dict], budget: int, spent: int, plain_trainings: int, profile: str, seeds: list[int]) -> list[str]:
+    """bench_fitness.md: the two runs' budgets, then one row per replayed program."""
+    lines = [
+        f"# Plain vs noise-aware fitness ({profile} profile)",
+        "",
+        f"noise-aware run: {budget} stage-2 trainings, {spent} of them confirmations "
+        f"({100 * spent / budget:.0f}%); plain run: {plain_trainings} stage-2 trainings. "
+        f"Replayed on seeds {', '.join(map(str, seeds))} (never used by either run).",
+        "",
+        "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    number = lambda p: "-" if p is None else f"{p:.3g}"
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['program']} | FAILED on replay: {r['failed'][:200]} |||||||")
+            continue
+        claim = ("-", "-", "-", "-")
+        if "claimed_val_ppl" in r:
+            claim = (
+                f"{r['claimed_val_ppl']:.1f} ({r['claimed_seeds']})",
+                f"{r['replay_minus_claim_pct']:+.2f}%",
+                number(r["p_vs_claim"]),
+                r["held_up"],
+            )
+        lines.append(
+            f"| {r['program']}{' (= initial)' * r['same_as_initial']} | {claim[0]} | {r['replay_val_ppl']:.1f} | "
+            f"{claim[1]} | {claim[2]} | {claim[3]} | {r['change_vs_initial_pct']:+.2f}% | "
+            f"{number(r['p_vs_initial'])} | {r['verdict_vs_initial']} |"
+        )
+    return lines
 
 
 def main(argv=None):
@@ -86,63 +152,24 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
 
     aware = evolve(args.out, args.profile, args.iterations, "42,43,44")
-    aware_trainings = stage2_trainings(aware)
-    budget = len(aware_trainings)
-    initial_key = code_key((PROJECT_ROOT / "initial_program.py").read_text())
+    budget = len(stage2_trainings(aware))
     # what the run itself counted (evaluation.confirmation_count), not a second definition of a confirmation
     spent = json.loads((aware / "run.json").read_text())["confirmation"]["confirmation_trainings"]
     plain = evolve(args.out, args.profile, budget - 1, "42")  # the initial program's own training counts as one
-    plain_trainings = stage2_trainings(plain)
+    plain_trainings = len(stage2_trainings(plain))
 
-    initial = (PROJECT_ROOT / "initial_program.py").read_text()
+    initial = INITIAL_PROGRAM.read_text()
     candidates = [Candidate("initial", "initial", initial, "initial_program.py")]
     claims = {}
     for name, run_dir in (("plain best", plain), ("noise-aware best", aware)):
-        code, metrics = best_of(run_dir)
-        claims[name] = metrics
+        code, claims[name] = best_of(run_dir)
         candidates.append(Candidate(name, "program", code, str(run_dir / "best" / "best_program.py")))
     plan = Plan(
         candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, "bench_fitness", []
     )
     results = run_plan(plan)
     reference = [r.val_loss for r in results["initial"]]
-
-    rows = []
-    for c in candidates:
-        passed = [r for r in results[c.name] if r.passed]
-        if len(passed) < 2:  # nothing to compare: say why instead of computing on failure values
-            failure = next((r.failure for r in results[c.name] if not r.passed), "too few seeds")
-            rows.append(
-                dict(program=c.name, failed=f"{len(passed)} of {len(results[c.name])} replays passed: {failure}")
-            )
-            continue
-        losses = [r.val_loss for r in passed]
-        claim = claims.get(c.name)
-        word, p = verdict(losses, reference) if c.kind != "initial" else ("reference", None)
-        row = dict(
-            program=c.name,
-            same_as_initial=code_key(c.code) == initial_key,
-            replay_val_ppl=math.exp(statistics.fmean(losses)),
-            replay_val_loss_sd=statistics.stdev(losses),
-            change_vs_initial_pct=100 * math.expm1(statistics.fmean(losses) - statistics.fmean(reference)),
-            p_vs_initial=p,
-            verdict_vs_initial=word,
-        )
-        if claim:
-            gap = statistics.fmean(losses) - claimed_loss(claim)
-            # One-sample t on the replayed losses against the claimed loss: worse than claimed beyond noise?
-            t = gap / (statistics.stdev(losses) / math.sqrt(len(losses)))
-            from scipy.stats import t as student
-
-            p_claim = float(2 * student.sf(abs(t), len(losses) - 1))
-            row.update(
-                claimed_val_ppl=math.exp(claimed_loss(claim)),
-                claimed_seeds=int(claim.get("seeds", 1)),
-                replay_minus_claim_pct=100 * math.expm1(gap),
-                p_vs_claim=p_claim,
-                held_up="worse than claimed beyond noise" if p_claim < 0.05 and gap > 0 else "held up",
-            )
-        rows.append(row)
+    rows = [compare(c, results[c.name], reference, claims.get(c.name), code_key(initial)) for c in candidates]
     summary = dict(
         profile=args.profile,
         replay_seeds=replay_seeds,
@@ -154,41 +181,11 @@ def main(argv=None):
                 confirmation_share=spent / budget,
                 iterations=args.iterations,
             ),
-            "plain": dict(stage2_trainings=len(plain_trainings), iterations=budget - 1),
+            "plain": dict(stage2_trainings=plain_trainings, iterations=budget - 1),
         },
         programs=rows,
     )
-    lines = [
-        f"# Plain vs noise-aware fitness ({args.profile} profile)",
-        "",
-        f"noise-aware run: {budget} stage-2 trainings, {spent} of them confirmations "
-        f"({100 * spent / budget:.0f}%); plain run: {len(plain_trainings)} stage-2 trainings. "
-        f"Replayed on seeds {', '.join(map(str, replay_seeds))} (never used by either run).",
-        "",
-        "| program | claimed val_ppl (seeds) | replayed val_ppl | replay vs claim | p | held up? | vs initial | p "
-        "| verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "failed" in r:
-            lines.append(f"| {r['program']} | FAILED on replay: {r['failed'][:200]} |||||||")
-            continue
-        claim = (
-            (
-                f"{r['claimed_val_ppl']:.1f} ({r['claimed_seeds']})",
-                f"{r['replay_minus_claim_pct']:+.2f}%",
-                f"{r['p_vs_claim']:.3g}",
-                r["held_up"],
-            )
-            if "claimed_val_ppl" in r
-            else ("-", "-", "-", "-")
-        )
-        p_initial = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
-        lines.append(
-            f"| {r['program']}{' (= initial)' * r['same_as_initial']} | {claim[0]} | {r['replay_val_ppl']:.1f} | "
-            f"{claim[1]} | {claim[2]} | {claim[3]} | {r['change_vs_initial_pct']:+.2f}% | {p_initial} | "
-            f"{r['verdict_vs_initial']} |"
-        )
+    lines = table(rows, budget, spent, plain_trainings, args.profile, replay_seeds)
     atomic_write(args.out / "bench_fitness.json", json.dumps(summary, indent=2))
     atomic_write(args.out / "bench_fitness.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from plasa_lab import PROJECT_ROOT
+from plasa_lab.cli import fail
 from plasa_lab.ledger import code_key
 from plasa_lab.rundir import LLM_OUTCOMES, LLM_RESPONSES, TRACE, read_jsonl
 from plasa_lab.util import atomic_write
@@ -42,24 +43,12 @@ def novel_valid(children: list[dict], initial_code: str) -> list[dict]:
     return novel
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--api-base", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--profile", default="smoke", choices=["full", "quick", "smoke"])
-    parser.add_argument("--prompt", choices=["compact", "full"], default="compact")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-llm")
-    args = parser.parse_args(argv)
-    if args.iterations < 1:
-        parser.error("--iterations must be at least 1")
-    run_dir = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+def evolve(args, run_dir: Path) -> int:
+    """A real run against the server (scripts/evolve.py --llm local, one seed); its exit code."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in ("PLASA_TIME_LIMIT", "PLASA_CACHE")
     }
     env["PLASA_LEDGER"] = str(args.out / "ledger.sqlite")  # the initial program's evaluation is paid once
-    load_before = os.getloadavg()
-    start = time.monotonic()
     command = [
         sys.executable,
         "scripts/evolve.py",
@@ -81,12 +70,28 @@ def main(argv=None):
         str(run_dir),
     ]
     print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    code = subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--api-base", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--profile", default="smoke", choices=["full", "quick", "smoke"])
+    parser.add_argument("--prompt", choices=["compact", "full"], default="compact")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-llm")
+    args = parser.parse_args(argv)
+    if args.iterations < 1:
+        parser.error("--iterations must be at least 1")
+    run_dir = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    load_before = os.getloadavg()
+    start = time.monotonic()
+    code = evolve(args, run_dir)
     minutes = (time.monotonic() - start) / 60
     responses = read_jsonl(run_dir / LLM_RESPONSES)
     if not responses:
-        print(f"bench_llm.py: error: the run (exit {code}) filed no LLM response in {run_dir}", file=sys.stderr)
-        return 1
+        fail(f"the run (exit {code}) filed no LLM response in {run_dir}")
     counts = Counter(r.get("outcome") for r in responses)
     seconds = [r["seconds"] for r in responses if isinstance(r.get("seconds"), (int, float))]
     tokens = [r["prompt_tokens"] for r in responses if isinstance(r.get("prompt_tokens"), int)]

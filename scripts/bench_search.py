@@ -24,16 +24,12 @@ import sys
 from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.cli import fail
 from plasa_lab.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
 from plasa_lab.util import atomic_write
 
 ALPHA = 0.05
-
-
-def fail(message: str):
-    print(f"bench_search.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def evolve(run_dir: Path, profile: str, iterations: int, llm: list[str]) -> Path:

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from plasa_lab import INITIAL_PROGRAM, hardware
 from plasa_lab.checks import static_violation
+from plasa_lab.cli import fail
 from plasa_lab.constants import PROFILES
 from plasa_lab.evaluation import corpus_of, evaluate_code
 from plasa_lab.mutator import format_diff, propose_edits
@@ -40,11 +41,6 @@ from plasa_lab.settings import Settings, measurement_path
 
 GPU_SAMPLE_SECONDS = 0.5
 SMI_USED = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-
-
-def fail(message: str):
-    print(f"bench_throughput.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +226,7 @@ def table(rows: list[dict], gpu: bool) -> Table:
     return out
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full", choices=list(PROFILES))
     parser.add_argument(
@@ -253,7 +249,11 @@ def main():
         fail("--rounds, --waves and --threads must be at least 1")
     if args.save and args.profile != "full":
         fail("--save needs --profile full: a smaller profile's children per hour is mostly process start-up")
+    return args
 
+
+def main():
+    args = parse_args()
     cores = hardware.cpu_cores()
     gpus, _ = hardware.query_gpus() if args.device != "cpu" else (None, "")
     gpu = bool(gpus)
@@ -290,8 +290,7 @@ def main():
     # By the paired speed-up when one at a time was measured: it compares runs made side by side in time.
     best = max(rows, key=lambda r: r["children_per_hour"] if r["speedup"] is None else r["speedup"])
     if not any(r["ok"] for r in rows):
-        print("bench_throughput.py: every evaluation failed; no throughput to report", file=sys.stderr)
-        sys.exit(1)
+        fail("every evaluation failed; no throughput to report")
     if args.save:
         path = hardware.save_measurement(
             measurement_path(),

@@ -5,25 +5,20 @@ python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile f
 """
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
-
-def stopped_before_the_run(signum, frame):
-    print(
-        f"evolve.py: stopped ({signal.Signals(signum).name}) before the run started; nothing was written",
-        file=sys.stderr,
-    )
-    sys.exit(130)
-
+from plasa_lab.stops import stop_while_libraries_load
 
 if __name__ == "__main__":  # until run() takes over: a stop while the libraries load is one line too
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, stopped_before_the_run)
+    stop_while_libraries_load()
 
-from plasa_lab.evolution import RunError, RunOptions, run  # noqa: E402 (after the stop handlers)
+from plasa_lab.cli import fail  # noqa: E402 (after the stop handlers)
+from plasa_lab.evolution import run  # noqa: E402
+from plasa_lab.launch import RunOptions  # noqa: E402
 from plasa_lab.ledger import LedgerError  # noqa: E402
+from plasa_lab.run_config import RunError  # noqa: E402
+from plasa_lab.rundir import RunDirError  # noqa: E402
 from plasa_lab.tokens import CorpusError  # noqa: E402
 from plasa_lab.util import first_line  # noqa: E402
 
@@ -46,6 +41,11 @@ def main(argv=None):
         choices=["compact", "full"],
         help="compact: each program once, the fixed code as the interface the blocks meet (default "
         "for --llm local); full: OpenEvolve's own prompt (default for --llm api)",
+    )
+    parser.add_argument(
+        "--no-notebook",
+        action="store_true",
+        help="leave the lab notebook (what the run has tried, and its effects) out of the LLM's prompts",
     )
     parser.add_argument("--profile", choices=["full", "quick", "smoke"], help="default: $PLASA_PROFILE or full")
     parser.add_argument(
@@ -70,12 +70,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return run(RunOptions(**vars(args)))
-    except (RunError, ValueError) as e:
-        print(f"evolve.py: error: {e}", file=sys.stderr)
-        return 1
+    except (RunError, RunDirError, ValueError) as e:
+        fail(e)
     except (LedgerError, CorpusError, OSError) as e:  # the machine's problem, in one line all the same
-        print(f"evolve.py: error: {first_line(e)}", file=sys.stderr)
-        return 1
+        fail(first_line(e))
 
 
 if __name__ == "__main__":

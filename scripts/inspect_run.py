@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from plasa_lab.cli import fail
 from plasa_lab.reporting import (
     ReportError,
     export_csv,
@@ -56,8 +57,7 @@ def main(argv=None):
             export_csv(view, args.csv)
             written.append(args.csv)
     except (ReportError, OSError) as e:
-        print(f"inspect_run.py: error: {e}", file=sys.stderr)
-        return 1
+        fail(e)
     for path in written:
         print(f"wrote {path}")
     return 0

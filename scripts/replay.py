@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from plasa_lab.cli import fail
 from plasa_lab.replay import DEFAULT_SEEDS, ReplayError, plan_replay, print_table, run_plan, summarise, write_reports
 
 
@@ -82,8 +83,7 @@ def main(argv=None):
         summary = summarise(plan, run_plan(plan))
         paths = write_reports(summary, plan.out_dir)
     except (ReplayError, ValueError, OSError) as e:
-        print(f"replay.py: error: {e}", file=sys.stderr)
-        return 1
+        fail(e)
     except KeyboardInterrupt:
         print(
             "replay.py: interrupted; run the same command again to resume (finished evaluations are in the ledger)",

@@ -20,10 +20,11 @@ from fake_llm_server import FakeLLMServer, outside_edit_reply
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
-from plasa_lab.evolution import RunOptions, _settings, discard_unsaved_iterations, unknown_config_keys
+from plasa_lab.launch import RunOptions, run_settings
 from plasa_lab.ledger import code_key
 from plasa_lab.mutator import OfflineMutator, parent_program
-from plasa_lab.rundir import latest_checkpoint, read_jsonl
+from plasa_lab.run_config import unknown_config_keys
+from plasa_lab.rundir import discard_unsaved_iterations, latest_checkpoint, read_jsonl
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -125,7 +126,7 @@ def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbati
     compaction), counted with a real BPE tokenizer (SmolLM's; Qwen's larger vocabulary needs fewer)."""
     from openevolve.config import Config
 
-    from plasa_lab.evolution import first_prompt
+    from plasa_lab.llm_setup import first_prompt
     from plasa_lab.program import split_blocks
 
     config = Config.from_yaml(CONFIG)
@@ -280,7 +281,8 @@ def assert_trace_agrees_with_the_checkpoint(run_dir, total):
 def test_progress_keeps_the_child_openevolve_filed_first_on_a_tie(tmp_path):
     """With parallel evaluations iteration 2 can be filed before iteration 1; on a tied score
     OpenEvolve keeps the one filed first, and so must the progress line."""
-    from plasa_lab.evolution import Best, Progress
+    from plasa_lab.evolution import Watch
+    from plasa_lab.progress import Best, Progress
 
     tied = dict(combined_score=1e-4, val_loss=9.0, val_ppl=8103.1)
     records = [
@@ -288,10 +290,10 @@ def test_progress_keeps_the_child_openevolve_filed_first_on_a_tie(tmp_path):
         dict(iteration=1, child_metrics=dict(tied, val_ppl=8200.0), artifacts={}),
     ]
     (tmp_path / "evolution_trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    progress = Progress(tmp_path, 1, 2, Best(None, []), None, "fake-llm")
-    lines = []
-    progress.poll(lines.append)
-    assert progress.best.metrics["val_ppl"] == 8000.0 and len(lines) == 2
+    lines, best = [], Best(None, [])
+    watch = Watch(tmp_path, 1, 2, best, Progress(1, 2, best, None, emit=lines.append))
+    watch.poll()
+    assert watch.best.metrics["val_ppl"] == 8000.0 and len(lines) == 2
 
 
 def test_records_of_iterations_after_the_resumed_checkpoint_move_to_the_lost_file(tmp_path):
@@ -313,13 +315,13 @@ def test_records_of_iterations_after_the_resumed_checkpoint_move_to_the_lost_fil
 def test_run_settings_take_the_resumed_run_s_ledger_then_plasa_ledger_then_the_run_folder_s(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     monkeypatch.delenv("PLASA_LEDGER", raising=False)
-    assert _settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
+    assert run_settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
     monkeypatch.setenv("PLASA_LEDGER", str(tmp_path / "shared.sqlite"))
-    assert _settings(RunOptions(), None, run_dir).ledger == str(tmp_path / "shared.sqlite")
+    assert run_settings(RunOptions(), None, run_dir).ledger == str(tmp_path / "shared.sqlite")
     previous = dict(settings=dict(ledger=str(tmp_path / "first.sqlite")))
-    assert _settings(RunOptions(), previous, run_dir).ledger == str(tmp_path / "first.sqlite")
+    assert run_settings(RunOptions(), previous, run_dir).ledger == str(tmp_path / "first.sqlite")
     monkeypatch.setenv("PLASA_LEDGER", "")  # set but empty: as if unset
-    assert _settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
+    assert run_settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
 
 
 def test_resuming_a_run_made_from_another_initial_program_fails_in_one_line(tmp_path, shared_ledger):
@@ -510,6 +512,8 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     assert responses[0]["response"] and "<<<<<<< SEARCH" in responses[0]["response"]
     trace = read_jsonl(tmp_path / "run" / "evolution_trace.jsonl")
     assert trace[0]["llm_response"] == responses[0]["response"] and trace[0]["prompt"]["user"]  # kept in the run
+    assert record["llm"]["notebook"] is True  # the next prompts carry what the run has tried (tests/test_notebook.py)
+    assert "| 1 |" in (tmp_path / "run" / "notebook.md").read_text()
 
 
 def test_an_llm_that_keeps_failing_the_same_way_stops_the_run_in_one_line(tmp_path, shared_ledger):

@@ -12,7 +12,7 @@ import torch
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.constants import HARNESS_VERSION
-from plasa_lab.evaluation import CONFIDENCE_Z, benchmark, corpus_of, failure_metrics, passed_metrics
+from plasa_lab.evaluation import CONFIDENCE_Z, corpus_of, failure_metrics, noise_aware_stage2, passed_metrics
 from plasa_lab.ledger import Key, Ledger, code_key, code_sha256
 from plasa_lab.settings import Settings
 
@@ -61,7 +61,7 @@ def trained_seeds(ledger, code):
 
 def test_initial_program_is_scored_over_its_seeds_with_the_confidence_penalty(run):
     settings, ledger = run
-    m = benchmark(SOURCE, settings).metrics
+    m = noise_aware_stage2(SOURCE, settings).metrics
     mean = sum(INITIAL_LOSSES.values()) / 3
     assert m["confirmed"] == 1.0 and m["seeds"] == 3.0
     assert m["val_loss"] == pytest.approx(mean) and m["noise_sd"] == pytest.approx(SD)
@@ -76,7 +76,7 @@ def test_a_contender_is_trained_on_its_missing_seeds_and_scored_from_the_ledgers
     code = child()
     record(ledger, code, {42: 6.25, 43: 6.31})  # first seed below the best mean 6.30: a contender
     lines = []
-    evaluation = benchmark(code, settings, on_line=lines.append)
+    evaluation = noise_aware_stage2(code, settings, on_line=lines.append)
     m = evaluation.metrics
     assert any("contender" in line and "confirming on seeds 43, 44" in line for line in lines)
     assert "confirmation" not in evaluation.artifacts  # neither "not a contender" nor "not confirmed"
@@ -92,18 +92,18 @@ def test_confirmations_stop_at_their_share_of_the_trainings_except_for_a_would_b
     one seed (and its full-noise score, below the confirmed best) instead of training the others; one
     whose single seed would outrank the confirmed best is confirmed all the same."""
     settings, ledger = run
-    best = benchmark(SOURCE, settings).metrics
+    best = noise_aware_stage2(SOURCE, settings).metrics
     record(ledger, child("0.3"), {42: 6.29, 43: 6.33, 44: 6.31})
     record(ledger, child("0.4"), {42: 6.28, 43: 6.35, 44: 6.30})  # 4 confirmations in 9 trainings
     near = child()
     record(ledger, near, {42: 6.29})  # a contender (below the best mean 6.30), not a leader on one seed
-    evaluation = benchmark(near, settings)
+    evaluation = noise_aware_stage2(near, settings)
     assert "not confirmed: confirmations already take 4 of the run's 10" in evaluation.artifacts["confirmation"]
     assert evaluation.metrics["confirmed"] == 0.0 and trained_seeds(ledger, near) == [42]
     assert evaluation.metrics["combined_score"] < best["combined_score"]
     leader = child("0.6")
     record(ledger, leader, {42: 6.20, 43: 6.22, 44: 6.24})  # 6.20 + sd would outrank 6.30 + sd/sqrt(3)
-    assert benchmark(leader, settings).metrics["confirmed"] == 1.0
+    assert noise_aware_stage2(leader, settings).metrics["confirmed"] == 1.0
 
 
 def test_a_negative_margin_or_a_share_outside_0_to_1_is_refused():
@@ -117,7 +117,7 @@ def test_a_poor_child_is_not_confirmed_and_pays_its_single_seed_noise_in_full(ru
     settings, ledger = run
     code = child()
     record(ledger, code, {42: 6.50})  # well above the best confirmed mean: not a contender
-    evaluation = benchmark(code, settings)
+    evaluation = noise_aware_stage2(code, settings)
     m = evaluation.metrics
     assert m["confirmed"] == 0.0 and m["seeds"] == 1.0 and "not a contender" in evaluation.artifacts["confirmation"]
     assert m["combined_score"] == pytest.approx(math.exp(-(6.50 + CONFIDENCE_Z * SD)))
@@ -126,21 +126,21 @@ def test_a_poor_child_is_not_confirmed_and_pays_its_single_seed_noise_in_full(ru
 
 def test_one_lucky_seed_cannot_replace_a_confirmed_best(run):
     settings, ledger = run
-    best = benchmark(SOURCE, settings).metrics
+    best = noise_aware_stage2(SOURCE, settings).metrics
     lucky = child("0.3")
     record(ledger, lucky, {42: 6.22, 43: 6.36, 44: 6.35})  # seed 42 two sds lucky; its mean is worse
-    m = benchmark(lucky, settings).metrics
+    m = noise_aware_stage2(lucky, settings).metrics
     assert m["confirmed"] == 1.0 and m["combined_score"] < best["combined_score"]
 
 
 def test_no_unconfirmed_child_can_outrank_the_confirmed_best(run):
     """Whatever its first seed, a child that is not a contender scores below the best confirmed."""
     settings, ledger = run
-    best = benchmark(SOURCE, settings).metrics
+    best = noise_aware_stage2(SOURCE, settings).metrics
     for i, loss in enumerate([6.301, 6.35, 6.5, 7.0]):  # every non-contender first seed (margin 0)
         code = child(f"0.{i + 5}")
         record(ledger, code, {42: loss})
-        m = benchmark(code, settings).metrics
+        m = noise_aware_stage2(code, settings).metrics
         assert m["confirmed"] == 0.0 and m["combined_score"] < best["combined_score"]
 
 
@@ -149,7 +149,7 @@ def test_a_child_failing_a_confirmation_seed_fails(run):
     code = child()
     record(ledger, code, {42: 6.20})
     record(ledger, code, {43: 6.30}, passed=False)
-    evaluation = benchmark(code, settings)
+    evaluation = noise_aware_stage2(code, settings)
     assert evaluation.metrics["combined_score"] == 0.0 and "confirmation seed 43" in evaluation.artifacts["failure"]
 
 
@@ -158,7 +158,7 @@ def test_without_a_noise_floor_the_first_seed_is_the_score(tmp_path):
     ledger = Ledger(settings.ledger)
     code = child()
     record(ledger, code, {42: 6.4})
-    m = benchmark(code, settings).metrics
+    m = noise_aware_stage2(code, settings).metrics
     assert m["val_loss"] == 6.4 and "confirmed" not in m
 
 

@@ -111,7 +111,7 @@ def test_the_compact_first_prompt_with_a_full_notebook_still_fits_a_small_contex
     from openevolve.config import Config
     from test_evolution import CONFIG, smollm_tokens
 
-    from plasa_lab.evolution import first_prompt
+    from plasa_lab.llm_setup import first_prompt
 
     hostile = "A long idea about recency windows and sinks, " * 10
     trace = [fake_record(i, hostile, loss=10.0 + i / 1000) for i in range(100)]
@@ -121,3 +121,18 @@ def test_the_compact_first_prompt_with_a_full_notebook_still_fits_a_small_contex
     user = notebook.with_notebook(compact["user"], table)
     tokens = smollm_tokens(compact["system"] + user)
     assert smollm_tokens(table) < 900 and tokens < 6500  # an 8,192-token context keeps 1,600 for the answer
+
+
+def test_inspect_run_shows_the_notebook_of_a_real_run():
+    import subprocess
+    import sys
+
+    from plasa_lab import PROJECT_ROOT
+
+    done = subprocess.run(
+        [sys.executable, "scripts/inspect_run.py", str(FIXTURE)], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Lab notebook" in done.stdout and "effect on val_loss" in done.stdout
+    best = notebook.chosen(notebook.rows(read_jsonl(FIXTURE / TRACE), initial_losses(FIXTURE)))[0]
+    assert f"{best.effect:+.4f}" in done.stdout

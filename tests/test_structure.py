@@ -1,6 +1,7 @@
 """The package's shape: module imports form no cycle, counting the ones hidden inside functions
-(a lazy import keeps Python from failing, not a reader from going round in circles), and only
-plasa_lab.settings reads the PLASA_* environment."""
+(a lazy import keeps Python from failing, not a reader from going round in circles), only
+plasa_lab.settings reads the PLASA_* environment, and every module and function fits a reader's
+attention (a module of the package in 600 lines, a function in 80, unless it says why)."""
 
 import ast
 
@@ -100,3 +101,53 @@ def test_only_settings_reads_plasa_variables():
     ]
     readers = {name: found for name, tree in package_modules().items() if (found := environment_reads(tree))}
     assert set(readers) <= {"plasa_lab.settings"}, readers
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes a reader can hold
+
+MODULE_LINES = 600  # a module of the package
+FUNCTION_LINES = 80  # a function or method anywhere in the package or the scripts, decorators and docstring included
+REASON = "# long:"  # on the def line or the line above it: why this function is better whole
+
+
+def long_functions(source: str) -> list[tuple[str, int, int]]:
+    """(name, line, length) of each function over FUNCTION_LINES that does not say why."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        length = node.end_lineno - first + 1
+        above = lines[first - 2] if first >= 2 else ""
+        if length > FUNCTION_LINES and REASON not in lines[node.lineno - 1] and not above.strip().startswith(REASON):
+            found.append((node.name, node.lineno, length))
+    return found
+
+
+def checked_files() -> list:
+    return sorted((PROJECT_ROOT / PACKAGE).rglob("*.py")) + sorted((PROJECT_ROOT / "scripts").glob("*.py"))
+
+
+def test_the_length_check_finds_a_long_function_unless_it_says_why():
+    body = lambda lines, indent="    ": "".join(f"{indent}x = {i}\n" for i in range(lines))
+    assert long_functions(f"def f():\n{body(FUNCTION_LINES - 1)}") == []
+    assert long_functions(f"def f():\n{body(FUNCTION_LINES)}") == [("f", 1, FUNCTION_LINES + 1)]
+    assert long_functions(f"class A:\n    def f(self):\n{body(FUNCTION_LINES, ' ' * 8)}") == [("f", 2, 81)]
+    assert long_functions(f"def f():  # long: one table, row by row\n{body(FUNCTION_LINES)}") == []
+    assert long_functions(f"# long: one table, row by row\n@staticmethod\ndef f():\n{body(FUNCTION_LINES)}") == []
+
+
+def test_no_module_of_the_package_is_over_600_lines():
+    sizes = {str(p.relative_to(PROJECT_ROOT)): len(p.read_text().splitlines()) for p in checked_files()}
+    assert {p: n for p, n in sizes.items() if p.startswith(PACKAGE) and n > MODULE_LINES} == {}
+
+
+def test_no_function_is_over_80_lines_unless_it_says_why():
+    found = {
+        f"{path.relative_to(PROJECT_ROOT)}:{line} {name}": length
+        for path in checked_files()
+        for name, line, length in long_functions(path.read_text())
+    }
+    assert found == {}, f"split these, or say on the def line why not ({REASON} ...)"

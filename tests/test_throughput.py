@@ -1,4 +1,4 @@
-"""Children per hour without a change of metric (issue 14).
+"""Children per hour without a change of metric (README, "Children per hour").
 
 How many evaluations share the machine is decided from what nvidia-smi and the OS report (pure
 functions, tested here on made-up machines); the same program must score the same val_loss
@@ -21,7 +21,7 @@ from plasa_lab.local_runner import run_local
 from plasa_lab.settings import Settings, measurement_path
 
 H200 = "143156, 143771\n"  # `nvidia-smi --query-gpu=memory.free,memory.total --format=csv,noheader,nounits`
-SAME = dict(rel=1e-4)  # issue 14: the same child's val_loss within 1e-4 relative
+SAME = dict(rel=1e-4)  # the same child's val_loss within 1e-4 relative, alone or beside others
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
 # ---------------------------------------------------------------------------------------------
 # Real evaluations: the same val_loss alone, eight at once, and with a sync every step
 
-AT_ONCE = 8  # issue 14: N=1 and N=8; stage 1 (12 training steps, one validation batch) keeps 8 cheap
+AT_ONCE = 8  # N=1 and N=8, as the README states; stage 1 (12 training steps, one validation batch) keeps 8 cheap
 
 
 def stage1(threads, check_every=None):

@@ -1,6 +1,7 @@
-"""Render for the terminal: the summary, the program table, the lineage, the diff and the LLM
-responses, with rich."""
+"""Render for the terminal: the summary, the program table, the lineage, the diff, the lab notebook
+and the LLM responses, with rich."""
 
+from .. import notebook
 from .analyse import best_diffs, sandbox_warning
 from .load import RunView
 from .text import (
@@ -55,6 +56,11 @@ def print_report(view: RunView, top: int, console=None):
         )
         for d in diffs:
             console.print(Syntax(d.text, "diff", theme="ansi_dark", word_wrap=True))
+
+    if lab_notebook := notebook.build(view.run_dir):  # what the LLM is shown of the run's history
+        from rich.markdown import Markdown
+
+        console.print(Markdown(lab_notebook))
 
     if view.llm_calls:
         table = Table(title=llm_title(view), title_justify="left")
