@@ -3,7 +3,7 @@
 OpenEvolve calls evaluate_stage1 / evaluate_stage2 (cascade) or evaluate. Each runs the program
 through the trusted pipeline (static checks, then the judge, whose sandboxed workers run the
 program's code while every score is computed outside them) and returns every metric of
-CONTRACT.md section 4; the logic lives in plasa_lab.evaluation and plasa_lab.judge.
+docs/contract.md; the logic lives in plasa_lab.evaluation and plasa_lab.judge.
 
     python evaluator.py PROGRAM [--stage 1|2|all] [--profile full|quick|smoke] [--seed N]
 """

@@ -1,5 +1,6 @@
 """The statistics that compare programs over seeds, in one place: mean and sd, Welch's t-test and
-the verdict it gives, a one-sample test of a claimed value, and the change of perplexity.
+the verdict it gives, a paired t-test over shared seeds, a one-sample test of a claimed value, and
+the change of perplexity.
 
 Every test runs on val_loss = log(val_ppl), one value per seed: on the log scale a seed's noise
 adds to the loss, where on perplexity it would multiply. Standard library only, but for scipy's
@@ -34,6 +35,23 @@ def welch_p(sample: list[float], reference: list[float]) -> float | None:
         warnings.simplefilter("ignore")
         p = float(ttest_ind(sample, reference, equal_var=False).pvalue)
     return p if math.isfinite(p) else None
+
+
+def paired_change(losses: dict[int, float], reference: dict[int, float]) -> tuple[float, float | None, int]:
+    """(mean change of val_loss, two-sided p of a paired t-test, n) over the seeds both have. On one
+    seed every program trains from the same trunk initialisation and batches, so the seed's share of
+    the noise cancels in the difference."""
+    seeds = sorted(set(losses) & set(reference))
+    diffs = [losses[s] - reference[s] for s in seeds]
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else math.nan), None, len(diffs)
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return mean, (1.0 if mean == 0 else 0.0), len(diffs)
+    from scipy.stats import t as student
+
+    t = mean / (sd / math.sqrt(len(diffs)))
+    return mean, float(2 * student.sf(abs(t), len(diffs) - 1)), len(diffs)
 
 
 def verdict(losses: list[float], reference: list[float]) -> tuple[str, float | None]:

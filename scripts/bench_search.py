@@ -27,9 +27,8 @@ from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.cli import fail
 from plasa_lab.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
+from plasa_lab.stats import ALPHA, paired_change
 from plasa_lab.util import atomic_write
-
-ALPHA = 0.05
 
 
 def evolve(run_dir: Path, profile: str, iterations: int, llm: list[str]) -> Path:
@@ -44,21 +43,6 @@ def evolve(run_dir: Path, profile: str, iterations: int, llm: list[str]) -> Path
     if done.returncode != 0:
         fail(f"the {run_dir.name} run exited with {done.returncode}")
     return run_dir
-
-
-def paired(losses: dict[int, float], reference: dict[int, float]) -> tuple[float, float | None, int]:
-    """(mean change of val_loss, two-sided p of a paired t-test, n) over the seeds both passed."""
-    seeds = sorted(set(losses) & set(reference))
-    diffs = [losses[s] - reference[s] for s in seeds]
-    if len(diffs) < 2:
-        return (diffs[0] if diffs else math.nan), None, len(diffs)
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    if sd == 0:
-        return mean, (1.0 if mean == 0 else 0.0), len(diffs)
-    from scipy.stats import t as student
-
-    t = mean / (sd / math.sqrt(len(diffs)))
-    return mean, float(2 * student.sf(abs(t), len(diffs) - 1)), len(diffs)
 
 
 def arms(args) -> dict[str, list[str]]:
@@ -106,7 +90,7 @@ def main(argv=None):
 
     rows = []
     for arm, run in runs.items():
-        change, p, n = paired(by_seed[arm], by_seed["initial"])
+        change, p, n = paired_change(by_seed[arm], by_seed["initial"])
         replayed = statistics.fmean(by_seed[arm].values()) if by_seed[arm] else math.nan
         rows.append(
             dict(

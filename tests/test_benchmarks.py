@@ -22,12 +22,14 @@ def script(name):
 
 
 def test_the_search_benchmark_pairs_by_seed_as_a_paired_t_test_does():
-    bench = script("bench_search")
+    from plasa_lab.stats import paired_change
+
+    script("bench_search")  # it imports and parses as a script
     rng = random.Random(0)
     reference = {s: 5.0 + rng.gauss(0, 0.02) for s in range(101, 106)}
     losses = {s: v - 0.01 + rng.gauss(0, 0.005) for s, v in reference.items()}
     losses[107] = 1.0  # a seed the reference lacks is not paired
-    change, p, n = bench.paired(losses, reference)
+    change, p, n = paired_change(losses, reference)
     seeds = sorted(reference)
     want = ttest_rel([losses[s] for s in seeds], [reference[s] for s in seeds])
     assert n == 5 and p == pytest.approx(want.pvalue, rel=1e-9)
