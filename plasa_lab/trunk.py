@@ -330,9 +330,13 @@ def train(model, selections, trainer: BlocksLink, batches, steps, device, seed, 
         optimizer.step()
         losses[step] = loss.detach()
         if (step + 1) % check_every == 0 or step + 1 == steps:
+            bad = (~torch.isfinite(losses[: step + 1])).nonzero()
+            if len(bad):  # the first bad step since the last check, named exactly
+                first = int(bad[0])
+                raise Rejection(
+                    f"training LM loss became {losses[first].item()} at step {first + 1}: keep the selection sane"
+                )
             last = losses[step].item()
-            if not math.isfinite(last):
-                raise Rejection(f"training LM loss became {last} at step {step + 1}: keep the selection sane")
             elapsed = time.perf_counter() - start
             log(f"step {step + 1}/{steps} loss {last:.4f} ({elapsed / (step + 1):.3f} s/step)")
     return losses.tolist(), time.perf_counter() - start

@@ -54,7 +54,7 @@ def arms(args) -> dict[str, list[str]]:
     return out
 
 
-def main(argv=None):
+def main(argv=None):  # long: the arms, the replay and the table, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full", choices=["full", "quick", "smoke"])
     parser.add_argument("--iterations", type=int, default=60, help="children per arm (default 60)")

@@ -165,8 +165,9 @@ def test_without_a_noise_floor_the_first_seed_is_the_score(tmp_path):
 def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_program(tmp_path, monkeypatch):
     """Common random numbers: two programs whose initialisations draw different amounts of
     randomness see the same batches in the same order, the same dropout masks and the same windows."""
-    from plasa_lab import worker
+    from plasa_lab.recipe import InProcessBlocks
     from plasa_lab.tokens import train_batches, val_windows
+    from plasa_lab.trunk import Selections, build_trunk, train
 
     monkeypatch.chdir(tmp_path)  # the worker writes program.py into its folder
     corpus = corpus_of("auto")
@@ -177,7 +178,11 @@ def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_pr
     )
     seen = {}
     for name, code in (("initial", SOURCE), ("greedy", greedy)):
-        _, model, device, _ = worker.build(dict(code=code, seed=42, device="cpu"))
+        device = torch.device("cpu")
+        link = InProcessBlocks(code, 42, device, training=True)  # the blocks draw their randomness first
+        selections = Selections(link.schedule, device)
+        torch.manual_seed(42)  # the trunk's initialisation, as the judge seeds it
+        model = build_trunk(SOURCE, selections)
         batches, masks = [], []
 
         def recorded(it, batches=batches):
@@ -186,7 +191,7 @@ def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_pr
                 yield batch
 
         model.blocks[1].dropout.register_forward_hook(lambda m, i, out, masks=masks: masks.append((out == 0).clone()))
-        worker.train(model, recorded(train_batches(corpus.train, 2, 128, 42)), 2, device, 42)
+        train(model, selections, link, recorded(train_batches(corpus.train, 2, 128, 42)), 2, device, 42, 1)
         seen[name] = (batches, masks)
     assert (
         all(torch.equal(a, b) for a, b in zip(seen["initial"][0], seen["greedy"][0])) and len(seen["initial"][0]) == 2

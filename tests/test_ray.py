@@ -85,7 +85,7 @@ def test_failing_child_is_rejected_through_ray_with_the_same_failure_line(ray_cl
     leaky = SOURCE.replace("    return selected & causal\n", "    return selected\n")
     on_ray = evaluate_code(leaky, 1, Settings(profile="smoke", runner="ray", ledger=""))
     assert on_ray.metrics["combined_score"] == 0.0
-    assert on_ray.artifacts["failure"].startswith("stage 1: on random tokens: layer 1 selects key")
+    assert on_ray.artifacts["failure"].startswith("stage 1: during training: layer 1 selects key")
 
 
 def cmdline(pid):

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from plasa_lab import INITIAL_PROGRAM, hardware, worker
+from plasa_lab import INITIAL_PROGRAM, hardware
 from plasa_lab.constants import VOCAB_SIZE
 from plasa_lab.evaluation import corpus_of
 from plasa_lab.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
@@ -96,7 +96,7 @@ def test_a_saved_measurement_sets_the_cpu_split_for_the_same_machine_only(tmp_pa
 
 
 class CountingModel(torch.nn.Module):
-    """A tiny language model whose aux_loss turns NaN at one training step."""
+    """A tiny language model whose logits turn NaN at one training step."""
 
     def __init__(self, nan_at_step=None):
         super().__init__()
@@ -106,15 +106,25 @@ class CountingModel(torch.nn.Module):
 
     def forward(self, ids):
         self.calls += 1
-        aux = torch.tensor(math.nan if self.calls == self.nan_at_step else 0.0)
-        return {"logits": self.head(self.embed(ids)), "aux_loss": aux}
+        logits = self.head(self.embed(ids))
+        return {"logits": logits * math.nan if self.calls == self.nan_at_step else logits}
+
+
+class NoBlocks:
+    """The trunk's link to a blocks process, with nothing to train."""
+
+    def step(self):
+        pass
 
 
 def train_tiny(check_every, nan_at_step=None, steps=12):
+    from plasa_lab.trunk import Selections, train
+
     torch.manual_seed(0)
     model = CountingModel(nan_at_step)
     batches = iter(torch.randint(0, VOCAB_SIZE, (steps, 2, 9), generator=torch.Generator().manual_seed(1)))
-    return worker.train(model, batches, steps, torch.device("cpu"), seed=42, check_every=check_every)
+    selections = Selections([1], torch.device("cpu"))
+    return train(model, selections, NoBlocks(), batches, steps, torch.device("cpu"), 42, check_every)
 
 
 def test_the_loss_curve_is_the_same_whether_checked_every_step_or_every_50():
@@ -124,7 +134,9 @@ def test_the_loss_curve_is_the_same_whether_checked_every_step_or_every_50():
 
 
 def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
-    with pytest.raises(worker.Refusal, match="training aux_loss became nan at step 7"):
+    from plasa_lab.validation import Rejection
+
+    with pytest.raises(Rejection, match="training LM loss became nan at step 7"):
         train_tiny(check_every=5, nan_at_step=7)
 
 
