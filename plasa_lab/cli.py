@@ -2,9 +2,13 @@
 
 Standard library only: scripts import it before the heavy libraries load."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn
+
+from . import PROJECT_ROOT
 
 
 def fail(message, status: int = 1) -> NoReturn:
@@ -12,3 +16,22 @@ def fail(message, status: int = 1) -> NoReturn:
     look the same and exit 2)."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline")) -> Path:
+    """A benchmark's run of scripts/evolve.py in run_dir with its own ledger, resumed where it
+    stopped; the machine's PLASA_TIME_LIMIT and PLASA_CACHE kept, every other PLASA_ setting the
+    benchmark's (and no API key where the run needs none); fail() when the run does not end well."""
+    keep = ("PLASA_TIME_LIMIT", "PLASA_CACHE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in keep}
+    if "offline" in llm:
+        env.pop("OPENAI_API_KEY", None)
+    env["PLASA_LEDGER"] = str(Path(run_dir) / "ledger.sqlite")  # each run pays for its own evaluations
+    resume = ["--resume"] if (Path(run_dir) / "run.json").exists() else []
+    command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations)]
+    command += [*llm, "--seeds", seeds, "--output", str(run_dir), *resume]
+    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
+    if done.returncode != 0:
+        fail(f"the {Path(run_dir).name} run exited with {done.returncode}")
+    return Path(run_dir)

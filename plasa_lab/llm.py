@@ -209,7 +209,7 @@ class LLMClient:
                 if m.get("role") == "user":
                     m["content"] = compact_prompt(m["content"])
         if self.notebook and messages and messages[-1].get("role") == "user":
-            messages[-1]["content"] = notebook.with_notebook(messages[-1]["content"], notebook.build(self.run_dir))
+            messages[-1]["content"] = notebook.with_notebook(messages[-1]["content"], notebook.read(self.run_dir))
         request = [{"role": "system", "content": system_message}, *messages]
         chars = sum(len(m["content"]) for m in request)
         start, response, error = time.monotonic(), None, None

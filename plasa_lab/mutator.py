@@ -286,6 +286,14 @@ WRITERS = {
 }
 
 
+def with_design(code: str, design: Design) -> str:
+    """The program with every block the mutator knows written from `design`."""
+    for block in split_blocks(code)[1]:
+        if block.name in WRITERS:
+            code = code.replace(block.body, WRITERS[block.name](design))
+    return code
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading a design back from a program
 
@@ -463,21 +471,19 @@ def propose_edits(code: str, rng: random.Random, max_edits: int = 2) -> list[tup
     module wrote, line moves on the others; at most one edit per block."""
     design, known = read_design(code)
     blocks = split_blocks(code)[1]
-    moves = [(name, block) for name, block, _ in MOVES if block in known]
-    lines = [
-        (name, None) for name in {e[0] for e in _line_edits(code, [b for b in blocks if b.name not in known], rng)}
-    ]
-    options = moves + lines
+    line_moves = {}  # move name -> its first candidate edit, in the order of the lines (no set: hash order varies)
+    for edit in _line_edits(code, [b for b in blocks if b.name not in known], rng):
+        line_moves.setdefault(edit[0], edit)
+    options = [(name, block) for name, block, _ in MOVES if block in known] + [(name, None) for name in line_moves]
     rng.shuffle(options)
     wanted, edits, touched = rng.randint(1, max_edits), [], set()
     for name, block in options:
         if len(edits) >= wanted:
             break
         if block is None:  # a line move in a block this module did not write
-            found = [e for e in _line_edits(code, [b for b in blocks if b.name not in known], rng) if e[0] == name]
-            if found and found[0][1] not in touched:
-                edits.append(found[0])
-                touched.add(found[0][1])
+            if line_moves[name][1] not in touched:
+                edits.append(line_moves[name])
+                touched.add(line_moves[name][1])
             continue
         if block in touched:
             continue

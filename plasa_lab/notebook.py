@@ -6,8 +6,9 @@ paired against the initial program on the seeds both were trained on, with n and
 sd, or why it failed. Best effects first; bounded in rows and characters so that a compact prompt
 still fits a small local model's context.
 
-Built only from the run folder's own records (evolution_trace.jsonl, run.json): the LLM client
-builds it for each prompt, the run writes it to RUN_DIR/notebook.md as children come in, and
+Built only from the run folder's own records (evolution_trace.jsonl, run.json): the run writes it to
+RUN_DIR/notebook.md as children come in, the LLM client reads that file for each prompt (the trace,
+with every prompt and program in it, is read once per child, not once per prompt), and
 inspect_run.py shows it. Nothing in it is run; every cell is one printable line.
 """
 
@@ -182,6 +183,14 @@ def write(run_dir: Path) -> str:
     tmp.write_text(text)
     os.replace(tmp, path)
     return text
+
+
+def read(run_dir) -> str:
+    """RUN_DIR/notebook.md as the run last wrote it ('' before the first child)."""
+    try:
+        return (Path(run_dir) / NOTEBOOK).read_text()
+    except OSError:
+        return ""
 
 
 def with_notebook(user_prompt: str, notebook: str) -> str:

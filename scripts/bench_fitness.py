@@ -14,47 +14,16 @@ not a test (a quick-profile pair takes about 1.5 h on 2 CPU cores).
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.cli import fail
+from plasa_lab.cli import evolve
 from plasa_lab.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
 from plasa_lab.stats import ALPHA, claim_p, mean_sd, ppl_change_pct, verdict
 from plasa_lab.util import atomic_write
-
-
-def evolve(out: Path, profile: str, iterations: int, seeds: str) -> Path:
-    run_dir = out / ("noise-aware" if "," in seeds else "plain")
-    keep = ("PLASA_TIME_LIMIT", "PLASA_CACHE")  # the machine's; the rest is what this benchmark decides
-    env = {k: v for k, v in os.environ.items() if (not k.startswith("PLASA_") or k in keep) and k != "OPENAI_API_KEY"}
-    env["PLASA_LEDGER"] = str(run_dir / "ledger.sqlite")  # each run pays for its own evaluations
-    resume = ["--resume"] if (run_dir / "run.json").exists() else []
-    command = [
-        sys.executable,
-        "scripts/evolve.py",
-        "--profile",
-        profile,
-        "--iterations",
-        str(iterations),
-        "--llm",
-        "offline",
-        "--seeds",
-        seeds,
-        "--output",
-        str(run_dir),
-        *resume,
-    ]
-    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
-    if done.returncode != 0:
-        fail(f"the {run_dir.name} run exited with {done.returncode}")
-    return run_dir
 
 
 def stage2_trainings(run_dir: Path) -> list[dict]:
@@ -151,11 +120,12 @@ def main(argv=None):
     start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    aware = evolve(args.out, args.profile, args.iterations, "42,43,44")
+    aware = evolve(args.out / "noise-aware", args.profile, args.iterations, "42,43,44")
     budget = len(stage2_trainings(aware))
     # what the run itself counted (evaluation.confirmation_count), not a second definition of a confirmation
     spent = json.loads((aware / "run.json").read_text())["confirmation"]["confirmation_trainings"]
-    plain = evolve(args.out, args.profile, budget - 1, "42")  # the initial program's own training counts as one
+    # the initial program's own training counts as one
+    plain = evolve(args.out / "plain", args.profile, budget - 1, "42")
     plain_trainings = len(stage2_trainings(plain))
 
     initial = INITIAL_PROGRAM.read_text()

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.mutator import WRITERS, Design
-from plasa_lab.program import split_blocks, with_schedule
+from plasa_lab.mutator import Design, with_design
+from plasa_lab.program import with_schedule
 from plasa_lab.replay import Candidate, Plan, run_plan
 from plasa_lab.util import atomic_write
 
@@ -34,44 +34,21 @@ VARIANTS = {  # name: the design's knobs, away from the initial program's
 }
 
 
-def designed(code: str, **knobs) -> str:
-    design = dataclasses.replace(Design(), **knobs)
-    for block in split_blocks(code)[1]:
-        if block.name in WRITERS:
-            code = code.replace(block.body, WRITERS[block.name](design))
-    return code
-
-
 def programs() -> list[Candidate]:
     initial = INITIAL_PROGRAM.read_text()
     out = [Candidate("initial", "initial", initial, str(INITIAL_PROGRAM))]
     for schedule in ("AGGRESSIVE_MIDDLE", "DENSE_TO_SPARSE"):
         out.append(Candidate(schedule, "program", with_schedule(initial, schedule), f"named schedule {schedule}"))
     for name, knobs in VARIANTS.items():
-        out.append(Candidate(name, "program", designed(initial, **knobs), f"offline-mutator design {knobs}"))
-    return out
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
+        code = with_design(initial, dataclasses.replace(Design(), **knobs))
+        out.append(Candidate(name, "program", code, f"offline-mutator design {knobs}"))
     return out
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def main():
@@ -102,7 +79,9 @@ def main():
         f"| program | {profiles[0]} val_loss | rank | {profiles[1]} val_loss | rank |",
         "|---|---|---|---|---|",
     ]
-    for name, a, ra, b, rb in zip(names, screen, ranks(screen), full, ranks(full)):
+    from scipy.stats import rankdata
+
+    for name, a, ra, b, rb in zip(names, screen, rankdata(screen), full, rankdata(full)):
         lines.append(f"| {name} | {a:.4f} | {ra:g} | {b:.4f} | {rb:g} |")
     verdict = "ship the screening rung" if rho >= SCREEN_THRESHOLD else "do not ship the screening rung"
     lines += ["", f"Spearman's rho = {rho:.2f} (threshold {SCREEN_THRESHOLD}): {verdict}."]

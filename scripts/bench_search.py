@@ -17,32 +17,15 @@ and .json; ends with `best_beyond_noise: ARM -X.X% p=P` or `best_beyond_noise: n
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.cli import fail
+from plasa_lab.cli import evolve
 from plasa_lab.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
 from plasa_lab.stats import ALPHA, paired_change
 from plasa_lab.util import atomic_write
-
-
-def evolve(run_dir: Path, profile: str, iterations: int, llm: list[str]) -> Path:
-    keep = ("PLASA_TIME_LIMIT", "PLASA_CACHE")  # the machine's; the rest is what this benchmark decides
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in keep}
-    env["PLASA_LEDGER"] = str(run_dir / "ledger.sqlite")  # each arm pays for its own evaluations
-    resume = ["--resume"] if (run_dir / "run.json").exists() else []
-    command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations)]
-    command += [*llm, "--seeds", "42,43,44", "--output", str(run_dir), *resume]
-    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
-    if done.returncode != 0:
-        fail(f"the {run_dir.name} run exited with {done.returncode}")
-    return run_dir
 
 
 def arms(args) -> dict[str, list[str]]:
@@ -74,7 +57,7 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
     initial = INITIAL_PROGRAM.read_text()
     candidates, runs = [Candidate("initial", "initial", initial, "initial_program.py")], {}
     for arm, llm in arms(args).items():
-        run_dir = evolve(args.out / arm, args.profile, args.iterations, llm)
+        run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", llm)
         info = json.loads((run_dir / "best" / "best_program_info.json").read_text())
         runs[arm] = dict(
             run_dir=run_dir,

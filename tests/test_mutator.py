@@ -10,7 +10,7 @@ from openevolve.utils.code_utils import apply_diff, extract_diffs
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.checks import static_violation
-from plasa_lab.mutator import CHOICES, MOVES, WRITERS, Design, format_diff, propose_edits, read_design
+from plasa_lab.mutator import CHOICES, MOVES, WRITERS, Design, format_diff, propose_edits, read_design, with_design
 from plasa_lab.program import load_program, split_blocks
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -94,10 +94,7 @@ def test_programs_the_moves_reach_keep_every_blocks_contract_at_run_time(seed, t
 @pytest.mark.parametrize("move, block, change", MOVES, ids=[m[0] for m in MOVES])
 def test_each_move_alone_keeps_every_blocks_contract(move, block, change, tmp_path):
     design = change(Design(), random.Random(1))
-    code = SOURCE
-    for b in split_blocks(SOURCE)[1]:
-        if b.name == block:
-            code = code.replace(b.body, WRITERS[block](design))
+    code = with_design(SOURCE, design)  # only this move's block differs from the initial design's
     assert code != SOURCE or len(set(design.schedule())) == 1
     if len(set(design.schedule())) == 1:
         pytest.skip("this draw gives one k everywhere, which propose_edits draws again")

@@ -93,6 +93,7 @@ def test_the_real_client_sends_the_runs_notebook_to_a_real_server_and_a_disabled
     from openevolve.config import LLMModelConfig
 
     run_dir = Path(shutil.copytree(FIXTURE, tmp_path / "run"))
+    notebook.write(run_dir)  # as the run does when a child comes in
     server = FakeLLMServer(reply=lambda prompt: "no diff")
     try:
         config = LLMModelConfig(name="fake-llm", api_base=server.url, api_key="none", timeout=10)
