@@ -30,11 +30,15 @@ from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, 
 from .hardware import load_factor
 from .jobs import Job, StageResult
 from .ledger import Key, Ledger, code_key, code_sha256
-from .runners import get_runner
+from .local_runner import run_local
+from .ray_runner import run_ray  # imports ray only inside its functions: ray stays optional
 from .sandbox import gpu_device_nodes
 from .settings import Settings
 from .validation import clamped_ppl
 
+# Where a stage runs (Settings.runner): the judge here, its workers sandboxed on this machine, or the
+# same on a Ray node. Both take a Job and return a StageResult.
+RUNNERS = {"local": run_local, "ray": run_ray}
 STDERR_ARTIFACT_CHARS = 4000
 CONFIDENCE_Z = 1.0  # the score is a one-sided 84% lower bound on 1/ppl: mean loss + z * noise_sd / sqrt(seeds)
 
@@ -226,7 +230,7 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
         on_line(f"stage {stage}: time limit {limit:.0f} s ({reason})")
     job = Job.of(code, stage, settings, corpus, seed, (limit, reason), val_windows)
     start = time.monotonic()
-    result: StageResult = get_runner(settings.runner)(job, on_line)
+    result: StageResult = RUNNERS[settings.runner](job, on_line)
     seconds = time.monotonic() - start
     if result.ok:
         metrics = passed_metrics(result.metrics, stage)

@@ -1,5 +1,5 @@
 """The `local` runner: the judge here, its workers sandboxed on this machine. A Ray node runs the
-same (plasa_lab.ray_runner); plasa_lab.runners picks one by name."""
+same (plasa_lab.ray_runner); plasa_lab.evaluation.RUNNERS picks one by name."""
 
 from . import data
 from .jobs import Job, StageResult

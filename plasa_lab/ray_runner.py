@@ -36,7 +36,7 @@ DRIVER_MARGIN = 120.0  # seconds beyond the stage's own limit for connecting, sc
 
 
 def run_ray(job: Job, on_line=None) -> StageResult:
-    """The runner interface (see runners.py): run one stage on the Ray cluster."""
+    """The runner interface (see evaluation.RUNNERS): run one stage on the Ray cluster."""
     with tempfile.TemporaryDirectory(prefix="plasa-ray-") as workdir:
         Path(workdir, "job.json").write_text(job.to_json())
         proc = subprocess.Popen(
