@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from scipy.stats import rankdata, spearmanr
+
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.mutator import Design, with_design
 from plasa_lab.program import with_schedule
@@ -45,12 +47,6 @@ def programs() -> list[Candidate]:
     return out
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="42,43")
@@ -72,15 +68,13 @@ def main():
         losses[profile] = {c.name: statistics.mean(r.val_loss for r in results[c.name]) for c in candidates}
     names = [c.name for c in candidates]
     screen, full = ([losses[p][n] for n in names] for p in profiles)
-    rho = spearman(screen, full)
+    rho = float(spearmanr(screen, full).statistic)
     lines = [
         f"# Does {profiles[0]} rank as {profiles[1]} does? ({len(names)} programs, seeds {args.seeds})",
         "",
         f"| program | {profiles[0]} val_loss | rank | {profiles[1]} val_loss | rank |",
         "|---|---|---|---|---|",
     ]
-    from scipy.stats import rankdata
-
     for name, a, ra, b, rb in zip(names, screen, rankdata(screen), full, rankdata(full)):
         lines.append(f"| {name} | {a:.4f} | {ra:g} | {b:.4f} | {rb:g} |")
     verdict = "ship the screening rung" if rho >= SCREEN_THRESHOLD else "do not ship the screening rung"

@@ -7,7 +7,7 @@ import random
 import sys
 
 import pytest
-from scipy.stats import spearmanr, ttest_rel
+from scipy.stats import ttest_rel
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.checks import static_violation
@@ -36,10 +36,8 @@ def test_the_search_benchmark_pairs_by_seed_as_a_paired_t_test_does():
     assert change == pytest.approx(sum(losses[s] - reference[s] for s in seeds) / 5)
 
 
-def test_the_rank_benchmark_computes_spearmans_rho_with_ties_and_judges_eight_valid_programs():
+def test_the_rank_benchmark_judges_eight_distinct_valid_programs():
     bench = script("bench_rank")
-    a, b = [3.0, 1.0, 2.0, 2.0, 5.0], [2.5, 1.0, 2.0, 3.0, 4.0]
-    assert bench.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, rel=1e-12)
     programs = bench.programs()
     source = INITIAL_PROGRAM.read_text()
     assert len(programs) >= 8 and len({p.code for p in programs}) == len(programs)
