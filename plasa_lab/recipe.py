@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import INITIAL_PROGRAM
 from .tokens import train_batches, val_windows
 from .trunk import Selections, build_trunk, compile_fixed_parts, forward_with, train
+from .validation import token_losses
 
 
 class InProcessBlocks:
@@ -80,6 +80,6 @@ def train_and_score(
     start, total = time.perf_counter(), 0.0
     for batch in windows.split(profile.batch_size):
         logits, _ = forward(batch[:, :-1], 0)
-        total += F.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten(), reduction="sum").item()
+        total += token_losses(logits, batch[:, 1:])[0].double().sum().item()
     val_loss = total / windows[:, 1:].numel()
     return RecipeRun(losses, train_seconds, val_loss, time.perf_counter() - start, fixed_step)

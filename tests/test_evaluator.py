@@ -823,6 +823,30 @@ def test_stage_2_cuts_every_query_position_the_profiles_number_of_times():
             assert set(cuts) == set(range(127)) and set(cuts.values()) == {rounds}
 
 
+def test_validation_scores_every_token_as_float64_cross_entropy_and_argmax_do():
+    """The judge's one scoring function (float32, one max and one exp pass) against the textbook
+    formula in float64, on logits as spread as a trained LM head's, with ties and extreme values."""
+    import torch
+    import torch.nn.functional as F
+
+    from plasa_lab.validation import token_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 128, VOCAB_SIZE, generator=g) * 8
+    logits[0, 5, :3] = 40.0  # a tie for the maximum: the first index wins, as argmax's
+    logits[1, 7] = -1e4
+    logits[1, 7, 11] = 1e4  # a saturated row
+    targets = torch.randint(0, VOCAB_SIZE, (3, 128), generator=g)
+    targets[1, 7] = 11
+    losses, hits = token_losses(logits, targets)
+    expected = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), reduction="none").view(3, 128)
+    assert torch.allclose(losses.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hits, logits.argmax(-1) == targets) and bool(hits[1, 7])
+    assert abs(losses.double().sum().item() - expected.sum().item()) / expected.sum().item() < 1e-6
+    logits[2, 0, 0] = float("nan")
+    assert not torch.isfinite(token_losses(logits, targets)[0][2, 0])  # the judge rejects a non-finite loss
+
+
 def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
     from plasa_lab.validation import MIN_CHECKED, checked_windows, windows_to_run
 
