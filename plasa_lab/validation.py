@@ -146,21 +146,17 @@ def validate(forward, windows: torch.Tensor, n_scored: int, batch_size: int, ks,
     loss_sums, correct, densities = [], 0, []
     for s, per_server in enumerate(batches):
         for batch in per_server:
-            scored = [item.cut is None and item.window < n_scored for item in batch]
-            rows = [row for row, is_scored in enumerate(scored) if is_scored]
+            rows = [row for row, item in enumerate(batch) if item.cut is None and item.window < n_scored]  # scored
             logits, selections = forward(torch.stack([item.tokens for item in batch]), s, rows)
-            if rows:
-                losses, hits = token_losses(logits, targets[[batch[row].window for row in rows]])
-                loss_of = dict(zip(rows, losses.double().sum(-1).tolist()))
-                hits_of = dict(zip(rows, hits.sum(-1).tolist()))
             if problem := probes.selection_violation(selections, ks):
                 raise Rejection(f"during validation: {problem}")
+            if rows:
+                losses, hits = token_losses(logits, targets[[batch[row].window for row in rows]])
+                loss_sums += losses.double().sum(-1).tolist()
+                correct += int(hits.sum())
+                densities += [probes.density(selections[:, row : row + 1]) for row in rows]
             for row, item in enumerate(batch):
                 mine = selections[:, row]
-                if scored[row]:
-                    loss_sums.append(loss_of[row])
-                    correct += int(hits_of[row])
-                    densities.append(probes.density(selections[:, row : row + 1]))
                 if item.cut is None:
                     if item.window in checked:
                         full[item.window] = mine.clone()
