@@ -1,11 +1,15 @@
 """Behavioural checks of a model: what it does, not what its code says.
 
-A check sees the model only through `forward(tokens[B,T]) -> (logits[B,T,V], selections[layers,B,T,T])`:
-in the judge that is the trusted trunk asking a sandboxed blocks process for the selections
-(plasa_lab.trunk), in tests it can be a model in this process (`local_forward`). Selections are
-compared exactly (the fixed trunk's rows <= p depend only on the tokens and selections at rows
-<= p), logits within a tolerance. Each check returns None when the model behaves, else one line
-that names the rule broken and where, written for the LLM that will read it.
+A check sees the model only through `forward(tokens[B,T], logits=True) -> (logits[B,T,V] | None,
+selections[layers,B,T,T])`: in the judge that is the trusted trunk asking a sandboxed blocks process
+for the selections (plasa_lab.trunk), in tests it can be a model in this process (`local_forward`).
+Selections are compared exactly, logits (where the forward returns them) within a tolerance. Only the
+first pass of a probe asks for logits: the judge's trunk is fixed code whose rows <= p depend only on
+the tokens and selections at rows <= p, so there equal selections mean equal logits, and it skips the
+LM head (most of a forward's arithmetic) on every other pass; a model in this process, whose
+forward is not fixed code, answers with logits every time and has them compared. Each check
+returns None when the model behaves, else one line that names the rule broken and where, written for
+the LLM that will read it.
 """
 
 import torch
@@ -19,7 +23,7 @@ LOGIT_TOLERANCE = 1e-4
 def local_forward(model):
     """`forward` for a model in this process: eval mode, no grad, every layer's last_selection."""
 
-    def forward(tokens):
+    def forward(tokens, logits=True):  # always logits: this model's forward is not the fixed trunk
         was_training = model.training
         model.eval()
         try:
@@ -117,15 +121,15 @@ def first_moved(a, b, upto):
 def causality_violation(forward, tokens, cut_points, vocab_size, seed=0, base=None):
     """Change every token after position p: the logits at positions <= p must not move."""
     g = torch.Generator().manual_seed(seed)
-    base = forward(tokens) if base is None else base
+    base = forward(tokens) if base is None else base  # with logits
     for p in cut_points:
         changed = tokens.clone()
         shift = torch.randint(1, vocab_size, changed[:, p + 1 :].shape, generator=g).to(tokens.device)
         changed[:, p + 1 :] = (changed[:, p + 1 :] + shift) % vocab_size  # every suffix token differs
-        logits, selections = forward(changed)
+        logits, selections = forward(changed, logits=False)
         if moved := first_changed_selection(selections, base[1], p):
             return selection_leak_message(p, *moved)
-        if moved := first_moved(logits, base[0], p):
+        if logits is not None and (moved := first_moved(logits, base[0], p)):
             return leak_message(p, *moved)
     return None
 
@@ -136,10 +140,10 @@ def batch_violation(forward, tokens, vocab_size, base):
     for row in range(B if B > 1 else 0):
         changed = tokens.clone()
         changed[row] = (changed[row] + 1) % vocab_size
-        logits, selections = forward(changed)
+        logits, selections = forward(changed, logits=False)
         others = [r for r in range(B) if r != row]
         same_selection = bool((selections[:, others] == base[1][:, others]).all())
-        moved = (logits[others] - base[0][others]).abs().max().item()
+        moved = 0.0 if logits is None else (logits[others] - base[0][others]).abs().max().item()
         if not (same_selection and moved <= LOGIT_TOLERANCE):
             return (
                 f"changing sequence {row} of the batch changed the "
@@ -151,11 +155,11 @@ def batch_violation(forward, tokens, vocab_size, base):
 
 def state_violation(forward, tokens, vocab_size, base):
     """The same input gives the same selections and logits whatever was seen before: no memory between calls."""
-    forward((tokens + 7) % vocab_size)
-    logits, selections = forward(tokens)
+    forward((tokens + 7) % vocab_size, logits=False)
+    logits, selections = forward(tokens, logits=False)
     if not bool((selections == base[1]).all()):
         return "the same input gave other selections after another batch: the model must not keep state between calls"
-    moved = (logits - base[0]).abs().max().item()
+    moved = 0.0 if logits is None else (logits - base[0]).abs().max().item()
     if not moved <= LOGIT_TOLERANCE:
         return (
             f"the same input gave logits {moved:.3g} apart after another batch: the model must not keep "

@@ -17,7 +17,6 @@ import torch
 from . import INITIAL_PROGRAM
 from .tokens import train_batches, val_windows
 from .trunk import Selections, build_trunk, compile_fixed_parts, forward_with, train
-from .validation import token_losses
 
 
 class InProcessBlocks:
@@ -79,7 +78,7 @@ def train_and_score(
     windows = val_windows(np.asarray(val_tokens), n, profile.seq_len)
     start, total = time.perf_counter(), 0.0
     for batch in windows.split(profile.batch_size):
-        logits, _ = forward(batch[:, :-1], 0)
-        total += token_losses(logits, batch[:, 1:])[0].double().sum().item()
+        (token_loss, _), _ = forward(batch[:, :-1], 0, None, batch[:, 1:])
+        total += token_loss.double().sum().item()
     val_loss = total / windows[:, 1:].numel()
     return RecipeRun(losses, train_seconds, val_loss, time.perf_counter() - start, fixed_step)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import probes, wire
 from .constants import FIXED_WEIGHTS, GRAD_CLIP, MAX_NONEMBED_PARAMS, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
 from .tokens import train_batches, val_windows
-from .validation import Rejection, validate, windows_to_run
+from .validation import Rejection, head_losses, validate, windows_to_run
 
 SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
 DTYPE_BYTES = dict(float64=8, float32=4, float16=2, bfloat16=2, int64=8, int32=4, int16=2, int8=1, uint8=1, bool=1)
@@ -343,20 +343,24 @@ def train(model, selections, trainer: BlocksLink, batches, steps, device, seed, 
 
 
 def forward_with(model, selections, servers, device):
-    """forward(tokens, server, rows=None) -> (logits on the CPU, selections [layers, B, T, T]): logits of
-    every row, or with `rows` (a list) of those rows only, in that order (the LM head, most of a
-    forward's arithmetic, runs only where a score needs it)."""
+    """forward(tokens, server, rows=None, targets=None) -> (scores, selections [layers, B, T, T]): scores
+    are the logits (on the CPU) of every row, or with `rows` (a list) of those rows only, in that order;
+    with `targets` (of those rows) their (loss, hit) per token instead, the logits never held whole.
+    The LM head, most of a forward's arithmetic, runs only where a score needs it."""
     model.eval()
 
-    def forward(tokens, server, rows=None):
+    def forward(tokens, server, rows=None, targets=None):
         selections.link = servers[server]
         with torch.no_grad(), without_lm_head(model):
             hidden = model(tokens.to(device))["logits"]  # the final norm's output: the LM head is skipped
         kept = torch.stack([layer.last_selection for layer in model.plasa_layers()]).to("cpu")
         wanted = hidden if rows is None else hidden[list(rows)]
+        if not len(wanted):
+            return None, kept
         with torch.no_grad():
-            logits = model.lm_head(wanted) if len(wanted) else None
-        return (logits.float().to("cpu") if logits is not None else None), kept
+            if targets is not None:
+                return tuple(t.to("cpu") for t in head_losses(wanted, model.lm_head, targets.to(device))), kept
+            return model.lm_head(wanted).float().to("cpu"), kept
 
     return forward
 
@@ -416,7 +420,11 @@ def run_stage(request: dict, links: dict[str, BlocksLink], metrics: dict) -> dic
     train_text = next(train_batches(train_tokens, B, L, request["seed"]))[:, :-1]
     log("checking behaviour (causality, selection, batch independence, no state)")
     for s, (what, tokens) in enumerate((("on random tokens", random_tokens), ("on training text", train_text))):
-        if failure := probes.probe(lambda t, s=s: forward(t, s), spec.schedule, tokens, VOCAB_SIZE):
+
+        def on_server(t, logits=True, s=s):  # logits=False: no LM head (equal selections mean equal logits)
+            return forward(t, s, None if logits else [])
+
+        if failure := probes.probe(on_server, spec.schedule, tokens, VOCAB_SIZE):
             raise Rejection(f"{what}: {failure}")
     if request["stage"] == 2:
         metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own

@@ -847,6 +847,26 @@ def test_validation_scores_every_token_as_float64_cross_entropy_and_argmax_do():
     assert not torch.isfinite(token_losses(logits, targets)[0][2, 0])  # the judge rejects a non-finite loss
 
 
+def test_validation_scores_the_lm_head_in_chunks_exactly_as_from_the_whole_logits():
+    """head_losses makes the logits a chunk at a time (never whole): the same loss and hit per token,
+    in order, whatever the chunk size, including a last chunk that is not full."""
+    import torch
+
+    from plasa_lab.validation import head_losses, token_losses
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, VOCAB_SIZE, bias=False)
+    torch.nn.init.normal_(head.weight, std=2.0, generator=g)
+    hidden = torch.randn(3, 50, 16, generator=g)
+    targets = torch.randint(0, VOCAB_SIZE, (3, 50), generator=g)
+    with torch.no_grad():
+        whole = token_losses(head(hidden), targets)
+        for chunk in (1, 7, 64, 150, 1000):
+            losses, hits = head_losses(hidden, head, targets, chunk)
+            assert losses.shape == hits.shape == targets.shape
+            assert torch.allclose(losses, whole[0], rtol=1e-6, atol=1e-6) and torch.equal(hits, whole[1])
+
+
 def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
     from plasa_lab.validation import MIN_CHECKED, checked_windows, windows_to_run
 
