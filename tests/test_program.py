@@ -9,7 +9,7 @@ import torch
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.constants import VOCAB_SIZE
-from plasa_lab.probes import causality_violation, local_forward, probe_model
+from plasa_lab.probes import batch_violation, causality_violation, local_forward, probe, probe_model
 from plasa_lab.program import SCHEDULE_RULES, load_program, with_schedule
 
 SCHEDULE_NAMES = list(SCHEDULE_RULES)
@@ -65,6 +65,40 @@ def test_changing_future_tokens_leaves_past_logits_unchanged(programs, schedule,
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
 def test_every_behavioural_probe_passes(programs, schedule, random_tokens):
     assert probe_model(build(programs[schedule]), random_tokens, VOCAB_SIZE) is None
+
+
+def test_the_probes_ask_for_logits_on_their_first_pass_only(program, random_tokens):
+    """The judge's trunk is fixed code, so after the first pass equal selections mean equal logits: a
+    probe asks for logits once, and passes on selections alone when the forward gives no more."""
+    model = build(program)
+    forward, asked = local_forward(model), []
+
+    def judge_like(tokens, logits=True):
+        asked.append(logits)
+        out = forward(tokens)
+        return (out[0] if logits else None), out[1]
+
+    assert probe(judge_like, [layer.k for layer in model.plasa_layers()], random_tokens, VOCAB_SIZE) is None
+    assert asked[0] is True and len(asked) > 5 and not any(asked[1:])
+
+
+def test_a_model_in_this_process_is_also_checked_by_its_logits(program, random_tokens):
+    """Where the forward is not the fixed trunk (a model in this process), a leak that shows only in
+    the logits, with causal selections, is caught: into the past, and across the batch."""
+    forward = local_forward(build(program))
+
+    def peeking(tokens, logits=True):
+        out, selections = forward(tokens)
+        out[:, :-1, 0] += tokens[:, 1:].float()  # the next token, written into each position's logits
+        return out, selections
+
+    def mixing(tokens, logits=True):
+        out, selections = forward(tokens)
+        return out + out.mean(0, keepdim=True), selections
+
+    assert "moved the logits at position" in causality_violation(peeking, random_tokens, [17, 63], VOCAB_SIZE)
+    base = mixing(random_tokens)
+    assert "changed the logits" in batch_violation(mixing, random_tokens, VOCAB_SIZE, base)
 
 
 def test_selector_without_causal_and_is_caught_by_causality_check(tmp_path, random_tokens):
