@@ -10,8 +10,10 @@ model with and without the lab notebook in its prompts). Every arm is one noise-
 best (OpenEvolve's, which a noise-aware run only lets a confirmed program be) and the initial program
 are then replayed on the replay seeds. The change against the initial program is paired by seed (every
 program trains from the same trunk initialisation and batches on a seed) and tested with a paired t-test.
-Resumable: a run resumes from its last checkpoint, a replay from its ledger. Writes OUT/bench_search.md
-and .json; ends with `best_beyond_noise: ARM -X.X% p=P` or `best_beyond_noise: none`.
+Resumable: a run resumes from its last checkpoint, a replay from its ledger. To cut a benchmark short,
+stop it and run it again with --iterations at the children its arms have done: each arm's best so far
+(its newest checkpoint's) is replayed, and the table says how many children it had. Writes
+OUT/bench_search.md and .json; ends with `best_beyond_noise: ARM -X.X% p=P` or `best_beyond_noise: none`.
 """
 
 import argparse
@@ -21,9 +23,10 @@ import statistics
 from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.cli import evolve
+from plasa_lab.cli import evolve, fail
 from plasa_lab.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
+from plasa_lab.rundir import latest_checkpoint
 from plasa_lab.stats import ALPHA, paired_change
 from plasa_lab.util import atomic_write
 
@@ -35,6 +38,17 @@ def arms(args) -> dict[str, list[str]]:
         out["llm+notebook"] = llm
         out["llm"] = [*llm, "--no-notebook"]
     return out
+
+
+def arm_best(run_dir: Path) -> tuple[Path, dict, int]:
+    """(program file, metrics, children evaluated) of a run's best, from its newest checkpoint: what a
+    finished run ends with, and what a run stopped early has found so far."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        fail(f"{run_dir}: no checkpoint to take the best program from")
+    path, done = checkpoint
+    info = json.loads((path / "best_program_info.json").read_text())
+    return path / "best_program.py", info["metrics"], done
 
 
 def main(argv=None):  # long: the arms, the replay and the table, read top to bottom
@@ -58,15 +72,14 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
     candidates, runs = [Candidate("initial", "initial", initial, "initial_program.py")], {}
     for arm, llm in arms(args).items():
         run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", llm)
-        info = json.loads((run_dir / "best" / "best_program_info.json").read_text())
+        program, claim, children = arm_best(run_dir)
         runs[arm] = dict(
             run_dir=run_dir,
-            claim=info["metrics"],
+            claim=claim,
             trainings=sum(1 for r in Ledger(run_dir / "ledger.sqlite").rows() if r["stage"] == 2),
-            children=json.loads((run_dir / "run.json").read_text()).get("iterations_total", args.iterations),
+            children=children,
         )
-        code = (run_dir / "best" / "best_program.py").read_text()
-        candidates.append(Candidate(arm, "program", code, str(run_dir / "best" / "best_program.py")))
+        candidates.append(Candidate(arm, "program", program.read_text(), str(program)))
     plan = Plan(candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, "search")
     results = run_plan(plan)
     by_seed = {c.name: {r.seed: r.val_loss for r in results[c.name] if r.passed} for c in candidates}

@@ -3,6 +3,7 @@ test, the rank benchmark's Spearman's rho and its eight programs, which the judg
 accept."""
 
 import importlib.util
+import json
 import random
 import sys
 
@@ -34,6 +35,21 @@ def test_the_search_benchmark_pairs_by_seed_as_a_paired_t_test_does():
     want = ttest_rel([losses[s] for s in seeds], [reference[s] for s in seeds])
     assert n == 5 and p == pytest.approx(want.pvalue, rel=1e-9)
     assert change == pytest.approx(sum(losses[s] - reference[s] for s in seeds) / 5)
+
+
+def test_the_search_benchmark_takes_an_arms_best_from_its_newest_checkpoint(tmp_path):
+    """A run stopped early and rerun with --iterations at what it had done is replayed as it stands:
+    the best and the children count of the newest complete checkpoint, not of an older one."""
+    bench = script("bench_search")
+    for n, best in ((3, "three"), (5, "five"), (7, None)):  # checkpoint_7: partly written (no metadata)
+        folder = tmp_path / "checkpoints" / f"checkpoint_{n}"
+        folder.mkdir(parents=True)
+        (folder / "best_program.py").write_text(f"# {best}\n")
+        if best:
+            (folder / "metadata.json").write_text(json.dumps({"last_iteration": n}))
+            (folder / "best_program_info.json").write_text(json.dumps({"metrics": {"val_loss": float(n)}}))
+    program, metrics, children = bench.arm_best(tmp_path)
+    assert program.read_text() == "# five\n" and metrics == {"val_loss": 5.0} and children == 5
 
 
 def test_the_rank_benchmark_judges_eight_distinct_valid_programs():
