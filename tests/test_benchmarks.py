@@ -58,3 +58,23 @@ def test_the_rank_benchmark_judges_eight_distinct_valid_programs():
     source = INITIAL_PROGRAM.read_text()
     assert len(programs) >= 8 and len({p.code for p in programs}) == len(programs)
     assert all(static_violation(p.code, source) is None for p in programs)
+
+
+@pytest.mark.slow  # about 4 minutes on 2 cores: a run of one child, then 4 replays, on the smoke profile
+def test_the_search_benchmark_runs_an_arm_then_replays_its_best_on_seeds_no_run_used(tmp_path):
+    import subprocess
+
+    out = tmp_path / "bench"
+    command = [sys.executable, "scripts/bench_search.py", "--profile", "smoke", "--iterations", "1"]
+    done = subprocess.run(
+        [*command, "--replay-seeds", "101,102", "--out", str(out)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("best_beyond_noise: ")
+    (arm,) = json.loads((out / "bench_search.json").read_text())["arms"]
+    assert arm["arm"] == "offline" and arm["children"] == 1 and arm["seeds"] == 2
+    assert arm["stage2_trainings"] >= 3  # the initial program on 42, 43, 44 (and the child, if it passed stage 1)
