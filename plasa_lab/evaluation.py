@@ -9,12 +9,15 @@
     stage 2  the same with the profile's full training and validation.
     seeds    in an evolution run (settings.noise_aware), a stage-2 result that could be the best is
              confirmed on every seed of the run before it can win (see `noise_aware_stage2`).
+    screen   with settings.screen (not none), stage 2 first trains on that cheaper profile, and only a program
+             ranked within the best share of those screened goes on (see `screened_stage2`).
 
 Every result holds every metric of docs/contract.md section 4; a failure scores 0.0 and says why in one
 line (artifact `failure`). Time limits are multiples of what the initial program needs on this
 machine, now (`Calibration`), so a loaded machine does not fail honest children.
 """
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -369,6 +372,63 @@ def noise_aware_stage2(code: str, settings: Settings, on_line=None) -> Evaluatio
 
 
 # ---------------------------------------------------------------------------------------------
+# Stage 2 behind a screening rung (settings.screen)
+
+
+def screen_settings(settings: Settings) -> Settings:
+    """The same conditions on the screen's cheaper profile, one seed, no confirmation."""
+    return dataclasses.replace(settings, profile=settings.screen, screen="none", noise_aware=False)
+
+
+def screen_rank(code: str, settings: Settings, loss: float, ledger: Ledger, fingerprint: str) -> tuple[int, int]:
+    """(rank, n): where this program's screen val_loss falls among every program screened under the
+    same conditions (itself included; 1 is the best)."""
+    screen = screen_settings(settings)
+    key = Key("", 2, screen.profile, screen.seed, fingerprint, HARNESS_VERSION)
+    screened = ledger.programs_with_seeds(key, (screen.seed,))
+    others = [
+        by_seed[screen.seed]["val_loss"]
+        for program, by_seed in screened.items()
+        if program != code_key(code) and by_seed[screen.seed].get("combined_score", 0) > 0
+    ]
+    return 1 + sum(1 for other in others if other < loss), len(others) + 1
+
+
+def screened_stage2(code: str, settings: Settings, on_line=None) -> Evaluation:
+    """Stage 2 with a screening rung: the program is first trained on the screen's cheaper profile,
+    and goes on to the full stage 2 (and to confirmation) only when its screen val_loss ranks within
+    the best `screen_share` of the programs the run has screened (the initial program always does:
+    it is the run's reference). One screened out keeps a failure's score, with its rank as the reason,
+    so no screen number is ever compared with a full-profile one."""
+    if settings.screen == "none" or not settings.ledger:  # ranks need the run's ledger
+        return noise_aware_stage2(code, settings, on_line)
+    screened = evaluate_stage(code, 2, screen_settings(settings), on_line)
+    if not screened.passed:
+        failure = f"screen ({settings.screen} profile) {screened.artifacts.get('failure', 'failed')}"
+        return Evaluation(screened.metrics | {"stage1_passed": 1.0}, {**screened.artifacts, "failure": failure})
+    loss = screened.metrics["val_loss"]
+    rank, n = screen_rank(code, settings, loss, Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint)
+    promoted = max(1, math.ceil(settings.screen_share * n))
+    verdict = (
+        f"{settings.screen} val_loss {loss:.4f} ranks {rank} of the {n} programs screened "
+        f"(PLASA_SCREEN_SHARE={settings.screen_share:g}: the best {promoted} go on to the {settings.profile} profile)"
+    )
+    if rank > promoted and code_key(code) != code_key(_reference_text()):
+        return Evaluation(
+            failure_metrics(screened.metrics) | {"stage1_passed": 1.0},
+            {"failure": f"screened out: {verdict}"},
+            screened.from_ledger,
+            screened.seconds,
+        )
+    if on_line:
+        on_line(f"screen: {verdict}")
+    full = noise_aware_stage2(code, settings, on_line)
+    full.artifacts["screen"] = verdict
+    full.seconds += screened.seconds
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -377,11 +437,11 @@ def evaluate_code(code: str, stage: str | int, settings: Settings, on_line=None)
     if str(stage) == "1":
         return evaluate_stage(code, 1, settings, on_line)
     if str(stage) == "2":
-        return noise_aware_stage2(code, settings, on_line)
+        return screened_stage2(code, settings, on_line)
     first = evaluate_stage(code, 1, settings, on_line)
     if not first.passed:
         return first
-    second = noise_aware_stage2(code, settings, on_line)
+    second = screened_stage2(code, settings, on_line)
     second.metrics["stage1_passed"] = 1.0
     return Evaluation(
         second.metrics,

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
 from .checks import integrity_violation
 from .constants import HARNESS_VERSION, Profile, get_profile
-from .evaluation import Calibration, calibration, corpus_of, evaluate_stage, noise_aware_stage2
+from .evaluation import Calibration, calibration, corpus_of, evaluate_stage, screened_stage2
 from .ledger import Ledger, LedgerError
 from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
 from .progress import hours, say
@@ -58,6 +58,7 @@ class RunOptions:
     seeds: str | None = None
     prompt: str | None = None  # compact | full (default: compact for --llm local)
     no_notebook: bool = False  # leave the lab notebook out of the prompts (a resume keeps the run's choice)
+    screen: str | None = None  # none | quick | smoke: a cheaper first look at every child (a resume keeps it)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ def run_settings(options: RunOptions, previous: dict | None, run_dir: Path) -> S
             runner=options.runner or before.get("runner"),
             seeds=seeds,
             ledger=before.get("ledger") or None,  # None: Settings reads $PLASA_LEDGER
+            screen=options.screen or before.get("screen"),
+            screen_share=before.get("screen_share"),  # None: $PLASA_SCREEN_SHARE, else the default
         )
     except ValueError as e:
         raise RunError(str(e)) from None
@@ -412,8 +415,9 @@ def evaluate_initial_program(settings: Settings) -> tuple[NoiseFloor, dict]:
             f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})"
         )
     floor = NoiseFloor(list(settings.seeds), losses, mean_sd(losses)[1])
-    # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best.
-    return floor, noise_aware_stage2(code, settings).metrics
+    # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best,
+    # and with a screening rung the first program screened, which every child's screen is ranked against.
+    return floor, screened_stage2(code, settings).metrics
 
 
 def expected_seconds_per_child(cal: Calibration, settings: Settings) -> float | None:
@@ -433,6 +437,11 @@ def _say_what_to_expect(plan: RunPlan, floor: NoiseFloor, cal: Calibration, per_
             f"{', '.join(f'{math.exp(v):.1f}' for v in floor.val_losses)}); a child whose first seed comes within "
             f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win "
             f"(confirmations take at most {settings.confirm_share:.0%} of the stage-2 trainings)"
+        )
+    if settings.screen != "none":
+        say(
+            f"screening: each child trains on the {settings.screen} profile first; the best {settings.screen_share:.0%}"
+            f" of those screened (PLASA_SCREEN_SHARE) go on to the {settings.profile} profile"
         )
     limits = cal.record(plan.profile, plan.profile.val_windows)["limits_seconds"]
     say(

@@ -264,6 +264,7 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
                 ledger=str(plan.ledger),
                 allow_uniform_schedule=candidate.uniform,
                 whole_validation=plan.whole_validation,
+                screen="none",  # a replay trains every candidate on its full budget
             )
             start = time.monotonic()
             evaluation = evaluate_code(

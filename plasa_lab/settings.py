@@ -29,9 +29,12 @@ ENVIRONMENT = {  # field -> variable
     "noise_aware": "PLASA_NOISE_AWARE",
     "confirm_margin": "PLASA_CONFIRM_MARGIN",
     "confirm_share": "PLASA_CONFIRM_SHARE",
+    "screen": "PLASA_SCREEN",
+    "screen_share": "PLASA_SCREEN_SHARE",
 }
 DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
 DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (README, "What best means")
+DEFAULT_SCREEN_SHARE = 0.5  # of the programs screened, the best this share go on to the full budget
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
 CHOICES = dict(
     device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"), profile=tuple(PROFILES)
@@ -55,6 +58,8 @@ class Settings:
     noise_aware: bool = None  # stage 2 confirms contenders on every seed (an evolution run sets it)
     confirm_margin: float = None  # a contender's first-seed loss is at most this many noise sds above the best
     confirm_share: float = None  # confirmations stop while they hold this share of the stage-2 trainings
+    screen: str = None  # none | a cheaper profile every child trains on first (evaluation.screened_stage2)
+    screen_share: float = None  # of the programs screened, the best this share go on to the full profile
     allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
     whole_validation: bool = False  # stage 2 validates on every window of the split (replay)
     compile: bool = None  # torch.compile the fixed model's pure parts, eager where that fails (PLASA_COMPILE=1)
@@ -101,6 +106,15 @@ class Settings:
             self.confirm_share = float(env("PLASA_CONFIRM_SHARE") or DEFAULT_CONFIRM_SHARE)
         if not 0 < self.confirm_share <= 1:
             raise ValueError(f"PLASA_CONFIRM_SHARE must be in (0, 1], got {self.confirm_share:g}")
+        self.screen = self.screen or env("PLASA_SCREEN") or "none"
+        if self.screen not in ("none", *PROFILES):
+            raise ValueError(f"unknown screen {self.screen!r}: choose none or one of {', '.join(PROFILES)}")
+        if self.screen != "none" and PROFILES[self.screen].steps >= PROFILES[self.profile].steps:
+            raise ValueError(f"a screen must train for fewer steps than the {self.profile} profile, not {self.screen}")
+        if self.screen_share is None:
+            self.screen_share = float(env("PLASA_SCREEN_SHARE") or DEFAULT_SCREEN_SHARE)
+        if not 0 < self.screen_share <= 1:
+            raise ValueError(f"PLASA_SCREEN_SHARE must be in (0, 1], got {self.screen_share:g}")
 
     def threads_for(self, parallel: int) -> int:
         """Threads per evaluation: $PLASA_THREADS, else on a Ray cluster 2 (the CPUs a task asks of a

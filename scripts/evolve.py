@@ -2,6 +2,7 @@
 
 python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile full|quick|smoke]
                          [--output DIR] [--resume] [--target-ppl X] [--seeds 42,43,44]
+                         [--screen none|quick|smoke]
 """
 
 import argparse
@@ -60,6 +61,12 @@ def main(argv=None):
         "--seeds",
         help="training seeds of the noise floor and of confirmation, comma-separated "
         "(default 42,43,44; a single seed turns noise-aware fitness off)",
+    )
+    parser.add_argument(
+        "--screen",
+        choices=["none", "quick", "smoke"],
+        help="train every child on this cheaper profile first; only the best share (PLASA_SCREEN_SHARE, "
+        "default 0.5) of those screened go on to the full budget (default: none)",
     )
     parser.add_argument(
         "--runner",

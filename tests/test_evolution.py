@@ -324,6 +324,16 @@ def test_run_settings_take_the_resumed_run_s_ledger_then_plasa_ledger_then_the_r
     assert run_settings(RunOptions(), None, run_dir).ledger == str(run_dir / "ledger.sqlite")
 
 
+def test_a_resumed_run_keeps_its_screen_unless_asked_for_another(tmp_path, monkeypatch):
+    monkeypatch.delenv("PLASA_SCREEN", raising=False)
+    monkeypatch.delenv("PLASA_SCREEN_SHARE", raising=False)
+    previous = dict(settings=dict(profile="full", screen="quick", screen_share=0.25))
+    kept = run_settings(RunOptions(), previous, tmp_path)
+    assert (kept.screen, kept.screen_share) == ("quick", 0.25)
+    assert run_settings(RunOptions(screen="none"), previous, tmp_path).screen == "none"
+    assert run_settings(RunOptions(profile="full"), None, tmp_path).screen == "none"
+
+
 def test_resuming_a_run_made_from_another_initial_program_fails_in_one_line(tmp_path, shared_ledger):
     """The project changed under a run (fixed code outside the blocks): every child would fail, so the
     resume refuses at once instead of spending the night on rejections."""
@@ -602,6 +612,7 @@ def test_unreachable_api_base_fails_fast_with_a_clear_error(tmp_path, shared_led
         (["--config", "BROKEN_YAML"], "is not valid YAML at line 4, column 14"),
         (["--config", "BINARY"], "is not UTF-8 text"),
         (["--output", "A_FILE/run", "--llm", "offline"], "cannot write the run folder"),
+        (["--screen", "quick", "--llm", "offline"], "a screen must train for fewer steps than the smoke profile"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(args, message, shared_ledger, tmp_path):
