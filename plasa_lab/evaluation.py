@@ -380,16 +380,14 @@ def screen_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, profile=settings.screen, screen="none", noise_aware=False)
 
 
-def screen_rank(code: str, settings: Settings, loss: float, ledger: Ledger, fingerprint: str) -> tuple[int, int]:
-    """(rank, n): where this program's screen val_loss falls among every program screened under the
-    same conditions (itself included; 1 is the best)."""
-    screen = screen_settings(settings)
-    key = Key("", 2, screen.profile, screen.seed, fingerprint, HARNESS_VERSION)
-    screened = ledger.programs_with_seeds(key, (screen.seed,))
+def screen_rank(program: str, loss: float, screen: Settings, ledger: Ledger, fingerprint: str) -> tuple[int, int]:
+    """(rank, n): where the screen val_loss of `program` (a code_key) falls among every program
+    screened under the same conditions (itself included; 1 is the best)."""
+    screened = ledger.programs_with_seeds(ledger_key("", 2, screen, fingerprint), (screen.seed,))
     others = [
         by_seed[screen.seed]["val_loss"]
-        for program, by_seed in screened.items()
-        if program != code_key(code) and by_seed[screen.seed].get("combined_score", 0) > 0
+        for other, by_seed in screened.items()
+        if other != program and by_seed[screen.seed].get("combined_score", 0) > 0
     ]
     return 1 + sum(1 for other in others if other < loss), len(others) + 1
 
@@ -402,18 +400,20 @@ def screened_stage2(code: str, settings: Settings, on_line=None) -> Evaluation:
     so no screen number is ever compared with a full-profile one."""
     if settings.screen == "none" or not settings.ledger:  # ranks need the run's ledger
         return noise_aware_stage2(code, settings, on_line)
-    screened = evaluate_stage(code, 2, screen_settings(settings), on_line)
+    screen = screen_settings(settings)
+    screened = evaluate_stage(code, 2, screen, on_line)
     if not screened.passed:
         failure = f"screen ({settings.screen} profile) {screened.artifacts.get('failure', 'failed')}"
         return Evaluation(screened.metrics | {"stage1_passed": 1.0}, {**screened.artifacts, "failure": failure})
     loss = screened.metrics["val_loss"]
-    rank, n = screen_rank(code, settings, loss, Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint)
+    program = code_key(code)
+    rank, n = screen_rank(program, loss, screen, Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint)
     promoted = max(1, math.ceil(settings.screen_share * n))
     verdict = (
         f"{settings.screen} val_loss {loss:.4f} ranks {rank} of the {n} programs screened "
         f"(PLASA_SCREEN_SHARE={settings.screen_share:g}: the best {promoted} go on to the {settings.profile} profile)"
     )
-    if rank > promoted and code_key(code) != code_key(_reference_text()):
+    if rank > promoted and program != code_key(_reference_text()):
         return Evaluation(
             failure_metrics(screened.metrics) | {"stage1_passed": 1.0},
             {"failure": f"screened out: {verdict}"},
