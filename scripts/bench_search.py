@@ -2,10 +2,13 @@
 each arm's best replayed on seeds no run used, through the same judge.
 
     python scripts/bench_search.py [--profile full] [--iterations 60] [--replay-seeds 101,102,103,104,105]
-                                   [--api-base URL [--model NAME]] [--out openevolve_output/bench-search]
+                                   [--api-base URL [--model NAME]] [--arms offline,offline+screen,...]
+                                   [--out openevolve_output/bench-search]
 
-Arms: `offline` (the offline mutator); with --api-base, `llm+notebook` and `llm` (the same local or API
-model with and without the lab notebook in its prompts). Every arm is one noise-aware run
+Arms: `offline` (the offline mutator); `offline+screen` (the same with the screening rung: every child
+trains on the next cheaper profile first and only the better half go on); with --api-base,
+`llm+notebook` and `llm` (the same local or API model with and without the lab notebook in its
+prompts); --arms picks some of them. Every arm is one noise-aware run
 (scripts/evolve.py, seeds 42,43,44) of the same number of iterations with its own ledger; each arm's
 best (OpenEvolve's, which a noise-aware run only lets a confirmed program be) and the initial program
 are then replayed on the replay seeds. The change against the initial program is paired by seed (every
@@ -30,9 +33,14 @@ from plasa_lab.rundir import latest_checkpoint
 from plasa_lab.stats import ALPHA, paired_change
 from plasa_lab.util import atomic_write
 
+CHEAPER_PROFILE = {"full": "quick", "quick": "smoke"}  # the screen of a screened arm
+
 
 def arms(args) -> dict[str, list[str]]:
+    """Every arm this benchmark can run with these arguments: its name and its evolve.py arguments."""
     out = {"offline": ["--llm", "offline"]}
+    if args.profile in CHEAPER_PROFILE:
+        out["offline+screen"] = ["--llm", "offline", "--screen", CHEAPER_PROFILE[args.profile]]
     if args.api_base:
         llm = ["--llm", "local", "--api-base", args.api_base, *(["--model", args.model] if args.model else [])]
         out["llm+notebook"] = llm
@@ -58,6 +66,7 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
     parser.add_argument("--replay-seeds", default="101,102,103,104,105")
     parser.add_argument("--api-base", help="an OpenAI-compatible server: adds the LLM arms")
     parser.add_argument("--model", help="the model name to ask the server for")
+    parser.add_argument("--arms", help="comma-separated arms to run (default: every arm the arguments allow)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-search")
     args = parser.parse_args(argv)
     try:
@@ -66,17 +75,25 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
         parser.error(f"--replay-seeds must be integers separated by commas, got {args.replay_seeds!r}")
     if args.iterations < 1 or len(replay_seeds) < 2 or set(replay_seeds) & {42, 43, 44}:
         parser.error("--iterations must be at least 1, --replay-seeds at least 2 seeds none of 42, 43, 44")
+    available = arms(args)
+    chosen = list(available) if args.arms is None else args.arms.split(",")
+    unknown = [a for a in chosen if a not in available]
+    if unknown or not chosen:
+        parser.error(f"--arms: {', '.join(unknown) or 'none given'}: choose from {', '.join(available)}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     initial = INITIAL_PROGRAM.read_text()
     candidates, runs = [Candidate("initial", "initial", initial, "initial_program.py")], {}
-    for arm, llm in arms(args).items():
-        run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", llm)
+    for arm in chosen:
+        run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", available[arm])
         program, claim, children = arm_best(run_dir)
+        rows = list(Ledger(run_dir / "ledger.sqlite").rows())
         runs[arm] = dict(
             run_dir=run_dir,
             claim=claim,
-            trainings=sum(1 for r in Ledger(run_dir / "ledger.sqlite").rows() if r["stage"] == 2),
+            trainings=sum(1 for r in rows if r["stage"] == 2 and r["profile"] == args.profile),
+            screens=sum(1 for r in rows if r["stage"] == 2 and r["profile"] != args.profile),
+            hours=sum(r["seconds"] for r in rows) / 3600,  # what the arm's evaluations cost, every stage
             children=children,
         )
         candidates.append(Candidate(arm, "program", program.read_text(), str(program)))
@@ -93,6 +110,8 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
                 arm=arm,
                 children=run["children"],
                 stage2_trainings=run["trainings"],
+                screens=run["screens"],
+                evaluation_hours=run["hours"],
                 best_is_initial=code_key(next(c.code for c in candidates if c.name == arm)) == code_key(initial),
                 claimed_val_ppl=math.exp(run["claim"]["val_loss"]),
                 replayed_val_ppl=math.exp(replayed),
@@ -105,17 +124,19 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
         f"# Search benchmark ({args.profile} profile, {args.iterations} children an arm)",
         "",
         f"Each arm's best replayed on seeds {', '.join(map(str, replay_seeds))} (no run used them); change of "
-        "val_ppl against the initial program paired by seed, paired t-test.",
+        "val_ppl against the initial program paired by seed, paired t-test. Stage-2 trainings on the "
+        f"{args.profile} profile; screens on the cheaper one; evaluation hours summed over the arm's ledger.",
         "",
-        "| arm | children | stage-2 trainings | claimed val_ppl | replayed val_ppl | vs initial | p | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | children | stage-2 trainings | screens | evaluation h | claimed val_ppl | replayed val_ppl "
+        "| vs initial | p | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
         lines.append(
             f"| {r['arm']}{' (= initial)' * r['best_is_initial']} | {r['children']} | {r['stage2_trainings']} | "
-            f"{r['claimed_val_ppl']:.2f} | {r['replayed_val_ppl']:.2f} | {r['change_vs_initial_pct']:+.2f}% | {p} | "
-            f"{r['seeds']} |"
+            f"{r['screens']} | {r['evaluation_hours']:.2f} | {r['claimed_val_ppl']:.2f} | "
+            f"{r['replayed_val_ppl']:.2f} | {r['change_vs_initial_pct']:+.2f}% | {p} | {r['seeds']} |"
         )
     winners = [
         r
