@@ -52,6 +52,18 @@ def test_the_search_benchmark_takes_an_arms_best_from_its_newest_checkpoint(tmp_
     assert program.read_text() == "# five\n" and metrics == {"val_loss": 5.0} and children == 5
 
 
+def test_the_search_benchmarks_screened_arm_screens_on_the_next_cheaper_profile_and_smoke_has_none():
+    import argparse
+
+    bench = script("bench_search")
+    args = argparse.Namespace(profile="full", api_base=None, model=None)
+    assert bench.arms(args)["offline+screen"] == ["--llm", "offline", "--screen", "quick"]
+    assert list(bench.arms(argparse.Namespace(profile="smoke", api_base=None, model=None))) == ["offline"]
+    with pytest.raises(SystemExit) as stopped:  # an arm the arguments do not allow is refused before any run
+        bench.main(["--profile", "smoke", "--arms", "offline+screen", "--out", "/nonexistent/never-made"])
+    assert stopped.value.code == 2
+
+
 def test_the_rank_benchmark_judges_eight_distinct_valid_programs():
     bench = script("bench_rank")
     programs = bench.programs()
