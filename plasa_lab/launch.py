@@ -26,7 +26,7 @@ from pathlib import Path
 from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
 from .checks import integrity_violation
 from .constants import HARNESS_VERSION, Profile, get_profile
-from .evaluation import Calibration, calibration, corpus_of, evaluate_stage, screened_stage2
+from .evaluation import Calibration, calibration, corpus_of, evaluate_stage, screen_settings, screened_stage2
 from .ledger import Ledger, LedgerError
 from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
 from .progress import hours, say
@@ -308,8 +308,10 @@ def start_run(plan: RunPlan) -> RunStart:
         floor, initial_metrics = evaluate_initial_program(settings)
     except Stopped as stop:
         raise Stopped(stop.signum, during="while evaluating the initial program") from None
-    cal = calibration(settings, Ledger(settings.ledger), corpus.fingerprint)
-    per_child = expected_seconds_per_child(cal, settings)
+    ledger = Ledger(settings.ledger)
+    cal = calibration(settings, ledger, corpus.fingerprint)
+    screen = calibration(screen_settings(settings), ledger, corpus.fingerprint) if settings.screen != "none" else None
+    per_child = expected_seconds_per_child(cal, settings, screen)
     record.update(
         noise_floor=floor.record(),
         calibration=cal.record(plan.profile, plan.profile.val_windows),
@@ -420,12 +422,19 @@ def evaluate_initial_program(settings: Settings) -> tuple[NoiseFloor, dict]:
     return floor, screened_stage2(code, settings).metrics
 
 
-def expected_seconds_per_child(cal: Calibration, settings: Settings) -> float | None:
+def expected_seconds_per_child(cal: Calibration, settings: Settings, screen: Calibration | None) -> float | None:
     """One child: stage 1 and stage 2 as the initial program needs them here (contenders add a stage 2
-    per extra seed; that share is measured as the run goes)."""
+    per extra seed; that share is measured as the run goes). With a screening rung, stage 2 is the
+    screen (`screen`: the initial program's times on the screen's profile) for every child and the
+    full stage 2 for the share that goes on."""
     if cal.stage1_seconds is None or cal.stage2_seconds is None:
         return None
-    return (cal.stage1_seconds + cal.stage2_seconds) / settings.parallel
+    stage2 = cal.stage2_seconds
+    if settings.screen != "none":
+        if screen is None or screen.stage2_seconds is None:
+            return None
+        stage2 = screen.stage2_seconds + settings.screen_share * cal.stage2_seconds
+    return (cal.stage1_seconds + stage2) / settings.parallel
 
 
 def _say_what_to_expect(plan: RunPlan, floor: NoiseFloor, cal: Calibration, per_child: float | None):

@@ -11,7 +11,15 @@ import pytest
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.constants import HARNESS_VERSION
-from plasa_lab.evaluation import corpus_of, evaluate_code, passed_metrics, screened_stage2
+from plasa_lab.evaluation import (
+    calibration,
+    corpus_of,
+    evaluate_code,
+    passed_metrics,
+    screen_settings,
+    screened_stage2,
+)
+from plasa_lab.launch import expected_seconds_per_child
 from plasa_lab.ledger import Key, Ledger, code_key, code_sha256
 from plasa_lab.settings import Settings
 
@@ -22,10 +30,10 @@ def child(weight):
     return SOURCE.replace("INDEXER_LOSS_WEIGHT = 0.1", f"INDEXER_LOSS_WEIGHT = {weight}", 1)
 
 
-def record(ledger, code, profile, loss):
-    key = Key(code_key(code), 2, profile, 42, corpus_of("auto").fingerprint, HARNESS_VERSION)
+def record(ledger, code, profile, loss, stage=2, seconds=60.0):
+    key = Key(code_key(code), stage, profile, 42, corpus_of("auto").fingerprint, HARNESS_VERSION)
     measured = dict(val_loss=loss, val_ppl=math.exp(loss), val_acc=0.2, train_loss=loss, density=0.6, train_seconds=1.0)
-    ledger.put(key, code_sha256(code), passed_metrics(measured, 2), {}, 60.0)
+    ledger.put(key, code_sha256(code), passed_metrics(measured, stage), {}, seconds)
 
 
 def rows(ledger, code):
@@ -102,6 +110,18 @@ def test_the_screen_trains_the_child_for_real_through_the_judge(run):
     assert "ranks 4 of the 4 programs screened" in evaluation.artifacts["failure"]
     screen = next(r for r in ledger.rows() if r["code_key"] == code_key(code))
     assert screen["profile"] == "smoke" and screen["runs"] == 1 and rows(ledger, code) == ["smoke"]
+
+
+def test_the_start_of_run_estimate_counts_a_screen_for_every_child_and_the_full_stage_2_for_the_share(run):
+    settings, ledger = run  # the initial program's screen took 60 s
+    record(ledger, SOURCE, "quick", 6.00, stage=1, seconds=10.0)
+    record(ledger, SOURCE, "quick", 6.00, seconds=200.0)
+    fingerprint = corpus_of("auto").fingerprint
+    cal = calibration(settings, ledger, fingerprint)
+    screen = calibration(screen_settings(settings), ledger, fingerprint)
+    assert expected_seconds_per_child(cal, settings, screen) == pytest.approx((10 + 60 + 0.5 * 200) / settings.parallel)
+    settings.screen = "none"
+    assert expected_seconds_per_child(cal, settings, None) == pytest.approx((10 + 200) / settings.parallel)
 
 
 def test_a_screen_must_be_a_known_profile_cheaper_than_the_runs():
