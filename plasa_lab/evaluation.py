@@ -170,8 +170,7 @@ def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> 
         return cal
     reference = settings.time_reference or _reference_text()
     for stage in (1, 2):
-        key = Key(code_key(reference), stage, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
-        rows = ledger.seed_rows_with_seconds(key)
+        rows = ledger.seed_rows_with_seconds(ledger_key(reference, stage, settings, fingerprint))
         passed = [(metrics, seconds) for metrics, seconds in rows.values() if metrics.get("combined_score", 0) > 0]
         if not passed:
             continue
@@ -259,8 +258,7 @@ def _reference_text():
 def noise_sd(settings: Settings, ledger: Ledger, fingerprint: str) -> float | None:
     """The run's noise: the sd of the initial program's val_loss over the run's seeds (None until
     every seed is in the ledger)."""
-    key = Key(code_key(_reference_text()), 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
-    rows = ledger.seed_rows(key)
+    rows = ledger.seed_rows(ledger_key(_reference_text(), 2, settings, fingerprint))
     losses = [rows[s]["val_loss"] for s in settings.seeds if s in rows and rows[s].get("combined_score", 0) > 0]
     return statistics.stdev(losses) if len(losses) == len(settings.seeds) >= 2 else None
 
@@ -286,7 +284,7 @@ def aggregate(per_seed: dict[int, dict], sd: float, all_seeds) -> dict:
 
 def best_confirmed_loss(settings: Settings, ledger: Ledger, fingerprint: str) -> float | None:
     """The lowest mean val_loss of any program that passed on every seed of the run."""
-    key = Key("", 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
+    key = ledger_key("", 2, settings, fingerprint)  # the conditions; every program's rows under them
     means = [
         statistics.fmean(m["val_loss"] for m in by_seed.values())
         for by_seed in ledger.programs_with_seeds(key, settings.seeds).values()
@@ -298,8 +296,7 @@ def best_confirmed_loss(settings: Settings, ledger: Ledger, fingerprint: str) ->
 def confirmation_count(settings: Settings, ledger: Ledger, fingerprint: str) -> tuple[int, int]:
     """(confirmation trainings, stage-2 trainings) in the ledger: a confirmation is a training of a
     program other than the initial one on a seed other than the run's first."""
-    key = Key("", 2, settings.profile, settings.seed, fingerprint, HARNESS_VERSION)
-    trainings = ledger.trainings(key)
+    trainings = ledger.trainings(ledger_key("", 2, settings, fingerprint))
     initial = code_key(_reference_text())
     return sum(1 for code, seed in trainings if seed != settings.seed and code != initial), len(trainings)
 
