@@ -63,6 +63,8 @@ PROFILES = {
 }
 STAGE1_TRAINING_STEPS = 12  # stage 1 screens: the loss must be finite and falling after this many steps
 
+SCREENED_OUT = "screened out: "  # how the failure line of a child the screening rung stopped begins
+
 
 def get_profile(name: str) -> Profile:
     if name not in PROFILES:

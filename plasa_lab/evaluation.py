@@ -29,7 +29,15 @@ from pathlib import Path
 
 from . import INITIAL_PROGRAM, data
 from .checks import static_violation
-from .constants import DESCRIPTIVE_KEYS, HARNESS_VERSION, METRIC_KEYS, PPL_CAP, STAGE1_TRAINING_STEPS, get_profile
+from .constants import (
+    DESCRIPTIVE_KEYS,
+    HARNESS_VERSION,
+    METRIC_KEYS,
+    PPL_CAP,
+    SCREENED_OUT,
+    STAGE1_TRAINING_STEPS,
+    get_profile,
+)
 from .hardware import load_factor
 from .jobs import Job, StageResult
 from .ledger import Key, Ledger, code_key, code_sha256
@@ -413,7 +421,7 @@ def screened_stage2(code: str, settings: Settings, on_line=None) -> Evaluation:
     if rank > promoted and program != code_key(_reference_text()):
         return Evaluation(
             failure_metrics(screened.metrics) | {"stage1_passed": 1.0},
-            {"failure": f"screened out: {verdict}"},
+            {"failure": SCREENED_OUT + verdict},
             screened.from_ledger,
             screened.seconds,
         )

@@ -18,8 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import SCREENED_OUT
 from .program import BlockError, split_blocks
 from .rundir import TRACE, read_jsonl, read_run_record
+from .stats import paired_change
 
 NOTEBOOK = "notebook.md"
 LEVERS = {
@@ -101,20 +103,14 @@ def seed_losses(metrics: dict, search_seed: int | None = None) -> dict[int, floa
     return out
 
 
-def paired_effect(child: dict[int, float], initial: dict[int, float]) -> tuple[float | None, int]:
-    shared = sorted(set(child) & set(initial))
-    if not shared:
-        return None, 0
-    return sum(child[s] - initial[s] for s in shared) / len(shared), len(shared)
-
-
 def rows(trace: list[dict], initial: dict[int, float], search_seed: int | None = None) -> list[Row]:
     out = []
     for record in trace:
         metrics = record.get("child_metrics") or {}
         passed = metrics.get("stage2_passed") == 1.0
         failure = None if passed else _one_line((record.get("artifacts") or {}).get("failure", "failed"), SUMMARY_CHARS)
-        effect, n = paired_effect(seed_losses(metrics, search_seed), initial) if passed else (None, 0)
+        effect, _, n = paired_change(seed_losses(metrics, search_seed), initial) if passed else (None, None, 0)
+        effect = effect if n else None  # no seed shared with the initial program: nothing paired
         out.append(
             Row(
                 iteration=int(record.get("iteration") or 0),
@@ -153,8 +149,8 @@ def render(all_rows: list[Row], noise_sd: float | None, initial_seeds: int) -> s
         "|---|---|---|---|",
     ]
     for r in chosen(all_rows):
-        if r.failure:
-            outcome = f"failed: {r.failure}"
+        if r.failure:  # a child the screen stopped did not fail: its cheaper training ranked low
+            outcome = r.failure if r.failure.startswith(SCREENED_OUT) else f"failed: {r.failure}"
         elif r.effect is None:
             outcome = "passed; no seed shared with the initial program"
         else:

@@ -12,6 +12,7 @@ from pathlib import Path
 from fake_llm_server import FakeLLMServer
 
 from plasa_lab import INITIAL_PROGRAM, notebook
+from plasa_lab.constants import SCREENED_OUT
 from plasa_lab.llm import LLMClient
 from plasa_lab.rundir import TRACE, read_jsonl
 
@@ -80,6 +81,15 @@ def test_a_long_run_stays_within_its_rows_and_every_cell_is_one_printable_line()
     assert sum("failed:" in line for line in table) == notebook.MAX_FAILURES
     assert all(line.count("|") == 5 and "```" not in line and "\x1b" not in line for line in table)
     assert "\n# Task" not in text and table[0].startswith("| 0 |")  # the best first
+
+
+def test_a_child_the_screen_stopped_reads_as_screened_out_with_its_rank_not_as_failed():
+    verdict = "quick val_loss 7.2000 ranks 5 of the 6 programs screened"
+    trace = [fake_record(0, "idea", loss=10.0), fake_record(1, "idea", failure=SCREENED_OUT + verdict)]
+    trace.append(fake_record(2, "idea", failure="stage 1: line 3: rule"))
+    table = notebook.render(notebook.rows(trace, {42: 10.05}), 0.04, 3).splitlines()
+    assert any(line.startswith("| 1 |") and line.endswith(f"| screened out: {verdict} |") for line in table)
+    assert any(line.startswith("| 2 |") and "| failed: stage 1: line 3: rule |" in line for line in table)
 
 
 def test_the_notebook_goes_just_before_the_task_section():
