@@ -87,13 +87,13 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
     for arm in chosen:
         run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", available[arm])
         program, claim, children = arm_best(run_dir)
-        rows = list(Ledger(run_dir / "ledger.sqlite").rows())
+        evaluations = Ledger(run_dir / "ledger.sqlite").rows()
         runs[arm] = dict(
             run_dir=run_dir,
             claim=claim,
-            trainings=sum(1 for r in rows if r["stage"] == 2 and r["profile"] == args.profile),
-            screens=sum(1 for r in rows if r["stage"] == 2 and r["profile"] != args.profile),
-            hours=sum(r["seconds"] for r in rows) / 3600,  # what the arm's evaluations cost, every stage
+            trainings=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] == args.profile),
+            screens=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] != args.profile),
+            hours=sum(r["seconds"] for r in evaluations) / 3600,  # what the arm's evaluations cost, every stage
             children=children,
         )
         candidates.append(Candidate(arm, "program", program.read_text(), str(program)))
