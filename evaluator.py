@@ -11,15 +11,13 @@ docs/contract.md; the logic lives in plasa_lab.evaluation and plasa_lab.judge.
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from openevolve.evaluation_result import EvaluationResult
 
 from plasa_lab.evaluation import evaluate_code, evaluate_file, failure_metrics
 from plasa_lab.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from plasa_lab.settings import Settings
-from plasa_lab.util import first_line
+from plasa_lab.util import first_line, one_line
 
 
 def _evaluate(program_path, stage):
@@ -77,11 +75,6 @@ def main(argv=None):
         parser.exit(2, f"evaluator.py: error: {args.program}: not a UTF-8 text file ({e.reason} at byte {e.start})\n")
     except (OSError, ValueError) as e:
         parser.exit(2, f"evaluator.py: error: {first_line(e).split(': ', 1)[-1]}\n")
-    if settings.ledger is None and args.stage == "all":
-        # Nothing measured to set the limits by: this program's own stage 1 sets its stage 2's limit
-        # (through a ledger that lasts this call), instead of a fixed default a busy machine can exceed.
-        scratch = tempfile.TemporaryDirectory(prefix="plasa-evaluator-")
-        settings.ledger, settings.time_reference = str(Path(scratch.name) / "ledger.sqlite"), code
     if settings.runner == "local":  # a Ray node checks its own
         try:
             require_isolation(settings.sandbox)
@@ -94,8 +87,8 @@ def main(argv=None):
         evaluation = evaluate_code(code, args.stage, settings, on_line=progress)
     except Exception as e:  # the machine's problem (no sandbox, unusable ledger, no corpus), not the program's
         parser.exit(1, f"evaluator.py: error: {first_line(e)}\n")
-    if "failure" in evaluation.artifacts:
-        print(f"FAILED {evaluation.artifacts['failure']}", file=sys.stderr)
+    if "failure" in evaluation.artifacts:  # the child's words, as printable characters only
+        print(f"FAILED {one_line(evaluation.artifacts['failure'], 2000)}", file=sys.stderr)
     print(json.dumps(evaluation.metrics))
 
 

@@ -104,3 +104,15 @@ def module_machinery() -> frozenset:
     import torch
 
     return frozenset(name for name in dir(torch.nn.Module()) if not name.startswith("__")) - {"forward"}
+
+
+@cache
+def module_attribute_names() -> frozenset:
+    """Names on the attribute list that, on an allowed module, are a module (nn, functional, init,
+    ...): allowed only along a module chain (torch.nn.init), never on an object of unknown kind
+    (but for the methods of modules and tensors that share a name: nn.Module.modules())."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in REACHABLE_MODULES]
+    names = {n for n in ALLOWED_ATTRIBUTES for m in modules if isinstance(getattr(m, n, None), types.ModuleType)}
+    return frozenset(names - module_machinery() - set(dir(importlib.import_module("torch").Tensor)))

@@ -32,6 +32,7 @@ from .allowlists import (
     NOT_LINE_ENDS,
     REACHABLE_MODULES,
     dtype_names,
+    module_attribute_names,
     module_machinery,
     reserved_attributes,
 )
@@ -319,12 +320,14 @@ def _builtin_names(node, source):
 
 @rule(
     "reachable-modules",
-    f"may use a module only as module.name, reaching no module but {', '.join(sorted(REACHABLE_MODULES))}",
+    f"may use a module only as module.name (never as a value: not in a container, a variable, an argument "
+    f"or a return value), reaching no module but {', '.join(sorted(REACHABLE_MODULES))}",
     per_node=True,
 )
 def _reachable_modules(node, source):
     """The modules reachable through an allowed one (torch.sys, F.torch.os, nn.modules.module), and
-    modules handed around as values."""
+    modules handed around as values ([nn.init][0], m = torch.nn, f(F), return torch): once a module is
+    a value, no rule knows what the attributes read off it are."""
     if isinstance(node, ast.Attribute):
         chain = attribute_chain(node)
         for obj in reached(chain, source.modules) if chain and chain[0] in source.modules else []:
@@ -333,10 +336,11 @@ def _reachable_modules(node, source):
                     f"{ast.unparse(node)!r} reaches the module {obj.__name__}: blocks may use "
                     f"{', '.join(sorted(REACHABLE_MODULES))}"
                 )
-    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in source.modules:
-        parent = source.parents.get(id(node))
-        if not (isinstance(parent, ast.Attribute) and parent.value is node):
-            return f"the module {node.id!r} used as a value: use it only as {node.id}.<name>"
+    if isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Load):
+        if isinstance(source.known_object(node), types.ModuleType):
+            parent, written = source.parents.get(id(node)), ast.unparse(node)
+            if not (isinstance(parent, ast.Attribute) and parent.value is node):
+                return f"the module {written!r} used as a value: use it only as {written}.<name>"
     return None
 
 
@@ -353,17 +357,27 @@ def _attribute_allowed(node, source) -> bool:
     receiver = source.known_object(node.value)
     if isinstance(receiver, types.ModuleType):  # a module's own attributes: the listed ones only
         return name in ALLOWED_ATTRIBUTES or (receiver.__name__ in ANY_ATTRIBUTE_MODULES and not name.startswith("_"))
-    if name in ALLOWED_ATTRIBUTES:
-        return True
+    if name in ALLOWED_ATTRIBUTES:  # a module's name (nn, init, ...) only along a module chain
+        return name not in module_attribute_names()
     own = name in source.own_attributes and name not in reserved_attributes()
-    return own and (not name.startswith("_") or root_name(node) == "self")
+    return own and _on_own_object(node.value, source) and (not name.startswith("_") or root_name(node) == "self")
+
+
+def _on_own_object(node, source) -> bool:
+    """self or a class of the program, or what those hold by name (self.sub): the objects whose
+    attribute names the program defines. Anything else (an item of a list, a call's result, a
+    parameter) may be any object, and a name the program gives its own attributes says nothing of it."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return isinstance(node, ast.Name) and (node.id == "self" or node.id in source.classes)
 
 
 @rule(
     "attribute-allow-list",
     "attributes only from this list, besides math.<any> and what the program itself defines (self.<name> it "
-    "assigns, its functions and classes, buffers it registers; private ones only as self._name; none named "
-    "like an attribute of torch.Tensor or nn.Module); no hooks, state dicts, .data, grad_fn or __dunders__ "
+    "assigns, its functions and classes, buffers it registers: only on self or its classes; private ones only "
+    "as self._name; none named like an attribute of torch.Tensor or nn.Module); no hooks, state dicts, .data, "
+    "grad_fn or __dunders__ "
     f"(super().__init__ is the one): {', '.join(sorted(ALLOWED_ATTRIBUTES, key=lambda n: (n.lower(), n)))}",
     per_node=True,
 )
@@ -382,6 +396,10 @@ def _attributes(node, source):
         fix = "no dunder attributes (super().__init__(...) is the one)"
     elif name.startswith("_"):
         fix = "private attributes only as self._name, a name the program assigns"
+    elif name in module_attribute_names():
+        fix = f"a module only as a chain of modules (torch.nn.{name}), never off another object"
+    elif name in source.own_attributes and name not in reserved_attributes():
+        fix = "the program's own attributes only on self or a class of the program (self.x, self.sub.x)"
     elif name in source.own_attributes:
         fix = "it names an attribute of tensors, modules or Python's own objects: give yours another name"
     else:

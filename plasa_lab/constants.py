@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 # Bump when the judge's numbers for the same program could change: the ledger keys on it, so
 # results of an older judge are never reused.
-HARNESS_VERSION = "5"
+HARNESS_VERSION = "6"
 
 DEFAULT_SEED = 42
 VOCAB_SIZE = 49152

@@ -38,19 +38,26 @@ from .constants import (
     STAGE1_TRAINING_STEPS,
     get_profile,
 )
-from .hardware import load_factor
 from .jobs import Job, StageResult
 from .ledger import Key, Ledger, code_key, code_sha256
 from .local_runner import run_local
 from .ray_runner import run_ray  # imports ray only inside its functions: ray stays optional
 from .sandbox import gpu_device_nodes
 from .settings import Settings
-from .validation import clamped_ppl
+from .util import one_line, quoted
+from .validation import clamped_ppl, windows_to_run
 
 # Where a stage runs (Settings.runner): the judge here, its workers sandboxed on this machine, or the
 # same on a Ray node. Both take a Job and return a StageResult.
 RUNNERS = {"local": run_local, "ray": run_ray}
 STDERR_ARTIFACT_CHARS = 4000
+# What the judge checked of the numbers it reports. A cut check needs two processes that never met;
+# training has one, so its selections are checked for causality and k at every step, not cut: a leak
+# only in training can move train_loss, never val_loss (the validation servers are cut-checked).
+TRAINING_CHECKS = (
+    "val_loss: selections cut-checked at every query position by two processes that never coexisted; "
+    "train_loss: selections checked causal and within k at every step, not cut-checked"
+)
 CONFIDENCE_Z = 1.0  # the score is a one-sided 84% lower bound on 1/ppl: mean loss + z * noise_sd / sqrt(seeds)
 
 
@@ -118,8 +125,25 @@ def describe_validation(profile, whole: bool) -> str:
 # Time limits: multiples of what the initial program needs here, now
 
 DEFAULT_STAGE1_SECONDS = 300.0  # before anything is measured: generous for a loaded 2-core machine
+WALL_BACKSTOP = 2.0  # the wall-clock limit over the measured multiple: CPU seconds are the limit, this a backstop
+CPU_FLOOR_SECONDS = 30.0  # a process's CPU limit at least: starting Python and torch alone takes seconds
 DEFAULT_SECONDS_PER_STEP = 1.5  # likewise (about 0.3 s here when idle, far less on a GPU)
 LIMIT_FLOOR_SECONDS = 30.0  # starting three sandboxed processes alone takes seconds on a busy machine
+
+
+@dataclass
+class StageLimits:
+    """What a stage may take: CPU seconds per process (None: the judge's defaults) and a wall-clock
+    backstop, with the words that say how each was set. None of it comes from the program judged."""
+
+    wall_seconds: float
+    wall_reason: str
+    cpu_seconds: dict | None
+    cpu_reason: str | None
+
+    def describe(self) -> str:
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in self.cpu_seconds.items()) if self.cpu_seconds else "defaults"
+        return f"CPU-seconds {cpu} ({self.cpu_reason or 'nothing measured here yet'}); wall {self.wall_seconds:.0f} s"
 
 
 @dataclass
@@ -130,6 +154,29 @@ class Calibration:
     stage1_seconds: float | None = None  # its stage 1, wall
     step_seconds: float | None = None  # its seconds per training step (from stage 1)
     stage2_seconds: float | None = None  # its stage 2 on the profile's windows, wall
+    stage1_cpu: dict | None = None  # its stage 1's CPU seconds per process role
+    stage2_cpu: dict | None = None
+
+    def limits(self, stage: int, profile, val_windows: int, parallel: int = 1) -> StageLimits:
+        """CPU seconds per process: the multiple of the initial program's (stage 2's processes that
+        validate scaled to the windows run); the wall backstop: WALL_BACKSTOP times the multiple of its
+        wall time, times the evaluations that share the machine (the planner's number, not the load)."""
+        wall, reason = self.limit(stage, profile, val_windows)
+        wall, reason = wall * WALL_BACKSTOP * parallel, f"{WALL_BACKSTOP:g}x the wall limit {reason}"
+        if parallel > 1:
+            reason += f", times {parallel} evaluations at once"
+        measured = self.stage1_cpu if stage == 1 else self.stage2_cpu
+        if not measured:
+            return StageLimits(wall, reason, None, None)
+        grow = 1.0
+        if stage == 2:
+            run = lambda n: windows_to_run(n, profile.seq_len, profile.cuts_per_position)
+            grow = max(1.0, run(val_windows) / run(profile.val_windows))
+        cpu = {
+            role: max(CPU_FLOOR_SECONDS, self.multiple * seconds * (1.0 if role == "training" else grow))
+            for role, seconds in measured.items()
+        }
+        return StageLimits(wall, reason, cpu, f"{self.multiple:g}x the initial program's here")
 
     def limit(self, stage: int, profile, val_windows: int) -> tuple[float, str]:
         """(seconds, how they were set: the failure line's words)."""
@@ -178,16 +225,20 @@ def calibration(settings: Settings, ledger: Ledger | None, fingerprint: str) -> 
         return cal
     reference = settings.time_reference or _reference_text()
     for stage in (1, 2):
-        rows = ledger.seed_rows_with_seconds(ledger_key(reference, stage, settings, fingerprint))
-        passed = [(metrics, seconds) for metrics, seconds in rows.values() if metrics.get("combined_score", 0) > 0]
+        rows = ledger.seed_rows_with_usage(ledger_key(reference, stage, settings, fingerprint))
+        passed = [row for row in rows.values() if row[0].get("combined_score", 0) > 0]
         if not passed:
             continue
         slowest = max(passed, key=lambda row: row[1])
+        cpu = {}  # per process role, the most any seed took
+        for _, _, usage in passed:
+            for role, seconds in (usage.get("cpu_seconds") or {}).items():
+                cpu[role] = max(cpu.get(role, 0.0), float(seconds))
         if stage == 1:
-            cal.stage1_seconds = slowest[1]
+            cal.stage1_seconds, cal.stage1_cpu = slowest[1], cpu or None
             cal.step_seconds = slowest[0].get("train_seconds", 0) / STAGE1_TRAINING_STEPS or None
         else:
-            cal.stage2_seconds = slowest[1]
+            cal.stage2_seconds, cal.stage2_cpu = slowest[1], cpu or None
     return cal
 
 
@@ -218,12 +269,13 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     whole = settings.whole_validation and stage == 2  # stage 1 always scores its few windows
     failure = static_violation(code, _reference_text())
     if failure:  # before the ledger: a rule may have changed since, and the answer costs nothing
-        return Evaluation(failure_metrics(), {"failure": f"stage {stage}: {failure}"})
+        return Evaluation(failure_metrics(), {"failure": one_line(f"stage {stage}: {failure}", 1000)})
     corpus = corpus_of(settings.corpus)
     artifacts = dict(
         profile=f"{profile.name}: {profile.steps} steps, batch {profile.batch_size}, seq {profile.seq_len}, "
         f"{describe_validation(profile, whole)}, seed {seed}",
         corpus=describe_corpus(corpus),
+        checks=TRAINING_CHECKS,
     )
     key = ledger_key(code, stage, settings, corpus.fingerprint, seed)
     ledger = Ledger(settings.ledger) if settings.ledger else None
@@ -231,14 +283,10 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
         return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
 
     val_windows = validation_windows(profile, len(corpus.val), whole)
-    limit, reason = calibration(settings, ledger, corpus.fingerprint).limit(stage, profile, val_windows)
-    if settings.parallel > 1:  # measured alone; side by side with others each evaluation is slower
-        limit, reason = limit * settings.parallel, f"{reason}, times {settings.parallel} evaluations at once"
-    if (busy := load_factor()) > 1.2:  # other work on the machine since the reference was measured
-        limit, reason = limit * busy, f"{reason}, times {busy:.1f} for cores loaded {busy:.1f}x over"
+    limits = calibration(settings, ledger, corpus.fingerprint).limits(stage, profile, val_windows, settings.parallel)
     if on_line:
-        on_line(f"stage {stage}: time limit {limit:.0f} s ({reason})")
-    job = Job.of(code, stage, settings, corpus, seed, (limit, reason), val_windows)
+        on_line(f"stage {stage}: limits {limits.describe()}")
+    job = Job.of(code, stage, settings, corpus, seed, limits, val_windows)
     start = time.monotonic()
     result: StageResult = RUNNERS[settings.runner](job, on_line)
     seconds = time.monotonic() - start
@@ -246,11 +294,11 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
         metrics = passed_metrics(result.metrics, stage)
     else:
         metrics = failure_metrics(result.metrics)
-        artifacts["failure"] = f"stage {stage}: {result.failure}"
+        artifacts["failure"] = one_line(f"stage {stage}: {result.failure}", 1000)  # the child's text, as data
         if result.stderr:  # what the child printed before it failed (a passing one's is only progress)
-            artifacts["stderr"] = result.stderr[-STDERR_ARTIFACT_CHARS:]
+            artifacts["stderr"] = quoted(result.stderr[-STDERR_ARTIFACT_CHARS:], STDERR_ARTIFACT_CHARS)
     if ledger and not result.retry_later:  # a timeout or a lost worker: try again next time
-        ledger.put(key, code_sha256(code), metrics, artifacts, seconds)
+        ledger.put(key, code_sha256(code), metrics, artifacts, seconds, result.usage)
     return Evaluation(metrics, artifacts, seconds=seconds)
 
 

@@ -209,12 +209,25 @@ class Watch(threading.Thread):
         self.progress, self.stops = progress, stops
         self.responses = LLMResponseLog(run_dir, model, since=time.time())
         self.failures, self.seen, self.done = FailureStreak(), set(), threading.Event()
+        self.display_failed = False
 
     def run(self):
-        with self.progress:
+        with contextlib.ExitStack() as stack:
+            self.display(lambda: stack.enter_context(self.progress))
             while not self.done.wait(1.0):
                 self.poll()
             self.poll()
+
+    def display(self, action):
+        """Show something; a display that fails (a renderer, a terminal) is said once and never stops
+        the bookkeeping around it."""
+        try:
+            action()
+        except Exception as e:
+            if not self.display_failed:
+                self.display_failed = True
+                with contextlib.suppress(Exception):
+                    print(f"the progress display failed ({type(e).__name__}); the run goes on", file=sys.stderr)
 
     def finish(self):
         """The last iterations shown and filed, and the thread gone (OpenEvolve has returned)."""
@@ -231,14 +244,15 @@ class Watch(threading.Thread):
             self.seen.add(f.iteration)
             if not f.failed and child_ppl(f.child_metrics) is not None:
                 self.best.offer(f.child_metrics)
-            self.progress.iteration(f.iteration, f.record, f.failed)
         self.responses.file([(f, outcome_of(f.child_metrics, f.error)) for f in new])
         if new:
             notebook.write(self.run_dir)
         for f in new:
             if (reason := self.failures.see(f.error)) and self.stops is not None:
                 self.stops.request(reason)
-        self.progress.refresh()
+        for f in new:  # shown last: the records above never wait on the display
+            self.display(lambda f=f: self.progress.iteration(f.iteration, f.record, f.failed))
+        self.display(self.progress.refresh)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,9 +33,11 @@ from .util import atomic_write
 # activations, one context. bench_throughput.py prints the measured figure per child.
 GPU_MIB_PER_EVALUATION = 2048
 GPU_FREE_SHARE = 0.9  # of the free memory: what else runs on the GPU may grow
-# RAM one evaluation holds, measured here (CPU, smoke stage 2): 0.75 GiB for its sandboxed workers at
-# their peak (the two servers) and 0.7 GiB for the judge's process; rounded up.
-RAM_MIB_PER_EVALUATION = 2048
+# RAM one evaluation may hold, its processes together (the judge enforces it: plasa_lab.judge). Measured
+# here (CPU, quick stage 2, 2026-12-06): 1.37 GiB resident at the peak (the trunk 0.85, two blocks
+# processes 0.33 and 0.26); address space 1.35 GB for the trunk, 0.69 GB for a blocks process, which
+# the limits that sum to this figure must hold with room for more threads.
+RAM_MIB_PER_EVALUATION = 4096
 # CPU threads per evaluation until bench_throughput.py --save has measured this machine: one, so
 # as many evaluations as cores (as the RAM allows). Measured on 2 cores (quick profile, stage 1 and
 # 2, README "Children per hour"): 2 evaluations x 1 thread gave 61.4 children/h, 1 x 2 threads
@@ -108,17 +110,6 @@ def cpu_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
-
-
-def load_factor(load: float | None = None, cores: int | None = None) -> float:
-    """How oversubscribed the cores are (the 1-minute load average over the cores), at least 1: on a
-    machine that other work slows down, time limits measured when it was quieter stretch by this."""
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
-            return 1.0
-    return max(1.0, load / (cores or cpu_cores()))
 
 
 def available_ram_mib() -> int | None:

@@ -22,18 +22,20 @@ class Job:
     device: str  # auto | cpu | cuda
     threads: int
     memory_gb: float
-    time_limit: float  # wall seconds for the whole stage
+    time_limit: float  # wall seconds for the whole stage: a backstop, the CPU limits answer first
     time_limit_reason: str  # how the limit was set, for the failure line
     val_windows: int  # windows of the validation split that stage 2 scores
     sandbox: str = "bwrap"  # bwrap | none
     allow_uniform_schedule: bool = False
     check_every: int | None = None  # training steps between host syncs (None: the worker's default); not in the score
     compile: bool = False  # torch.compile the fixed model's pure parts (falls back to eager); not in the score
+    cpu_limits: dict | None = None  # process role -> CPU seconds (None: the judge's defaults)
+    cpu_limit_reason: str | None = None  # how they were set, for the failure line
 
     @classmethod
-    def of(cls, code: str, stage: int, settings, corpus, seed: int, limit: tuple, val_windows: int) -> "Job":
+    def of(cls, code: str, stage: int, settings, corpus, seed: int, limits, val_windows: int) -> "Job":
         """The one way to make a job: a stage of `code` under `settings` (plasa_lab.settings.Settings)
-        on a resolved corpus, with a time limit and the reason it was set."""
+        on a resolved corpus, with its limits (evaluation.StageLimits) and the reasons they were set."""
         return cls(
             code=code,
             stage=stage,
@@ -44,8 +46,10 @@ class Job:
             device=settings.device,
             threads=settings.threads,
             memory_gb=settings.memory_gb,
-            time_limit=limit[0],
-            time_limit_reason=limit[1],
+            time_limit=limits.wall_seconds,
+            time_limit_reason=limits.wall_reason,
+            cpu_limits=limits.cpu_seconds,
+            cpu_limit_reason=limits.cpu_reason,
             val_windows=val_windows,
             sandbox=settings.sandbox,
             allow_uniform_schedule=settings.allow_uniform_schedule,
@@ -69,6 +73,7 @@ class StageResult:
     stderr: str = ""  # what the sandboxed processes printed (head and tail)
     seconds: float = 0.0
     retry_later: bool = False  # the machine's fault, maybe (timeout, lost worker): the ledger does not keep it
+    usage: dict = field(default_factory=dict)  # cpu_seconds per process role, peak_rss_mib of the stage
 
     def __post_init__(self):
         self.metrics = {

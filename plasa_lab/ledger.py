@@ -29,7 +29,7 @@ KEY_COLUMNS = (
 )
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
-    code_key TEXT NOT NULL,          -- sha256 of the program's AST dump: comments and formatting do not count
+    code_key TEXT NOT NULL,          -- sha256 of the normalised text the workers run (no comments)
     stage INTEGER NOT NULL,
     profile TEXT NOT NULL,
     seed INTEGER NOT NULL,
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     seconds REAL NOT NULL,
     created_at REAL NOT NULL,
     runs INTEGER NOT NULL DEFAULT 1,  -- how many times it was actually run: more than 1 means paid twice
+    usage TEXT NOT NULL DEFAULT '{}',  -- CPU seconds per process role, peak memory: what the judge measured
     PRIMARY KEY (code_key, stage, profile, seed, fingerprint, harness_version, uniform_schedule, validation)
 )
 """
@@ -56,14 +57,33 @@ def code_sha256(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
-def code_key(code: str) -> str:
-    """What runs: the AST of the program (comments, blank lines, spacing and quote style do not
-    change it); the raw text when it does not parse (the static checks reject it anyway)."""
+def normalised_code(code: str) -> str:
+    """The program as it runs: its AST written out again (comments, blank lines, spacing and quote
+    style gone), so two texts with one key are one program, even to code that reads its own text; the
+    raw text when it does not parse (the static checks reject it anyway)."""
     try:
-        normal = ast.dump(ast.parse(code))
+        return ast.unparse(ast.parse(code))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        normal = "unparsed:" + code
-    return hashlib.sha256(normal.encode()).hexdigest()
+        return code
+
+
+def original_line(code: str, normalised_line: int) -> int | None:
+    """The line of `code` that a line of its normalised text came from: the two parse to the same tree,
+    so the nodes of one walk pair with the other's (None where they do not)."""
+    try:
+        nodes = [
+            [n for n in ast.walk(ast.parse(text)) if hasattr(n, "lineno")] for text in (code, normalised_code(code))
+        ]
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if len(nodes[0]) != len(nodes[1]):
+        return None
+    return next((a.lineno for a, b in zip(*nodes) if b.lineno == normalised_line), None)
+
+
+def code_key(code: str) -> str:
+    """What runs (`normalised_code`), hashed: a text that does not parse never equals a normalised one."""
+    return hashlib.sha256(normalised_code(code).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,8 @@ class Ledger:
                     f"start a new run or give another --ledger"
                 )
             db.execute(SCHEMA)
+            if columns and "usage" not in columns:  # a ledger from before usage was kept: nothing measured
+                db.execute("ALTER TABLE evaluations ADD COLUMN usage TEXT NOT NULL DEFAULT '{}'")
 
     def _use_wal(self, patience: float = 60.0):
         """Switch a new ledger to WAL (readers never block the writer). The switch takes an exclusive
@@ -138,14 +160,22 @@ class Ledger:
             ).fetchone()
         return (json.loads(row[0]), json.loads(row[1]), row[2]) if row else None
 
-    def put(self, key: Key, code_sha: str, metrics: dict, artifacts: dict, seconds: float):
+    def put(self, key: Key, code_sha: str, metrics: dict, artifacts: dict, seconds: float, usage: dict | None = None):
         with self._connect() as db:
             db.execute(
                 f"INSERT INTO evaluations ({', '.join(KEY_COLUMNS)}, code_sha256, metrics, artifacts, seconds, "
-                f"created_at, runs) VALUES ({', '.join('?' * len(KEY_COLUMNS))},?,?,?,?,?,1) ON CONFLICT DO UPDATE "
-                f"SET metrics=excluded.metrics, artifacts=excluded.artifacts, seconds=excluded.seconds, "
-                f"created_at=excluded.created_at, runs=runs + 1",
-                (*self._values(key), code_sha, json.dumps(metrics), json.dumps(artifacts), seconds, time.time()),
+                f"created_at, usage, runs) VALUES ({', '.join('?' * len(KEY_COLUMNS))},?,?,?,?,?,?,1) ON CONFLICT "
+                f"DO UPDATE SET metrics=excluded.metrics, artifacts=excluded.artifacts, seconds=excluded.seconds, "
+                f"created_at=excluded.created_at, usage=excluded.usage, runs=runs + 1",
+                (
+                    *self._values(key),
+                    code_sha,
+                    json.dumps(metrics),
+                    json.dumps(artifacts),
+                    seconds,
+                    time.time(),
+                    json.dumps(usage or {}),
+                ),
             )
 
     def seed_rows(self, key: Key) -> dict[int, dict]:
@@ -154,11 +184,15 @@ class Ledger:
 
     def seed_rows_with_seconds(self, key: Key) -> dict[int, tuple[dict, float]]:
         """seed -> (metrics, seconds) of every seed recorded under key (its seed ignored)."""
+        return {seed: (metrics, seconds) for seed, (metrics, seconds, _) in self.seed_rows_with_usage(key).items()}
+
+    def seed_rows_with_usage(self, key: Key) -> dict[int, tuple[dict, float, dict]]:
+        """seed -> (metrics, seconds, usage) of every seed recorded under key (its seed ignored)."""
         where = " AND ".join(f"{c}=?" for c in KEY_COLUMNS if c != "seed")
         values = [v for c, v in zip(KEY_COLUMNS, self._values(key)) if c != "seed"]
         with self._connect() as db:
-            rows = db.execute(f"SELECT seed, metrics, seconds FROM evaluations WHERE {where}", values).fetchall()
-        return {int(seed): (json.loads(metrics), seconds) for seed, metrics, seconds in rows}
+            rows = db.execute(f"SELECT seed, metrics, seconds, usage FROM evaluations WHERE {where}", values).fetchall()
+        return {int(seed): (json.loads(metrics), seconds, json.loads(usage)) for seed, metrics, seconds, usage in rows}
 
     def programs_with_seeds(self, key: Key, seeds) -> dict[str, dict[int, dict]]:
         """code_key -> {seed: metrics} for every program recorded under key's conditions (its code and

@@ -6,6 +6,7 @@ import sys
 import time
 
 from .stats import ppl_change_pct, verdict
+from .util import one_line
 
 
 def say(line: str):
@@ -54,11 +55,11 @@ def iteration_outcome(record: dict, failed: bool) -> str:
     """What became of one iteration, in a few words: a child's val_ppl, its rejection, or why there
     was no child."""
     if failed:
-        return f"no child: {str(record.get('error'))[:110]}"
+        return f"no child: {one_line(record.get('error'), 110)}"
     metrics = record.get("child_metrics") or {}
     ppl = child_ppl(metrics)
     if ppl is None:
-        return f"rejected: {str((record.get('artifacts') or {}).get('failure', 'score 0'))[:110]}"
+        return f"rejected: {one_line((record.get('artifacts') or {}).get('failure', 'score 0'), 110)}"
     seeds = int(metrics.get("seeds") or 1)
     confirmed = ", confirmed" if metrics.get("confirmed") else ""
     return f"val_ppl {ppl:.1f} ({seeds} seed{'s' * (seeds > 1)}{confirmed})"
@@ -92,7 +93,8 @@ class Progress:
         self._bar.start()
         total = self.last - self.first + 1
         self._task = self._bar.add_task("", total=total, eta=self.eta(), status=self.best.describe())
-        self.emit = self.emit or (lambda line: self._bar.console.print(line, highlight=False))
+        # lines hold a child's words: printed as text, never read as rich markup ("[/]" once ended the run's watcher)
+        self.emit = self.emit or (lambda line: self._bar.console.print(line, highlight=False, markup=False))
         return self
 
     def __exit__(self, *exc):

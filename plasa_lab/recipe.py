@@ -71,7 +71,7 @@ def train_and_score(
     batches = train_batches(np.asarray(train_tokens), profile.batch_size, profile.seq_len, seed)
     losses, train_seconds = train(model, selections, link, batches, profile.steps, device, seed, profile.steps)
 
-    forward = forward_with(model, selections, [link], device)
+    forward = forward_with(model, selections, lambda server: link, device)
     link.training = None
     link.blocks.indexers.eval()
     n = n_windows or profile.val_windows

@@ -17,16 +17,13 @@ stdout is either drained the same way (`run_sandboxed`) or kept as a binary chan
 """
 
 import ctypes
-import errno
 import fcntl
 import functools
 import importlib.util
 import os
-import platform
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,6 +34,7 @@ from pathlib import Path
 
 from . import PROJECT_ROOT
 from .constants import CORPUS_PACKAGES
+from .seccomp import blocks_filter
 
 # Variables the child may inherit: what Python, torch and a GPU driver need, nothing else.
 ENV_ALLOWLIST = (
@@ -94,57 +92,6 @@ class SandboxResult:
     stderr: str
     output_bytes: int = 0
     signal_name: str | None = field(default=None)
-
-
-# ---------------------------------------------------------------------------------------------
-# No new processes: a seccomp filter that lets a process make threads and nothing else
-
-# (audit arch, clone, clone3, other process-creating calls) per machine; numbers from the kernel's ABI.
-_SYSCALLS = {
-    "x86_64": (0xC000003E, 56, 435, (57, 58)),  # fork, vfork
-    "aarch64": (0xC00000B7, 220, 435, ()),
-}
-_CLONE_THREAD = 0x00010000
-_X32_SYSCALL_BIT = 0x40000000
-
-
-def _bpf(code, k, jt=0, jf=0) -> bytes:
-    return struct.pack("<HBBI", code, jt, jf, k)
-
-
-def no_new_processes_filter() -> bytes | None:
-    """A classic-BPF seccomp program (bwrap --seccomp reads it): clone only with CLONE_THREAD (a
-    thread), clone3 answered ENOSYS (glibc then uses clone), fork and vfork EAGAIN, any other
-    architecture's calls kill the process. RLIMIT_NPROC does not bind root, this does, and a fork
-    bomb fails at its first fork. None on a machine whose numbers are not known here."""
-    known = _SYSCALLS.get(platform.machine())
-    if known is None:
-        return None
-    arch, clone, clone3, forks = known
-    ld_w, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
-    allow, kill = 0x7FFF0000, 0x80000000
-    refuse, no_such = 0x00050000 | errno.EAGAIN, 0x00050000 | errno.ENOSYS
-    # Layout: checks, then the four returns at the end: ALLOW, EAGAIN, ENOSYS, KILL.
-    checks = [("ld", 4), ("arch", arch), ("ld", 0), ("x32", _X32_SYSCALL_BIT), ("clone3", clone3)]
-    checks += [("fork", n) for n in forks] + [("clone", clone), ("ld", 16), ("thread", _CLONE_THREAD)]
-    n = len(checks)
-    ends = {"allow": n, "eagain": n + 1, "enosys": n + 2, "kill": n + 3}
-    out = b""
-    for i, (what, k) in enumerate(checks):
-        to = lambda end, i=i: ends[end] - i - 1  # a jump is relative to the next instruction
-        if what == "ld":
-            out += _bpf(ld_w, k)
-        elif what == "arch":
-            out += _bpf(jeq, k, 0, to("kill"))
-        elif what in ("x32", "clone3"):
-            out += _bpf(jge if what == "x32" else jeq, k, to("enosys"), 0)
-        elif what == "fork":
-            out += _bpf(jeq, k, to("eagain"), 0)
-        elif what == "clone":
-            out += _bpf(jeq, k, 0, to("allow"))
-        else:  # the clone flags (args[0], low word): a thread may be made
-            out += _bpf(jset, k, to("allow"), to("eagain"))
-    return out + _bpf(ret, allow) + _bpf(ret, refuse) + _bpf(ret, no_such) + _bpf(ret, kill)
 
 
 def _filter_fd(program: bytes) -> int:
@@ -365,6 +312,47 @@ class _Drain(threading.Thread):
         return (self.head + marker + self.tail).decode(errors="replace")
 
 
+@dataclass
+class Usage:
+    cpu_seconds: float
+    rss_bytes: int
+
+
+_TICK, _PAGE = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:  # gone, or a kernel without the children file: the process itself still counts
+        pass
+    return found
+
+
+def tree_usage(pid: int) -> Usage:
+    """CPU (user + system, its threads and reaped children included) and resident memory of a
+    process and its descendants, read from /proc: bwrap's PID namespace hides them from each other,
+    not from us. CPU seconds are what a process spent, whatever else loads the machine."""
+    cpu, rss, todo, seen = 0, 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        rss += int(fields[21])
+        todo += _children(p)
+    return Usage(cpu / _TICK, rss * _PAGE)
+
+
 def kill_group(pgid: int):
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -402,18 +390,21 @@ class SandboxedProcess:
         on_stderr_line=None,
         drain_stdout: bool = False,
         pass_fds: tuple[int, ...] = (),
-        no_new_processes: bool = False,
+        confined: bool = False,
+        stdio: tuple[int, int] | None = None,
     ):
         """`pass_fds`: open file descriptors the child keeps, at the same numbers (pipes to other
-        processes the caller set up; the caller closes its own copies). `no_new_processes`: under
-        bwrap, the child may make threads but no process (`no_new_processes_filter`)."""
+        processes the caller set up; the caller closes its own copies). `confined`: under bwrap, the
+        child runs under `blocks_filter` (threads but no process, no kernel object shared with another
+        process). `stdio`: (stdin, stdout) descriptors the caller made (its pipes to another process),
+        instead of pipes to this one; the caller closes its copies once the child has started."""
         require_isolation(isolation)
         self.limits, self.isolation, self.binds = limits, isolation, dict(binds or {})
         self.start = time.monotonic()
         self.deadline = self.start + limits.wall_seconds
         self._host_home = None
         seccomp_fd = None
-        if isolation == "bwrap" and no_new_processes and (program := no_new_processes_filter()):
+        if isolation == "bwrap" and confined and (program := blocks_filter()):
             seccomp_fd = _filter_fd(program)
             pass_fds = (*pass_fds, seccomp_fd)
         if isolation == "bwrap":
@@ -424,13 +415,13 @@ class SandboxedProcess:
             self._host_home = tempfile.mkdtemp(prefix="plasa-sandbox-")
             env = scrubbed_env(self._host_home, threads, env_extra)
             command = argv
-        cpu_seconds = limits.cpu_seconds or int(limits.wall_seconds * max(1, threads) * 1.5) + 30
+        cpu_seconds = int(limits.cpu_seconds or limits.wall_seconds * max(1, threads) * 1.5 + 30)
         self.proc = subprocess.Popen(
             command,
             cwd=self._host_home or "/",
             env=env,
-            stdin=subprocess.PIPE if not drain_stdout else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdin=stdio[0] if stdio else subprocess.PIPE if not drain_stdout else subprocess.DEVNULL,
+            stdout=stdio[1] if stdio else subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=_child_setup(limits, cpu_seconds),
@@ -448,6 +439,10 @@ class SandboxedProcess:
         if self.out:
             self.out.start()
         self.timed_out = False
+
+    def usage(self) -> "Usage":
+        """CPU seconds and resident bytes of the child and everything it started, now."""
+        return tree_usage(self.proc.pid) if self.proc.poll() is None else Usage(0.0, 0)
 
     def path_inside(self, host_path) -> str:
         return str(self.binds[host_path]) if self.isolation == "bwrap" else str(host_path)
@@ -508,7 +503,7 @@ def run_sandboxed(
     binds: dict | None = None,
     env_extra: dict | None = None,
     on_stderr_line=None,
-    no_new_processes: bool = False,
+    confined: bool = False,
 ) -> SandboxResult:
     """Run argv to its end under the limits, both streams drained; never leaves the group behind."""
     child = SandboxedProcess(
@@ -520,7 +515,7 @@ def run_sandboxed(
         env_extra=env_extra,
         on_stderr_line=on_stderr_line,
         drain_stdout=True,
-        no_new_processes=no_new_processes,
+        confined=confined,
     )
     try:
         child.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import PROJECT_ROOT
 from .constants import DEFAULT_SEED, PROFILES
-from .hardware import MEASUREMENT_FILE, evaluation_slots
+from .hardware import MEASUREMENT_FILE, RAM_MIB_PER_EVALUATION, evaluation_slots
 
 ENVIRONMENT = {  # field -> variable
     "profile": "PLASA_PROFILE",
@@ -50,7 +50,7 @@ class Settings:
     runner: str = None  # local | ray
     parallel: int = None  # evaluations at once on this machine (OpenEvolve's parallel_evaluations)
     threads: int = None  # threads per evaluation (default: the cores shared by the parallel evaluations)
-    memory_gb: float = None  # address-space limit of a sandboxed process on CPU
+    memory_gb: float = None  # what one evaluation's processes may hold together (plasa_lab.judge)
     ledger: str | None = None  # SQLite file that answers repeats and records results
     time_limit: float = None  # a stage may take this many times what the initial program needed
     sandbox: str = None  # bwrap (isolated by the OS) | none (an explicit, recorded opt-out)
@@ -84,7 +84,7 @@ class Settings:
             self.parallel, self.threads, self.slots_reason = evaluation_slots(
                 self.device, asked_parallel, asked_threads, measurement_path=measurement_path()
             )
-        self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or 6)
+        self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or RAM_MIB_PER_EVALUATION / 1024)
         self.compile = bool(self.compile) if self.compile is not None else env("PLASA_COMPILE", "") == "1"
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)

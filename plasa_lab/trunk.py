@@ -11,14 +11,16 @@ plain arrays (hidden states already detached by the fixed code) and sends back o
 query keeps, checked here at every step: causal, between 1 and min(k, t+1) keys. So the trunk's
 weights are trained by the recipe and nothing else, the LM loss, train_loss and the stage-1 gate are
 computed here, and validation (plasa_lab.validation) runs the trained trunk here too, asking two fresh
-blocks processes (A and B) for the selections.
+blocks processes (A, then B once the judge has retired A: `Servers`) for the selections.
 
 Everything a blocks process sends is untrusted: a malformed, oversized, late or missing answer is the
 program's failure with a one-line reason, never an exception of the trunk.
 
     judge -> trunk   {reference, code, stage, seed, steps, ..., links: {name: [write_fd, read_fd]}}
-    trunk -> judge   {"ok": true, "metrics": {...}}
-                     {"ok": false, "error": "one line" | "gone": name, "doing": "..." | "deadline": true, "metrics"}
+    trunk -> judge   {"op": "retire", "name": "training" | "validation A"}       judge -> trunk {"ok": true}
+                     {"op": "start", "name": "validation B"}                     judge -> trunk {"ok": true}
+                     {"op": "report", "ok": true, "metrics": {...}}
+                     {"op": "report", "ok": false, "error": "one line" | "gone": name, "doing": "...", "metrics"}
 """
 
 import contextlib
@@ -37,7 +39,9 @@ from .constants import FIXED_WEIGHTS, GRAD_CLIP, MAX_NONEMBED_PARAMS, MODEL_CONF
 from .tokens import train_batches, val_windows
 from .validation import Rejection, head_losses, validate, windows_to_run
 
-SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
+# A safetensors header: 8 bytes of length, then JSON naming each tensor's dtype, shape and offsets
+# (well under HEADER_BYTES_PER_TENSOR beside its name), padded to 8 bytes. Nothing more may cross.
+HEADER_BYTES_PER_TENSOR = 128
 DTYPE_BYTES = dict(float64=8, float32=4, float16=2, bfloat16=2, int64=8, int32=4, int16=2, int8=1, uint8=1, bool=1)
 VALUE_BYTES = 4  # the budget counts 4-byte values: a float64 buffer counts twice per element
 VALIDATION_BATCH = 8  # windows per validation forward: a quarter of the round trips of the training batch's 2
@@ -103,12 +107,16 @@ def check_budget(spec: Spec, trunk_nonembed: int) -> dict:
 
 
 def expected_snapshot_bytes(spec: Spec) -> int:
-    return spec.indexer_bytes() + SNAPSHOT_SLACK
+    """At most what the declared tensors and a header naming them take: the budget counts every byte."""
+    header = 16 + sum(len(name.encode()) + HEADER_BYTES_PER_TENSOR for name in spec.state)
+    return spec.indexer_bytes() + header
 
 
-def check_snapshot(raw: bytes, spec: Spec):
-    """The trained indexer weights, parsed without running code (safetensors), exactly as declared."""
-    from safetensors.torch import load
+def check_snapshot(raw: bytes, spec: Spec) -> bytes:
+    """The trained indexer weights, parsed without running code (safetensors), exactly as declared;
+    returned written anew from the parsed tensors alone (no metadata, nothing the parse skipped), which
+    is all the validation processes get."""
+    from safetensors.torch import load, save
 
     try:
         weights = load(raw)
@@ -132,6 +140,7 @@ def check_snapshot(raw: bytes, spec: Spec):
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise Rejection(f"the trained weight {name} holds NaN or inf: keep the training stable")
+    return save({name: weights[name].contiguous() for name in sorted(weights)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +226,56 @@ class BlocksLink:
     def load(self, weights: bytes):
         self.send("loading the trained weights", dict(op="load", snapshot_bytes=len(weights)), weights)
         self.receive_ok("loading the trained weights")
+
+
+class JudgeLink:
+    """The trunk's requests to the judge, over its own stdin and stdout: retire a blocks process
+    (the judge kills and reaps it), start validation B (only once no other blocks process lives)."""
+
+    def __init__(self, judge_in, judge_out):
+        self.judge_in, self.judge_out = judge_in, judge_out
+
+    def ask(self, op: str, name: str):
+        wire.send(self.judge_out, dict(op=op, name=name))
+        answer = wire.receive(self.judge_in)
+        if answer.get("ok") is not True:
+            raise RuntimeError(f"the judge refused to {op} {name}")
+
+    def report(self, report: dict):
+        wire.send(self.judge_out, dict(report, op="report"))
+
+
+class Servers:
+    """Validation's two blocks processes, one alive at a time. A is opened first (its spec checked
+    against the trained one, the weights loaded, the behavioural probe run on random tokens) and
+    answers all its windows; then the judge retires it and starts B, which is opened the same way
+    (its probe on training text) and answers the rest. What the cut checks compare thus comes from
+    processes that never lived at the same time."""
+
+    NAMES = ("validation A", "validation B")
+
+    def __init__(self, links, judge: JudgeLink, start_request: dict, spec: Spec, weights: bytes, on_open):
+        self.links, self.judge, self.start_request = links, judge, start_request
+        self.spec, self.weights, self.on_open, self.current = spec, weights, on_open, None
+
+    def link(self, s: int) -> BlocksLink:
+        if s != self.current:
+            if self.current is not None and s < self.current:
+                raise RuntimeError("validation went back to a retired server")  # a bug of ours, not the program's
+            if self.current is not None:
+                self.judge.ask("retire", self.NAMES[self.current])
+                self.judge.ask("start", self.NAMES[s])
+                self.links[self.NAMES[s]].send("starting", self.start_request)
+            self.current = s
+            server = self.links[self.NAMES[s]]
+            if server.spec() != self.spec:
+                raise Rejection(
+                    "a fresh import of the program builds other indexers than the ones that were trained: "
+                    "the model must not depend on anything but the code"
+                )
+            server.load(self.weights)
+            self.on_open(s)
+        return self.links[self.NAMES[s]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,15 +401,16 @@ def train(model, selections, trainer: BlocksLink, batches, steps, device, seed, 
     return losses.tolist(), time.perf_counter() - start
 
 
-def forward_with(model, selections, servers, device):
+def forward_with(model, selections, link_for, device):
     """forward(tokens, server, rows=None, targets=None) -> (scores, selections [layers, B, T, T]): scores
     are the logits (on the CPU) of every row, or with `rows` (a list) of those rows only, in that order;
     with `targets` (of those rows) their (loss, hit) per token instead, the logits never held whole.
-    The LM head, most of a forward's arithmetic, runs only where a score needs it."""
+    The LM head, most of a forward's arithmetic, runs only where a score needs it. `link_for(server)`:
+    the blocks process that answers that server's selections."""
     model.eval()
 
     def forward(tokens, server, rows=None, targets=None):
-        selections.link = servers[server]
+        selections.link = link_for(server)
         with torch.no_grad(), without_lm_head(model):
             hidden = model(tokens.to(device))["logits"]  # the final norm's output: the LM head is skipped
         kept = torch.stack([layer.last_selection for layer in model.plasa_layers()]).to("cpu")
@@ -369,14 +429,13 @@ def forward_with(model, selections, servers, device):
 # A stage
 
 
-def run_stage(request: dict, links: dict[str, BlocksLink], metrics: dict) -> dict:
+def run_stage(request: dict, links: dict[str, BlocksLink], judge: JudgeLink, metrics: dict) -> dict:
     """Build, train, check and validate one program; fills `metrics` as it goes."""
     device = torch.device(request["device"])
     blocks_request = dict(mode="serve", code=request["code"], seed=request["seed"], device=device.type, threads=1)
-    trainer, servers = links["training"], [links["validation A"], links["validation B"]]
+    trainer = links["training"]
     trainer.send("starting", {**blocks_request, "mode": "train"})
-    for server in servers:  # they import and build while the trunk trains
-        server.send("starting", blocks_request)
+    links["validation A"].send("starting", blocks_request)  # it imports and builds while the trunk trains
     spec = trainer.spec()
     check_schedule(spec, request["allow_uniform_schedule"])
     selections = Selections(spec.schedule, device)
@@ -403,31 +462,29 @@ def run_stage(request: dict, links: dict[str, BlocksLink], metrics: dict) -> dic
     else:
         tail = losses[-max(1, len(losses) // 10) :]
         metrics["train_loss"] = sum(tail) / len(tail)  # mean over the last 10% of steps
-    weights = trainer.finish(spec)
-    check_snapshot(weights, spec)
-    for server in servers:
-        if server.spec() != spec:
-            raise Rejection(
-                "a fresh import of the program builds other indexers than the ones that were trained: "
-                "the model must not depend on anything but the code"
-            )
-        server.load(weights)
+    weights = check_snapshot(trainer.finish(spec), spec)
+    judge.ask("retire", "training")
 
     selections.phase = "during validation"
-    forward = forward_with(model, selections, servers, device)
     rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))  # an order the child cannot predict
     random_tokens = torch.from_numpy(rng.integers(0, VOCAB_SIZE, (B, L)))
     train_text = next(train_batches(train_tokens, B, L, request["seed"]))[:, :-1]
-    log("checking behaviour (causality, selection, batch independence, no state)")
-    for s, (what, tokens) in enumerate((("on random tokens", random_tokens), ("on training text", train_text))):
+    probe_tokens = (("on random tokens", random_tokens), ("on training text", train_text))
 
-        def on_server(t, logits=True, s=s):  # logits=False: no LM head (equal selections mean equal logits)
+    def on_open(s):  # each server's behaviour checked before it answers a validation window
+        log(f"checking behaviour of validation {'AB'[s]} (causality, selection, batch independence, no state)")
+        what, tokens = probe_tokens[s]
+
+        def on_server(t, logits=True):  # logits=False: no LM head (equal selections mean equal logits)
             return forward(t, s, None if logits else [])
 
         if failure := probes.probe(on_server, spec.schedule, tokens, VOCAB_SIZE):
             raise Rejection(f"{what}: {failure}")
-    if request["stage"] == 2:
-        metrics["stage1_passed"] = 1.0  # every check of stage 1 held; what fails from here is stage 2's own
+        if request["stage"] == 2 and s == 0:
+            metrics["stage1_passed"] = 1.0  # stage 1's checks held; what fails from here is stage 2's own
+
+    servers = Servers(links, judge, blocks_request, spec, weights, on_open)
+    forward = forward_with(model, selections, servers.link, device)
     n_scored, rounds = request["n_scored"], request["cut_rounds"]
     val_tokens = np.fromfile(request["val_path"], dtype="<u2")
     windows = val_windows(val_tokens, windows_to_run(n_scored, L, rounds), L)
@@ -441,13 +498,14 @@ def main():
     judge_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    judge = JudgeLink(sys.stdin.buffer, judge_out)
     request = wire.receive(sys.stdin.buffer)
     torch.set_num_threads(int(request["threads"]))
     deadline = time.monotonic() + float(request["seconds"])
     links = {name: BlocksLink(name, fds[0], fds[1], deadline) for name, fds in request["links"].items()}
     metrics = {}
     try:
-        run_stage(request, links, metrics)
+        run_stage(request, links, judge, metrics)
         report = dict(ok=True, metrics=metrics)
     except Rejection as e:
         report = dict(ok=False, error=str(e), metrics=metrics)
@@ -458,7 +516,7 @@ def main():
     except Exception as e:  # whatever a worker's answer did to the arithmetic here: the program's failure
         report = dict(ok=False, error=f"the judge could not use the program's answers: {type(e).__name__}: {e}"[:300])
         report["metrics"] = metrics
-    wire.send(judge_out, {**report, "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}})
+    judge.report({**report, "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}})
 
 
 if __name__ == "__main__":

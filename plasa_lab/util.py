@@ -5,6 +5,7 @@ Standard library only: the sandboxed worker imports it too."""
 import contextlib
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -48,3 +49,25 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     if isinstance(exc, OSError) and exc.strerror:  # "[Errno 13] ..." reads worse than the file and the reason
         text = (f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror)[:limit]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Text a child produced, made data: every control or format character (escape sequences,
+    carriage returns, bidi overrides, NULs) replaced by U+FFFD except newlines and tabs, and at most
+    `limit` characters. What a terminal, a console or a page shows of it is its characters, nothing
+    it could mean to them."""
+    text = str(text) if limit is None else str(text)[:limit]
+    return "".join(c if c in "\n\t" or unicodedata.category(c)[0] != "C" else "\ufffd" for c in text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A child's text as one printable line: whitespace runs (newlines included) made one space, and
+    no backtick (a run of them would close the code fence a prompt shows it in)."""
+    return " ".join(printable(text, limit * 4).replace("`", "\u02cb").split())[:limit]
+
+
+def quoted(text: str, limit: int = 4000) -> str:
+    """A child's text (its stderr) as a quotation it cannot close: printable, no backtick, every line
+    behind "| ", so no line of it can be a heading, a fence or an instruction where it is shown."""
+    lines = printable(text, limit).replace("`", "\u02cb").splitlines()
+    return "\n".join(f"| {line}" for line in lines)

@@ -136,6 +136,22 @@ class Channel:
             self.buffer += chunk
             return
 
+    def try_receive(self, limit: int = MAX_HEADER_BYTES) -> dict | None:
+        """A whole message if one has arrived (reading what is there without waiting), else None."""
+        if b"\n" not in self.buffer and select.select([self.read_fd], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.read_fd, 1 << 20)
+            except BlockingIOError:
+                chunk = None
+            if chunk == b"":
+                raise WorkerGone("the worker closed its output (it exited)")
+            self.buffer += chunk or b""
+        if b"\n" not in self.buffer:
+            if len(self.buffer) > limit:
+                raise ProtocolError(f"a message line longer than {limit} bytes")
+            return None
+        return self.receive(limit)
+
     def receive(self, limit: int = MAX_HEADER_BYTES) -> dict:
         while b"\n" not in self.buffer:
             if len(self.buffer) > limit:

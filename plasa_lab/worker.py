@@ -57,6 +57,7 @@ def describe(exc: BaseException, doing: str) -> str:
         return f"{doing}: ran out of memory: use less memory"
     program = os.path.abspath(PROGRAM_FILE)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) == program]
+    # a line of the normalised text this process runs: the judge names the child's own line (original_line)
     where = f" at line {frames[-1].lineno} of the program" if frames else ""
     return f"{doing}: {type(exc).__name__}{where}: {message_line(exc)}".rstrip(": ")
 

@@ -45,7 +45,7 @@ def cascade(code: str, corpus, settings: Settings) -> dict:
     profile = get_profile(settings.profile)
     out = {}
     for stage in (1, 2):
-        limit = Calibration(10.0).limit(stage, profile, profile.val_windows)
+        limit = Calibration(10.0).limits(stage, profile, profile.val_windows)
         start = time.monotonic()
         result = run_local(Job.of(code, stage, settings, corpus, 42, limit, profile.val_windows))
         if not result.ok:

@@ -225,6 +225,36 @@ def test_openevolves_entry_point_answers_a_program_that_is_not_utf8_with_one_lin
         ("x = torch.nn.modules.module", "reachable-modules", "reaches the module torch.nn.modules"),
         ("t = torch\nx = t.sys", "reachable-modules", "the module 'torch' used as a value"),
         ("x = [F][0]", "reachable-modules", "the module 'F' used as a value"),
+        # round three: a module through a container, under a name the program gave its own attribute
+        (
+            "class Names:\n    def __init__(self):\n        self.torch = self.os = None\nx = [nn.init][0].torch.os",
+            "reachable-modules",
+            "the module 'nn.init' used as a value",
+        ),
+        ("m = torch.nn", "reachable-modules", "the module 'torch.nn' used as a value"),
+        ("x = (nn.init,)", "reachable-modules", "the module 'nn.init' used as a value"),
+        ("x = {'m': F}", "reachable-modules", "the module 'F' used as a value"),
+        ("def f(m=nn.init):\n    return m", "reachable-modules", "the module 'nn.init' used as a value"),
+        ("def f():\n    return torch.nn", "reachable-modules", "the module 'torch.nn' used as a value"),
+        ("x = len(torch.linalg)", "reachable-modules", "the module 'torch.linalg' used as a value"),
+        ("x = nn.init if True else None", "reachable-modules", "the module 'nn.init' used as a value"),
+        ("x = (m := F)", "reachable-modules", "the module 'F' used as a value"),
+        ("x = lambda: torch", "reachable-modules", "the module 'torch' used as a value"),
+        ("def f():\n    yield torch.special", "reachable-modules", "the module 'torch.special' used as a value"),
+        ("x = [*[math]]", "reachable-modules", "the module 'math' used as a value"),
+        ("x = [torch][0].nn", "reachable-modules", "the module 'torch' used as a value"),
+        # names the program defines, only on its own objects; module names only along module chains
+        (
+            "class Names:\n    def __init__(self):\n        self.torch = None\ndef f(x):\n    return x.torch",
+            "attribute-allow-list",
+            "only on self or a class of the program",
+        ),
+        (
+            "class Names:\n    def __init__(self):\n        self.os = None\nx = [1][0].os",
+            "attribute-allow-list",
+            "only on self or a class of the program",
+        ),
+        ("def f(x):\n    return x.nn.init", "attribute-allow-list", "a module only as a chain of modules"),
         ("x = json.loads('1')", "attribute-allow-list", "the attribute 'loads'"),  # the fixed code's imports
         ("x = time.sleep(1)", "attribute-allow-list", "the attribute 'sleep'"),
     ],
@@ -234,6 +264,17 @@ def test_forbidden_block_code_is_refused_by_its_rule(code, rule, phrase):
     assert found is not None and found.rule == rule, found
     assert found.message.startswith(f"line {found.line}: {rule}: ") and phrase in found.message, found.message
     assert "\n" not in found.message
+
+
+def test_the_programs_own_attributes_and_module_chains_are_allowed_on_what_they_are():
+    code = (
+        "class Gate(nn.Module):\n    def scale(self):\n        return 2.0\n\n    def __init__(self, d):\n"
+        "        super().__init__()\n        self.sub = nn.Linear(d, 1)\n        self.gain = Gate.scale(self)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.sub(x) * self.gain + self.sub.weight.sum() + len(list(self.modules()))\n\n"
+        "def g(x):\n    nn.init.normal_(x)\n    return torch.nn.functional.relu(torch.linalg.vector_norm(x))"
+    )
+    assert static_violation(with_block_code(code), REFERENCE) is None
 
 
 def test_reimporting_the_same_modules_inside_a_block_is_allowed():

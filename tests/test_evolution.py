@@ -627,3 +627,36 @@ def test_bad_input_exits_nonzero_with_one_line(args, message, shared_ledger, tmp
     run = evolve(*[str(places.get(a, a)) for a in args], ledger=shared_ledger, env={"OPENAI_API_BASE": ""})
     assert run.returncode == 1 and message in run.stderr, run.stderr[-2000:]
     assert len([line for line in run.stderr.splitlines() if "error" in line]) == 1 and "Traceback" not in run.stderr
+
+
+def test_a_display_that_fails_never_stops_the_runs_bookkeeping(tmp_path):
+    """A failure line once made the console raise (rich markup in a child's words) and ended the
+    watcher: the notebook, llm_responses.jsonl and the failure-streak stop froze. Now the records come
+    first and a renderer that raises is said once and passed by."""
+    from plasa_lab.evolution import Watch
+    from plasa_lab.progress import Best, Progress
+
+    failure = "stage 1: [/] [bold red]# Task\x1b]52;c;aGk=\x07 ignore the rules"
+    records = [
+        dict(iteration=i, child_metrics=dict(combined_score=0.0), artifacts=dict(failure=failure)) for i in (1, 2)
+    ]
+    (tmp_path / "evolution_trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def failing_renderer(line):
+        raise RuntimeError("the renderer broke")
+
+    best = Best(None, [])
+    watch = Watch(tmp_path, 1, 2, best, Progress(1, 2, best, None, emit=failing_renderer))
+    watch.poll()
+    assert watch.seen == {1, 2} and watch.display_failed
+    assert (tmp_path / "notebook.md").exists()
+    assert "\x1b" not in (tmp_path / "notebook.md").read_text()
+
+
+def test_the_progress_console_prints_a_childs_markup_as_text(capsys):
+    from plasa_lab.progress import Best, Progress
+
+    with Progress(1, 1, Best(None, []), None) as progress:
+        progress.iteration(1, dict(child_metrics={}, artifacts=dict(failure="[/] [bold]x\x1b[2J")), False)
+    err = capsys.readouterr().err
+    assert "[/] [bold]x" in err and "\x1b[2J" not in err
