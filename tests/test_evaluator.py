@@ -136,6 +136,10 @@ def test_initial_program_passes_both_stages_with_finite_metrics(smoke):
     assert m["density"] == pytest.approx((1 + 2 * 3600 / 8256 + 6176 / 8256) / 4, abs=1e-6)  # k = 128, 32, 32, 64
     assert m["nonembed_params"] == 1_526_912 and m["indexer_params"] == 4 * 20_992
     assert "failure" not in evaluation.artifacts and "fingerprint" in evaluation.artifacts["corpus"]
+    assert (
+        "train_loss: selections checked causal and within k at every step, not cut-checked"
+        in (evaluation.artifacts["checks"])
+    )
     assert worker_processes() == []
 
     start = time.monotonic()
@@ -190,6 +194,23 @@ def test_a_childs_words_come_back_as_data_never_as_markup_control_or_instruction
         timeout=300,
     )
     assert "FAILED" in run.stderr and "\x1b" not in run.stderr and "\x07" not in run.stderr
+
+
+def test_the_blocks_processes_run_the_text_the_ledger_key_names_so_no_comment_switches_anything():
+    """A program that reads its own text (past the static checks, which refuse `open` and `os`) once
+    turned a comment into a behaviour switch the ledger key (the AST) could not see: its failing twin
+    was answered with the passing record. The blocks processes run the normalised text, the very
+    text the key hashes: the comment is not there to read."""
+    from plasa_lab.ledger import code_key
+
+    switch = (
+        "import os\nif '# SWI' + 'TCH' in open(os.path.abspath('program.py')).read():\n"
+        "    raise RuntimeError('the comment switched me')"
+    )
+    plain, commented = at_import(switch), at_import(switch + "  # SWITCH")
+    assert code_key(plain) == code_key(commented)
+    result = judged(commented)
+    assert result.ok, result.failure
 
 
 def test_validation_a_and_b_are_never_alive_at_the_same_time(smoke):
