@@ -59,8 +59,8 @@ def test_nvidia_smi_output_that_is_not_free_and_total_mib_is_refused(output):
 
 def test_a_cpu_machine_without_a_measurement_runs_one_evaluation_per_core_as_the_ram_allows():
     assert cpu_split(cores=2, ram_mib=16000)[:2] == (2, 1)  # the split measured best on 2 cores
-    assert cpu_split(cores=16, ram_mib=64000)[:2] == (16, 1)
-    parallel, threads, reason = cpu_split(cores=16, ram_mib=5000)
+    assert cpu_split(cores=16, ram_mib=80000)[:2] == (16, 1)
+    parallel, threads, reason = cpu_split(cores=16, ram_mib=9000)
     assert (parallel, threads) == (2, 8) and "holds 2" in reason  # fewer evaluations, more threads each
     assert cpu_split(cores=2, ram_mib=3000)[:2] == (1, 2)
 
