@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.constants import METRIC_KEYS, VOCAB_SIZE
-from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file, ledger_key, passed_metrics
-from plasa_lab.jobs import Job
-from plasa_lab.ledger import Ledger, code_sha256
-from plasa_lab.local_runner import run_local
+from plasa_lab.contract import METRIC_KEYS, VOCAB_SIZE
+from plasa_lab.evaluation.jobs import Job
+from plasa_lab.evaluation.ledger import Ledger, code_sha256
+from plasa_lab.evaluation.local_runner import run_local
+from plasa_lab.evaluation.stage import corpus_of, evaluate_code, evaluate_file, ledger_key, passed_metrics
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -56,7 +56,7 @@ def parent_of(pid):
 
 
 def worker_processes():
-    """plasa_lab.worker processes (and their bwrap parents) descended from this test process (other
+    """plasa_lab.evaluation.sandboxed.worker processes (and their bwrap parents) descended from this test process (other
     test runs on the machine have their own)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -68,7 +68,7 @@ def worker_processes():
         ancestor = int(pid)
         while ancestor > 1 and ancestor != os.getpid():
             ancestor = parent_of(ancestor)
-        if b"plasa_lab.worker" in cmdline and ancestor == os.getpid():
+        if b"plasa_lab.evaluation.sandboxed.worker" in cmdline and ancestor == os.getpid():
             found.append(pid)
     return found
 
@@ -173,8 +173,8 @@ def test_endless_loop_times_out_and_every_process_is_gone():
 
 
 def test_time_limits_are_multiples_of_the_reference_programs_measured_time():
-    from plasa_lab.constants import get_profile
-    from plasa_lab.evaluation import Calibration
+    from plasa_lab.contract import get_profile
+    from plasa_lab.evaluation.stage import Calibration
 
     smoke_profile = get_profile("smoke")
     fast, slow = (
@@ -192,7 +192,7 @@ def test_time_limits_are_multiples_of_the_reference_programs_measured_time():
 def test_time_limits_stretch_with_other_work_on_the_machine():
     """A benchmark run here lost 4 of 6 children to 6x limits once other work loaded the 2 cores to a
     load of 9: limits set when the machine was quiet stretch by how oversubscribed it is now."""
-    from plasa_lab.hardware import load_factor
+    from plasa_lab.evaluation.hardware import load_factor
 
     assert load_factor(1.5, 2) == 1.0 and load_factor(9.0, 2) == 4.5 and load_factor(3.0, 16) == 1.0
 
@@ -282,7 +282,7 @@ def test_model_config_changed_from_a_block_is_rejected(smoke):
 
 
 def test_uniform_schedule_is_rejected_for_children(smoke):
-    from plasa_lab.program import with_schedule
+    from plasa_lab.program.blocks import with_schedule
 
     assert_rejected(evaluate_code(with_schedule(SOURCE, "UNIFORM"), 1, smoke), "every layer k=64")
 
@@ -542,8 +542,8 @@ PLASAModel.forward = biased_forward
 def test_the_judge_trains_and_scores_what_the_recipe_computes_in_one_process():
     """The judge's processes, pipes and sandbox change nothing: the trunk's losses at every step and the
     validation loss are the recipe's own, run in this process with the blocks beside it."""
-    from plasa_lab.constants import STAGE1_TRAINING_STEPS, get_profile
-    from plasa_lab.recipe import train_and_score
+    from plasa_lab.contract import STAGE1_TRAINING_STEPS, get_profile
+    from plasa_lab.evaluation.recipe import train_and_score
 
     corpus, profile = corpus_of("auto"), get_profile("smoke")
     profile = dataclasses.replace(profile, steps=STAGE1_TRAINING_STEPS)
@@ -785,7 +785,7 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
     import numpy as np
     import torch
 
-    from plasa_lab.validation import plan_validation
+    from plasa_lab.evaluation.sandboxed.validation import plan_validation
 
     windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE
     ks = [128, 32, 32, 64]
@@ -812,7 +812,7 @@ def test_stage_2_cuts_every_query_position_the_profiles_number_of_times():
     import numpy as np
     import torch
 
-    from plasa_lab.validation import plan_validation, windows_to_run
+    from plasa_lab.evaluation.sandboxed.validation import plan_validation, windows_to_run
 
     for rounds in (1, 3):
         n = windows_to_run(8, 128, rounds)
@@ -829,7 +829,7 @@ def test_validation_scores_every_token_as_float64_cross_entropy_and_argmax_do():
     import torch
     import torch.nn.functional as F
 
-    from plasa_lab.validation import token_losses
+    from plasa_lab.evaluation.sandboxed.validation import token_losses
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 128, VOCAB_SIZE, generator=g) * 8
@@ -852,7 +852,7 @@ def test_validation_scores_the_lm_head_in_chunks_exactly_as_from_the_whole_logit
     in order, whatever the chunk size, including a last chunk that is not full."""
     import torch
 
-    from plasa_lab.validation import head_losses, token_losses
+    from plasa_lab.evaluation.sandboxed.validation import head_losses, token_losses
 
     g = torch.Generator().manual_seed(1)
     head = torch.nn.Linear(16, VOCAB_SIZE, bias=False)
@@ -868,7 +868,7 @@ def test_validation_scores_the_lm_head_in_chunks_exactly_as_from_the_whole_logit
 
 
 def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
-    from plasa_lab.validation import MIN_CHECKED, checked_windows, windows_to_run
+    from plasa_lab.evaluation.sandboxed.validation import MIN_CHECKED, checked_windows, windows_to_run
 
     assert windows_to_run(8) == MIN_CHECKED and checked_windows(windows_to_run(8)) == MIN_CHECKED
     assert windows_to_run(200) == 200 and checked_windows(200) == 60
@@ -879,7 +879,7 @@ def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
 def test_a_spec_declaring_giant_indexers_is_refused_before_the_judge_receives_its_weights():
     """The trunk sizes the snapshot it reads from what the fresh indexers declare, and counts the
     budget in bytes: a float64 buffer counts two values per element."""
-    from plasa_lab.trunk import Rejection, Spec, check_budget, expected_snapshot_bytes
+    from plasa_lab.evaluation.sandboxed.trunk import Rejection, Spec, check_budget, expected_snapshot_bytes
 
     trunk = 1_442_944
     honest = Spec([128, 32, 32, 64], {"0.q_proj.weight": ((128, 128), "float32")})

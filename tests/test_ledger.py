@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from plasa_lab.ledger import Key, Ledger, LedgerError, code_key
+from plasa_lab.evaluation.ledger import Key, Ledger, LedgerError, code_key
 
 KEY = Key(code_key="abc", stage=1, profile="smoke", seed=42, fingerprint="f00", harness_version="1")
 

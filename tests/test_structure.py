@@ -65,7 +65,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "plasa_lab.judge" in graph["plasa_lab.local_runner"]  # `from .judge import run_stage` inside run_local
+    # `from .judge import run_stage` inside run_local
+    assert "plasa_lab.evaluation.judge" in graph["plasa_lab.evaluation.local_runner"]
     assert "plasa_lab.rundir" in graph["plasa_lab.reporting"]  # `from .. import rundir`
 
 

@@ -2,7 +2,7 @@
 
     PLASA_RUNNER=ray RAY_ADDRESS=<head>:6379 python evaluator.py PROGRAM ...
 
-The Job (plasa_lab.jobs: the program's code, the corpus name and fingerprint, the settings)
+The Job (plasa_lab.evaluation.jobs: the program's code, the corpus name and fingerprint, the settings)
 travels through Ray as JSON, the StageResult comes back the same way;
 the node builds or loads its own token cache and checks the fingerprint (local_runner.local_corpus).
 A stage asks for GPU_SHARE of a GPU where the cluster has GPUs (so several stages share one), and
@@ -11,7 +11,7 @@ answer within the stage's limit, gives a one-line failure that is not recorded i
 (the machine's fault, not the program's). Ray never hangs the caller.
 
 Why a driver subprocess: OpenEvolve forks its worker processes, and a process that has joined a
-Ray cluster does not survive a fork. So each call starts `python -m plasa_lab.ray_runner` (a
+Ray cluster does not survive a fork. So each call starts `python -m plasa_lab.evaluation.ray_runner` (a
 short-lived Ray driver) and reads its answer from a file; what that costs is measured in the
 README (a few seconds per stage).
 """
@@ -26,9 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .constants import HARNESS_VERSION
+from ..contract import HARNESS_VERSION
+from ..util import atomic_write, first_line
 from .jobs import Job, StageResult
-from .util import atomic_write, first_line
 
 CONNECT_TIMEOUT = 5.0
 GPU_SHARE = 0.25  # of a GPU per stage: this 1.5M-parameter model leaves a GPU mostly idle (see README)
@@ -36,11 +36,11 @@ DRIVER_MARGIN = 120.0  # seconds beyond the stage's own limit for connecting, sc
 
 
 def run_ray(job: Job, on_line=None) -> StageResult:
-    """The runner interface (see evaluation.RUNNERS): run one stage on the Ray cluster."""
+    """The runner interface (see evaluation.stage.RUNNERS): run one stage on the Ray cluster."""
     with tempfile.TemporaryDirectory(prefix="plasa-ray-") as workdir:
         Path(workdir, "job.json").write_text(job.to_json())
         proc = subprocess.Popen(
-            [sys.executable, "-m", "plasa_lab.ray_runner", "job.json", "result.json"],
+            [sys.executable, "-m", "plasa_lab.evaluation.ray_runner", "job.json", "result.json"],
             cwd=workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -137,7 +137,10 @@ def parallel_evaluations(threads: int) -> int:
     else one per `threads` CPUs.
     Asked in a subprocess, so that the caller (which OpenEvolve forks later) never joins Ray."""
     run = subprocess.run(
-        [sys.executable, "-m", "plasa_lab.ray_runner", "--capacity"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "plasa_lab.evaluation.ray_runner", "--capacity"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     try:
         resources = json.loads(run.stdout.strip().splitlines()[-1])

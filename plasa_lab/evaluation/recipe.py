@@ -1,4 +1,4 @@
-"""The training recipe in one process: the judge's own trunk loop (plasa_lab.trunk.train) with the
+"""The training recipe in one process: the judge's own trunk loop (plasa_lab.evaluation.sandboxed.trunk.train) with the
 program's blocks answered here instead of by a sandboxed blocks process.
 
 For benchmarks and tests only: the bare cost of the recipe (scripts/bench_eval.py's reference) and
@@ -14,16 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import INITIAL_PROGRAM
-from .tokens import train_batches, val_windows
-from .trunk import Selections, build_trunk, compile_fixed_parts, forward_with, train
+from .. import INITIAL_PROGRAM
+from ..data.tokens import train_batches, val_windows
+from .sandboxed.trunk import Selections, build_trunk, compile_fixed_parts, forward_with, train
 
 
 class InProcessBlocks:
     """A blocks link (select / attention / step) answered by the program's blocks in this process."""
 
     def __init__(self, code: str, seed: int, device: torch.device, training: bool):
-        from .worker import Blocks, IndexerTraining
+        from .sandboxed.worker import Blocks, IndexerTraining
 
         with tempfile.TemporaryDirectory() as folder:  # Blocks writes the program to import it
             here = os.getcwd()

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-from .util import atomic_write
+from ..util import atomic_write
 
 # GPU memory one evaluation may hold at its peak. NOT measured on a GPU here (none was available):
 # an estimate, with margin, of a stage's worst moment, its two serving processes side by side, each

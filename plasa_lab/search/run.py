@@ -3,14 +3,14 @@
 OpenEvolve does the search; this module runs it and adds what an overnight run needs around it,
 in the order a run goes:
 
-    plan       plasa_lab.launch.plan_run: the config, the LLM and its endpoint, the OS isolation,
+    plan       plasa_lab.search.launch.plan_run: the config, the LLM and its endpoint, the OS isolation,
                the resume checks, the corpus: every check, one line on any problem, nothing written
-    start      plasa_lab.launch.start_run: run.json, then the initial program on every seed of the
+    start      plasa_lab.search.launch.start_run: run.json, then the initial program on every seed of the
                run (the noise floor, and the time limits calibrated on this machine, now)
     search     OpenEvolve from the checkpoint to the run's total, watched (`Watch`): one line per
-               iteration with an ETA (plasa_lab.progress), each LLM response filed (plasa_lab.rundir),
+               iteration with an ETA (plasa_lab.search.progress), each LLM response filed (plasa_lab.rundir),
                a stop when the LLM keeps failing the same way
-    end        on any stop a checkpoint and the resume command (plasa_lab.stops); else a summary of
+    end        on any stop a checkpoint and the resume command (plasa_lab.search.stops); else a summary of
                the best confirmed program and of where the time went, and a non-zero exit when no
                child could be evaluated (OpenEvolve exits 0 then)
 """
@@ -25,15 +25,16 @@ import threading
 import time
 from pathlib import Path
 
-from . import INITIAL_PROGRAM, PROJECT_ROOT, notebook, rundir
-from .evaluation import confirmation_count, corpus_of
+from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from ..evaluation.ledger import Ledger
+from ..evaluation.stage import confirmation_count, corpus_of
+from ..reporting import notebook
+from ..rundir import TRACE, LLMResponseLog, finished_iterations, read_jsonl
+from ..settings import Settings
 from .launch import NothingToDo, RunOptions, RunPlan, RunStart, plan_run, start_run
-from .ledger import Ledger
-from .llm import outcome_of
+from .llm_client import outcome_of
 from .progress import Best, Progress, child_ppl, hours, say
 from .run_config import RunError
-from .rundir import TRACE, LLMResponseLog, finished_iterations, read_jsonl
-from .settings import Settings
 from .stops import STOPPED_EXIT, RunStops, Stopped, resume_line, stopped_line
 
 EVALUATOR = PROJECT_ROOT / "evaluator.py"

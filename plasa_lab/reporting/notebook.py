@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import SCREENED_OUT
-from .program import BlockError, split_blocks
-from .rundir import TRACE, read_jsonl, read_run_record
-from .stats import paired_change
+from ..contract import SCREENED_OUT
+from ..program.blocks import BlockError, split_blocks
+from ..rundir import TRACE, read_jsonl, read_run_record
+from ..stats import paired_change
 
 NOTEBOOK = "notebook.md"
 LEVERS = {

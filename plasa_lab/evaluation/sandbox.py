@@ -13,7 +13,7 @@ an environment built from an allow-list (no API keys, tokens or secrets); resour
 space, CPU seconds, file size, processes, no core dumps); the death signal if the parent dies;
 stderr drained in a thread and capped, so a flood neither hangs the parent nor fills its memory.
 stdout is either drained the same way (`run_sandboxed`) or kept as a binary channel to the child
-(`SandboxedProcess`, read with deadlines by plasa_lab.wire).
+(`SandboxedProcess`, read with deadlines by plasa_lab.evaluation.sandboxed.wire).
 """
 
 import ctypes
@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import PROJECT_ROOT
-from .constants import CORPUS_PACKAGES
+from .. import PROJECT_ROOT
+from ..contract import CORPUS_PACKAGES
 
 # Variables the child may inherit: what Python, torch and a GPU driver need, nothing else.
 ENV_ALLOWLIST = (

@@ -1,18 +1,18 @@
 """The `local` runner: the judge here, its workers sandboxed on this machine. A Ray node runs the
-same (plasa_lab.ray_runner); plasa_lab.evaluation.RUNNERS picks one by name."""
+same (plasa_lab.evaluation.ray_runner); plasa_lab.evaluation.stage.RUNNERS picks one by name."""
 
-from . import data
+from ..data import corpora
+from ..data.tokens import CorpusError, load_corpus
 from .jobs import Job, StageResult
-from .tokens import CorpusError, load_corpus
 
 
 def local_corpus(name: str, fingerprint: str):
     """This machine's cache of the corpus, verified against the run's fingerprint; built here
     first if missing (a fresh cluster node builds its own)."""
     try:
-        return load_corpus(data.corpus_dir(name), fingerprint)
+        return load_corpus(corpora.corpus_dir(name), fingerprint)
     except CorpusError:
-        corpus = data.prepare_corpus(name, log=lambda *_: None)
+        corpus = corpora.prepare_corpus(name, log=lambda *_: None)
         if corpus.fingerprint != fingerprint:
             raise CorpusError(
                 f"the token cache here has fingerprint {corpus.fingerprint[:12]}, the run "

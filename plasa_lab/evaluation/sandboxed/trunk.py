@@ -1,16 +1,17 @@
 """The trusted trunk: every program's fixed model, trained and validated by the judge's own code.
 
-    python -I -m plasa_lab.trunk     (stdin/stdout: plasa_lab.wire to the judge; blocks processes on passed fds)
+    python -I -m plasa_lab.evaluation.sandboxed.trunk
+        (stdin/stdout: the wire protocol to the judge; blocks processes on passed fds)
 
-A program's text outside its EVOLVE-BLOCKs is the initial program's (plasa_lab.checks), so this
+A program's text outside its EVOLVE-BLOCKs is the initial program's (plasa_lab.program.checks), so this
 process runs that fixed code, from the initial program itself, with the names the blocks define
 bound to stand-ins: each layer's indexer and selector become a request to a sandboxed blocks process
-(plasa_lab.worker) that runs the program's blocks, the aux loss becomes the attention sent there for
+(sandboxed.worker) that runs the program's blocks, the aux loss becomes the attention sent there for
 the indexers' own training, the schedule is the one the program declared. The blocks process gets
 plain arrays (hidden states already detached by the fixed code) and sends back only which keys each
 query keeps, checked here at every step: causal, between 1 and min(k, t+1) keys. So the trunk's
 weights are trained by the recipe and nothing else, the LM loss, train_loss and the stage-1 gate are
-computed here, and validation (plasa_lab.validation) runs the trained trunk here too, asking two fresh
+computed here, and validation (sandboxed.validation) runs the trained trunk here too, asking two fresh
 blocks processes (A and B) for the selections.
 
 Everything a blocks process sends is untrusted: a malformed, oversized, late or missing answer is the
@@ -32,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...contract import FIXED_WEIGHTS, GRAD_CLIP, MAX_NONEMBED_PARAMS, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
+from ...data.tokens import train_batches, val_windows
 from . import probes, wire
-from .constants import FIXED_WEIGHTS, GRAD_CLIP, MAX_NONEMBED_PARAMS, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
-from .tokens import train_batches, val_windows
 from .validation import Rejection, head_losses, validate, windows_to_run
 
 SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves

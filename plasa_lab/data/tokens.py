@@ -3,7 +3,7 @@
 A cache folder holds `train.bin` and `val.bin` (raw little-endian uint16 ids) and `manifest.json`;
 `load_corpus` reads and verifies every byte against the manifest's sha256 and fingerprint (numpy
 and hashlib only: no tokenizer, no network). `train_batches` and `val_windows` cut the splits into
-model inputs. Building a cache is plasa_lab.data's job.
+model inputs. Building a cache is plasa_lab.data.corpora's job.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from plasa_lab import settings
-from plasa_lab import tokenizer as _tok
-from plasa_lab.tokens import FORMAT, Corpus, CorpusError, _sha256, fingerprint_of, load_corpus
+from plasa_lab.data import tokenizer as _tok
+from plasa_lab.data.tokens import FORMAT, Corpus, CorpusError, _sha256, fingerprint_of, load_corpus
 from plasa_lab.util import atomic_write
 
 if TYPE_CHECKING:

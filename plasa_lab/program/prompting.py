@@ -1,15 +1,15 @@
 """The part of the LLM's system message that the code owns: the static rules, written from
-plasa_lab.checks.RULES so that what the LLM is told is what is checked.
+plasa_lab.program.checks.RULES so that what the LLM is told is what is checked.
 
 prompts/system_message.txt holds this text verbatim (OpenEvolve reads the file as it is);
 tests/test_checks.py fails when the two differ. Rewrite the file's section with
 
-    .venv/bin/python -m plasa_lab.prompting
+    .venv/bin/python -m plasa_lab.program.prompting
 """
 
 import textwrap
 
-from . import PROJECT_ROOT
+from .. import PROJECT_ROOT
 from .checks import RULES
 
 SYSTEM_MESSAGE = PROJECT_ROOT / "prompts" / "system_message.txt"

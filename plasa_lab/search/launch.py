@@ -23,20 +23,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import INITIAL_PROGRAM, PROJECT_ROOT, rundir
-from .checks import integrity_violation
-from .constants import HARNESS_VERSION, Profile, get_profile
-from .evaluation import Calibration, calibration, corpus_of, evaluate_stage, screen_settings, screened_stage2
-from .ledger import Ledger, LedgerError
+from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from ..contract import HARNESS_VERSION, Profile, get_profile
+from ..data.tokens import Corpus
+from ..evaluation.ledger import Ledger, LedgerError
+from ..evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
+from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage, screen_settings, screened_stage2
+from ..program.checks import integrity_violation
+from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint, newest_run
+from ..settings import Settings
+from ..stats import mean_sd
 from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
 from .progress import hours, say
 from .run_config import RunError, load_config
-from .rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint, newest_run
-from .sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
-from .settings import Settings
-from .stats import mean_sd
 from .stops import Stopped
-from .tokens import Corpus
 
 
 @dataclass
@@ -213,9 +213,9 @@ def _check_isolation(settings: Settings):
 
 def _evaluation_slots(settings: Settings) -> int:
     """How many evaluations run at once: the Ray cluster's share, or what this machine holds
-    (plasa_lab.hardware: GPU memory and cores, or the measured best CPU split)."""
+    (plasa_lab.evaluation.hardware: GPU memory and cores, or the measured best CPU split)."""
     if settings.runner == "ray":
-        from .ray_runner import parallel_evaluations
+        from ..evaluation.ray_runner import parallel_evaluations
 
         try:
             settings.parallel = parallel_evaluations(settings.threads)

@@ -1,14 +1,14 @@
 """Static checks of a child's source, run before any of its code does: a quick, friendly first filter.
 
 They are not the security boundary (Python is not a sandbox: the OS isolates the child and the
-judge scores it from outside, see plasa_lab.judge); they turn the common mistakes and the obvious
+judge scores it from outside, see plasa_lab.evaluation.judge); they turn the common mistakes and the obvious
 attempts into one line that names the place, the rule and the fix, before anything is paid for.
 
 `RULES` is the pipeline: the rules below, in the order of this file, which is the order they run
 in. Each has a name, what it allows (the LLM's system message lists the same lines, see
-plasa_lab.prompting) and, in its docstring, what it closes. First the whole text (its size, its
+plasa_lab.program.prompting) and, in its docstring, what it closes. First the whole text (its size, its
 line ends, that it parses, that only the blocks changed), then the block code, by allow-lists
-(plasa_lab.allowlists) wherever that is possible: the modules it imports and reaches, the builtins
+(plasa_lab.program.allowlists) wherever that is possible: the modules it imports and reaches, the builtins
 it names, the attributes it uses; attributes assigned only as `self.<name> = ...` inside
 `__init__`; classes that are modules or plain. Behaviour (causality, selection, budgets) is
 checked at run time by the judge.
@@ -35,7 +35,7 @@ from .allowlists import (
     module_machinery,
     reserved_attributes,
 )
-from .program import BlockError, program_lines, split_blocks
+from .blocks import BlockError, program_lines, split_blocks
 from .source import Source, attribute_chain, first_line, import_target, reached, root_name, top_level_bindings
 
 __all__ = ["ALLOWED_IMPORTS", "RULES", "Violation", "find_violation", "integrity_violation", "static_violation"]

@@ -21,9 +21,9 @@ import re
 import time
 from pathlib import Path
 
-from . import notebook
-from .program import BlockError, split_blocks
-from .rundir import LLM_CALLS
+from ..program.blocks import BlockError, split_blocks
+from ..reporting import notebook
+from ..rundir import LLM_CALLS
 
 CODE_FENCE = re.compile(r"```(?P<lang>[a-z]*)\n(?P<code>.*?)\n```", re.DOTALL)
 CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n", re.DOTALL)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import INITIAL_PROGRAM
+from .. import INITIAL_PROGRAM
 from .mutator import NAME as OFFLINE_MODEL_NAME
 from .mutator import offline_client
 from .progress import say
@@ -24,9 +24,9 @@ class LLMChoice:
     api_base: str | None
     models: list[str]
     note: str
-    compact: bool = False  # compact prompts (plasa_lab.llm): default for local servers
+    compact: bool = False  # compact prompts (plasa_lab.search.llm_client): default for local servers
     timeout: float | None = None
-    notebook: bool = True  # the lab notebook (plasa_lab.notebook) in every prompt
+    notebook: bool = True  # the lab notebook (plasa_lab.reporting.notebook) in every prompt
 
 
 def choose_llm(
@@ -73,7 +73,7 @@ def first_prompt(config, compact: bool) -> dict:
     """The run's first prompt, as OpenEvolve builds it for the initial program (metrics as a placeholder)."""
     from openevolve.prompt.sampler import PromptSampler
 
-    from .llm import compact_prompt
+    from .llm_client import compact_prompt
 
     code = INITIAL_PROGRAM.read_text()
     metrics = {
@@ -105,7 +105,7 @@ def check_endpoint(choice: LLMChoice, config, timeout: float = 10.0):
     crash on its first completion). One line on any failure."""
     import openai
 
-    from .llm import describe_failure
+    from .llm_client import describe_failure
 
     api_base = choice.api_base
     client = openai.OpenAI(
@@ -145,8 +145,8 @@ def check_endpoint(choice: LLMChoice, config, timeout: float = 10.0):
 
 def configure_llm(config, choice: LLMChoice, run_dir: Path):
     """OpenEvolve's config told which LLM to call, and how: the offline mutator through init_client, or
-    our client (plasa_lab.llm) for every model of an API or a local server."""
-    from .llm import client_factory
+    our client (plasa_lab.search.llm_client) for every model of an API or a local server."""
+    from .llm_client import client_factory
 
     if choice.mode == "offline":
         config.llm.models = config.llm.models[:1]

@@ -1,8 +1,9 @@
 """The untrusted side: a program's EVOLVE-BLOCKs, run inside the sandbox, answering the trusted trunk.
 
-    python -I -m plasa_lab.worker        (stdin/stdout: the plasa_lab.wire protocol, to the trunk)
+    python -I -m plasa_lab.evaluation.sandboxed.worker
+        (stdin/stdout: the wire protocol, to the trunk)
 
-The fixed model never exists in this process. The trunk (plasa_lab.trunk) runs it elsewhere and sends
+The fixed model never exists in this process. The trunk (sandboxed.trunk) runs it elsewhere and sends
 this one, per layer, the hidden states that layer's indexer reads (plain arrays: detached from
 everything) and takes back only the keys each query keeps, which it checks (causal, within the
 layer's k) before attention uses them. So nothing block code can reach here leads to a fixed weight,
@@ -38,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...contract import GRAD_CLIP, MODEL_CONFIG, OPTIMIZER
+from ...program.blocks import load_program
+from ...util import message_line
 from . import wire
-from .constants import GRAD_CLIP, MODEL_CONFIG, OPTIMIZER
-from .program import load_program
-from .util import message_line
 
 PROGRAM_FILE = "program.py"  # in the worker's private folder
 BLOCK_API = ("LightningIndexer", "select_topk", "layer_k_schedule", "indexer_aux_loss", "init_indexer")

@@ -1,11 +1,11 @@
 """The run's console: lines on stderr, the best program as the progress line names it, and the live
 bar while OpenEvolve runs. Display only: what the run records (the trace, llm_responses.jsonl,
-run.json) is written elsewhere, and a stop is asked for elsewhere (plasa_lab.stops)."""
+run.json) is written elsewhere, and a stop is asked for elsewhere (plasa_lab.search.stops)."""
 
 import sys
 import time
 
-from .stats import ppl_change_pct, verdict
+from ..stats import ppl_change_pct, verdict
 
 
 def say(line: str):

@@ -1,6 +1,6 @@
 """Validation by the trusted trunk: loss, accuracy and density of a trained program, and the cut checks.
 
-The trunk (plasa_lab.trunk) runs the fixed model itself; the only thing a program contributes to a
+The trunk (plasa_lab.evaluation.sandboxed.trunk) runs the fixed model itself; the only thing a program contributes to a
 forward pass is each layer's selection, answered by one of two sandboxed blocks processes
 ("servers" A and B, fresh imports of the program holding the trained indexer weights). So a
 forward pass here is `forward(tokens[B,T], server, rows, targets) -> ((loss, hit) of every token of
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...contract import PPL_CAP, VOCAB_SIZE
 from . import probes
-from .constants import PPL_CAP, VOCAB_SIZE
 
 # Validation windows re-run, cut, by the other server: about 30% of them, at least MIN_CHECKED, and
 # in stage 2 `rounds` per query position (rounds x (seq_len - 1) cuts: the last position has no future).

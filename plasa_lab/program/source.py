@@ -1,4 +1,4 @@
-"""A program as the static checks read it (plasa_lab.checks): its block statements, the names its
+"""A program as the static checks read it (plasa_lab.program.checks): its block statements, the names its
 fixed code binds, the modules its names stand for, the attributes it defines. Facts only; the
 rules that judge them are in checks.py."""
 
@@ -8,7 +8,7 @@ import types
 from functools import cached_property
 
 from .allowlists import ALLOWED_IMPORTS, REGISTERS
-from .program import split_blocks
+from .blocks import split_blocks
 
 
 def root_name(node):

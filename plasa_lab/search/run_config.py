@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .util import first_line, message_line
+from ..util import first_line, message_line
 
 
 class RunError(Exception):

@@ -2,7 +2,7 @@
 
 A check sees the model only through `forward(tokens[B,T], logits=True) -> (logits[B,T,V] | None,
 selections[layers,B,T,T])`: in the judge that is the trusted trunk asking a sandboxed blocks process
-for the selections (plasa_lab.trunk), in tests it can be a model in this process (`local_forward`).
+for the selections (plasa_lab.evaluation.sandboxed.trunk), in tests it can be a model in this process (`local_forward`).
 Selections are compared exactly, logits (where the forward returns them) within a tolerance. Only the
 first pass of a probe asks for logits: the judge's trunk is fixed code whose rows <= p depend only on
 the tokens and selections at rows <= p, so there equal selections mean equal logits, and it skips the

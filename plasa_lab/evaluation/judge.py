@@ -2,16 +2,16 @@
 
 Four sandboxed processes per stage (each its own bubblewrap sandbox, process group and limits):
 
-    trunk           plasa_lab.trunk, our code only: the fixed model (the initial program's fixed text,
+    trunk           sandboxed.trunk, our code only: the fixed model (the initial program's fixed text,
                     which every program shares), trained by the recipe on the train split and
                     validated on windows of the validation split; it computes every metric.
-    training        plasa_lab.worker, mode train: the program's EVOLVE-BLOCKs. Per layer it gets the
+    training        sandboxed.worker, mode train: the program's EVOLVE-BLOCKs. Per layer it gets the
                     hidden states (plain arrays) and answers which keys each query keeps; it trains
                     its indexers on the attention it is sent. No process of the trunk's is
                     reachable from it: a block cannot touch a fixed weight, an optimiser or a graph.
-    validation A/B  plasa_lab.worker, mode serve: fresh imports of the program that load the trained
+    validation A/B  sandboxed.worker, mode serve: fresh imports of the program that load the trained
                     indexer weights and answer the selections of validation (two of them, with
-                    different histories, for the cut checks: plasa_lab.validation).
+                    different histories, for the cut checks: sandboxed.validation).
 
 The blocks processes talk only to the trunk, over pipes the judge sets up and hands over; they
 cannot create processes. The judge talks only to the trunk, holds the deadline, and turns the
@@ -22,13 +22,14 @@ a signal, out of memory, an exception's last line).
 import sys
 import time
 
-from . import INITIAL_PROGRAM, wire
-from .constants import STAGE1_TRAINING_STEPS, get_profile
+from .. import INITIAL_PROGRAM
+from ..contract import STAGE1_TRAINING_STEPS, get_profile
+from ..data.tokens import CorpusError
+from ..util import first_line
 from .jobs import Job, StageResult
 from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_nodes
-from .tokens import CorpusError
-from .util import first_line
-from .validation import coverage_rounds, windows_to_run
+from .sandboxed import wire
+from .sandboxed.validation import coverage_rounds, windows_to_run
 
 STAGE1_WINDOWS = 8  # stage 1 scores 4 batches (and runs more windows for the cut checks)
 TRAIN_FILE_INSIDE, VAL_FILE_INSIDE = "/data/train.bin", "/data/val.bin"
@@ -74,14 +75,17 @@ def exit_reason(name: str, process: SandboxedProcess, doing: str) -> str:
 
 def start_processes(job: Job, corpus, deadline: float, on_line) -> tuple[SandboxedProcess, dict]:
     """The three blocks processes, then the trunk holding their pipes (the judge keeps none)."""
-    blocks = {name: _process(job, deadline, "plasa_lab.worker", 1, no_new_processes=True) for name in BLOCKS_PROCESSES}
+    blocks = {
+        name: _process(job, deadline, "plasa_lab.evaluation.sandboxed.worker", 1, no_new_processes=True)
+        for name in BLOCKS_PROCESSES
+    }
     fds = {name: [p.proc.stdin.fileno(), p.proc.stdout.fileno()] for name, p in blocks.items()}
     binds = {str(corpus.dir / "train.bin"): TRAIN_FILE_INSIDE, str(corpus.dir / "val.bin"): VAL_FILE_INSIDE}
     try:
         trunk = _process(
             job,
             deadline,
-            "plasa_lab.trunk",
+            "plasa_lab.evaluation.sandboxed.trunk",
             job.threads,
             binds=binds,
             on_stderr_line=on_line,

@@ -1,9 +1,9 @@
 """The evaluation pipeline: static checks, the ledger, then each stage judged outside the child's code.
 
-    static   syntax, EVOLVE-BLOCK integrity, the block code allow-lists (plasa_lab.checks): a quick,
+    static   syntax, EVOLVE-BLOCK integrity, the block code allow-lists (plasa_lab.program.checks): a quick,
              friendly first filter whose one line teaches the LLM, run before anything else.
     ledger   the same program (by its normalised code) under the same conditions is answered at once.
-    stage 1  the judge (plasa_lab.judge): build, schedule and budget checks, 12 training steps whose
+    stage 1  the judge (plasa_lab.evaluation.judge): build, schedule and budget checks, 12 training steps whose
              loss must fall, behavioural probes and one validation batch, all scored outside the
              sandboxed processes that run the child's code.
     stage 2  the same with the profile's full training and validation.
@@ -27,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import INITIAL_PROGRAM, data
-from .checks import static_violation
-from .constants import (
+from .. import INITIAL_PROGRAM
+from ..contract import (
     DESCRIPTIVE_KEYS,
     HARNESS_VERSION,
     METRIC_KEYS,
@@ -38,14 +37,16 @@ from .constants import (
     STAGE1_TRAINING_STEPS,
     get_profile,
 )
+from ..data import corpora
+from ..program.checks import static_violation
+from ..settings import Settings
 from .hardware import load_factor
 from .jobs import Job, StageResult
 from .ledger import Key, Ledger, code_key, code_sha256
 from .local_runner import run_local
 from .ray_runner import run_ray  # imports ray only inside its functions: ray stays optional
 from .sandbox import gpu_device_nodes
-from .settings import Settings
-from .validation import clamped_ppl
+from .sandboxed.validation import clamped_ppl
 
 # Where a stage runs (Settings.runner): the judge here, its workers sandboxed on this machine, or the
 # same on a Ray node. Both take a Job and return a StageResult.
@@ -90,7 +91,7 @@ def passed_metrics(measured: dict, stage: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def corpus_of(name: str):
     """The corpus, built or loaded once per process."""
-    return data.prepare_corpus(name, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return corpora.prepare_corpus(name, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def describe_corpus(corpus) -> str:

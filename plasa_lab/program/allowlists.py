@@ -1,5 +1,5 @@
-"""What block code may use, by name: the allow-lists that the static checks (plasa_lab.checks)
-apply and the LLM's system message shows (plasa_lab.prompting), in one place.
+"""What block code may use, by name: the allow-lists that the static checks (plasa_lab.program.checks)
+apply and the LLM's system message shows (plasa_lab.program.prompting), in one place.
 
 Names are curated by what a PLASA block needs, not by what is known to be dangerous: anything not
 listed is refused, so a new torch function or a forgotten builtin is closed until someone adds it.
@@ -10,7 +10,7 @@ from functools import cache
 
 import yaml
 
-from . import PROJECT_ROOT
+from .. import PROJECT_ROOT
 
 # OpenEvolve's max_code_length: the longest child a run accepts is the longest the checks read.
 MAX_PROGRAM_CHARS = yaml.safe_load((PROJECT_ROOT / "config.yaml").read_text())["max_code_length"]

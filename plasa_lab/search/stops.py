@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .rundir import RUN_RECORD
+from ..rundir import RUN_RECORD
 
 STOPPED_EXIT = 130  # any stop (Ctrl-C or SIGTERM): what a shell reports for Ctrl-C
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .program import split_blocks
+from ..program.blocks import split_blocks
 
 ACTIVATIONS = ("F.relu", "F.gelu", "F.silu", "F.softplus", "torch.sigmoid")
 FRACTIONS = ("1 / 8", "1 / 4", "1 / 3", "1 / 2", "2 / 3", "3 / 4", "7 / 8")
