@@ -1,6 +1,8 @@
 """The package's shape: module imports form no cycle, counting the ones hidden inside functions
-(a lazy import keeps Python from failing, not a reader from going round in circles), only
-plasa_lab.settings reads the PLASA_* environment, and every module and function fits a reader's
+(a lazy import keeps Python from failing, not a reader from going round in circles), the layers'
+boundaries hold (the code that runs in the sandbox reaches only the contract, util, program.blocks,
+data.tokens and itself; only search/ imports search/; reporting/ reaches nothing of evaluation/),
+only plasa_lab.settings reads the PLASA_* environment, and every module and function fits a reader's
 attention (a module of the package in 600 lines, a function in 80, unless it says why)."""
 
 import ast
@@ -78,6 +80,75 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layers' boundaries
+
+SANDBOXED = "plasa_lab.evaluation.sandboxed"  # runs inside the sandbox, beside or in place of a child's code
+SANDBOXED_MAY_IMPORT = {"plasa_lab.contract", "plasa_lab.util", "plasa_lab.program.blocks", "plasa_lab.data.tokens"}
+SEARCH = "plasa_lab.search"
+REPORTING = "plasa_lab.reporting"
+EVALUATION = "plasa_lab.evaluation"
+
+
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def parents(module: str) -> set[str]:
+    """The packages Python imports before `module` (their __init__ runs too)."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def reached_from(graph: dict[str, set[str]], starts: set[str]) -> set[str]:
+    """Every module that importing `starts` runs: their imports, transitively, and the packages on the way."""
+    reached, todo = set(), list(starts)
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += sorted(graph.get(module, set()) | parents(module))
+    return reached
+
+
+def sandbox_leaks(graph: dict[str, set[str]]) -> set[str]:
+    """Arrows by which code that runs in the sandbox reaches more than itself and what it may import."""
+    sandboxed = {m for m in graph if inside(m, SANDBOXED)}
+    may = sandboxed | SANDBOXED_MAY_IMPORT
+    allowed = may | set().union(*map(parents, may))  # a package on the way: its __init__ is checked too
+    return {f"{m} -> {t}" for m in reached_from(graph, sandboxed) for t in graph.get(m, set()) if t not in allowed}
+
+
+def test_the_boundary_checks_find_a_crossing():
+    worker, trunk = f"{SANDBOXED}.worker", f"{SANDBOXED}.trunk"
+    graph = {worker: {"plasa_lab.contract", trunk}, trunk: {"plasa_lab.settings"}, "plasa_lab.contract": set()}
+    assert sandbox_leaks(graph) == {f"{trunk} -> plasa_lab.settings"}
+    graph[trunk] = {"plasa_lab.data.tokens"}
+    graph["plasa_lab.data.tokens"] = {"plasa_lab.data.corpora"}  # an allowed module may not open the door
+    assert sandbox_leaks(graph) == {"plasa_lab.data.tokens -> plasa_lab.data.corpora"}
+    assert reached_from({"a.b": {"c"}, "c": {"d"}}, {"a.b"}) == {"a", "a.b", "c", "d"}
+
+
+def test_code_in_the_sandbox_reaches_only_the_contract_util_blocks_tokens_and_itself():
+    graph = import_graph()
+    assert {f"{SANDBOXED}.worker", f"{SANDBOXED}.trunk", f"{SANDBOXED}.validation"} <= set(graph)
+    assert sandbox_leaks(graph) == set()
+
+
+def test_nothing_outside_search_imports_search():
+    graph = import_graph()
+    assert any(inside(m, SEARCH) for m in graph)
+    crossings = {f"{m} -> {t}" for m, ts in graph.items() for t in ts if inside(t, SEARCH) and not inside(m, SEARCH)}
+    assert crossings == set()
+
+
+def test_reporting_reaches_no_module_of_evaluation():
+    graph = import_graph()
+    reporting = {m for m in graph if inside(m, REPORTING)}
+    assert f"{REPORTING}.notebook" in reporting
+    assert {m for m in reached_from(graph, reporting) if inside(m, EVALUATION)} == set()
 
 
 def environment_reads(tree: ast.Module) -> list[str]:
