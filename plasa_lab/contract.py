@@ -1,7 +1,10 @@
 """What every evaluation holds fixed (docs/contract.md sections 2 and 4): the model's shape, the training
-recipe, the profiles, the metrics, and the versions that key the ledger. A leaf module: it imports
-nothing of the package, so every other module (and the sandboxed worker) can import it."""
+recipe, the profiles, the metrics, and the versions that key the ledger. Also what the trusted judge
+and the sandboxed trunk both compute: the validation windows a stage runs, and the score's
+perplexity range. A leaf module: it imports nothing of the package, so every other module (and
+the sandboxed worker) can import it."""
 
+import math
 from dataclasses import asdict, dataclass
 
 # Bump when the judge's numbers for the same program could change: the ledger keys on it, so
@@ -70,3 +73,24 @@ def get_profile(name: str) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the judge (evaluation/) and the trunk (evaluation/sandboxed/) both compute
+
+MIN_CHECKED = 16  # validation windows re-run, cut, by the other server: at least this many (sandboxed.validation)
+
+
+def windows_to_run(n_scored: int, seq_len: int = 128, rounds: int = 0) -> int:
+    """Scored windows plus the unscored ones the cut checks need (one window per copy)."""
+    return max(n_scored, MIN_CHECKED, rounds * (seq_len - 1))
+
+
+def coverage_rounds(wanted: int, available_windows: int, seq_len: int) -> int:
+    """How many times every position can be cut, given the windows the split holds."""
+    return min(wanted, available_windows // (seq_len - 1))
+
+
+def clamped_ppl(val_loss: float) -> float:
+    """exp(val_loss) within [1, PPL_CAP]: the score's range, whatever the logits were."""
+    return min(PPL_CAP, math.exp(min(max(val_loss, 0.0), math.log(PPL_CAP))))

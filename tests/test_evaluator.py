@@ -812,7 +812,8 @@ def test_stage_2_cuts_every_query_position_the_profiles_number_of_times():
     import numpy as np
     import torch
 
-    from plasa_lab.evaluation.sandboxed.validation import plan_validation, windows_to_run
+    from plasa_lab.contract import windows_to_run
+    from plasa_lab.evaluation.sandboxed.validation import plan_validation
 
     for rounds in (1, 3):
         n = windows_to_run(8, 128, rounds)
@@ -868,7 +869,8 @@ def test_validation_scores_the_lm_head_in_chunks_exactly_as_from_the_whole_logit
 
 
 def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
-    from plasa_lab.evaluation.sandboxed.validation import MIN_CHECKED, checked_windows, windows_to_run
+    from plasa_lab.contract import MIN_CHECKED, windows_to_run
+    from plasa_lab.evaluation.sandboxed.validation import checked_windows
 
     assert windows_to_run(8) == MIN_CHECKED and checked_windows(windows_to_run(8)) == MIN_CHECKED
     assert windows_to_run(200) == 200 and checked_windows(200) == 60

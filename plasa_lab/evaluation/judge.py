@@ -23,13 +23,12 @@ import sys
 import time
 
 from .. import INITIAL_PROGRAM
-from ..contract import STAGE1_TRAINING_STEPS, get_profile
+from ..contract import STAGE1_TRAINING_STEPS, coverage_rounds, get_profile, windows_to_run
 from ..data.tokens import CorpusError
 from ..util import first_line
 from .jobs import Job, StageResult
 from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_nodes
 from .sandboxed import wire
-from .sandboxed.validation import coverage_rounds, windows_to_run
 
 STAGE1_WINDOWS = 8  # stage 1 scores 4 batches (and runs more windows for the cut checks)
 TRAIN_FILE_INSIDE, VAL_FILE_INSIDE = "/data/train.bin", "/data/val.bin"

@@ -35,6 +35,7 @@ from ..contract import (
     PPL_CAP,
     SCREENED_OUT,
     STAGE1_TRAINING_STEPS,
+    clamped_ppl,
     get_profile,
 )
 from ..data import corpora
@@ -46,7 +47,6 @@ from .ledger import Key, Ledger, code_key, code_sha256
 from .local_runner import run_local
 from .ray_runner import run_ray  # imports ray only inside its functions: ray stays optional
 from .sandbox import gpu_device_nodes
-from .sandboxed.validation import clamped_ppl
 
 # Where a stage runs (Settings.runner): the judge here, its workers sandboxed on this machine, or the
 # same on a Ray node. Both take a Job and return a StageResult.

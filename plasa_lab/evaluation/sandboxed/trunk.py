@@ -33,10 +33,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...contract import FIXED_WEIGHTS, GRAD_CLIP, MAX_NONEMBED_PARAMS, MODEL_CONFIG, OPTIMIZER, VOCAB_SIZE
+from ...contract import (
+    FIXED_WEIGHTS,
+    GRAD_CLIP,
+    MAX_NONEMBED_PARAMS,
+    MODEL_CONFIG,
+    OPTIMIZER,
+    VOCAB_SIZE,
+    windows_to_run,
+)
 from ...data.tokens import train_batches, val_windows
 from . import probes, wire
-from .validation import Rejection, head_losses, validate, windows_to_run
+from .validation import Rejection, head_losses, validate
 
 SNAPSHOT_SLACK = 1 << 20  # bytes of safetensors header allowed beyond the tensors themselves
 DTYPE_BYTES = dict(float64=8, float32=4, float16=2, bfloat16=2, int64=8, int32=4, int16=2, int8=1, uint8=1, bool=1)

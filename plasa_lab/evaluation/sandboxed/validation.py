@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...contract import PPL_CAP, VOCAB_SIZE
+from ...contract import MIN_CHECKED, VOCAB_SIZE, clamped_ppl
 from . import probes
 
 # Validation windows re-run, cut, by the other server: about 30% of them, at least MIN_CHECKED, and
@@ -33,7 +33,6 @@ from . import probes
 # window: two copies of one window in one process would let a model that remembers inputs answer
 # the shorter cut from the longer.
 CHECKED_SHARE = 0.3
-MIN_CHECKED = 16
 
 
 class Rejection(Exception):
@@ -48,19 +47,9 @@ class Item:
     server: int = 0
 
 
-def windows_to_run(n_scored: int, seq_len: int = 128, rounds: int = 0) -> int:
-    """Scored windows plus the unscored ones the cut checks need (one window per copy)."""
-    return max(n_scored, MIN_CHECKED, rounds * (seq_len - 1))
-
-
 def checked_windows(n_windows: int, seq_len: int = 128, rounds: int = 0) -> int:
     wanted = max(MIN_CHECKED, round(CHECKED_SHARE * n_windows), rounds * (seq_len - 1))
     return min(n_windows, wanted)
-
-
-def coverage_rounds(wanted: int, available_windows: int, seq_len: int) -> int:
-    """How many times every position can be cut, given the windows the split holds."""
-    return min(wanted, available_windows // (seq_len - 1))
 
 
 def cut_position(j: int, T: int, ks, rng: np.random.Generator) -> int:
@@ -208,8 +197,3 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     log_total = top + (logits - top.unsqueeze(-1)).exp_().sum(-1).log_()
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return log_total - picked, predicted == targets
-
-
-def clamped_ppl(val_loss: float) -> float:
-    """exp(val_loss) within [1, PPL_CAP]: the score's range, whatever the logits were."""
-    return min(PPL_CAP, math.exp(min(max(val_loss, 0.0), math.log(PPL_CAP))))
