@@ -1,7 +1,7 @@
 """Replay: re-evaluate the top programs of a run (or program files) over several seeds, next to the
 initial program, and say which differences are beyond seed noise.
 
-Every evaluation goes through the same sandboxed pipeline as the search (evaluation.stage.evaluate_code,
+Every evaluation goes through the same sandboxed pipeline as the search (evaluation.fitness.evaluate_code,
 stage 1 then stage 2) and through the ledger, so an interrupted replay resumes where it stopped,
 and the seeds a run already trained (42) are not trained again.
 
@@ -19,8 +19,9 @@ from pathlib import Path
 
 from . import INITIAL_PROGRAM, rundir
 from .contract import PPL_CAP, get_profile
+from .evaluation.fitness import evaluate_code
 from .evaluation.ledger import code_sha256
-from .evaluation.stage import describe_validation, evaluate_code
+from .evaluation.stage import describe_validation
 from .program.blocks import SCHEDULE_RULES, BlockError, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
 from .settings import Settings

@@ -33,7 +33,7 @@ from plasa_lab.cli import fail
 from plasa_lab.contract import PROFILES, get_profile
 from plasa_lab.evaluation import hardware
 from plasa_lab.evaluation.jobs import Job
-from plasa_lab.evaluation.local_runner import run_local
+from plasa_lab.evaluation.judge import run_local
 from plasa_lab.evaluation.recipe import train_and_score
 from plasa_lab.evaluation.stage import Calibration, corpus_of
 from plasa_lab.settings import Settings

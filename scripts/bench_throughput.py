@@ -35,7 +35,8 @@ from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.cli import fail
 from plasa_lab.contract import PROFILES
 from plasa_lab.evaluation import hardware
-from plasa_lab.evaluation.stage import corpus_of, evaluate_code
+from plasa_lab.evaluation.fitness import evaluate_code
+from plasa_lab.evaluation.stage import corpus_of
 from plasa_lab.program.checks import static_violation
 from plasa_lab.search.mutator import format_diff, propose_edits
 from plasa_lab.settings import Settings, measurement_path

@@ -61,7 +61,7 @@ def test_torch_compile_on_this_machine_gives_the_eager_losses_within_1e_4(eager)
 @pytest.mark.slow
 def test_the_judge_compiles_under_its_sandbox_or_falls_back_with_the_same_score():
     from plasa_lab.evaluation.jobs import Job
-    from plasa_lab.evaluation.local_runner import run_local
+    from plasa_lab.evaluation.judge import run_local
     from plasa_lab.settings import Settings
 
     corpus = corpus_of("auto")

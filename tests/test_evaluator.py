@@ -22,10 +22,11 @@ import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.contract import METRIC_KEYS, VOCAB_SIZE
+from plasa_lab.evaluation.fitness import evaluate_code, evaluate_file
 from plasa_lab.evaluation.jobs import Job
+from plasa_lab.evaluation.judge import run_local
 from plasa_lab.evaluation.ledger import Ledger, code_sha256
-from plasa_lab.evaluation.local_runner import run_local
-from plasa_lab.evaluation.stage import corpus_of, evaluate_code, evaluate_file, ledger_key, passed_metrics
+from plasa_lab.evaluation.stage import corpus_of, ledger_key, passed_metrics
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()

@@ -12,8 +12,9 @@ import torch
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.contract import HARNESS_VERSION
+from plasa_lab.evaluation.fitness import CONFIDENCE_Z, noise_aware_stage2
 from plasa_lab.evaluation.ledger import Key, Ledger, code_key, code_sha256
-from plasa_lab.evaluation.stage import CONFIDENCE_Z, corpus_of, failure_metrics, noise_aware_stage2, passed_metrics
+from plasa_lab.evaluation.stage import corpus_of, failure_metrics, passed_metrics
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.evaluation.fitness import evaluate_code
 from plasa_lab.evaluation.ledger import Ledger
-from plasa_lab.evaluation.stage import evaluate_code
 from plasa_lab.settings import Settings
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.evaluation.stage import evaluate_code
+from plasa_lab.evaluation.fitness import evaluate_code
 from plasa_lab.program.blocks import load_program, split_blocks
 from plasa_lab.program.checks import static_violation
 from plasa_lab.replay import (

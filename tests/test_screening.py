@@ -11,15 +11,9 @@ import pytest
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.contract import HARNESS_VERSION
+from plasa_lab.evaluation.fitness import evaluate_code, screen_settings, screened_stage2
 from plasa_lab.evaluation.ledger import Key, Ledger, code_key, code_sha256
-from plasa_lab.evaluation.stage import (
-    calibration,
-    corpus_of,
-    evaluate_code,
-    passed_metrics,
-    screen_settings,
-    screened_stage2,
-)
+from plasa_lab.evaluation.stage import calibration, corpus_of, passed_metrics
 from plasa_lab.search.launch import expected_seconds_per_child
 from plasa_lab.settings import Settings
 

@@ -67,8 +67,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_sees_imports_inside_functions():
     graph = import_graph()
-    # `from .judge import run_stage` inside run_local
-    assert "plasa_lab.evaluation.judge" in graph["plasa_lab.evaluation.local_runner"]
+    # `from .judge import run_local` inside _remote_stage
+    assert "plasa_lab.evaluation.judge" in graph["plasa_lab.evaluation.ray_runner"]
     assert "plasa_lab.rundir" in graph["plasa_lab.reporting"]  # `from .. import rundir`
 
 

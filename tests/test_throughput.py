@@ -17,7 +17,7 @@ from plasa_lab.contract import VOCAB_SIZE
 from plasa_lab.evaluation import hardware
 from plasa_lab.evaluation.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
 from plasa_lab.evaluation.jobs import Job
-from plasa_lab.evaluation.local_runner import run_local
+from plasa_lab.evaluation.judge import run_local
 from plasa_lab.evaluation.stage import corpus_of
 from plasa_lab.settings import Settings, measurement_path
 

@@ -16,7 +16,8 @@ Four sandboxed processes per stage (each its own bubblewrap sandbox, process gro
 The blocks processes talk only to the trunk, over pipes the judge sets up and hands over; they
 cannot create processes. The judge talks only to the trunk, holds the deadline, and turns the
 trunk's report into a StageResult: a blocks process that died is named with how it died (killed by
-a signal, out of memory, an exception's last line).
+a signal, out of memory, an exception's last line). `run_local` is the `local` runner: the judge
+here, with this machine's token cache.
 """
 
 import sys
@@ -24,7 +25,8 @@ import time
 
 from .. import INITIAL_PROGRAM
 from ..contract import STAGE1_TRAINING_STEPS, coverage_rounds, get_profile, windows_to_run
-from ..data.tokens import CorpusError
+from ..data import corpora
+from ..data.tokens import CorpusError, load_corpus
 from ..util import first_line
 from .jobs import Job, StageResult
 from .sandbox import Limits, SandboxedProcess, SandboxUnavailable, gpu_device_nodes
@@ -178,3 +180,32 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     finally:
         for process in processes.values():
             process.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The `local` runner: the judge here, its workers sandboxed on this machine. A Ray node runs the
+# same (evaluation.ray_runner); evaluation.stage.RUNNERS picks one by name.
+
+
+def local_corpus(name: str, fingerprint: str):
+    """This machine's cache of the corpus, verified against the run's fingerprint; built here
+    first if missing (a fresh cluster node builds its own)."""
+    try:
+        return load_corpus(corpora.corpus_dir(name), fingerprint)
+    except CorpusError:
+        corpus = corpora.prepare_corpus(name, log=lambda *_: None)
+        if corpus.fingerprint != fingerprint:
+            raise CorpusError(
+                f"the token cache here has fingerprint {corpus.fingerprint[:12]}, the run "
+                f"{fingerprint[:12]}: same corpus, different tokens (tokenizer or source version)"
+            )
+        return corpus
+
+
+def run_local(job: Job, on_line=None) -> StageResult:
+    """Judge one stage of one program on this machine."""
+    try:
+        corpus = local_corpus(job.corpus, job.fingerprint)
+    except (CorpusError, ValueError) as e:
+        return StageResult.infrastructure_failure(f"corpus: {e}")
+    return run_stage(job, corpus, on_line)

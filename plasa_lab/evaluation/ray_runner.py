@@ -4,7 +4,7 @@
 
 The Job (plasa_lab.evaluation.jobs: the program's code, the corpus name and fingerprint, the settings)
 travels through Ray as JSON, the StageResult comes back the same way;
-the node builds or loads its own token cache and checks the fingerprint (local_runner.local_corpus).
+the node builds or loads its own token cache and checks the fingerprint (judge.local_corpus).
 A stage asks for GPU_SHARE of a GPU where the cluster has GPUs (so several stages share one), and
 for its threads in CPUs. A worker lost mid-evaluation is retried once by Ray; a second loss, or no
 answer within the stage's limit, gives a one-line failure that is not recorded in the ledger
@@ -92,7 +92,7 @@ def cluster_resources() -> dict:
 
 def _remote_stage(job_json: str, driver_version: str) -> str:
     """Runs on a node: the same local runner, after checking this node runs our code."""
-    from .local_runner import run_local  # here, not above: the driver needs no corpus code (numpy, data)
+    from .judge import run_local  # here, not above: the driver needs no corpus code (numpy, data)
 
     if driver_version != HARNESS_VERSION:
         return _infrastructure_failure(

@@ -26,9 +26,10 @@ from pathlib import Path
 from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
 from ..contract import HARNESS_VERSION, Profile, get_profile
 from ..data.tokens import Corpus
+from ..evaluation.fitness import screen_settings, screened_stage2
 from ..evaluation.ledger import Ledger, LedgerError
 from ..evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
-from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage, screen_settings, screened_stage2
+from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage
 from ..program.checks import integrity_violation
 from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint, newest_run
 from ..settings import Settings

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from ..evaluation.fitness import confirmation_count
 from ..evaluation.ledger import Ledger
-from ..evaluation.stage import confirmation_count, corpus_of
+from ..evaluation.stage import corpus_of
 from ..reporting import notebook
 from ..rundir import TRACE, LLMResponseLog, finished_iterations, read_jsonl
 from ..settings import Settings
