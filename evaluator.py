@@ -3,7 +3,7 @@
 OpenEvolve calls evaluate_stage1 / evaluate_stage2 (cascade) or evaluate. Each runs the program
 through the trusted pipeline (static checks, then the judge, whose sandboxed workers run the
 program's code while every score is computed outside them) and returns every metric of
-docs/contract.md; the logic lives in plasa_lab.evaluation and plasa_lab.judge.
+docs/contract.md; the logic lives in plasa_lab.evaluation (fitness, stage, judge).
 
     python evaluator.py PROGRAM [--stage 1|2|all] [--profile full|quick|smoke] [--seed N]
 """
@@ -14,8 +14,9 @@ import sys
 
 from openevolve.evaluation_result import EvaluationResult
 
-from plasa_lab.evaluation import evaluate_code, evaluate_file, failure_metrics
-from plasa_lab.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
+from plasa_lab.evaluation.fitness import evaluate_code, evaluate_file
+from plasa_lab.evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
+from plasa_lab.evaluation.stage import failure_metrics
 from plasa_lab.settings import Settings
 from plasa_lab.util import first_line, one_line
 

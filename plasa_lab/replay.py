@@ -1,7 +1,7 @@
 """Replay: re-evaluate the top programs of a run (or program files) over several seeds, next to the
 initial program, and say which differences are beyond seed noise.
 
-Every evaluation goes through the same sandboxed pipeline as the search (evaluation.evaluate_code,
+Every evaluation goes through the same sandboxed pipeline as the search (evaluation.fitness.evaluate_code,
 stage 1 then stage 2) and through the ledger, so an interrupted replay resumes where it stopped,
 and the seeds a run already trained (42) are not trained again.
 
@@ -18,17 +18,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import INITIAL_PROGRAM, rundir
-from .constants import PPL_CAP, get_profile
-from .evaluation import describe_validation, evaluate_code
-from .ledger import code_sha256
-from .program import SCHEDULE_RULES, BlockError, with_schedule
+from .contract import PPL_CAP, get_profile
+from .evaluation.fitness import evaluate_code
+from .evaluation.ledger import code_sha256
+from .evaluation.stage import describe_validation
+from .program.blocks import SCHEDULE_RULES, BlockError, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
 from .settings import Settings
 from .stats import ALPHA, VERDICTS, mean_sd, verdict
 from .util import atomic_write
 
 DEFAULT_SEEDS = (42, 43, 44)
-BASELINES = ("DENSE", "UNIFORM")  # named schedules (program.SCHEDULE_RULES) with one k in every layer
+BASELINES = ("DENSE", "UNIFORM")  # named schedules (program.blocks.SCHEDULE_RULES) with one k in every layer
 VERDICT_RULE = (
     f"Welch's t-test (unequal variances, two-sided) on val_loss = log(val_ppl) over the seeds, each program "
     f"against the initial program: p < {ALPHA} and a lower mean loss -> `better beyond noise`; p < {ALPHA} and a "

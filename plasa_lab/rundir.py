@@ -12,7 +12,7 @@ OpenEvolve or torch.
     evolution_trace.jsonl             one line per evaluated child
     evolution_trace_failures.jsonl    one line per iteration that produced no child
     llm_responses.jsonl               one line per LLM call (LLM_OUTCOMES)
-    notebook.md                       the lab notebook the LLM reads (plasa_lab.notebook), as of the last child
+    notebook.md                       the lab notebook the LLM reads (reporting.notebook), as of the last child
     report/                           what inspect_run.py and replay.py write
 """
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import PROJECT_ROOT
-from .constants import DEFAULT_SEED, PROFILES
-from .hardware import MEASUREMENT_FILE, RAM_MIB_PER_EVALUATION, evaluation_slots
+from .contract import DEFAULT_SEED, PROFILES
+from .evaluation.hardware import MEASUREMENT_FILE, RAM_MIB_PER_EVALUATION, evaluation_slots
 
 ENVIRONMENT = {  # field -> variable
     "profile": "PLASA_PROFILE",
@@ -50,7 +50,7 @@ class Settings:
     runner: str = None  # local | ray
     parallel: int = None  # evaluations at once on this machine (OpenEvolve's parallel_evaluations)
     threads: int = None  # threads per evaluation (default: the cores shared by the parallel evaluations)
-    memory_gb: float = None  # what one evaluation's processes may hold together (plasa_lab.judge)
+    memory_gb: float = None  # what one evaluation's processes may hold together (evaluation.judge)
     ledger: str | None = None  # SQLite file that answers repeats and records results
     time_limit: float = None  # a stage may take this many times what the initial program needed
     sandbox: str = None  # bwrap (isolated by the OS) | none (an explicit, recorded opt-out)
@@ -80,7 +80,7 @@ class Settings:
         if self.runner == "ray":  # the cluster's size decides (launch.plan_run asks it); a task asks 2 CPUs of a node
             self.parallel, self.threads = asked_parallel or 1, asked_threads or 2
             self.slots_reason = f"ray: {self.threads} thread(s) per evaluation; the cluster's CPUs set how many at once"
-        else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.hardware)
+        else:  # this machine's GPU memory and cores, or its measured best CPU split (plasa_lab.evaluation.hardware)
             self.parallel, self.threads, self.slots_reason = evaluation_slots(
                 self.device, asked_parallel, asked_threads, measurement_path=measurement_path()
             )
@@ -118,7 +118,7 @@ class Settings:
 
     def threads_for(self, parallel: int) -> int:
         """Threads per evaluation: $PLASA_THREADS, else on a Ray cluster 2 (the CPUs a task asks of a
-        node), else this machine's cores shared by `parallel` evaluations (plasa_lab.hardware)."""
+        node), else this machine's cores shared by `parallel` evaluations (plasa_lab.evaluation.hardware)."""
         if os.environ.get("PLASA_THREADS"):
             return max(1, int(os.environ["PLASA_THREADS"]))
         return (
@@ -149,5 +149,5 @@ def cache_root() -> Path:
 
 
 def measurement_path() -> Path:
-    """Where bench_throughput.py --save records this machine's best split (plasa_lab.hardware)."""
+    """Where bench_throughput.py --save records this machine's best split (plasa_lab.evaluation.hardware)."""
     return cache_root() / MEASUREMENT_FILE

@@ -3,7 +3,7 @@ what OS isolation adds. Measured in interleaved rounds, so that a change of load
 moves both sides of every ratio alike.
 
 Every round times three things, in an order that alternates from round to round:
-    reference   the recipe in this process (plasa_lab.recipe: the judge's own trunk loop with the
+    reference   the recipe in this process (plasa_lab.evaluation.recipe: the judge's own trunk loop with the
                 blocks answered here, no sandbox, no checks): the profile's training steps, then one
                 bare pass over the profile's scored validation windows;
     bwrap       the cascade by the real judge (stage 1, then stage 2), its processes under bubblewrap;
@@ -28,13 +28,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from plasa_lab import INITIAL_PROGRAM, hardware
+from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.cli import fail
-from plasa_lab.constants import PROFILES, get_profile
-from plasa_lab.evaluation import Calibration, corpus_of
-from plasa_lab.jobs import Job
-from plasa_lab.local_runner import run_local
-from plasa_lab.recipe import train_and_score
+from plasa_lab.contract import PROFILES, get_profile
+from plasa_lab.evaluation import hardware
+from plasa_lab.evaluation.jobs import Job
+from plasa_lab.evaluation.judge import run_local
+from plasa_lab.evaluation.recipe import train_and_score
+from plasa_lab.evaluation.stage import Calibration, corpus_of
 from plasa_lab.settings import Settings
 
 CASCADE_TARGET = 1.10  # the whole cascade's wall time over its training time

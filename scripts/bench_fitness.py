@@ -20,7 +20,7 @@ from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.cli import evolve
-from plasa_lab.ledger import Ledger, code_key
+from plasa_lab.evaluation.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
 from plasa_lab.stats import ALPHA, claim_p, mean_sd, ppl_change_pct, verdict
 from plasa_lab.util import atomic_write

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from plasa_lab import PROJECT_ROOT
 from plasa_lab.cli import fail
-from plasa_lab.ledger import code_key
+from plasa_lab.evaluation.ledger import code_key
 from plasa_lab.rundir import LLM_OUTCOMES, LLM_RESPONSES, TRACE, read_jsonl
 from plasa_lab.util import atomic_write
 

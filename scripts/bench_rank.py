@@ -20,9 +20,9 @@ from pathlib import Path
 from scipy.stats import rankdata, spearmanr
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.mutator import Design, with_design
-from plasa_lab.program import with_schedule
+from plasa_lab.program.blocks import with_schedule
 from plasa_lab.replay import Candidate, Plan, run_plan
+from plasa_lab.search.mutator import Design, with_design
 from plasa_lab.util import atomic_write
 
 SCREEN_THRESHOLD = 0.7  # the rho a screening rung needs before it is worth shipping

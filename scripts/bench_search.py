@@ -27,7 +27,7 @@ from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.cli import evolve, fail
-from plasa_lab.ledger import Ledger, code_key
+from plasa_lab.evaluation.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
 from plasa_lab.rundir import latest_checkpoint
 from plasa_lab.stats import ALPHA, paired_change

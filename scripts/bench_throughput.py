@@ -7,7 +7,7 @@ round runs each N once, in an order that reverses from round to round, and the s
 medians over rounds, so a change of load during the run does not decide which N wins. It prints
 wall time per child, children per hour and, on a GPU, the GPU memory per child (nvidia-smi sampled
 in a thread, never CUDA in this process), as a table, then `children_per_hour: X` for the best N.
-`--save` records the best split for plasa_lab.hardware, which then makes it this machine's default.
+`--save` records the best split for plasa_lab.evaluation.hardware, which then makes it this machine's default.
 
     python scripts/bench_throughput.py [--profile full|quick|smoke] [--concurrency 1,2,4,8,16]
                                        [--rounds R] [--waves W] [--stage all|2] [--device auto|cpu|cuda] [--save]
@@ -31,12 +31,14 @@ from openevolve.utils.code_utils import apply_diff
 from rich.console import Console
 from rich.table import Table
 
-from plasa_lab import INITIAL_PROGRAM, hardware
-from plasa_lab.checks import static_violation
+from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.cli import fail
-from plasa_lab.constants import PROFILES
-from plasa_lab.evaluation import corpus_of, evaluate_code
-from plasa_lab.mutator import format_diff, propose_edits
+from plasa_lab.contract import PROFILES
+from plasa_lab.evaluation import hardware
+from plasa_lab.evaluation.fitness import evaluate_code
+from plasa_lab.evaluation.stage import corpus_of
+from plasa_lab.program.checks import static_violation
+from plasa_lab.search.mutator import format_diff, propose_edits
 from plasa_lab.settings import Settings, measurement_path
 
 GPU_SAMPLE_SECONDS = 0.5

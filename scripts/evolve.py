@@ -9,18 +9,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from plasa_lab.stops import stop_while_libraries_load
+from plasa_lab.search.stops import stop_while_libraries_load
 
 if __name__ == "__main__":  # until run() takes over: a stop while the libraries load is one line too
     stop_while_libraries_load()
 
 from plasa_lab.cli import fail  # noqa: E402 (after the stop handlers)
-from plasa_lab.evolution import run  # noqa: E402
-from plasa_lab.launch import RunOptions  # noqa: E402
-from plasa_lab.ledger import LedgerError  # noqa: E402
-from plasa_lab.run_config import RunError  # noqa: E402
+from plasa_lab.data.tokens import CorpusError  # noqa: E402
+from plasa_lab.evaluation.ledger import LedgerError  # noqa: E402
 from plasa_lab.rundir import RunDirError  # noqa: E402
-from plasa_lab.tokens import CorpusError  # noqa: E402
+from plasa_lab.search.launch import RunOptions  # noqa: E402
+from plasa_lab.search.run import run  # noqa: E402
+from plasa_lab.search.run_config import RunError  # noqa: E402
 from plasa_lab.util import first_line  # noqa: E402
 
 

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from plasa_lab import data
+from plasa_lab.data import corpora
+from plasa_lab.data.tokens import CorpusError
 from plasa_lab.settings import cache_root
-from plasa_lab.tokens import CorpusError
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        corpus = data.prepare_corpus(args.corpus, cache_root=args.cache)
+        corpus = corpora.prepare_corpus(args.corpus, cache_root=args.cache)
     except (CorpusError, ValueError, OSError) as e:
         print(f"prepare_data: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.constants import VOCAB_SIZE
-from plasa_lab.program import load_program
+from plasa_lab.contract import VOCAB_SIZE
+from plasa_lab.program.blocks import load_program
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from plasa_lab.mutator import format_diff, parent_program, propose_edits
+from plasa_lab.search.mutator import format_diff, parent_program, propose_edits
 
 
 def mutator_reply(prompt: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import ttest_rel
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.checks import static_violation
+from plasa_lab.program.checks import static_violation
 
 
 def script(name):

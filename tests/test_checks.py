@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.allowlists import ALLOWED_ATTRIBUTES, ALLOWED_BUILTINS, MAX_PROGRAM_CHARS, NOT_LINE_ENDS
-from plasa_lab.checks import RULES, find_violation, static_violation
-from plasa_lab.constants import METRIC_KEYS
-from plasa_lab.program import program_lines
-from plasa_lab.prompting import HEADING, SYSTEM_MESSAGE, static_rules_text
+from plasa_lab.contract import METRIC_KEYS
+from plasa_lab.program.allowlists import ALLOWED_ATTRIBUTES, ALLOWED_BUILTINS, MAX_PROGRAM_CHARS, NOT_LINE_ENDS
+from plasa_lab.program.blocks import program_lines
+from plasa_lab.program.checks import RULES, find_violation, static_violation
+from plasa_lab.program.prompting import HEADING, SYSTEM_MESSAGE, static_rules_text
 
 REFERENCE = INITIAL_PROGRAM.read_text()
 ANCHOR = "def init_indexer(indexer, layer):\n"  # inside the indexer_training block
@@ -561,7 +561,7 @@ def test_every_rule_has_a_name_what_it_closes_and_what_it_allows():
 
 
 def test_the_system_message_states_the_rules_as_the_checks_apply_them():
-    """Regenerate with `python -m plasa_lab.prompting` when a rule changes."""
+    """Regenerate with `python -m plasa_lab.program.prompting` when a rule changes."""
     system = SYSTEM_MESSAGE.read_text()
     assert static_rules_text() in system and system.count(HEADING) == 1
     flat = " ".join(system[system.index(HEADING) :].split())

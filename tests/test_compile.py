@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.constants import STAGE1_TRAINING_STEPS, get_profile
-from plasa_lab.evaluation import corpus_of
-from plasa_lab.recipe import train_and_score
+from plasa_lab.contract import STAGE1_TRAINING_STEPS, get_profile
+from plasa_lab.evaluation.recipe import train_and_score
+from plasa_lab.evaluation.stage import corpus_of
 
 SOURCE = INITIAL_PROGRAM.read_text()
 
@@ -60,8 +60,8 @@ def test_torch_compile_on_this_machine_gives_the_eager_losses_within_1e_4(eager)
 
 @pytest.mark.slow
 def test_the_judge_compiles_under_its_sandbox_or_falls_back_with_the_same_score():
-    from plasa_lab.jobs import Job
-    from plasa_lab.local_runner import run_local
+    from plasa_lab.evaluation.jobs import Job
+    from plasa_lab.evaluation.judge import run_local
     from plasa_lab.settings import Settings
 
     corpus = corpus_of("auto")

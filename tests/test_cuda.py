@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.constants import METRIC_KEYS
-from plasa_lab.evaluation import evaluate_file
+from plasa_lab.contract import METRIC_KEYS
+from plasa_lab.evaluation.fitness import evaluate_file
 from plasa_lab.settings import Settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -27,7 +27,7 @@ def test_initial_program_trains_and_passes_every_probe_on_cuda():
 
 def test_leaky_selector_is_caught_on_cuda():
     code = INITIAL_PROGRAM.read_text().replace("    return selected & causal\n", "    return selected\n")
-    from plasa_lab.evaluation import evaluate_code
+    from plasa_lab.evaluation.fitness import evaluate_code
 
     evaluation = evaluate_code(code, 1, Settings(profile="smoke", device="cuda", ledger=""))
     assert evaluation.metrics["combined_score"] == 0.0 and "must be causal" in evaluation.artifacts["failure"]

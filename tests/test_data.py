@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from plasa_lab import PROJECT_ROOT, data, tokens
-from plasa_lab import tokenizer as tokmod
-from plasa_lab.constants import VOCAB_SIZE
-from plasa_lab.data import CorpusError
+from plasa_lab import PROJECT_ROOT
+from plasa_lab.contract import VOCAB_SIZE
+from plasa_lab.data import corpora, tokens
+from plasa_lab.data import tokenizer as tokmod
+from plasa_lab.data.corpora import CorpusError
 from plasa_lab.settings import cache_root
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_corpus.txt"
@@ -30,7 +31,7 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="session")
 def summaries():
-    return data.prepare_corpus("wiki-summaries", log=lambda *a: None)
+    return corpora.prepare_corpus("wiki-summaries", log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def fresh_root(tmp_path, tok):
 
 def documents_of(ids: np.ndarray) -> list[bytes]:
     """The documents of a split (ids between <|endoftext|> markers), as bytes for set operations."""
-    ends = np.flatnonzero(ids == data.EOS_ID)
+    ends = np.flatnonzero(ids == corpora.EOS_ID)
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [ids[s:e].tobytes() for s, e in zip(starts, ends)]
 
@@ -130,8 +131,8 @@ def test_no_article_is_in_both_splits(summaries):
 
 def test_split_is_by_a_hash_of_the_title():
     titles = [f"Article {i}" for i in range(2000)]
-    first = [data.in_validation(t) for t in titles]
-    assert first == [data.in_validation(t) for t in titles]
+    first = [corpora.in_validation(t) for t in titles]
+    assert first == [corpora.in_validation(t) for t in titles]
     assert 150 < sum(first) < 250
 
 
@@ -139,7 +140,7 @@ def test_manifest_records_corpus_source_tokenizer_split_rule_and_counts(summarie
     m = summaries.manifest
     for key in ("corpus", "source", "tokenizer", "split_rule", "train_tokens", "val_tokens", "fingerprint"):
         assert key in m
-    assert m["split_rule"] == data.SPLIT_RULES["wiki-summaries"]
+    assert m["split_rule"] == corpora.SPLIT_RULES["wiki-summaries"]
     assert m["train_tokens"] == len(summaries.train) and m["val_tokens"] == len(summaries.val)
     assert summaries.fingerprint == m["fingerprint"] and len(summaries.fingerprint) == 64
 
@@ -162,7 +163,7 @@ def test_cache_files_are_raw_little_endian_uint16(summaries):
 def test_second_prepare_reuses_the_cache_in_under_2_seconds(summaries):
     lines = []
     t0 = time.time()
-    again = data.prepare_corpus("wiki-summaries", log=lines.append)
+    again = corpora.prepare_corpus("wiki-summaries", log=lines.append)
     assert time.time() - t0 < 2
     assert again.fingerprint == summaries.fingerprint
     assert any("reusing" in line for line in lines)
@@ -171,7 +172,7 @@ def test_second_prepare_reuses_the_cache_in_under_2_seconds(summaries):
 def test_load_corpus_is_fast_and_imports_neither_torch_nor_tokenizers(summaries):
     code = (
         "import sys, time\n"
-        "from plasa_lab.data import load_corpus\n"
+        "from plasa_lab.data.corpora import load_corpus\n"
         f"t0 = time.time(); c = load_corpus({str(summaries.dir)!r}, {summaries.fingerprint!r})\n"
         "heavy = ('torch', 'tokenizers', 'transformers', 'datasets')\n"
         "print(time.time() - t0, [m for m in heavy if m in sys.modules])\n"
@@ -195,7 +196,7 @@ def test_load_corpus_never_builds_a_missing_cache(tmp_path):
 
 
 def test_a_corrupted_byte_of_train_bin_is_detected_and_rebuilt(summaries, fresh_root):
-    cache = data.corpus_dir("wiki-summaries", fresh_root)
+    cache = corpora.corpus_dir("wiki-summaries", fresh_root)
     shutil.copytree(summaries.dir, cache)
     with open(cache / "train.bin", "r+b") as f:
         f.seek(12345)
@@ -205,26 +206,26 @@ def test_a_corrupted_byte_of_train_bin_is_detected_and_rebuilt(summaries, fresh_
     with pytest.raises(CorpusError, match="corrupt"):
         tokens.load_corpus(cache)
     lines = []
-    rebuilt = data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lines.append)
+    rebuilt = corpora.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lines.append)
     assert any("building" in line for line in lines)
     assert rebuilt.fingerprint == summaries.fingerprint  # deterministic: the same tokens again
     assert tokens.load_corpus(cache, summaries.fingerprint).fingerprint == summaries.fingerprint
 
 
 def test_a_truncated_or_missing_manifest_is_rebuilt(summaries, fresh_root):
-    cache = data.corpus_dir("wiki-summaries", fresh_root)
+    cache = corpora.corpus_dir("wiki-summaries", fresh_root)
     shutil.copytree(summaries.dir, cache)
     (cache / "manifest.json").write_text('{"corpus": "wiki-summ')
     with pytest.raises(CorpusError, match="unreadable"):
         tokens.load_corpus(cache)
     assert (
-        data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lambda *a: None).fingerprint
+        corpora.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lambda *a: None).fingerprint
         == summaries.fingerprint
     )
 
 
 def test_a_cache_made_by_another_tokenizer_is_rebuilt(summaries, fresh_root):
-    cache = data.corpus_dir("wiki-summaries", fresh_root)
+    cache = corpora.corpus_dir("wiki-summaries", fresh_root)
     shutil.copytree(summaries.dir, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = "f" * 64  # consistent but foreign: load_corpus accepts it
@@ -232,7 +233,7 @@ def test_a_cache_made_by_another_tokenizer_is_rebuilt(summaries, fresh_root):
     (cache / "manifest.json").write_text(json.dumps(manifest))
     assert tokens.load_corpus(cache).fingerprint == manifest["fingerprint"]
     lines = []
-    rebuilt = data.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lines.append)
+    rebuilt = corpora.prepare_corpus("wiki-summaries", cache_root=fresh_root, log=lines.append)
     assert any("building" in line and "tokenizer" in line for line in lines)
     assert rebuilt.fingerprint == summaries.fingerprint
 
@@ -252,7 +253,7 @@ def test_two_processes_preparing_at_once_build_once_and_agree(summaries, tmp_pat
     assert results[0]["fingerprint"] == results[1]["fingerprint"]
     stdout = "".join(out for out, _ in outs)
     assert stdout.count("cache: building") == 1 and stdout.count("tokenizer: built") == 1
-    assert tokens.load_corpus(data.corpus_dir("wiki-summaries", tmp_path), results[0]["fingerprint"])
+    assert tokens.load_corpus(corpora.corpus_dir("wiki-summaries", tmp_path), results[0]["fingerprint"])
     if summaries.manifest["tokenizer"]["source"] == "gguf":
         assert results[0]["fingerprint"] == summaries.fingerprint
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.gguf"))
@@ -268,7 +269,7 @@ def test_auto_uses_wiki_summaries_and_says_why_when_the_hub_is_offline(tmp_path,
     lines = []
     t0 = time.time()
     try:
-        assert data.resolve_corpus("auto", log=lines.append, cache_root=tmp_path) == "wiki-summaries"
+        assert corpora.resolve_corpus("auto", log=lines.append, cache_root=tmp_path) == "wiki-summaries"
     finally:
         tokmod.hub_status.cache_clear()
     assert time.time() - t0 < 1
@@ -278,13 +279,13 @@ def test_auto_uses_wiki_summaries_and_says_why_when_the_hub_is_offline(tmp_path,
 def test_auto_prefers_an_existing_wikitext2_cache(summaries, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tokmod.hub_status.cache_clear()
-    cache = data.corpus_dir("wikitext2", tmp_path)
+    cache = corpora.corpus_dir("wikitext2", tmp_path)
     shutil.copytree(summaries.dir, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({**manifest, "corpus": "wikitext2"}))
     lines = []
     try:
-        assert data.resolve_corpus("auto", log=lines.append, cache_root=tmp_path) == "wikitext2"
+        assert corpora.resolve_corpus("auto", log=lines.append, cache_root=tmp_path) == "wikitext2"
     finally:
         tokmod.hub_status.cache_clear()
     assert len(lines) == 1 and "cache exists" in lines[0]
@@ -293,7 +294,7 @@ def test_auto_prefers_an_existing_wikitext2_cache(summaries, tmp_path, monkeypat
 @pytest.mark.parametrize("bad", ["wikitext-103", "text:", "text:/no/such/file.txt"])
 def test_unknown_corpus_or_missing_text_path_is_a_one_line_value_error(bad):
     with pytest.raises(ValueError) as err:
-        data.resolve_corpus(bad, log=lambda *a: None)
+        corpora.resolve_corpus(bad, log=lambda *a: None)
     assert "\n" not in str(err.value)
 
 
@@ -309,7 +310,7 @@ def test_wikitext_rows_become_one_document_per_article():
         " = Beta = \n",
         " Beta is second . \n",
     ]
-    articles = data.wikitext_articles(rows)
+    articles = corpora.wikitext_articles(rows)
     assert len(articles) == 2
     assert articles[0].startswith("= Alpha =") and "History" in articles[0] and "1900" in articles[0]
     assert articles[1] == "= Beta = \n Beta is second ."
@@ -321,15 +322,15 @@ def test_wikitext_rows_become_one_document_per_article():
 
 def test_text_documents_split_every_tenth_to_validation():
     docs = [f"doc {i}" for i in range(25)]
-    split = data.split_text_documents(docs)
+    split = corpora.split_text_documents(docs)
     assert split["val"] == ["doc 9", "doc 19"] and len(split["train"]) == 23
-    assert data.split_text_documents(["a", "b", "c"])["val"] == ["c"]
+    assert corpora.split_text_documents(["a", "b", "c"])["val"] == ["c"]
     with pytest.raises(CorpusError, match="at least 2"):
-        data.split_text_documents(["only one"])
+        corpora.split_text_documents(["only one"])
 
 
 def test_tiny_text_fixture_corpus_end_to_end(fresh_root, tok):
-    corpus = data.prepare_corpus(f"text:{FIXTURE}", cache_root=fresh_root, log=lambda *a: None)
+    corpus = corpora.prepare_corpus(f"text:{FIXTURE}", cache_root=fresh_root, log=lambda *a: None)
     docs = [d.strip() for d in FIXTURE.read_text().split("\n\n")]
     assert corpus.name == f"text:{FIXTURE.resolve()}" and corpus.dir.parent == fresh_root / "tokens"
     assert corpus.manifest["documents"] == {"train": len(docs) - 1, "val": 1}
@@ -349,7 +350,7 @@ def test_a_folder_corpus_has_one_document_per_txt_file(fresh_root, tok, tmp_path
     (folder / "b.txt").write_text("Second file.")
     (folder / "sub" / "c.txt").write_text("Third file, in a subfolder.")
     (folder / "ignored.md").write_text("Not a .txt file.")
-    corpus = data.prepare_corpus(f"text:{folder}", cache_root=fresh_root, log=lambda *a: None)
+    corpus = corpora.prepare_corpus(f"text:{folder}", cache_root=fresh_root, log=lambda *a: None)
     assert corpus.manifest["documents"] == {"train": 2, "val": 1}
     assert tok.decode(corpus.val.tolist(), skip_special_tokens=False) == "Third file, in a subfolder.<|endoftext|>"
 
@@ -357,10 +358,10 @@ def test_a_folder_corpus_has_one_document_per_txt_file(fresh_root, tok, tmp_path
 def test_editing_a_text_corpus_rebuilds_its_cache(fresh_root, tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("One document.\n\nAnother document.")
-    first = data.prepare_corpus(f"text:{text}", cache_root=fresh_root, log=lambda *a: None)
+    first = corpora.prepare_corpus(f"text:{text}", cache_root=fresh_root, log=lambda *a: None)
     text.write_text("One document.\n\nAnother, edited, document.")
     lines = []
-    second = data.prepare_corpus(f"text:{text}", cache_root=fresh_root, log=lines.append)
+    second = corpora.prepare_corpus(f"text:{text}", cache_root=fresh_root, log=lines.append)
     assert second.fingerprint != first.fingerprint and any("source changed" in line for line in lines)
 
 

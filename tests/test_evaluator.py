@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.constants import METRIC_KEYS, VOCAB_SIZE
-from plasa_lab.evaluation import corpus_of, evaluate_code, evaluate_file, ledger_key, passed_metrics
-from plasa_lab.jobs import Job
-from plasa_lab.ledger import Ledger, code_sha256
-from plasa_lab.local_runner import run_local
+from plasa_lab.contract import METRIC_KEYS, VOCAB_SIZE
+from plasa_lab.evaluation.fitness import evaluate_code, evaluate_file
+from plasa_lab.evaluation.jobs import Job
+from plasa_lab.evaluation.judge import run_local
+from plasa_lab.evaluation.ledger import Ledger, code_sha256
+from plasa_lab.evaluation.stage import corpus_of, ledger_key, passed_metrics
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -57,7 +58,7 @@ def parent_of(pid):
 
 
 def worker_processes():
-    """plasa_lab.worker processes (and their bwrap parents) descended from this test process (other
+    """plasa_lab.evaluation.sandboxed.worker processes (and their bwrap parents) descended from this test process (other
     test runs on the machine have their own)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -69,7 +70,7 @@ def worker_processes():
         ancestor = int(pid)
         while ancestor > 1 and ancestor != os.getpid():
             ancestor = parent_of(ancestor)
-        if b"plasa_lab.worker" in cmdline and ancestor == os.getpid():
+        if b"plasa_lab.evaluation.sandboxed.worker" in cmdline and ancestor == os.getpid():
             found.append(pid)
     return found
 
@@ -201,7 +202,7 @@ def test_the_blocks_processes_run_the_text_the_ledger_key_names_so_no_comment_sw
     turned a comment into a behaviour switch the ledger key (the AST) could not see: its failing twin
     was answered with the passing record. The blocks processes run the normalised text, the very
     text the key hashes: the comment is not there to read."""
-    from plasa_lab.ledger import code_key
+    from plasa_lab.evaluation.ledger import code_key
 
     switch = (
         "import os\nif '# SWI' + 'TCH' in open(os.path.abspath('program.py')).read():\n"
@@ -252,8 +253,8 @@ def test_endless_loop_times_out_and_every_process_is_gone():
 
 
 def test_time_limits_are_multiples_of_the_reference_programs_measured_time():
-    from plasa_lab.constants import get_profile
-    from plasa_lab.evaluation import Calibration
+    from plasa_lab.contract import get_profile
+    from plasa_lab.evaluation.stage import Calibration
 
     smoke_profile = get_profile("smoke")
     fast, slow = (
@@ -271,8 +272,8 @@ def test_time_limits_are_multiples_of_the_reference_programs_measured_time():
 def test_limits_come_from_the_initial_programs_cpu_seconds_never_from_the_machines_load(monkeypatch):
     """A benchmark once lost children to limits that a loaded machine stretched, and a spinning child
     raises the load itself: limits are CPU seconds, which other work does not stretch."""
-    from plasa_lab.constants import get_profile
-    from plasa_lab.evaluation import Calibration
+    from plasa_lab.contract import get_profile
+    from plasa_lab.evaluation.stage import Calibration
 
     smoke_profile = get_profile("smoke")
     measured = Calibration(3, stage1_seconds=12, stage1_cpu={"trunk": 20.0, "training": 4.0, "validation A": 2.0})
@@ -371,7 +372,7 @@ def test_model_config_changed_from_a_block_is_rejected(smoke):
 
 
 def test_uniform_schedule_is_rejected_for_children(smoke):
-    from plasa_lab.program import with_schedule
+    from plasa_lab.program.blocks import with_schedule
 
     assert_rejected(evaluate_code(with_schedule(SOURCE, "UNIFORM"), 1, smoke), "every layer k=64")
 
@@ -631,8 +632,8 @@ PLASAModel.forward = biased_forward
 def test_the_judge_trains_and_scores_what_the_recipe_computes_in_one_process():
     """The judge's processes, pipes and sandbox change nothing: the trunk's losses at every step and the
     validation loss are the recipe's own, run in this process with the blocks beside it."""
-    from plasa_lab.constants import STAGE1_TRAINING_STEPS, get_profile
-    from plasa_lab.recipe import train_and_score
+    from plasa_lab.contract import STAGE1_TRAINING_STEPS, get_profile
+    from plasa_lab.evaluation.recipe import train_and_score
 
     corpus, profile = corpus_of("auto"), get_profile("smoke")
     profile = dataclasses.replace(profile, steps=STAGE1_TRAINING_STEPS)
@@ -880,7 +881,7 @@ def test_validation_plan_keeps_every_window_away_from_the_process_that_runs_its_
     import numpy as np
     import torch
 
-    from plasa_lab.validation import plan_validation
+    from plasa_lab.evaluation.sandboxed.validation import plan_validation
 
     windows = torch.arange(6 * 129).reshape(6, 129) % VOCAB_SIZE
     ks = [128, 32, 32, 64]
@@ -907,7 +908,8 @@ def test_stage_2_cuts_every_query_position_the_profiles_number_of_times():
     import numpy as np
     import torch
 
-    from plasa_lab.validation import plan_validation, windows_to_run
+    from plasa_lab.contract import windows_to_run
+    from plasa_lab.evaluation.sandboxed.validation import plan_validation
 
     for rounds in (1, 3):
         n = windows_to_run(8, 128, rounds)
@@ -924,7 +926,7 @@ def test_validation_scores_every_token_as_float64_cross_entropy_and_argmax_do():
     import torch
     import torch.nn.functional as F
 
-    from plasa_lab.validation import token_losses
+    from plasa_lab.evaluation.sandboxed.validation import token_losses
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 128, VOCAB_SIZE, generator=g) * 8
@@ -947,7 +949,7 @@ def test_validation_scores_the_lm_head_in_chunks_exactly_as_from_the_whole_logit
     in order, whatever the chunk size, including a last chunk that is not full."""
     import torch
 
-    from plasa_lab.validation import head_losses, token_losses
+    from plasa_lab.evaluation.sandboxed.validation import head_losses, token_losses
 
     g = torch.Generator().manual_seed(1)
     head = torch.nn.Linear(16, VOCAB_SIZE, bias=False)
@@ -963,7 +965,8 @@ def test_validation_scores_the_lm_head_in_chunks_exactly_as_from_the_whole_logit
 
 
 def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
-    from plasa_lab.validation import MIN_CHECKED, checked_windows, windows_to_run
+    from plasa_lab.contract import MIN_CHECKED, windows_to_run
+    from plasa_lab.evaluation.sandboxed.validation import checked_windows
 
     assert windows_to_run(8) == MIN_CHECKED and checked_windows(windows_to_run(8)) == MIN_CHECKED
     assert windows_to_run(200) == 200 and checked_windows(200) == 60
@@ -974,7 +977,7 @@ def test_cut_checks_run_extra_unscored_windows_when_the_scored_ones_are_few():
 def test_a_spec_declaring_giant_indexers_is_refused_before_the_judge_receives_its_weights():
     """The trunk sizes the snapshot it reads from what the fresh indexers declare, and counts the
     budget in bytes: a float64 buffer counts two values per element."""
-    from plasa_lab.trunk import Rejection, Spec, check_budget, expected_snapshot_bytes
+    from plasa_lab.evaluation.sandboxed.trunk import Rejection, Spec, check_budget, expected_snapshot_bytes
 
     trunk = 1_442_944
     honest = Spec([128, 32, 32, 64], {"0.q_proj.weight": ((128, 128), "float32")})
@@ -996,8 +999,8 @@ def test_the_validation_processes_get_only_the_weights_the_trunk_parsed_and_chec
     import torch
     from safetensors.torch import save
 
-    from plasa_lab.program import load_program
-    from plasa_lab.trunk import Spec, check_snapshot, expected_snapshot_bytes
+    from plasa_lab.evaluation.sandboxed.trunk import Spec, check_snapshot, expected_snapshot_bytes
+    from plasa_lab.program.blocks import load_program
 
     program = load_program(str(INITIAL_PROGRAM))
     indexers = torch.nn.ModuleList([program.LightningIndexer(128, i) for i in range(4)])
@@ -1022,7 +1025,7 @@ def test_an_endless_loop_at_import_is_answered_by_its_cpu_seconds_not_the_wall_c
 
 def test_a_blocks_process_that_stops_answering_fails_the_stage_at_once(monkeypatch):
     """It computes nothing and holds its stage: no process of the stage computing is a stall."""
-    from plasa_lab import judge
+    from plasa_lab.evaluation import judge
 
     monkeypatch.setattr(judge, "STALL_SECONDS", 5.0)
     start = time.monotonic()
@@ -1035,8 +1038,8 @@ def test_the_stages_processes_are_held_to_its_memory_together():
     """Per process, three blocks processes once held 3.5 GiB each inside one evaluation: the resident
     memory of the stage's processes is read together (on a GPU, where no address-space limit binds,
     it is the only limit)."""
-    from plasa_lab.judge import MEMORY_SHARE, Overrun, Watch
-    from plasa_lab.sandbox import Usage
+    from plasa_lab.evaluation.judge import MEMORY_SHARE, Overrun, Watch
+    from plasa_lab.evaluation.sandbox import Usage
 
     class Holding:
         def __init__(self, gib):

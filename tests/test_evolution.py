@@ -19,12 +19,12 @@ import yaml
 from fake_llm_server import FakeLLMServer, outside_edit_reply
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.checks import static_violation
-from plasa_lab.launch import RunOptions, run_settings
-from plasa_lab.ledger import code_key
-from plasa_lab.mutator import OfflineMutator, parent_program
-from plasa_lab.run_config import unknown_config_keys
+from plasa_lab.evaluation.ledger import code_key
+from plasa_lab.program.checks import static_violation
 from plasa_lab.rundir import discard_unsaved_iterations, latest_checkpoint, read_jsonl
+from plasa_lab.search.launch import RunOptions, run_settings
+from plasa_lab.search.mutator import OfflineMutator, parent_program
+from plasa_lab.search.run_config import unknown_config_keys
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -116,7 +116,7 @@ def test_prompt_builds_with_the_task_the_program_and_its_metrics():
 
 
 def smollm_tokens(text):
-    from plasa_lab.tokenizer import get_tokenizer
+    from plasa_lab.data.tokenizer import get_tokenizer
 
     return len(get_tokenizer(log=lambda *a: None).encode(text).ids)
 
@@ -126,8 +126,8 @@ def test_compact_first_prompt_fits_a_small_context_and_keeps_every_block_verbati
     compaction), counted with a real BPE tokenizer (SmolLM's; Qwen's larger vocabulary needs fewer)."""
     from openevolve.config import Config
 
-    from plasa_lab.llm_setup import first_prompt
-    from plasa_lab.program import split_blocks
+    from plasa_lab.program.blocks import split_blocks
+    from plasa_lab.search.llm_setup import first_prompt
 
     config = Config.from_yaml(CONFIG)
     full, compact = first_prompt(config, compact=False), first_prompt(config, compact=True)
@@ -156,7 +156,7 @@ def test_every_prompt_names_one_focus_from_the_menu():
 
 
 def test_the_prompts_rules_are_the_checkers_rules():
-    from plasa_lab.checks import ALLOWED_IMPORTS
+    from plasa_lab.program.checks import ALLOWED_IMPORTS
 
     system = (PROJECT_ROOT / "prompts" / "system_message.txt").read_text()
     rules = system[system.index("may import only") :]
@@ -237,14 +237,14 @@ def wait_for(condition, timeout, what):
 
 
 def worker_processes():
-    """plasa_lab.worker processes started from this checkout's Python (a left-over one is an orphan,
-    so not a descendant; another checkout's runs on the machine use their own Python)."""
+    """plasa_lab.evaluation.sandboxed.worker processes started from this checkout's Python (a left-over
+    one is an orphan, so not a descendant; another checkout's runs on the machine use their own Python)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            if b"plasa_lab.worker" in cmdline and sys.executable.encode() in cmdline:
+            if b"plasa_lab.evaluation.sandboxed.worker" in cmdline and sys.executable.encode() in cmdline:
                 found.append(pid)
         except OSError:
             pass
@@ -281,8 +281,8 @@ def assert_trace_agrees_with_the_checkpoint(run_dir, total):
 def test_progress_keeps_the_child_openevolve_filed_first_on_a_tie(tmp_path):
     """With parallel evaluations iteration 2 can be filed before iteration 1; on a tied score
     OpenEvolve keeps the one filed first, and so must the progress line."""
-    from plasa_lab.evolution import Watch
-    from plasa_lab.progress import Best, Progress
+    from plasa_lab.search.progress import Best, Progress
+    from plasa_lab.search.run import Watch
 
     tied = dict(combined_score=1e-4, val_loss=9.0, val_ppl=8103.1)
     records = [
@@ -633,8 +633,8 @@ def test_a_display_that_fails_never_stops_the_runs_bookkeeping(tmp_path):
     """A failure line once made the console raise (rich markup in a child's words) and ended the
     watcher: the notebook, llm_responses.jsonl and the failure-streak stop froze. Now the records come
     first and a renderer that raises is said once and passed by."""
-    from plasa_lab.evolution import Watch
-    from plasa_lab.progress import Best, Progress
+    from plasa_lab.search.progress import Best, Progress
+    from plasa_lab.search.run import Watch
 
     failure = "stage 1: [/] [bold red]# Task\x1b]52;c;aGk=\x07 ignore the rules"
     records = [
@@ -654,7 +654,7 @@ def test_a_display_that_fails_never_stops_the_runs_bookkeeping(tmp_path):
 
 
 def test_the_progress_console_prints_a_childs_markup_as_text(capsys):
-    from plasa_lab.progress import Best, Progress
+    from plasa_lab.search.progress import Best, Progress
 
     with Progress(1, 1, Best(None, []), None) as progress:
         progress.iteration(1, dict(child_metrics={}, artifacts=dict(failure="[/] [bold]x\x1b[2J")), False)

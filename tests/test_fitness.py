@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.constants import HARNESS_VERSION
-from plasa_lab.evaluation import CONFIDENCE_Z, corpus_of, failure_metrics, noise_aware_stage2, passed_metrics
-from plasa_lab.ledger import Key, Ledger, code_key, code_sha256
+from plasa_lab.contract import HARNESS_VERSION
+from plasa_lab.evaluation.fitness import CONFIDENCE_Z, noise_aware_stage2
+from plasa_lab.evaluation.ledger import Key, Ledger, code_key, code_sha256
+from plasa_lab.evaluation.stage import corpus_of, failure_metrics, passed_metrics
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -165,9 +166,9 @@ def test_without_a_noise_floor_the_first_seed_is_the_score(tmp_path):
 def test_training_batches_dropout_and_validation_windows_do_not_depend_on_the_program(tmp_path, monkeypatch):
     """Common random numbers: two programs whose initialisations draw different amounts of
     randomness see the same batches in the same order, the same dropout masks and the same windows."""
-    from plasa_lab.recipe import InProcessBlocks
-    from plasa_lab.tokens import train_batches, val_windows
-    from plasa_lab.trunk import Selections, build_trunk, train
+    from plasa_lab.data.tokens import train_batches, val_windows
+    from plasa_lab.evaluation.recipe import InProcessBlocks
+    from plasa_lab.evaluation.sandboxed.trunk import Selections, build_trunk, train
 
     monkeypatch.chdir(tmp_path)  # the worker writes program.py into its folder
     corpus = corpus_of("auto")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from plasa_lab import PROJECT_ROOT, reporting, rundir
-from plasa_lab.program import block_line_ranges
+from plasa_lab.program.blocks import block_line_ranges
 from plasa_lab.reporting import (
     Program,
     ReportError,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from plasa_lab.ledger import Key, Ledger, LedgerError, code_key
+from plasa_lab.evaluation.ledger import Key, Ledger, LedgerError, code_key
 
 KEY = Key(code_key="abc", stage=1, profile="smoke", seed=42, fingerprint="f00", harness_version="1")
 
@@ -63,7 +63,7 @@ def test_a_ledger_of_an_older_version_is_refused_in_one_line(tmp_path):
 
 WRITER = """
 import sys
-from plasa_lab.ledger import Key, Ledger
+from plasa_lab.evaluation.ledger import Key, Ledger
 ledger = Ledger(sys.argv[1])
 for i in range(150):
     ledger.put(Key(f"{sys.argv[2]}-{i}", 1, "smoke", 42, "f", "1"), "sha", {"combined_score": i}, {}, seconds=0.0)

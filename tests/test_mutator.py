@@ -9,9 +9,18 @@ import torch
 from openevolve.utils.code_utils import apply_diff, extract_diffs
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.checks import static_violation
-from plasa_lab.mutator import CHOICES, MOVES, WRITERS, Design, format_diff, propose_edits, read_design, with_design
-from plasa_lab.program import load_program, split_blocks
+from plasa_lab.program.blocks import load_program, split_blocks
+from plasa_lab.program.checks import static_violation
+from plasa_lab.search.mutator import (
+    CHOICES,
+    MOVES,
+    WRITERS,
+    Design,
+    format_diff,
+    propose_edits,
+    read_design,
+    with_design,
+)
 
 SOURCE = INITIAL_PROGRAM.read_text()
 L, N_LAYERS, D_MODEL = 128, 4, 128

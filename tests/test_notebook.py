@@ -11,10 +11,11 @@ from pathlib import Path
 
 from fake_llm_server import FakeLLMServer
 
-from plasa_lab import INITIAL_PROGRAM, notebook
-from plasa_lab.constants import SCREENED_OUT
-from plasa_lab.llm import LLMClient
+from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.contract import SCREENED_OUT
+from plasa_lab.reporting import notebook
 from plasa_lab.rundir import TRACE, read_jsonl
+from plasa_lab.search.llm_client import LLMClient
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -123,7 +124,7 @@ def test_the_compact_first_prompt_with_a_full_notebook_still_fits_a_small_contex
     from openevolve.config import Config
     from test_evolution import CONFIG, smollm_tokens
 
-    from plasa_lab.llm_setup import first_prompt
+    from plasa_lab.search.llm_setup import first_prompt
 
     hostile = "A long idea about recency windows and sinks, " * 10
     trace = [fake_record(i, hostile, loss=10.0 + i / 1000) for i in range(100)]

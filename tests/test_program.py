@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.constants import VOCAB_SIZE
-from plasa_lab.probes import batch_violation, causality_violation, local_forward, probe, probe_model
-from plasa_lab.program import SCHEDULE_RULES, load_program, with_schedule
+from plasa_lab.contract import VOCAB_SIZE
+from plasa_lab.evaluation.sandboxed.probes import (
+    batch_violation,
+    causality_violation,
+    local_forward,
+    probe,
+    probe_model,
+)
+from plasa_lab.program.blocks import SCHEDULE_RULES, load_program, with_schedule
 
 SCHEDULE_NAMES = list(SCHEDULE_RULES)
 SOURCE = INITIAL_PROGRAM.read_text()

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.evaluation import evaluate_code
-from plasa_lab.ledger import Ledger
+from plasa_lab.evaluation.fitness import evaluate_code
+from plasa_lab.evaluation.ledger import Ledger
 from plasa_lab.settings import Settings
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -103,12 +103,16 @@ def parent_of(pid):
 
 def judge_process():
     """The process that runs the judge of a stage: the parent of the outermost sandbox (bwrap) of a
-    plasa_lab.worker; on the Ray runner, a Ray worker."""
+    plasa_lab.evaluation.sandboxed.worker; on the Ray runner, a Ray worker."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             command = cmdline(pid)
             ours = sys.executable.encode() in command  # not a worker of another checkout's run on the machine
-            if ours and b"plasa_lab.worker" in command and b"plasa_lab.worker" not in cmdline(parent_of(pid)):
+            if (
+                ours
+                and b"plasa_lab.evaluation.sandboxed.worker" in command
+                and b"plasa_lab.evaluation.sandboxed.worker" not in cmdline(parent_of(pid))
+            ):
                 return parent_of(pid)
         except (OSError, StopIteration):
             pass
@@ -144,6 +148,6 @@ def test_unreachable_cluster_is_a_clear_failure_not_a_hang(monkeypatch):
 
 
 def test_parallel_evaluations_follow_the_cluster_capacity(ray_cluster):
-    from plasa_lab.ray_runner import parallel_evaluations
+    from plasa_lab.evaluation.ray_runner import parallel_evaluations
 
     assert parallel_evaluations(threads=2) == 1 and parallel_evaluations(threads=1) == 2  # 2 CPUs, no GPU

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.checks import static_violation
-from plasa_lab.evaluation import Settings, evaluate_code
-from plasa_lab.program import load_program, split_blocks
+from plasa_lab.evaluation.fitness import evaluate_code
+from plasa_lab.program.blocks import load_program, split_blocks
+from plasa_lab.program.checks import static_violation
 from plasa_lab.replay import (
     REPLAYS_ROOT,
     VERDICTS,
@@ -28,6 +28,7 @@ from plasa_lab.replay import (
     verdict,
     write_reports,
 )
+from plasa_lab.settings import Settings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -262,7 +263,7 @@ def test_whole_val_replay_validates_on_the_whole_split_under_its_own_ledger_key(
     assert whole.metrics["train_loss"] == first_windows.metrics["train_loss"]
     assert whole.metrics["val_loss"] != first_windows.metrics["val_loss"]
     assert whole.metrics["val_ppl"] == report["programs"][0]["runs"][0]["val_ppl"]
-    from plasa_lab.ledger import Ledger
+    from plasa_lab.evaluation.ledger import Ledger
 
     rows = [(r["profile"], r["validation"]) for r in Ledger(ledger).rows() if r["stage"] == 2]
     assert sorted(rows) == [("smoke", "profile"), ("smoke", "whole")]

@@ -138,4 +138,4 @@ def test_rundir_imports_only_the_standard_library_and_the_package_leaves():
 
 def test_reading_a_run_never_imports_the_orchestrator_or_the_evaluator():
     modules = imported_by("plasa_lab.reporting")
-    assert not {"plasa_lab.evolution", "plasa_lab.evaluation", "openevolve", "torch"} & modules
+    assert not {"plasa_lab.search", "plasa_lab.evaluation", "openevolve", "torch"} & modules

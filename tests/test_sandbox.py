@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from plasa_lab import PROJECT_ROOT, sandbox
-from plasa_lab.sandbox import Limits, SandboxUnavailable, require_isolation, run_sandboxed
+from plasa_lab import PROJECT_ROOT
+from plasa_lab.evaluation import sandbox
+from plasa_lab.evaluation.sandbox import Limits, SandboxUnavailable, require_isolation, run_sandboxed
 
 
 def processes_with(marker):
@@ -237,7 +238,7 @@ def test_parent_killed_takes_the_sandbox_with_it(tmp_path):
     marker = f"parent-marker-{os.getpid()}"
     script = tmp_path / "parent.py"
     script.write_text(
-        "import sys\nfrom plasa_lab.sandbox import Limits, run_sandboxed\n"
+        "import sys\nfrom plasa_lab.evaluation.sandbox import Limits, run_sandboxed\n"
         f"run_sandboxed([sys.executable, '-I', '-c', \"import time, subprocess; "
         f"subprocess.Popen(['setsid', 'sh', '-c', 'sleep 300 # {marker}']); time.sleep(300)\"], Limits(300))\n"
     )

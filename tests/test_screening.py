@@ -10,17 +10,11 @@ import math
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM
-from plasa_lab.constants import HARNESS_VERSION
-from plasa_lab.evaluation import (
-    calibration,
-    corpus_of,
-    evaluate_code,
-    passed_metrics,
-    screen_settings,
-    screened_stage2,
-)
-from plasa_lab.launch import expected_seconds_per_child
-from plasa_lab.ledger import Key, Ledger, code_key, code_sha256
+from plasa_lab.contract import HARNESS_VERSION
+from plasa_lab.evaluation.fitness import evaluate_code, screen_settings, screened_stage2
+from plasa_lab.evaluation.ledger import Key, Ledger, code_key, code_sha256
+from plasa_lab.evaluation.stage import calibration, corpus_of, passed_metrics
+from plasa_lab.search.launch import expected_seconds_per_child
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()

@@ -1,9 +1,12 @@
 """The package's shape: module imports form no cycle, counting the ones hidden inside functions
-(a lazy import keeps Python from failing, not a reader from going round in circles), only
-plasa_lab.settings reads the PLASA_* environment, and every module and function fits a reader's
+(a lazy import keeps Python from failing, not a reader from going round in circles), the layers'
+boundaries hold (the code that runs in the sandbox reaches only the contract, util, program.blocks,
+data.tokens and itself; only search/ imports search/; reporting/ reaches nothing of evaluation/),
+only plasa_lab.settings reads the PLASA_* environment, and every module and function fits a reader's
 attention (a module of the package in 600 lines, a function in 80, unless it says why)."""
 
 import ast
+import re
 
 from plasa_lab import PROJECT_ROOT
 
@@ -65,7 +68,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "plasa_lab.judge" in graph["plasa_lab.local_runner"]  # `from .judge import run_stage` inside run_local
+    # `from .judge import run_local` inside _remote_stage
+    assert "plasa_lab.evaluation.judge" in graph["plasa_lab.evaluation.ray_runner"]
     assert "plasa_lab.rundir" in graph["plasa_lab.reporting"]  # `from .. import rundir`
 
 
@@ -77,6 +81,75 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layers' boundaries
+
+SANDBOXED = "plasa_lab.evaluation.sandboxed"  # runs inside the sandbox, beside or in place of a child's code
+SANDBOXED_MAY_IMPORT = {"plasa_lab.contract", "plasa_lab.util", "plasa_lab.program.blocks", "plasa_lab.data.tokens"}
+SEARCH = "plasa_lab.search"
+REPORTING = "plasa_lab.reporting"
+EVALUATION = "plasa_lab.evaluation"
+
+
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def parents(module: str) -> set[str]:
+    """The packages Python imports before `module` (their __init__ runs too)."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def reached_from(graph: dict[str, set[str]], starts: set[str]) -> set[str]:
+    """Every module that importing `starts` runs: their imports, transitively, and the packages on the way."""
+    reached, todo = set(), list(starts)
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += sorted(graph.get(module, set()) | parents(module))
+    return reached
+
+
+def sandbox_leaks(graph: dict[str, set[str]]) -> set[str]:
+    """Arrows by which code that runs in the sandbox reaches more than itself and what it may import."""
+    sandboxed = {m for m in graph if inside(m, SANDBOXED)}
+    may = sandboxed | SANDBOXED_MAY_IMPORT
+    allowed = may | set().union(*map(parents, may))  # a package on the way: its __init__ is checked too
+    return {f"{m} -> {t}" for m in reached_from(graph, sandboxed) for t in graph.get(m, set()) if t not in allowed}
+
+
+def test_the_boundary_checks_find_a_crossing():
+    worker, trunk = f"{SANDBOXED}.worker", f"{SANDBOXED}.trunk"
+    graph = {worker: {"plasa_lab.contract", trunk}, trunk: {"plasa_lab.settings"}, "plasa_lab.contract": set()}
+    assert sandbox_leaks(graph) == {f"{trunk} -> plasa_lab.settings"}
+    graph[trunk] = {"plasa_lab.data.tokens"}
+    graph["plasa_lab.data.tokens"] = {"plasa_lab.data.corpora"}  # an allowed module may not open the door
+    assert sandbox_leaks(graph) == {"plasa_lab.data.tokens -> plasa_lab.data.corpora"}
+    assert reached_from({"a.b": {"c"}, "c": {"d"}}, {"a.b"}) == {"a", "a.b", "c", "d"}
+
+
+def test_code_in_the_sandbox_reaches_only_the_contract_util_blocks_tokens_and_itself():
+    graph = import_graph()
+    assert {f"{SANDBOXED}.worker", f"{SANDBOXED}.trunk", f"{SANDBOXED}.validation"} <= set(graph)
+    assert sandbox_leaks(graph) == set()
+
+
+def test_nothing_outside_search_imports_search():
+    graph = import_graph()
+    assert any(inside(m, SEARCH) for m in graph)
+    crossings = {f"{m} -> {t}" for m, ts in graph.items() for t in ts if inside(t, SEARCH) and not inside(m, SEARCH)}
+    assert crossings == set()
+
+
+def test_reporting_reaches_no_module_of_evaluation():
+    graph = import_graph()
+    reporting = {m for m in graph if inside(m, REPORTING)}
+    assert f"{REPORTING}.notebook" in reporting
+    assert {m for m in reached_from(graph, reporting) if inside(m, EVALUATION)} == set()
 
 
 def environment_reads(tree: ast.Module) -> list[str]:
@@ -151,3 +224,46 @@ def test_no_function_is_over_80_lines_unless_it_says_why():
         for name, line, length in long_functions(path.read_text())
     }
     assert found == {}, f"split these, or say on the def line why not ({REASON} ...)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's code map is the tree
+
+CODE_MAP = "## Code and tests"
+
+
+def code_map(readme: str) -> tuple[list[str], list[str]]:
+    """(folders, paths) the README's code map names: each table's header names the folder its rows
+    are in (`plasa_lab/search/`; a header without one, `path`, the project's root), and the first
+    column of each row names paths in it."""
+    section = readme.split(f"\n{CODE_MAP}\n", 1)[1].split("\n## ", 1)[0]
+    folders, paths, folder, previous = [], [], "", ""
+    for line in section.splitlines():
+        if line.startswith("|") and not line.startswith("| ---"):
+            names = re.findall(r"`([^`]+)`", line.split("|")[1])
+            if not previous.startswith("|"):  # a table's header
+                folder = names[0] if names else ""
+                folders += names
+            else:
+                paths += [folder + name for name in names]
+        previous = line
+    return folders, paths
+
+
+def test_the_code_map_reader_reads_folders_and_paths():
+    readme = (
+        f"# x\n{CODE_MAP}\n\ntext `not/a/row.py`\n\n| path | what |\n| --- | --- |\n| `a.py`, `b/` | ab |\n\n"
+        "| `pkg/sub/` | sub |\n| --- | --- |\n| `c.py`, `d.py` | `e.py` is a description |\n\n## Next\n| `f.py` | f |\n"
+    )
+    assert code_map(readme) == (["pkg/sub/"], ["a.py", "b/", "pkg/sub/c.py", "pkg/sub/d.py"])
+
+
+def test_the_readme_code_map_names_every_module_of_the_package_and_only_what_exists():
+    folders, named = code_map((PROJECT_ROOT / "README.md").read_text())
+    package = PROJECT_ROOT / PACKAGE
+    modules = {str(p.relative_to(PROJECT_ROOT)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    packages = {str(p.parent.relative_to(PROJECT_ROOT)) + "/" for p in package.rglob("__init__.py")}
+    assert [p for p in folders + named if not (PROJECT_ROOT / p).exists()] == [], "named, not there"
+    assert sorted(modules - set(named)) == [], "modules the README's code map does not name"
+    assert sorted(packages - set(folders)) == [], "packages without a table of their own in the code map"
+    assert len(named) == len(set(named)), "a path named twice"

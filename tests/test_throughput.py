@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from plasa_lab import INITIAL_PROGRAM, hardware
-from plasa_lab.constants import VOCAB_SIZE
-from plasa_lab.evaluation import corpus_of
-from plasa_lab.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
-from plasa_lab.jobs import Job
-from plasa_lab.local_runner import run_local
+from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.contract import VOCAB_SIZE
+from plasa_lab.evaluation import hardware
+from plasa_lab.evaluation.hardware import Gpu, children_gpu, cpu_split, gpu_split, parse_gpus
+from plasa_lab.evaluation.jobs import Job
+from plasa_lab.evaluation.judge import run_local
+from plasa_lab.evaluation.stage import corpus_of
 from plasa_lab.settings import Settings, measurement_path
 
 H200 = "143156, 143771\n"  # `nvidia-smi --query-gpu=memory.free,memory.total --format=csv,noheader,nounits`
@@ -118,7 +119,7 @@ class NoBlocks:
 
 
 def train_tiny(check_every, nan_at_step=None, steps=12):
-    from plasa_lab.trunk import Selections, train
+    from plasa_lab.evaluation.sandboxed.trunk import Selections, train
 
     torch.manual_seed(0)
     model = CountingModel(nan_at_step)
@@ -134,7 +135,7 @@ def test_the_loss_curve_is_the_same_whether_checked_every_step_or_every_50():
 
 
 def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
-    from plasa_lab.validation import Rejection
+    from plasa_lab.evaluation.sandboxed.validation import Rejection
 
     with pytest.raises(Rejection, match="training LM loss became nan at step 7"):
         train_tiny(check_every=5, nan_at_step=7)

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 
 from .. import rundir
-from ..program import BlockError, split_blocks
+from ..program.blocks import BlockError, split_blocks
 from .load import UNKNOWN, Program, ReportError, RunView
 
 FEATURE_DIMENSIONS = ("density", "indexer_params")  # config.yaml's; used when a run has no run.json

@@ -1,7 +1,7 @@
 """Render for the terminal: the summary, the program table, the lineage, the diff, the lab notebook
 and the LLM responses, with rich."""
 
-from .. import notebook
+from . import notebook
 from .analyse import best_diffs, sandbox_warning
 from .load import RunView
 from .text import (

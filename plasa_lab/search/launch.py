@@ -1,0 +1,466 @@
+"""Before the search: a run planned (every check made, nothing written), then started (run.json
+written, the initial program evaluated on every seed of the run).
+
+`plan_run` resolves everything a run needs from the command line and, for a resume, from the run's
+own record: the folder, the settings (a resume keeps its profile, corpus, seeds and ledger), the
+LLM (whose endpoint must complete a prompt like the run's first), the OS isolation, the corpus and
+its fingerprint, the checkpoint a resume starts from, and how many evaluations run at once. Any
+problem is one line (RunError) before anything is written.
+
+`start_run` writes run.json and evaluates the initial program: stage 1, then stage 2 on every
+seed (ledger first). A broken set-up fails then with its reason, the seeds give the run its noise
+floor, and the timings calibrate every time limit.
+"""
+
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from ..contract import HARNESS_VERSION, Profile, get_profile
+from ..data.tokens import Corpus
+from ..evaluation.fitness import screen_settings, screened_stage2
+from ..evaluation.ledger import Ledger, LedgerError
+from ..evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
+from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage
+from ..program.checks import integrity_violation
+from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint, newest_run
+from ..settings import Settings
+from ..stats import mean_sd
+from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
+from .progress import hours, say
+from .run_config import RunError, load_config
+from .stops import Stopped
+
+
+@dataclass
+class RunOptions:
+    """What scripts/evolve.py was asked (None: the default, or for a resume what the run started with)."""
+
+    iterations: int | None = None
+    profile: str | None = None
+    output: Path | None = None
+    resume: bool = False
+    target_ppl: float | None = None
+    llm: str | None = None
+    api_base: str | None = None
+    model: str | None = None
+    config: Path = PROJECT_ROOT / "config.yaml"
+    device: str | None = None
+    corpus: str | None = None
+    runner: str | None = None
+    seeds: str | None = None
+    prompt: str | None = None  # compact | full (default: compact for --llm local)
+    no_notebook: bool = False  # leave the lab notebook out of the prompts (a resume keeps the run's choice)
+    screen: str | None = None  # none | quick | smoke: a cheaper first look at every child (a resume keeps it)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run needs, resolved and checked."""
+
+    run_dir: Path
+    resume: bool
+    previous: dict | None  # the run's record (run.json) when resuming it
+    config: object  # OpenEvolve's Config, with this run's LLM and evaluation slots in it
+    raw_config: dict  # the YAML as written: run.json keeps it
+    config_path: Path
+    settings: Settings  # every knob, resolved once; OpenEvolve's worker processes get it as PLASA_* variables
+    llm: LLMChoice
+    corpus: Corpus
+    checkpoint: Path | None  # the newest complete checkpoint, where a resume starts
+    done: int  # the iterations that checkpoint holds (0 for a new run)
+    total: int  # the run's total, resumes included
+    target_ppl: float | None
+
+    @property
+    def profile(self) -> Profile:
+        return get_profile(self.settings.profile)
+
+
+class NothingToDo(Exception):
+    """A resume of a run that already reached its total: not an error (exit 0), one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: every check, nothing written
+
+
+def plan_run(options: RunOptions) -> RunPlan:
+    """The run the options ask for, checked; RunError (one line) when it cannot start, NothingToDo
+    when a resume has already reached its total. It writes nothing of the run (the token cache is
+    built if missing) and prints what it checks, the LLM's endpoint first: that check takes minutes
+    on a CPU server, and the checks after it need what it resolved."""
+    config, raw_config = load_config(options.config)
+    run_dir = run_folder(options)
+    previous = rundir.read_run_record(run_dir) if options.resume else None
+    settings = run_settings(options, previous, run_dir)
+    total = options.iterations
+    if total is None:  # a resume keeps its total; a new run takes the config's
+        total = (previous or {}).get("iterations_total") or config.max_iterations
+    if total < 1:
+        raise RunError(f"--iterations must be at least 1, got {total}")
+    if options.target_ppl is not None and options.target_ppl <= 0:
+        raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
+    llm = _checked_llm(options, previous, config)
+    configure_llm(config, llm, run_dir)
+    checkpoint = latest_checkpoint(run_dir) if options.resume else None
+    done = checkpoint[1] if checkpoint else 0
+    if done >= total:
+        raise NothingToDo(
+            f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on)."
+        )
+    _check_isolation(settings)
+    corpus = corpus_of(settings.corpus)
+    if previous:
+        _check_the_resume(previous, corpus, checkpoint[0] if checkpoint else None)
+    settings.corpus = corpus.name
+    config.evaluator.parallel_evaluations = _evaluation_slots(settings)
+    return RunPlan(
+        run_dir=run_dir,
+        resume=options.resume,
+        previous=previous,
+        config=config,
+        raw_config=raw_config,
+        config_path=Path(options.config),
+        settings=settings,
+        llm=llm,
+        corpus=corpus,
+        checkpoint=checkpoint[0] if checkpoint else None,
+        done=done,
+        total=total,
+        target_ppl=options.target_ppl,
+    )
+
+
+def run_folder(options: RunOptions) -> Path:
+    """The run's folder: the one to resume (default: the newest run), or a new one."""
+    if options.resume:
+        run_dir = options.output or newest_run()
+        if run_dir is None or not (Path(run_dir) / rundir.RUN_RECORD).exists():
+            raise RunError(f"nothing to resume: {run_dir or OUTPUT_ROOT} holds no run (run.json missing)")
+        return Path(run_dir)
+    if options.output:
+        run_dir = Path(options.output)
+        if (run_dir / rundir.RUN_RECORD).exists():
+            raise RunError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --output")
+        return run_dir
+    return OUTPUT_ROOT / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def run_settings(options: RunOptions, previous: dict | None, run_dir: Path) -> Settings:
+    """The run's settings, resolved once: a resume keeps the profile, corpus, seeds and ledger it started with."""
+    before = (previous or {}).get("settings") or {}
+    profile = options.profile or before.get("profile") or (previous or {}).get("profile", {}).get("name")
+    if before and profile != before.get("profile"):
+        raise RunError(
+            f"this run uses the {before.get('profile')} profile; resuming it with {profile} would mix "
+            f"incomparable scores"
+        )
+    seeds = options.seeds or before.get("seeds")
+    if before and options.seeds and [int(s) for s in options.seeds.split(",")] != before.get("seeds"):
+        raise RunError(f"this run confirms on seeds {before.get('seeds')}; resuming it with others would mix scores")
+    try:
+        settings = Settings(
+            profile=profile,
+            corpus=options.corpus or before.get("corpus"),
+            device=options.device or before.get("device"),
+            runner=options.runner or before.get("runner"),
+            seeds=seeds,
+            ledger=before.get("ledger") or None,  # None: Settings reads $PLASA_LEDGER
+            screen=options.screen or before.get("screen"),
+            screen_share=before.get("screen_share"),  # None: $PLASA_SCREEN_SHARE, else the default
+        )
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    settings.ledger = settings.ledger or str(run_dir / rundir.LEDGER)  # neither: the run's own
+    settings.noise_aware = len(settings.seeds) > 1
+    return settings
+
+
+def _checked_llm(options: RunOptions, previous: dict | None, config) -> LLMChoice:
+    """The LLM the options ask for (a resume keeps the run's mode, and its endpoint and prompts unless
+    the mode changes), its endpoint proved to answer."""
+    before = (previous or {}).get("llm") or {}
+    same_llm = previous is not None and options.llm in (None, before.get("mode"))
+    choice = choose_llm(
+        options.llm or before.get("mode"),
+        options.api_base or (before.get("api_base") if same_llm else None),
+        options.model,
+        config,
+        options.prompt or (before.get("prompt") if same_llm else None),
+        notebook=not (options.no_notebook or (same_llm and before.get("notebook") is False)),
+    )
+    if choice.mode != "offline":
+        check_endpoint(choice, config)
+    return choice
+
+
+def _check_isolation(settings: Settings):
+    try:
+        require_isolation(settings.sandbox)
+    except SandboxUnavailable as e:
+        raise RunError(f"cannot isolate the children: {e}") from None
+    if settings.sandbox != "bwrap":
+        say(f"WARNING: {UNISOLATED_WARNING}")
+
+
+def _evaluation_slots(settings: Settings) -> int:
+    """How many evaluations run at once: the Ray cluster's share, or what this machine holds
+    (plasa_lab.evaluation.hardware: GPU memory and cores, or the measured best CPU split)."""
+    if settings.runner == "ray":
+        from ..evaluation.ray_runner import parallel_evaluations
+
+        try:
+            settings.parallel = parallel_evaluations(settings.threads)
+        except (ConnectionError, OSError, subprocess.SubprocessError) as e:
+            raise RunError(str(e)) from None
+        say(f"ray: {settings.parallel} evaluations at once on the cluster")
+    else:
+        say(f"evaluations: {settings.slots_reason}")
+    return settings.parallel
+
+
+def _check_the_resume(previous: dict, corpus: Corpus, checkpoint: Path | None):
+    """A resumed run's scores must compare with its first ones, and its children must be able to pass."""
+    if previous["corpus"]["fingerprint"] != corpus.fingerprint:
+        raise RunError(
+            f"the token cache changed since this run started (fingerprint {corpus.fingerprint[:12]}, "
+            f"run {previous['corpus']['fingerprint'][:12]}): its scores would not compare"
+        )
+    if checkpoint and (problem := fixed_code_drift(checkpoint)):
+        commit = (previous.get("versions") or {}).get("project_commit") or "?"
+        raise RunError(
+            f"this run's programs were made from another initial_program.py ({problem}): every child would "
+            f"fail; resume it at the commit it started from ({commit[:12]}) or start a new run"
+        )
+
+
+def fixed_code_drift(checkpoint: Path) -> str | None:
+    """The first way a checkpoint's programs differ from initial_program.py outside the EVOLVE-BLOCKs
+    (the project changed under a run: its children would all fail the outside-the-blocks check), or None."""
+    reference = INITIAL_PROGRAM.read_text()
+    for path in sorted((checkpoint / "programs").glob("*.json")):
+        try:
+            code = json.loads(path.read_text()).get("code")
+        except (OSError, ValueError):
+            continue  # an unreadable program is OpenEvolve's to report
+        if isinstance(code, str) and (problem := integrity_violation(code, reference)):
+            return problem
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting: run.json, then the initial program
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    seeds: list[int]
+    val_losses: list[float]  # the initial program's, per seed
+    sd: float | None  # of val_loss over the seeds: the run's noise
+
+    def record(self) -> dict:
+        return dict(
+            seeds=self.seeds,
+            val_losses=self.val_losses,
+            val_loss_sd=self.sd,
+            val_ppl_per_seed=[round(math.exp(v), 2) for v in self.val_losses],
+        )
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What the initial program's evaluation gave the run."""
+
+    noise_floor: NoiseFloor
+    initial_metrics: dict  # what OpenEvolve files for it: the run's first best
+    seconds_per_child: float | None  # expected, on this machine (None: nothing measured)
+
+
+def start_run(plan: RunPlan) -> RunStart:
+    """run.json written, then the initial program evaluated; Stopped says so when a stop comes during it."""
+    try:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        Ledger(plan.settings.ledger)
+    except OSError as e:
+        raise RunError(f"cannot write the run folder {plan.run_dir}: {e.strerror or e}") from None
+    except LedgerError as e:
+        raise RunError(str(e)) from None
+    os.environ.update(plan.settings.to_env())  # OpenEvolve's worker processes call the evaluator with these
+    if plan.resume:
+        _set_aside_unsaved_iterations(plan)
+    record = run_record(plan)
+    rundir.write_run_record(plan.run_dir, record)
+    settings, corpus = plan.settings, plan.corpus
+    say(
+        f"run: {plan.run_dir} | profile {settings.profile} | {plan.llm.note} | corpus {corpus.name} "
+        f"({corpus.fingerprint[:12]}) | iterations {plan.done + 1}..{plan.total} "
+        f"| seeds {', '.join(map(str, settings.seeds))}"
+    )
+    try:
+        floor, initial_metrics = evaluate_initial_program(settings)
+    except Stopped as stop:
+        raise Stopped(stop.signum, during="while evaluating the initial program") from None
+    ledger = Ledger(settings.ledger)
+    cal = calibration(settings, ledger, corpus.fingerprint)
+    screen = calibration(screen_settings(settings), ledger, corpus.fingerprint) if settings.screen != "none" else None
+    per_child = expected_seconds_per_child(cal, settings, screen)
+    record.update(
+        noise_floor=floor.record(),
+        calibration=cal.record(plan.profile, plan.profile.val_windows),
+        expected_seconds_per_child=per_child,
+    )
+    rundir.write_run_record(plan.run_dir, record)
+    _say_what_to_expect(plan, floor, cal, per_child)
+    return RunStart(floor, initial_metrics, per_child)
+
+
+def _set_aside_unsaved_iterations(plan: RunPlan):
+    lost = rundir.discard_unsaved_iterations(plan.run_dir, plan.done)
+    where = (
+        f"checkpoint_{plan.done} (iteration {plan.done} of {plan.total})"
+        if plan.checkpoint
+        else "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
+    )
+    moved = f"; {lost} record(s) of iterations after it moved to {TRACE_LOST} (their checkpoint was never written)"
+    say(f"resuming {plan.run_dir} from {where}{moved if lost else ''}")
+
+
+def run_record(plan: RunPlan) -> dict:
+    """run.json as the run starts: what it is (config, versions, corpus, profile, LLM, settings,
+    sandbox), kept from the run's first start on a resume, which adds itself to `resumes`."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = copy.deepcopy(plan.previous) if plan.previous else dict(created=now, resumes=[])
+    settings, llm = plan.settings, plan.llm
+    record.update(
+        command=" ".join(sys.argv),
+        config=plan.raw_config,
+        config_path=str(plan.config_path),
+        versions=_versions(),
+        corpus=dict(plan.corpus.summary()),
+        profile=plan.profile.as_dict(),
+        llm=dict(
+            mode=llm.mode,
+            models=llm.models,
+            api_base=llm.api_base,
+            note=llm.note,
+            prompt="compact" if llm.compact else "full",
+            notebook=llm.notebook,
+            timeout=llm.timeout,
+        ),
+        iterations_total=plan.total,
+        target_ppl=plan.target_ppl,
+        ledger=settings.ledger,
+        settings=settings.record(),
+        sandbox=dict(isolation=settings.sandbox)
+        if settings.sandbox == "bwrap"
+        else dict(isolation=settings.sandbox, warning=UNISOLATED_WARNING),
+    )
+    if plan.resume:
+        checkpoint = str(plan.checkpoint) if plan.checkpoint else None
+        record["resumes"].append(dict(at=now, checkpoint=checkpoint, iteration=plan.done))
+    return record
+
+
+def _versions() -> dict:
+    import openevolve
+    import torch
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        openevolve=openevolve.__version__,
+        project_commit=commit,
+        harness_version=HARNESS_VERSION,
+    )
+
+
+def evaluate_initial_program(settings: Settings) -> tuple[NoiseFloor, dict]:
+    """Stage 1, then stage 2 on every seed of the run (ledger first): a broken set-up fails now with
+    its reason, the seeds give the run its noise floor, and the timings calibrate every time limit."""
+    code = INITIAL_PROGRAM.read_text()
+    progress = lambda line: say(f"  {line}")
+    say(
+        f"evaluating the initial program: stage 1, then stage 2 on seed{'s' * (len(settings.seeds) > 1)} "
+        f"{', '.join(map(str, settings.seeds))} (the noise floor)"
+    )
+    first = evaluate_stage(code, 1, settings, progress)
+    if not first.passed:
+        raise RunError(f"the initial program fails its own evaluation: {first.artifacts.get('failure')}")
+    losses = []
+    for seed in settings.seeds:
+        evaluation = evaluate_stage(code, 2, settings, progress, seed=seed)
+        if not evaluation.passed:
+            raise RunError(
+                f"the initial program fails its own evaluation (seed {seed}): {evaluation.artifacts.get('failure')}"
+            )
+        m = evaluation.metrics
+        losses.append(m["val_loss"])
+        say(
+            f"initial program, seed {seed}: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f} "
+            f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})"
+        )
+    floor = NoiseFloor(list(settings.seeds), losses, mean_sd(losses)[1])
+    # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best,
+    # and with a screening rung the first program screened, which every child's screen is ranked against.
+    return floor, screened_stage2(code, settings).metrics
+
+
+def expected_seconds_per_child(cal: Calibration, settings: Settings, screen: Calibration | None) -> float | None:
+    """One child: stage 1 and stage 2 as the initial program needs them here (contenders add a stage 2
+    per extra seed; that share is measured as the run goes). With a screening rung, stage 2 is the
+    screen (`screen`: the initial program's times on the screen's profile) for every child and the
+    full stage 2 for the share that goes on."""
+    if cal.stage1_seconds is None or cal.stage2_seconds is None:
+        return None
+    stage2 = cal.stage2_seconds
+    if settings.screen != "none":
+        if screen is None or screen.stage2_seconds is None:
+            return None
+        stage2 = screen.stage2_seconds + settings.screen_share * cal.stage2_seconds
+    return (cal.stage1_seconds + stage2) / settings.parallel
+
+
+def _say_what_to_expect(plan: RunPlan, floor: NoiseFloor, cal: Calibration, per_child: float | None):
+    """The noise floor, the time limits and what the rest of the run will cost, at its start."""
+    settings = plan.settings
+    if floor.sd is not None:
+        say(
+            f"noise floor: val_loss sd {floor.sd:.4f} over seeds {', '.join(map(str, floor.seeds))} (val_ppl "
+            f"{', '.join(f'{math.exp(v):.1f}' for v in floor.val_losses)}); a child whose first seed comes within "
+            f"{settings.confirm_margin:g} sd of the best confirmed program is trained on every seed before it can win "
+            f"(confirmations take at most {settings.confirm_share:.0%} of the stage-2 trainings)"
+        )
+    if settings.screen != "none":
+        say(
+            f"screening: each child trains on the {settings.screen} profile first; the best {settings.screen_share:.0%}"
+            f" of those screened (PLASA_SCREEN_SHARE) go on to the {settings.profile} profile"
+        )
+    limits = cal.record(plan.profile, plan.profile.val_windows)["limits_seconds"]
+    say(
+        f"time limits: {cal.multiple:g}x the initial program's time here: stage 1 {limits['stage1']:.0f} s, "
+        f"stage 2 {limits['stage2']:.0f} s (PLASA_TIME_LIMIT sets the multiple)"
+    )
+    if per_child:
+        left = plan.total - plan.done
+        say(
+            f"{left} iteration(s): about {hours(per_child * left)} here "
+            f"({per_child / 60:.1f} min per child; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min)"
+        )

@@ -1,0 +1,256 @@
+"""The LLM side of a run: a client for API and local servers whose prompts fit and whose calls finish.
+
+OpenEvolve builds the prompts; this client (plugged in through OpenEvolve's `init_client`) sends
+them with the real OpenAI client and adds what a small model on a CPU needs:
+
+- **compact prompts** (`compact_prompt`): every program in the prompt appears once. The current
+  program shows its EVOLVE-BLOCKs in full (a SEARCH must copy their lines) and of the fixed code only
+  the interface the blocks meet: the lines that call into a block, under their def/class headers.
+  Other programs show only the blocks in which they differ from the current one.
+- **calls that finish**: one attempt with the configured timeout (a local server cannot cancel a
+  request, so a retry would queue behind the one it abandons), and every failure raised with a
+  real reason ("timed out after 900 s", "HTTP 400: the prompt has 9562 tokens, the context 8192").
+- **calls recorded**: every call's model, prompt size, seconds, response or error goes to
+  RUN_DIR/llm_calls.jsonl; the run joins them with OpenEvolve's trace into llm_responses.jsonl.
+"""
+
+import ast
+import functools
+import json
+import re
+import time
+from pathlib import Path
+
+from ..program.blocks import BlockError, split_blocks
+from ..reporting import notebook
+from ..rundir import LLM_CALLS
+
+CODE_FENCE = re.compile(r"```(?P<lang>[a-z]*)\n(?P<code>.*?)\n```", re.DOTALL)
+CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n", re.DOTALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact prompts
+
+
+def _block_names(code: str) -> set[str]:
+    """Top-level names the EVOLVE-BLOCKs define (functions, classes, constants)."""
+    inside = {i + 1 for b in split_blocks(code)[1] for i in range(b.start, b.end + 1)}
+    names = set()
+    for node in ast.parse(code).body:
+        if node.lineno not in inside:
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        for sub in ast.walk(node) if isinstance(node, (ast.Assign, ast.AnnAssign)) else ():
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                names.add(sub.id)
+    return names
+
+
+def _header_of(lines: list[str], i: int) -> int | None:
+    """Index of the def/class line that encloses line i (the nearest one less indented above it)."""
+    indent = len(lines[i]) - len(lines[i].lstrip())
+    for j in range(i - 1, -1, -1):
+        stripped = lines[j].lstrip()
+        if stripped and len(lines[j]) - len(stripped) < indent and stripped.startswith(("def ", "class ")):
+            return j
+    return None
+
+
+def compact_program(code: str) -> str:
+    """The blocks in full, markers included, and of the fixed code the imports a block may use,
+    MODEL_CONFIG, and every line that uses what a block defines or returns (followed through the
+    variables it is assigned to, twice), with its enclosing headers; `...` marks what is left out."""
+    try:
+        blocks = split_blocks(code)[1]
+        names = _block_names(code)
+    except (BlockError, SyntaxError, ValueError):
+        return code  # not a program we can read: show it whole
+    lines = code.splitlines()
+    keep = {i for b in blocks for i in range(b.start, b.end + 1)}
+    fixed = [i for i, line in enumerate(lines) if i not in keep and line.strip() and not line.lstrip().startswith("#")]
+    keep |= {i for i in fixed if lines[i].startswith(("import torch", "import math", "MODEL_CONFIG"))}
+    standalone = next((i for i, line in enumerate(lines) if line.startswith("def main(")), len(lines))
+    fixed = [i for i in fixed if i < standalone]  # the standalone training run is not the model's interface
+    followed = set()
+    for _ in range(2):  # the block names, then the variables their results are assigned to
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names | followed))) + r")\b")
+        for i in fixed:
+            if pattern.search(lines[i]):
+                keep.add(i)
+                assigned = re.match(r"\s*(?:self\.)?([A-Za-z_][\w, ]*?)\s*=[^=]", lines[i])
+                if assigned and any(re.search(rf"\b{re.escape(n)}\b", lines[i].split("=", 1)[1]) for n in names):
+                    followed |= {n.strip() for n in assigned[1].split(",") if len(n.strip()) > 1}
+    for i in sorted(keep):
+        j = i
+        while (j := _header_of(lines, j)) is not None and j not in keep:
+            keep.add(j)
+    out, last = [], -1
+    for i in sorted(keep):
+        if i > last + 1 and out:
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            out.append(" " * indent + "...")
+        out.append(lines[i])
+        last = i
+    return "\n".join(out) + "\n"
+
+
+def changed_blocks(code: str, reference: str) -> str:
+    """The blocks of `code` that differ from `reference`'s, in full; a line when none does."""
+    try:
+        mine, theirs = split_blocks(code)[1], split_blocks(reference)[1]
+    except BlockError:
+        return code
+    changed = [b for b, r in zip(mine, theirs) if b.body != r.body]
+    if not changed or len(mine) != len(theirs):
+        return "(the same EVOLVE-BLOCKs as the current program)\n" if not changed else code
+    return "".join(f"# EVOLVE-BLOCK-START {b.name}\n{b.body}# EVOLVE-BLOCK-END\n" for b in changed)
+
+
+def compact_prompt(user: str) -> str:
+    """The user message with the current program compacted and every other program shown only
+    as the blocks in which it differs from the current one."""
+    heading = CURRENT_PROGRAM.search(user)
+    fences = list(CODE_FENCE.finditer(user))
+    current_fence = next((f for f in fences if heading and f.start() >= heading.start()), None)
+    if current_fence is None or "EVOLVE-BLOCK-START" not in current_fence["code"]:
+        return user
+    current_code = current_fence["code"]
+
+    def replace(fence):
+        code = fence["code"]
+        if "EVOLVE-BLOCK-START" not in code:
+            return fence.group(0)
+        shown = compact_program(code) if fence is current_fence else changed_blocks(code, current_code)
+        return f"```{fence['lang']}\n{shown.rstrip()}\n```"
+
+    parts, last = [], 0
+    for fence in fences:
+        parts += [user[last : fence.start()], replace(fence)]
+        last = fence.end()
+    return "".join(parts) + user[last:]
+
+
+# ---------------------------------------------------------------------------------------------
+# What became of a response
+
+
+def outcome_of(child_metrics: dict | None, error: str | None) -> str:
+    """One of rundir.LLM_OUTCOMES for an iteration: from OpenEvolve's failure line when it made no
+    child, else from the child's evaluation."""
+    if error is not None:
+        if error.startswith("LLM generation failed") or error.startswith("LLM returned None"):
+            return "llm error"
+        if "No valid diffs" in error:
+            return "no diff"
+        return "diff did not apply"  # SEARCH matched nothing, changed nothing, or left the blocks
+    return "passed" if ((child_metrics or {}).get("combined_score") or 0) > 0 else "rejected by a check"
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+class LLMError(RuntimeError):
+    """An LLM call that failed; the message is the reason, in one line."""
+
+
+def describe_failure(e: BaseException, timeout: float) -> str:
+    import openai
+
+    if isinstance(e, openai.APITimeoutError) or isinstance(e, TimeoutError):
+        return f"timed out after {timeout:.0f} s (a local server keeps computing the abandoned answer)"
+    if isinstance(e, openai.APIStatusError):
+        detail = ""
+        try:
+            body = e.response.json()
+            detail = (
+                (body.get("error") or {}).get("message")
+                if isinstance(body.get("error"), dict)
+                else body.get("error") or body.get("detail")
+            )
+        except Exception:
+            detail = e.response.text[:200] if e.response is not None else ""
+        return f"HTTP {e.status_code}: {' '.join(str(detail or e.message).split())[:240]}"
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e
+        return f"cannot reach the server: {type(cause).__name__}: {' '.join(str(cause).split())[:200]}"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+
+
+class LLMClient:
+    """OpenEvolve's LLM interface (`.model`, async `generate_with_context`) over an OpenAI-compatible
+    endpoint, one attempt per call, every call recorded."""
+
+    def __init__(self, model_cfg, run_dir: str | None = None, compact: bool = False, notebook: bool = True):
+        self.model = model_cfg.name
+        self.api_base, self.api_key = model_cfg.api_base, model_cfg.api_key or "none"
+        self.temperature, self.max_tokens = model_cfg.temperature, model_cfg.max_tokens
+        self.timeout = float(model_cfg.timeout or 180)
+        self.run_dir, self.compact, self.notebook = run_dir, compact, notebook and run_dir is not None
+        self.last_usage = None
+        self._client = None
+
+    def _openai(self):
+        import openai
+
+        if self._client is None:
+            self._client = openai.AsyncOpenAI(
+                base_url=self.api_base, api_key=self.api_key, timeout=self.timeout, max_retries=0
+            )
+        return self._client
+
+    async def generate_with_context(self, system_message, messages, **kwargs):
+        messages = [dict(m) for m in messages]
+        if self.compact:
+            for m in messages:
+                if m.get("role") == "user":
+                    m["content"] = compact_prompt(m["content"])
+        if self.notebook and messages and messages[-1].get("role") == "user":
+            messages[-1]["content"] = notebook.with_notebook(messages[-1]["content"], notebook.read(self.run_dir))
+        request = [{"role": "system", "content": system_message}, *messages]
+        chars = sum(len(m["content"]) for m in request)
+        start, response, error = time.monotonic(), None, None
+        try:
+            answer = await self._openai().chat.completions.create(
+                model=self.model,
+                messages=request,
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                **({"seed": kwargs["seed"]} if "seed" in kwargs else {}),
+            )
+            response = answer.choices[0].message.content or ""
+            self.last_usage = answer.usage.model_dump() if getattr(answer, "usage", None) else None
+        except Exception as e:
+            error = describe_failure(e, self.timeout)
+        finally:
+            self._record(
+                dict(
+                    time=time.time(),
+                    model=self.model,
+                    prompt_chars=chars,
+                    prompt_tokens=(self.last_usage or {}).get("prompt_tokens") if error is None else None,
+                    seconds=round(time.monotonic() - start, 2),
+                    response=response,
+                    error=error,
+                )
+            )
+        if error:
+            raise LLMError(error)
+        return response
+
+    def _record(self, call: dict):
+        if self.run_dir:
+            with open(Path(self.run_dir) / LLM_CALLS, "a") as f:
+                f.write(json.dumps(call) + "\n")
+
+
+def llm_client(model_cfg, run_dir=None, compact=False, notebook=True):
+    """OpenEvolve's init_client hook (a module-level function: `functools.partial` of it pickles)."""
+    return LLMClient(model_cfg, run_dir, compact, notebook)
+
+
+def client_factory(run_dir: Path, compact: bool, notebook: bool = True):
+    return functools.partial(llm_client, run_dir=str(run_dir), compact=compact, notebook=notebook)

@@ -1,0 +1,308 @@
+"""An evolution run: OpenEvolve configured for PLASA, launched or resumed, watched, summarised.
+
+OpenEvolve does the search; this module runs it and adds what an overnight run needs around it,
+in the order a run goes:
+
+    plan       plasa_lab.search.launch.plan_run: the config, the LLM and its endpoint, the OS isolation,
+               the resume checks, the corpus: every check, one line on any problem, nothing written
+    start      plasa_lab.search.launch.start_run: run.json, then the initial program on every seed of the
+               run (the noise floor, and the time limits calibrated on this machine, now)
+    search     OpenEvolve from the checkpoint to the run's total, watched (`Watch`): one line per
+               iteration with an ETA (plasa_lab.search.progress), each LLM response filed (plasa_lab.rundir),
+               a stop when the LLM keeps failing the same way
+    end        on any stop a checkpoint and the resume command (plasa_lab.search.stops); else a summary of
+               the best confirmed program and of where the time went, and a non-zero exit when no
+               child could be evaluated (OpenEvolve exits 0 then)
+"""
+
+import asyncio
+import contextlib
+import io
+import logging
+import multiprocessing
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
+from ..evaluation.fitness import confirmation_count
+from ..evaluation.ledger import Ledger
+from ..evaluation.stage import corpus_of
+from ..reporting import notebook
+from ..rundir import TRACE, LLMResponseLog, finished_iterations, read_jsonl
+from ..settings import Settings
+from .launch import NothingToDo, RunOptions, RunPlan, RunStart, plan_run, start_run
+from .llm_client import outcome_of
+from .progress import Best, Progress, child_ppl, hours, say
+from .run_config import RunError
+from .stops import STOPPED_EXIT, RunStops, Stopped, resume_line, stopped_line
+
+EVALUATOR = PROJECT_ROOT / "evaluator.py"
+IDENTICAL_FAILURES_TO_STOP = 3  # LLM failures in a row with the same reason end the run
+
+
+def run(options: RunOptions) -> int:
+    """Launch or resume a run; returns the process exit code. A stop (Ctrl-C, SIGTERM) at any moment
+    ends with one line saying how to go on: the resume command once run.json exists, else the same
+    command again."""
+    stops, plan = RunStops(), None
+    try:
+        with stops.raising():
+            plan = plan_run(options)
+            return search(plan, start_run(plan), stops)
+    except NothingToDo as e:
+        print(e)
+        return 0
+    except Stopped as stop:
+        say(stopped_line(stop, plan.run_dir if plan else None, plan.done + 1 if plan else 1))
+        return STOPPED_EXIT
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+def search(plan: RunPlan, start: RunStart, stops: RunStops) -> int:
+    """OpenEvolve from the plan's checkpoint to its total, watched; then the stop's line or the summary."""
+    from openevolve.controller import EvolutionFailedError
+
+    controller = _construct_quietly(str(INITIAL_PROGRAM), str(EVALUATOR), plan.config, output_dir=str(plan.run_dir))
+    best = Best(_best_at(plan.checkpoint) or start.initial_metrics, start.noise_floor.val_losses)
+    progress = Progress(plan.done + 1, plan.total, best, start.seconds_per_child)
+    watch = Watch(plan.run_dir, plan.done + 1, plan.total, best, progress, stops, plan.config.llm.models[0].name)
+    target = 1.0 / plan.target_ppl if plan.target_ppl else None
+    failed, stopped, started = None, False, time.time()
+    watch.start()
+    try:
+        with stops.openevolve_running(controller):
+            asyncio.run(
+                controller.run(
+                    iterations=plan.total - plan.done,
+                    target_score=target,
+                    checkpoint_path=str(plan.checkpoint) if plan.checkpoint else None,
+                )
+            )
+    except EvolutionFailedError as e:
+        failed = str(e)
+    except (Stopped, KeyboardInterrupt, SystemExit):  # its second Ctrl-C calls sys.exit(0)
+        stopped = True
+    finally:
+        watch.finish()
+
+    reached = controller.database.last_iteration
+    finished = {f.iteration for f in finished_iterations(plan.run_dir)}
+    missing = set(range(plan.done + 1, plan.total + 1)) - finished  # every finished iteration leaves a trace line
+    best_program = controller.database.get_best_program()
+    best_metrics = best_program.metrics if best_program else {}
+    target_hit = bool(target and best_metrics.get("combined_score", 0) >= target)
+    time_line = _time_accounting(plan, started, reached)
+    if (missing or stopped) and not target_hit and failed is None:  # stopped by Ctrl-C, SIGTERM or the run
+        return _stop_with_a_checkpoint(controller, plan, stops, reached)
+    if stops.reason:  # OpenEvolve ran out of iterations before the stop reached it
+        failed = f"{stops.reason}; fix the LLM, then: {resume_line(plan.run_dir).removeprefix('Resume with: ')}"
+    _say_the_outcome(plan, reached, Best(best_metrics, best.initial_losses), failed)
+    say(time_line)
+    if plan.settings.noise_aware:
+        say(_confirmation_accounting(plan.run_dir, plan.settings))
+    return 0
+
+
+def _construct_quietly(*args, **kwargs):
+    """OpenEvolve(...) with its console handler turned down to warnings: INFO goes to the run's
+    log file, and the console shows our progress instead."""
+    from openevolve.controller import OpenEvolve
+
+    with contextlib.redirect_stderr(io.StringIO()):  # the handler it adds would print the set-up chatter
+        controller = OpenEvolve(*args, **kwargs)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+            handler.setStream(sys.stderr)
+    return controller
+
+
+def _best_at(checkpoint: Path | None) -> dict | None:
+    """OpenEvolve's best at the checkpoint we resume from."""
+    import json
+
+    if checkpoint is None:
+        return None
+    try:
+        return json.loads((checkpoint / "best_program_info.json").read_text()).get("metrics")
+    except (OSError, ValueError):
+        return None
+
+
+def _stop_with_a_checkpoint(controller, plan: RunPlan, stops: RunStops, reached: int) -> int:
+    """A stop during the search: a checkpoint and the best program saved, the evaluations in flight
+    let go, and one line; RunError when the run stopped itself (the LLM keeps failing)."""
+    with stops.ignored():
+        with contextlib.suppress(Exception):
+            controller._save_checkpoint(reached)  # OpenEvolve writes none after a shutdown request
+            controller._save_best_program()  # nor best/ after a second Ctrl-C (its sys.exit)
+        # Evaluations still in flight (a second stop cut OpenEvolve's wait for them) are lost, as a
+        # stop promises; without this, leaving would wait for them (its worker pool joins at exit).
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        if stops.reason:  # not the user's stop
+            raise RunError(
+                f"stopped at iteration {reached} of {plan.total} after {stops.reason}; fix the LLM, "
+                f"then: {resume_line(plan.run_dir).removeprefix('Resume with: ')}"
+            )
+        say(
+            f"stopped at iteration {reached} of {plan.total}; checkpoint saved in "
+            f"{plan.run_dir / rundir.CHECKPOINTS}. {resume_line(plan.run_dir)}"
+        )
+        return STOPPED_EXIT
+
+
+def _say_the_outcome(plan: RunPlan, reached: int, best: Best, failed: str | None):
+    """The run's last word: how many children passed and the best, or RunError when none passed."""
+    children = read_jsonl(plan.run_dir / TRACE)
+    passed = [r for r in children if child_ppl(r.get("child_metrics")) is not None]
+    if failed or not passed:
+        failures = [(r.get("artifacts") or {}).get("failure") for r in children]
+        last = next((f for f in reversed(failures) if f), None)
+        raise RunError(
+            failed
+            or f"no child could be evaluated: {len(children)} children, none passed"
+            + (f"; last failure: {last}" if last else "")
+        )
+    say(
+        f"done: iteration {reached} of {plan.total}; {len(passed)} of {len(children)} children passed; "
+        f"{best.describe()} ({plan.run_dir / rundir.BEST_PROGRAM})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching OpenEvolve
+
+
+class FailureStreak:
+    """LLM failures in a row for the same reason: past IDENTICAL_FAILURES_TO_STOP every further
+    iteration would only burn its time."""
+
+    def __init__(self):
+        self.error, self.count = None, 0
+
+    def see(self, error: str | None) -> str | None:
+        """Count one iteration's error (None: it had an answer); the reason to stop, once it is one."""
+        if not (error and error.startswith("LLM generation failed")):
+            self.error, self.count = None, 0
+            return None
+        self.count = self.count + 1 if error == self.error else 1
+        self.error = error
+        return (
+            f"{self.count} LLM failures in a row: {error[:200]}" if self.count >= IDENTICAL_FAILURES_TO_STOP else None
+        )
+
+
+class Watch(threading.Thread):
+    """While OpenEvolve runs, once a second: the iterations it finished since, in the order it filed
+    them (with parallel evaluations, not the iterations' order: on a tie the earlier filed stays
+    best, as in OpenEvolve). Each one's child is offered as the best and shown (Progress), its LLM
+    response filed (llm_responses.jsonl), the lab notebook written (notebook.md), and its error
+    counted: an LLM that keeps failing the same way stops the run (RunStops.request)."""
+
+    def __init__(self, run_dir: Path, first: int, last: int, best: Best, progress: Progress, stops=None, model=""):
+        super().__init__(daemon=True)
+        self.run_dir, self.first, self.last, self.best = run_dir, first, last, best
+        self.progress, self.stops = progress, stops
+        self.responses = LLMResponseLog(run_dir, model, since=time.time())
+        self.failures, self.seen, self.done = FailureStreak(), set(), threading.Event()
+        self.display_failed = False
+
+    def run(self):
+        with contextlib.ExitStack() as stack:
+            self.display(lambda: stack.enter_context(self.progress))
+            while not self.done.wait(1.0):
+                self.poll()
+            self.poll()
+
+    def display(self, action):
+        """Show something; a display that fails (a renderer, a terminal) is said once and never stops
+        the bookkeeping around it."""
+        try:
+            action()
+        except Exception as e:
+            if not self.display_failed:
+                self.display_failed = True
+                with contextlib.suppress(Exception):
+                    print(f"the progress display failed ({type(e).__name__}); the run goes on", file=sys.stderr)
+
+    def finish(self):
+        """The last iterations shown and filed, and the thread gone (OpenEvolve has returned)."""
+        self.done.set()
+        self.join(10)
+
+    def poll(self):
+        new = [
+            f
+            for f in finished_iterations(self.run_dir)
+            if f.iteration not in self.seen and self.first <= f.iteration <= self.last
+        ]
+        for f in new:
+            self.seen.add(f.iteration)
+            if not f.failed and child_ppl(f.child_metrics) is not None:
+                self.best.offer(f.child_metrics)
+        self.responses.file([(f, outcome_of(f.child_metrics, f.error)) for f in new])
+        if new:
+            notebook.write(self.run_dir)
+        for f in new:
+            if (reason := self.failures.see(f.error)) and self.stops is not None:
+                self.stops.request(reason)
+        for f in new:  # shown last: the records above never wait on the display
+            self.display(lambda f=f: self.progress.iteration(f.iteration, f.record, f.failed))
+        self.display(self.progress.refresh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the run's time and trainings went (recorded in run.json)
+
+
+def _confirmation_accounting(run_dir: Path, settings: Settings) -> str:
+    """The share of the run's stage-2 trainings spent confirming contenders."""
+    spent, trainings = confirmation_count(settings, Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint)
+    share = spent / max(1, trainings)
+    counts = dict(
+        confirmation_trainings=spent, stage2_trainings=trainings, share=round(share, 3), cap=settings.confirm_share
+    )
+    _update_run_record(run_dir, lambda record: record.update(confirmation=counts))
+    return (
+        f"confirmations: {spent} of {trainings} stage-2 trainings ({share:.0%}; PLASA_CONFIRM_SHARE caps them "
+        f"at {settings.confirm_share:.0%})"
+    )
+
+
+def _time_accounting(plan: RunPlan, started: float, reached: int) -> str:
+    """Where this session's wall time went, per evaluation slot: waiting on the LLM, evaluating, the rest
+    (OpenEvolve's own work, ledger answers, idle slots)."""
+    settings = plan.settings
+    wall = max(1e-9, time.time() - started)
+    slots = wall * max(1, settings.parallel)
+    evaluating = sum(r["seconds"] for r in Ledger(settings.ledger).rows() if r["created_at"] >= started)
+    llm = sum(float(r.get("seconds") or 0) for r in rundir.read_llm_responses(plan.run_dir, reached, after=plan.done))
+    shares = dict(llm=min(1.0, llm / slots), evaluations=min(1.0, evaluating / slots))
+    shares["idle_or_other"] = max(0.0, 1.0 - shares["llm"] - shares["evaluations"])
+    session = dict(
+        wall_seconds=round(wall, 1),
+        parallel=settings.parallel,
+        llm_seconds=round(llm, 1),
+        evaluation_seconds=round(evaluating, 1),
+        shares={k: round(v, 3) for k, v in shares.items()},
+    )
+    _update_run_record(plan.run_dir, lambda record: record.setdefault("time_accounting", []).append(session))
+    limit = "the LLM" if shares["llm"] > shares["evaluations"] else "the evaluations"
+    return (
+        f"time: {hours(wall)} wall, {settings.parallel} evaluation slot(s): {shares['llm']:.0%} waiting on the LLM, "
+        f"{shares['evaluations']:.0%} evaluating, {shares['idle_or_other']:.0%} idle or other; {limit} limited this run"
+    )
+
+
+def _update_run_record(run_dir: Path, update):
+    """run.json changed by update(record); a summary that cannot be recorded is printed all the same."""
+    with contextlib.suppress(Exception):
+        record = rundir.read_run_record(run_dir) or {}
+        update(record)
+        rundir.write_run_record(run_dir, record)
