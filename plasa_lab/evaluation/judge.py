@@ -308,7 +308,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     cpu_limits = job.cpu_limits or default_cpu_limits(job.stage, job.profile, job.val_windows, job.threads)
     watch = Watch(
         cpu_limits,
-        job.cpu_limit_reason or "the default limits (nothing measured here yet)",
+        job.cpu_limit_reason or "the judge's defaults: nothing measured here yet",
         int(job.memory_gb * (1 << 30)),
         deadline,
         job.time_limit_reason,
