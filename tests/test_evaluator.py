@@ -102,6 +102,13 @@ def judged(code, stage=1, time_limit=240.0, cpu_limits=None):
     return run_local(job)
 
 
+def evaluator_cli(*args):
+    """evaluator.py run as a user runs it: a process of its own, in the project folder."""
+    return subprocess.run(
+        [sys.executable, "evaluator.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
 def assert_rejected(evaluation, *phrases):
     assert set(METRIC_KEYS) <= set(evaluation.metrics)
     assert evaluation.metrics["combined_score"] == 0.0
@@ -187,13 +194,7 @@ def test_a_childs_words_come_back_as_data_never_as_markup_control_or_instruction
     assert "\n" not in failure and all(line.startswith("| ") for line in stderr.splitlines())
     path = tmp_path / "words.py"
     path.write_text(code)
-    run = subprocess.run(
-        [sys.executable, "evaluator.py", str(path), "--profile", "smoke", "--stage", "1"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = evaluator_cli(str(path), "--profile", "smoke", "--stage", "1")
     assert "FAILED" in run.stderr and "\x1b" not in run.stderr and "\x07" not in run.stderr
 
 
@@ -454,13 +455,7 @@ def test_forged_protocol_messages_fail_the_child_never_the_evaluator(tmp_path):
     program = tmp_path / "forger.py"
     program.write_text(variant(INDEXER_TRAINING, forge + "\n\n" + INDEXER_TRAINING))
     # Through the CLI with the static checks: refused at once (import of os).
-    run = subprocess.run(
-        [sys.executable, "evaluator.py", str(program), "--stage", "1", "--profile", "smoke"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = evaluator_cli(str(program), "--stage", "1", "--profile", "smoke")
     assert run.returncode == 0 and json.loads(run.stdout.strip().splitlines()[-1])["combined_score"] == 0.0
     # Past them: the forged lines reach the judge, which fails the child with one line.
     result = judged(program.read_text())
@@ -828,13 +823,7 @@ def test_cli_alone_never_takes_a_limit_from_the_programs_own_timings():
     for name, code in (("initial", SOURCE), ("slow", slow)):
         path = Path(f"/tmp/plasa-cli-{os.getpid()}-{name}.py")
         path.write_text(code)
-        run = subprocess.run(
-            [sys.executable, "evaluator.py", str(path), "--profile", "smoke"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        run = evaluator_cli(str(path), "--profile", "smoke")
         path.unlink()
         assert run.returncode == 0, run.stderr[-2000:]
         assert json.loads(run.stdout.strip().splitlines()[-1])["stage2_passed"] == 1.0
