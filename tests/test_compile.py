@@ -62,13 +62,15 @@ def test_torch_compile_on_this_machine_gives_the_eager_losses_within_1e_4(eager)
 def test_the_judge_compiles_under_its_sandbox_or_falls_back_with_the_same_score():
     from plasa_lab.evaluation.jobs import Job
     from plasa_lab.evaluation.judge import run_local
+    from plasa_lab.evaluation.stage import StageLimits
     from plasa_lab.settings import Settings
 
     corpus = corpus_of("auto")
     results = {}
     for compile in (False, True):
         settings = Settings(profile="smoke", device="cpu", parallel=1, compile=compile)
-        results[compile] = run_local(Job.of(SOURCE, 1, settings, corpus, 42, (900.0, "the test's limit"), 8))
+        limits = StageLimits(900.0, "the test's limit of 900 s", None, None)  # the judge's default CPU limits
+        results[compile] = run_local(Job.of(SOURCE, 1, settings, corpus, 42, limits, 8))
         assert results[compile].ok, results[compile].failure
     assert results[True].metrics["val_loss"] == pytest.approx(results[False].metrics["val_loss"], rel=1e-4)
     assert "fixed step:" in results[True].stderr
