@@ -122,9 +122,11 @@ class Watch:
                 f"stopped answering; the whole sandbox was killed"
             )
         if now > self.deadline:
-            raise Overrun(
-                f"took more than {self.wall_reason}; the whole sandbox was killed: make it faster or stop looping"
-            )
+            raise Overrun(self.past_deadline())
+
+    def past_deadline(self) -> str:
+        """The one line of a stage that ran past its wall-clock backstop (seen here or by the trunk)."""
+        return f"took more than {self.wall_reason}; the whole sandbox was killed: make it faster or stop looping"
 
 
 def _process(job: Job, role: str, module: str, threads: int, limit_seconds: float, cpu: float, **options):
@@ -359,7 +361,7 @@ def run_stage(job: Job, corpus, on_line=None) -> StageResult:
     except Overrun as e:
         return result(False, str(e), retry_later=True)
     except wire.Deadline:
-        return result(False, f"took more than {job.time_limit_reason}; the whole sandbox was killed", retry_later=True)
+        return result(False, watch.past_deadline(), retry_later=True)
     except (CorpusError, SandboxUnavailable) as e:
         return StageResult.infrastructure_failure(f"{type(e).__name__}: {e}")
     except wire.ProtocolError as e:
