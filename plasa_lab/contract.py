@@ -5,7 +5,7 @@ perplexity range. A leaf module: it imports nothing of the package, so every oth
 the sandboxed worker) can import it."""
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 # Bump when the judge's numbers for the same program could change: the ledger keys on it, so
 # results of an older judge are never reused.
@@ -70,9 +70,16 @@ SCREENED_OUT = "screened out: "  # how the failure line of a child the screening
 
 
 def get_profile(name: str) -> Profile:
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
-    return PROFILES[name]
+    """A profile by name. `NAME@STEPS` is NAME's profile trained for STEPS steps (replay.py --steps:
+    does a gain hold at a longer budget?); the ledger keys on the whole name."""
+    base, at, steps = name.partition("@")
+    if base not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (or NAME@STEPS)")
+    if not at:
+        return PROFILES[base]
+    if not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"profile {name!r}: the steps after @ must be a positive integer")
+    return replace(PROFILES[base], name=name, steps=int(steps))
 
 
 # ---------------------------------------------------------------------------------------------

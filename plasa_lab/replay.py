@@ -5,11 +5,16 @@ Every evaluation goes through the same sandboxed pipeline as the search (evaluat
 stage 1 then stage 2) and through the ledger, so an interrupted replay resumes where it stopped,
 and the seeds a run already trained (42) are not trained again.
 
-The verdict rule (VERDICT_RULE) compares each program's val_loss (log perplexity) across seeds
-with the initial program's: Welch's t-test, two-sided, alpha 0.05 (plasa_lab.stats).
+The verdict rule (VERDICT_RULE) compares each program's val_loss (log perplexity) with the initial
+program's on the seeds both were trained on: a paired t-test, two-sided, alpha 0.05 (Welch's t-test
+only where the seeds differ; plasa_lab.stats). Beside it, the winner's curse: a run program's
+change on the seeds it was selected on (claimed) and on the replay's seeds the run never used.
+`--ablate` adds each edit of a program alone (its changed blocks one at a time in the initial
+program); `--steps N` trains every candidate longer (profile NAME@N).
 """
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -22,20 +27,23 @@ from .contract import PPL_CAP, get_profile
 from .evaluation.fitness import evaluate_code
 from .evaluation.ledger import code_sha256
 from .evaluation.stage import describe_validation
-from .program.blocks import SCHEDULE_RULES, BlockError, with_schedule
+from .program.blocks import SCHEDULE_RULES, BlockError, changed_blocks, with_blocks_of, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
 from .settings import Settings
-from .stats import ALPHA, VERDICTS, mean_sd, verdict
+from .stats import ALPHA, VERDICTS, mean_sd, paired_change, seed_losses, shrinkage, verdict
 from .util import atomic_write
 
 DEFAULT_SEEDS = (42, 43, 44)
 BASELINES = ("DENSE", "UNIFORM")  # named schedules (program.blocks.SCHEDULE_RULES) with one k in every layer
 VERDICT_RULE = (
-    f"Welch's t-test (unequal variances, two-sided) on val_loss = log(val_ppl) over the seeds, each program "
-    f"against the initial program: p < {ALPHA} and a lower mean loss -> `better beyond noise`; p < {ALPHA} and a "
-    f"higher mean loss -> `worse beyond noise`; otherwise `within noise`, and also with fewer than 2 seeds or no "
-    f"variance in either sample (no estimate of the noise). A failed evaluation counts as val_ppl {PPL_CAP:.0f} "
-    f"(val_loss log {PPL_CAP:.0f}) and is flagged; a program that failed on any seed is never called better."
+    f"A paired t-test (two-sided) on val_loss = log(val_ppl), each program against the initial program on the "
+    f"seeds both were trained on (every program trains on a seed from the same initialisation, batches and dropout "
+    f"masks, so the seed's share of the noise cancels); Welch's t-test where their seeds differ. p < {ALPHA} and a "
+    f"lower mean loss -> `better beyond noise`; p < {ALPHA} and a higher mean loss -> `worse beyond noise`; "
+    f"otherwise `within noise`, and also with fewer than 2 seeds or no variance (no estimate of the noise). The "
+    f"change is exp(mean paired difference of val_loss) - 1. A failed evaluation counts as val_ppl "
+    f"{PPL_CAP:.0f} (val_loss log {PPL_CAP:.0f}) and is flagged; a program that failed on any seed is never "
+    f"called better."
 )
 REPLAYS_ROOT = rundir.OUTPUT_ROOT / "replays"  # ledger and report of replays of program files
 
@@ -51,6 +59,7 @@ class Candidate:
     code: str
     source: str  # where it came from: a run program (id, iteration) or a file
     uniform: bool = False  # a uniform-k baseline: evaluated with allow_uniform_schedule
+    claimed: dict[int, float] | None = None  # a run program's val_loss on the seeds the run selected it on
 
 
 @dataclass
@@ -116,8 +125,12 @@ def plan_replay(
     ledger=None,
     out_dir=None,
     whole_validation: bool = False,
+    steps: int | None = None,
+    ablate: bool = False,
 ) -> Plan:
-    """A run folder (default: the newest run), or program files: what to evaluate, where to record it."""
+    """A run folder (default: the newest run), or program files: what to evaluate, where to record it.
+    `steps`: every candidate trains that many steps (the profile NAME@STEPS); `ablate`: each program's
+    changed blocks also alone in the initial program."""
     targets = [Path(t) for t in targets or []]
     for t in targets:
         if not t.exists():
@@ -130,12 +143,41 @@ def plan_replay(
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise ReplayError("give at least one seed")
+    if steps is not None and steps < 1:
+        raise ReplayError(f"--steps must be at least 1, got {steps}")
     if profile is not None:
         get_profile(profile)  # an unknown name fails here, before any training
     if not targets or folders:
         run_dir = folders[0] if folders else None
-        return _plan_run_replay(run_dir, top, seeds, baselines, profile, ledger, out_dir, whole_validation)
-    return _plan_file_replay(targets, seeds, baselines, profile, ledger, out_dir, whole_validation)
+        plan = _plan_run_replay(run_dir, top, seeds, baselines, profile, ledger, out_dir, whole_validation)
+    else:
+        plan = _plan_file_replay(targets, seeds, baselines, profile, ledger, out_dir, whole_validation)
+    if steps is not None:
+        base = plan.profile.partition("@")[0]
+        plan.notes.append(
+            f"every candidate trained {steps} steps (the {base} profile trains {get_profile(base).steps}): "
+            "claimed changes are the run's, at its own budget"
+        )
+        plan.profile = f"{base}@{steps}"
+    if ablate:
+        plan.candidates += ablations(plan.candidates)
+    return plan
+
+
+def ablations(candidates: list[Candidate]) -> list[Candidate]:
+    """For each program that changed two or more blocks of the initial program: the initial program
+    with one of its changed blocks at a time, so the replay says which edit carries a gain."""
+    initial = candidates[0].code
+    out = []
+    for c in [c for c in candidates if c.kind == "program"]:
+        try:
+            changed = changed_blocks(initial, c.code)
+        except BlockError:  # blocks renamed or added: no block-by-block ablation
+            continue
+        if len(changed) > 1:
+            alone = lambda b, c=c: with_blocks_of(initial, c.code, [b])
+            out += [Candidate(f"{c.name}:{b}", "ablation", alone(b), f"{c.name}'s {b} block alone") for b in changed]
+    return out
 
 
 def _default_profile(name: str | None) -> str:
@@ -154,6 +196,7 @@ def _plan_run_replay(run_dir: Path | None, top, seeds, baselines, profile, ledge
     refs = reference_candidates(
         initial_code, "the run's initial program" if initial else str(INITIAL_PROGRAM), baselines
     )
+    refs[0].claimed = seed_losses(initial.metrics) or None if initial else None
     programs, seen = [], {code_sha256(c.code) for c in refs}
     for p in view.population:
         if len(programs) == top:
@@ -165,7 +208,8 @@ def _plan_run_replay(run_dir: Path | None, top, seeds, baselines, profile, ledge
                     p.short_id,
                     "program",
                     p.code,
-                    f"run program {p.id} (iteration {p.iteration}, seed-42 val_ppl {p.val_ppl:.1f})",
+                    f"run program {p.id} (iteration {p.iteration}, val_ppl {p.val_ppl:.1f} on its run seeds)",
+                    claimed=seed_losses(p.metrics) or None,
                 )
             )
     notes = list(view.warnings)
@@ -306,18 +350,19 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
 
 def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
     """Everything replay.json holds: the set-up, the rule, and one entry per program."""
-    reference = results[plan.candidates[0].name]
-    ref_losses = [r.val_loss for r in reference]
-    ref_ppl = statistics.mean(r.val_ppl for r in reference)
+    initial = plan.candidates[0]
+    reference = {r.seed: r.val_loss for r in results[initial.name]}
     entries = []
     for c in plan.candidates:
         runs = results[c.name]
         ppl_mean, ppl_sd = mean_sd([r.val_ppl for r in runs])
         acc_mean, acc_sd = mean_sd([r.val_acc for r in runs])
         failed = [r for r in runs if not r.passed]
-        word, p = verdict([r.val_loss for r in runs], ref_losses)
+        losses = {r.seed: r.val_loss for r in runs}
+        word, p, test = verdict(losses, reference)
         if failed and word == "better beyond noise":
             word = "within noise"
+        change, _, n = paired_change(losses, reference)
         entries.append(
             dict(
                 name=c.name,
@@ -329,12 +374,15 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
                 val_ppl_sd=ppl_sd,
                 val_acc_mean=acc_mean,
                 val_acc_sd=acc_sd,
-                val_loss_mean=statistics.mean(r.val_loss for r in runs),
-                change_vs_initial_pct=100.0 * (ppl_mean - ref_ppl) / ref_ppl,
+                val_loss_mean=statistics.mean(losses.values()),
+                change_vs_initial_pct=100 * math.expm1(change) if n else None,
+                paired_seeds=n,
                 p_value=p,
+                test=test,
                 verdict=word,
                 failed_seeds=[r.seed for r in failed],
                 runs=[asdict(r) for r in runs],
+                **winners_curse(c, initial, losses, reference),
             )
         )
     extra = dict(sandbox_warning=plan.sandbox_warning) if plan.sandbox_warning else {}
@@ -356,14 +404,40 @@ def summarise(plan: Plan, results: dict[str, list[SeedRun]]) -> dict:
     )
 
 
+def winners_curse(c: Candidate, initial: Candidate, losses: dict, reference: dict) -> dict:
+    """A run program's change against the initial program on the seeds the run selected it on
+    (claimed), beside its change on the replay's seeds the run never trained it on (unseen), and
+    the share of the claim those seeds take back. Empty for what the run did not select."""
+    if c.kind != "program" or not c.claimed or not initial.claimed:
+        return {}
+    claimed, _, claimed_n = paired_change(c.claimed, initial.claimed)
+    unseen = {s: v for s, v in losses.items() if s not in c.claimed}
+    change, p, n = paired_change(unseen, reference)
+    claimed_pct = 100 * math.expm1(claimed)
+    unseen_pct = 100 * math.expm1(change) if n else None
+    return dict(
+        claimed_change_pct=claimed_pct,
+        claimed_seeds=claimed_n,
+        unseen_change_pct=unseen_pct,
+        unseen_seeds=n,
+        unseen_p=p,
+        shrinkage=shrinkage(claimed_pct, unseen_pct) if unseen_pct is not None else None,
+    )
+
+
 def _pm(mean, sd, digits):
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
 
 
 def table_rows(summary: dict) -> list[list[str]]:
     rows = []
     for e in summary["programs"]:
         reference = e["kind"] == "initial"
+        curse = e.get("shrinkage")
         rows.append(
             [
                 e["name"],
@@ -371,9 +445,12 @@ def table_rows(summary: dict) -> list[list[str]]:
                 str(len(e["runs"])),
                 _pm(e["val_ppl_mean"], e["val_ppl_sd"], 1),
                 _pm(e["val_acc_mean"], e["val_acc_sd"], 4),
-                "reference" if reference else f"{e['change_vs_initial_pct']:+.2f}%",
-                "-" if e["p_value"] is None or reference else f"{e['p_value']:.3g}",
+                "reference" if reference else _pct(e["change_vs_initial_pct"]),
+                "-" if e["p_value"] is None or reference else f"{e['p_value']:.3g} ({e['test'].split()[0]})",
                 e["verdict"] + (" (reference)" if reference else ""),
+                _pct(e.get("claimed_change_pct")),
+                _pct(e.get("unseen_change_pct")) + (f" ({e['unseen_seeds']} seeds)" if e.get("unseen_seeds") else ""),
+                "-" if curse is None else f"{curse:.0%}",
                 ", ".join(map(str, e["failed_seeds"])) or "-",
             ]
         )
@@ -386,9 +463,12 @@ COLUMNS = (
     "seeds",
     "val_ppl mean ± sd",
     "val_acc mean ± sd",
-    "change vs initial (mean ppl)",
-    "p (Welch)",
+    "change vs initial (paired)",
+    "p (test)",
     "verdict",
+    "claimed (run seeds)",
+    "on unseen seeds",
+    "winner's curse",
     "failed seeds",
 )
 

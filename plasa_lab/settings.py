@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import PROJECT_ROOT
-from .contract import DEFAULT_SEED, PROFILES
+from .contract import DEFAULT_SEED, PROFILES, get_profile
 from .evaluation.hardware import MEASUREMENT_FILE, RAM_MIB_PER_EVALUATION, evaluation_slots
 
 ENVIRONMENT = {  # field -> variable
@@ -36,14 +36,12 @@ DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
 DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (README, "What best means")
 DEFAULT_SCREEN_SHARE = 0.5  # of the programs screened, the best this share go on to the full budget
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
-CHOICES = dict(
-    device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"), profile=tuple(PROFILES)
-)
+CHOICES = dict(device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"))
 
 
 @dataclass
 class Settings:
-    profile: str = None  # full | quick | smoke
+    profile: str = None  # full | quick | smoke (NAME@STEPS: that profile at another step count)
     seed: int = DEFAULT_SEED  # the training seed of a single evaluation
     corpus: str = None  # auto | wikitext2 | wiki-summaries | text:PATH
     device: str = None  # auto | cpu | cuda (resolved inside the sandbox)
@@ -72,7 +70,8 @@ class Settings:
         self.device = self.device or env("PLASA_DEVICE") or "auto"
         self.runner = self.runner or env("PLASA_RUNNER") or "local"
         self.sandbox = self.sandbox or env("PLASA_SANDBOX") or "bwrap"
-        for name in ("profile", "device", "runner", "sandbox"):
+        get_profile(self.profile)  # an unknown name (or NAME@STEPS with bad steps) fails here
+        for name in ("device", "runner", "sandbox"):
             if getattr(self, name) not in CHOICES[name]:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(CHOICES[name])}")
         asked_parallel = max(1, int(p)) if (p := self.parallel or env("PLASA_PARALLEL")) else None
@@ -109,7 +108,7 @@ class Settings:
         self.screen = self.screen or env("PLASA_SCREEN") or "none"
         if self.screen not in ("none", *PROFILES):
             raise ValueError(f"unknown screen {self.screen!r}: choose none or one of {', '.join(PROFILES)}")
-        if self.screen != "none" and PROFILES[self.screen].steps >= PROFILES[self.profile].steps:
+        if self.screen != "none" and PROFILES[self.screen].steps >= get_profile(self.profile).steps:
             raise ValueError(f"a screen must train for fewer steps than the {self.profile} profile, not {self.screen}")
         if self.screen_share is None:
             self.screen_share = float(env("PLASA_SCREEN_SHARE") or DEFAULT_SCREEN_SHARE)

@@ -1,6 +1,11 @@
-"""The statistics that compare programs over seeds, in one place: mean and sd, Welch's t-test and
-the verdict it gives, a paired t-test over shared seeds, a one-sample test of a claimed value, and
-the change of perplexity.
+"""The statistics that compare programs over seeds, in one place: mean and sd, the paired t-test
+over shared seeds and the verdict it gives (Welch's t-test only where the seeds differ), the run's
+paired noise, a one-sample test of a claimed value, the change of perplexity and the winner's curse.
+
+Every program trains on a seed from the same trunk initialisation, batches, dropout masks and
+validation windows, so two programs' losses on one seed share most of their noise: their
+difference is what a comparison should test (here the paired differences spread by about a
+quarter of what the seeds do).
 
 Every test runs on val_loss = log(val_ppl), one value per seed: on the log scale a seed's noise
 adds to the loss, where on perplexity it would multiply. Standard library only, but for scipy's
@@ -14,6 +19,11 @@ import warnings
 
 VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
 ALPHA = 0.05  # two-sided
+
+
+def seed_losses(metrics: dict) -> dict[int, float]:
+    """seed -> val_loss of the seeds a program's metrics carry (a noise-aware run's val_loss_seedN)."""
+    return {int(k.removeprefix("val_loss_seed")): v for k, v in metrics.items() if k.startswith("val_loss_seed")}
 
 
 def mean_sd(values) -> tuple[float, float | None]:
@@ -54,13 +64,36 @@ def paired_change(losses: dict[int, float], reference: dict[int, float]) -> tupl
     return mean, float(2 * student.sf(abs(t), len(diffs) - 1)), len(diffs)
 
 
-def verdict(losses: list[float], reference: list[float]) -> tuple[str, float | None]:
-    """(one of VERDICTS, p) of a program's per-seed val_losses against the reference's: beyond
-    noise when Welch's p < ALPHA, better when its mean loss is the lower; else within noise."""
-    p = welch_p(losses, reference)
+def verdict(losses: dict[int, float], reference: dict[int, float]) -> tuple[str, float | None, str]:
+    """(one of VERDICTS, p, the test's name) of a program's val_loss per seed against the
+    reference's: a paired t-test when both were trained on the same seeds, Welch's where the seeds
+    differ (a seed failed or was never run). Beyond noise when p < ALPHA, better when its mean loss
+    is the lower; else within noise."""
+    if set(losses) == set(reference):
+        _, p, _ = paired_change(losses, reference)
+        test = "paired t-test"
+    else:
+        p, test = welch_p(list(losses.values()), list(reference.values())), "Welch's t-test"
     if p is None or p >= ALPHA:
-        return "within noise", p
-    return ("better beyond noise" if statistics.mean(losses) < statistics.mean(reference) else "worse beyond noise"), p
+        return "within noise", p, test
+    better = statistics.mean(losses.values()) < statistics.mean(reference.values())
+    return ("better beyond noise" if better else "worse beyond noise"), p, test
+
+
+def pooled_paired_sd(differences: list[list[float]]) -> tuple[float | None, int]:
+    """(sd, degrees of freedom) of one paired difference, pooled over programs: each list is one
+    program's per-seed differences from the same reference; its own mean (the program's effect) is
+    taken out, and what is left is the noise of a difference on one seed. None with no program on
+    two seeds."""
+    squares = sum(sum((d - statistics.fmean(ds)) ** 2 for d in ds) for ds in differences if len(ds) > 1)
+    df = sum(len(ds) - 1 for ds in differences if len(ds) > 1)
+    return (math.sqrt(squares / df) if df else None), df
+
+
+def shrinkage(claimed_pct: float, replayed_pct: float) -> float | None:
+    """The winner's curse as a share: how much of the change a program was selected on is gone on
+    seeds it was not selected on (0: it held; 1: none of it is left). None without a claimed gain."""
+    return 1 - replayed_pct / claimed_pct if claimed_pct < 0 else None
 
 
 def claim_p(values: list[float], claimed: float) -> float | None:

@@ -40,20 +40,23 @@ def claimed_loss(metrics: dict) -> float:
     return metrics["val_loss"]
 
 
-def compare(candidate: Candidate, runs: list, reference: list[float], claim: dict | None, initial_key: str) -> dict:
+def compare(
+    candidate: Candidate, runs: list, reference: dict[int, float], claim: dict | None, initial_key: str
+) -> dict:
     """One row of the table: a program's replay against the initial program's and against its run's claim."""
     passed = [r for r in runs if r.passed]
     if len(passed) < 2:  # nothing to compare: say why instead of computing on failure values
         failure = next((r.failure for r in runs if not r.passed), "too few seeds")
         return dict(program=candidate.name, failed=f"{len(passed)} of {len(runs)} replays passed: {failure}")
     losses = [r.val_loss for r in passed]
-    word, p = verdict(losses, reference) if candidate.kind != "initial" else ("reference", None)
+    by_seed = {r.seed: r.val_loss for r in passed}
+    word, p, _ = verdict(by_seed, reference) if candidate.kind != "initial" else ("reference", None, None)
     row = dict(
         program=candidate.name,
         same_as_initial=code_key(candidate.code) == initial_key,
         replay_val_ppl=math.exp(statistics.fmean(losses)),
         replay_val_loss_sd=mean_sd(losses)[1],
-        change_vs_initial_pct=ppl_change_pct(losses, reference),
+        change_vs_initial_pct=ppl_change_pct(losses, list(reference.values())),
         p_vs_initial=p,
         verdict_vs_initial=word,
     )
@@ -138,7 +141,7 @@ def main(argv=None):
         candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, "bench_fitness", []
     )
     results = run_plan(plan)
-    reference = [r.val_loss for r in results["initial"]]
+    reference = {r.seed: r.val_loss for r in results["initial"]}
     rows = [compare(c, results[c.name], reference, claims.get(c.name), code_key(initial)) for c in candidates]
     summary = dict(
         profile=args.profile,

@@ -29,8 +29,8 @@ from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.cli import evolve, fail
 from plasa_lab.evaluation.ledger import Ledger, code_key
 from plasa_lab.replay import Candidate, Plan, run_plan
-from plasa_lab.rundir import latest_checkpoint
-from plasa_lab.stats import ALPHA, paired_change
+from plasa_lab.rundir import latest_checkpoint, read_run_record
+from plasa_lab.stats import ALPHA, paired_change, seed_losses, shrinkage
 from plasa_lab.util import atomic_write
 
 CHEAPER_PROFILE = {"full": "quick", "quick": "smoke"}  # the screen of a screened arm
@@ -88,7 +88,11 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
         run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", available[arm])
         program, claim, children = arm_best(run_dir)
         evaluations = Ledger(run_dir / "ledger.sqlite").rows()
+        floor = (read_run_record(run_dir) or {}).get("noise_floor") or {}
+        confirmation = (read_run_record(run_dir) or {}).get("confirmation") or {}
         runs[arm] = dict(
+            initial_on_run_seeds=dict(zip(floor.get("seeds", []), floor.get("val_losses", []))),
+            trainings_per_gain=confirmation.get("trainings_per_confirmed_gain"),
             run_dir=run_dir,
             claim=claim,
             trainings=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] == args.profile),
@@ -105,6 +109,8 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
     for arm, run in runs.items():
         change, p, n = paired_change(by_seed[arm], by_seed["initial"])
         replayed = statistics.fmean(by_seed[arm].values()) if by_seed[arm] else math.nan
+        claimed, _, _ = paired_change(seed_losses(run["claim"]), run["initial_on_run_seeds"])
+        claimed_pct, replayed_pct = 100 * math.expm1(claimed), 100 * math.expm1(change)
         rows.append(
             dict(
                 arm=arm,
@@ -115,28 +121,37 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
                 best_is_initial=code_key(next(c.code for c in candidates if c.name == arm)) == code_key(initial),
                 claimed_val_ppl=math.exp(run["claim"]["val_loss"]),
                 replayed_val_ppl=math.exp(replayed),
-                change_vs_initial_pct=100 * math.expm1(change),
+                claimed_change_pct=claimed_pct,
+                change_vs_initial_pct=replayed_pct,
+                shrinkage=shrinkage(claimed_pct, replayed_pct),
                 p_vs_initial=p,
                 seeds=n,
+                trainings_per_confirmed_gain=run["trainings_per_gain"],
             )
         )
     lines = [
         f"# Search benchmark ({args.profile} profile, {args.iterations} children an arm)",
         "",
         f"Each arm's best replayed on seeds {', '.join(map(str, replay_seeds))} (no run used them); change of "
-        "val_ppl against the initial program paired by seed, paired t-test. Stage-2 trainings on the "
-        f"{args.profile} profile; screens on the cheaper one; evaluation hours summed over the arm's ledger.",
+        "val_ppl against the initial program paired by seed, paired t-test. Claimed: the same change on the run's "
+        "seeds, where the search selected it; the winner's curse is the share of the claim the unseen seeds take "
+        f"back. Stage-2 trainings on the {args.profile} profile (per confirmed gain: per program the run confirmed "
+        "better than the initial one beyond noise); screens on the cheaper one; evaluation hours summed over the "
+        "arm's ledger.",
         "",
-        "| arm | children | stage-2 trainings | screens | evaluation h | claimed val_ppl | replayed val_ppl "
-        "| vs initial | p | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | children | stage-2 trainings | per confirmed gain | screens | evaluation h | claimed val_ppl "
+        "| replayed val_ppl | claimed vs initial | replayed vs initial | winner's curse | p | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
+        curse = "-" if r["shrinkage"] is None else f"{r['shrinkage']:.0%}"
+        per_gain = r["trainings_per_confirmed_gain"] or "-"
         lines.append(
             f"| {r['arm']}{' (= initial)' * r['best_is_initial']} | {r['children']} | {r['stage2_trainings']} | "
-            f"{r['screens']} | {r['evaluation_hours']:.2f} | {r['claimed_val_ppl']:.2f} | "
-            f"{r['replayed_val_ppl']:.2f} | {r['change_vs_initial_pct']:+.2f}% | {p} | {r['seeds']} |"
+            f"{per_gain} | {r['screens']} | {r['evaluation_hours']:.2f} | {r['claimed_val_ppl']:.2f} | "
+            f"{r['replayed_val_ppl']:.2f} | {r['claimed_change_pct']:+.2f}% | {r['change_vs_initial_pct']:+.2f}% | "
+            f"{curse} | {p} | {r['seeds']} |"
         )
     winners = [
         r

@@ -2,7 +2,7 @@
 program, with a verdict per program (see README, "In the morning").
 
     python scripts/replay.py [RUN_DIR | PROGRAM ...] [--top K] [--seeds 42,43,44] [--baselines] [--profile ...]
-                             [--whole-val]
+                             [--whole-val] [--steps N] [--ablate]
 """
 
 import argparse
@@ -23,7 +23,7 @@ def seed_list(text):
     return seeds
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Replay the top programs of a run over several seeds; a verdict "
         "per program against the initial program."
@@ -53,6 +53,18 @@ def main(argv=None):
         "windows); the search's own seed-42 numbers then do not carry over",
     )
     parser.add_argument(
+        "--steps",
+        type=int,
+        help="train every candidate this many steps instead of the profile's (does a gain hold at a longer "
+        "budget? e.g. --profile full --steps 4000); recorded under the profile NAME@STEPS",
+    )
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also each changed EVOLVE-BLOCK of every replayed program alone in the initial program: which "
+        "edit carries the gain",
+    )
+    parser.add_argument(
         "--ledger",
         type=Path,
         help="SQLite ledger (default: the run's; program files: openevolve_output/replays/ledger.sqlite)",
@@ -62,7 +74,11 @@ def main(argv=None):
         type=Path,
         help="report folder (default: RUN_DIR/report; program files: openevolve_output/replays/report)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         plan = plan_replay(
             args.targets,
@@ -73,6 +89,8 @@ def main(argv=None):
             ledger=args.ledger,
             out_dir=args.out,
             whole_validation=args.whole_val,
+            steps=args.steps,
+            ablate=args.ablate,
         )
         print(
             f"replaying {len(plan.candidates)} programs x {len(plan.seeds)} seeds of {plan.title} "

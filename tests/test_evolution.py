@@ -290,7 +290,7 @@ def test_progress_keeps_the_child_openevolve_filed_first_on_a_tie(tmp_path):
         dict(iteration=1, child_metrics=dict(tied, val_ppl=8200.0), artifacts={}),
     ]
     (tmp_path / "evolution_trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    lines, best = [], Best(None, [])
+    lines, best = [], Best(None, {})
     watch = Watch(tmp_path, 1, 2, best, Progress(1, 2, best, None, emit=lines.append))
     watch.poll()
     assert watch.best.metrics["val_ppl"] == 8000.0 and len(lines) == 2
@@ -645,7 +645,7 @@ def test_a_display_that_fails_never_stops_the_runs_bookkeeping(tmp_path):
     def failing_renderer(line):
         raise RuntimeError("the renderer broke")
 
-    best = Best(None, [])
+    best = Best(None, {})
     watch = Watch(tmp_path, 1, 2, best, Progress(1, 2, best, None, emit=failing_renderer))
     watch.poll()
     assert watch.seen == {1, 2} and watch.display_failed
@@ -656,7 +656,7 @@ def test_a_display_that_fails_never_stops_the_runs_bookkeeping(tmp_path):
 def test_the_progress_console_prints_a_childs_markup_as_text(capsys):
     from plasa_lab.search.progress import Best, Progress
 
-    with Progress(1, 1, Best(None, []), None) as progress:
+    with Progress(1, 1, Best(None, {}), None) as progress:
         progress.iteration(1, dict(child_metrics={}, artifacts=dict(failure="[/] [bold]x\x1b[2J")), False)
     err = capsys.readouterr().err
     assert "[/] [bold]x" in err and "\x1b[2J" not in err

@@ -12,7 +12,7 @@ import torch
 
 from plasa_lab import INITIAL_PROGRAM
 from plasa_lab.contract import HARNESS_VERSION
-from plasa_lab.evaluation.fitness import CONFIDENCE_Z, noise_aware_stage2
+from plasa_lab.evaluation.fitness import CONFIDENCE_Z, confirmed_gains, noise_aware_stage2, run_noise
 from plasa_lab.evaluation.ledger import Key, Ledger, code_key, code_sha256
 from plasa_lab.evaluation.stage import corpus_of, failure_metrics, passed_metrics
 from plasa_lab.settings import Settings
@@ -79,7 +79,7 @@ def test_a_contender_is_trained_on_its_missing_seeds_and_scored_from_the_ledgers
     lines = []
     evaluation = noise_aware_stage2(code, settings, on_line=lines.append)
     m = evaluation.metrics
-    assert any("contender" in line and "confirming on seeds 43, 44" in line for line in lines)
+    assert any("contender" in line and "confirming on seed 44" in line for line in lines)
     assert "confirmation" not in evaluation.artifacts  # neither "not a contender" nor "not confirmed"
     assert trained_seeds(ledger, code) == [42, 43, 44]
     trained = next(r for r in ledger.rows() if r["code_key"] == code_key(code) and r["seed"] == 44)
@@ -97,7 +97,7 @@ def test_confirmations_stop_at_their_share_of_the_trainings_except_for_a_would_b
     record(ledger, child("0.3"), {42: 6.29, 43: 6.33, 44: 6.31})
     record(ledger, child("0.4"), {42: 6.28, 43: 6.35, 44: 6.30})  # 4 confirmations in 9 trainings
     near = child()
-    record(ledger, near, {42: 6.29})  # a contender (below the best mean 6.30), not a leader on one seed
+    record(ledger, near, {42: 6.29})  # a contender (below the best on seed 42), not a leader on one seed
     evaluation = noise_aware_stage2(near, settings)
     assert "not confirmed: confirmations already take 4 of the run's 10" in evaluation.artifacts["confirmation"]
     assert evaluation.metrics["confirmed"] == 0.0 and trained_seeds(ledger, near) == [42]
@@ -143,6 +143,66 @@ def test_no_unconfirmed_child_can_outrank_the_confirmed_best(run):
         record(ledger, code, {42: loss})
         m = noise_aware_stage2(code, settings).metrics
         assert m["confirmed"] == 0.0 and m["combined_score"] < best["combined_score"]
+
+
+def test_a_child_is_a_contender_by_its_paired_difference_on_the_first_seed_not_by_the_best_mean(tmp_path):
+    """The initial program's seed 42 is its worst of three: a child better than it on seed 42 but
+    above its 3-seed mean is a contender (the unpaired rule turned it away) and, confirmed, outranks it."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    record(ledger, SOURCE, {42: 6.36, 43: 6.28, 44: 6.26})  # mean 6.30
+    settings = Settings(profile="smoke", ledger=str(ledger.path), seeds=SEEDS, noise_aware=True, confirm_margin=0.0)
+    initial = noise_aware_stage2(SOURCE, settings).metrics
+    code = child()
+    record(ledger, code, {42: 6.33, 43: 6.25, 44: 6.23})  # 0.03 better on every seed
+    evaluation = noise_aware_stage2(code, settings)
+    m = evaluation.metrics
+    assert "confirmation" not in evaluation.artifacts and m["confirmed"] == 1.0
+    assert m["combined_score"] > initial["combined_score"]
+    assert m["vs_initial_pct"] == pytest.approx(100 * math.expm1(-0.03))
+
+
+def test_a_clear_loser_stops_at_the_seed_that_shows_it(run):
+    """Seed 42 (in the ledger) makes it a contender; seed 43 trains for real, on the smoke profile,
+    far above the recorded losses: it can no longer lead, and seed 44 is never trained."""
+    settings, ledger = run
+    code = child()
+    record(ledger, code, {42: 6.25})
+    lines = []
+    evaluation = noise_aware_stage2(code, settings, on_line=lines.append)
+    assert any("confirming on seeds 43, 44 while it can still lead" in line for line in lines)
+    assert evaluation.artifacts["confirmation"].startswith("stopped after seed 43: it can no longer lead")
+    assert trained_seeds(ledger, code) == [42, 43]
+    assert evaluation.metrics["seeds"] == 2.0 and evaluation.metrics["confirmed"] == 0.0
+
+
+def test_the_paired_sd_comes_from_the_runs_own_pairs_once_they_have_enough_degrees_of_freedom(run):
+    settings, ledger = run
+    fingerprint = corpus_of("auto").fingerprint
+    record(ledger, child("0.3"), {42: 6.29, 43: 6.33, 44: 6.31})  # differences -0.01, -0.01, +0.05
+    noise = run_noise(settings, ledger, fingerprint)
+    assert noise.pairs_df == 0 and noise.paired_sd == pytest.approx(SD)  # 2 df: the seed sd stands in
+    record(ledger, child("0.4"), {42: 6.28, 43: 6.35, 44: 6.30})  # differences -0.02, +0.01, +0.04
+    noise = run_noise(settings, ledger, fingerprint)
+    pooled = math.sqrt(((0.02**2 + 0.02**2 + 0.04**2) + (0.03**2 + 0 + 0.03**2)) / 4)
+    assert noise.pairs_df == 4 and noise.paired_sd == pytest.approx(pooled)
+    one_seed = child("0.5")
+    record(ledger, one_seed, {42: 6.50})
+    evaluation = noise_aware_stage2(one_seed, settings)
+    m = evaluation.metrics
+    assert m["paired_sd"] == pytest.approx(pooled) and m["noise_sd"] == pytest.approx(SD)
+    assert f"noise sd of a difference {pooled:.4f}" in evaluation.artifacts["confirmation"]
+    # the score's penalty keeps the run's seed sd: scores given before the pairs came in stay comparable
+    assert m["combined_score"] == pytest.approx(math.exp(-(6.30 + 0.20 + CONFIDENCE_Z * SD)))
+
+
+def test_a_confirmed_gain_is_better_than_the_initial_program_beyond_noise_paired(run):
+    settings, ledger = run
+    fingerprint = corpus_of("auto").fingerprint
+    gain, tie = child("0.3"), child("0.4")
+    record(ledger, gain, {42: 6.27, 43: 6.305, 44: 6.23})  # 0.03-0.035 better on every seed
+    record(ledger, tie, {42: 6.25, 43: 6.37, 44: 6.27})  # better on one seed, worse on two
+    record(ledger, child("0.5"), {42: 6.20})  # one seed: never confirmed
+    assert confirmed_gains(settings, ledger, fingerprint) == [code_key(gain)]
 
 
 def test_a_child_failing_a_confirmation_seed_fails(run):

@@ -8,6 +8,7 @@ import base64
 import csv
 import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -127,6 +128,37 @@ def test_a_strictly_higher_score_ranks_first_and_openevolves_pick_leads_its_tie(
     assert rank([failed, tied, first, better]) == [better, tied, first, failed]
     # parallel evaluations enter the database in completion order: OpenEvolve's own pick leads its tie
     assert rank([failed, tied, first, better], best_id="d") == [tied, better, first, failed]
+
+
+def test_the_best_stands_with_its_claim_and_once_replayed_with_what_unseen_seeds_left_of_it(run_copy):
+    """The summary names the best's paired change where the search selected it and, from the run's
+    replay report, its change on seeds the run never used and the share the winner's curse took."""
+    import hashlib
+
+    from plasa_lab.reporting.text import winners_curse_line
+
+    view = load_run(run_copy)
+    initial = view.initial
+    best = next(p for p in view.population if p is not initial)
+    best.metrics.update(confirmed=1.0, val_loss_seed42=initial.metrics["val_loss_seed42"] + math.log1p(-0.02))
+    view.population.remove(best)
+    view.population.insert(0, best)
+    line = winners_curse_line(view)
+    assert line.startswith(f"{best.short_id} claims -2.00% val_ppl against the initial program on the 1 seed")
+    assert "replay it on other seeds" in line
+    report = run_copy / rundir.REPORT
+    report.mkdir(exist_ok=True)
+    entry = dict(
+        code_sha256=hashlib.sha256(best.code.encode()).hexdigest(),
+        unseen_change_pct=-1.5,
+        unseen_seeds=5,
+        unseen_p=0.001,
+        shrinkage=0.25,
+    )
+    (report / "replay.json").write_text(json.dumps({"programs": [entry]}))
+    assert winners_curse_line(view).endswith(
+        "; on 5 unseen seeds -1.50%, p=0.001; the winner's curse took 25% of the claim"
+    )
 
 
 def test_a_best_program_id_that_is_not_the_highest_score_is_warned_about(run_copy):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
+from plasa_lab.contract import get_profile
 from plasa_lab.evaluation.fitness import evaluate_code
 from plasa_lab.program.blocks import load_program, split_blocks
 from plasa_lab.program.checks import static_violation
@@ -54,27 +55,26 @@ def test_verdict_words_are_exactly_the_three_of_the_contract():
 
 
 def test_clearly_lower_loss_across_seeds_is_better_beyond_noise_and_higher_is_worse():
-    reference = [6.30, 6.32, 6.31]
-    assert verdict([6.00, 6.02, 6.01], reference)[0] == "better beyond noise"
-    assert verdict([6.60, 6.62, 6.61], reference)[0] == "worse beyond noise"
-    word, p = verdict([6.60, 6.62, 6.61], reference)
-    assert p < 0.05
+    reference = {42: 6.30, 43: 6.32, 44: 6.31}
+    assert verdict({42: 6.00, 43: 6.02, 44: 6.01}, reference)[0] == "better beyond noise"
+    word, p, test = verdict({42: 6.60, 43: 6.62, 44: 6.61}, reference)
+    assert word == "worse beyond noise" and p < 0.05 and test == "paired t-test"
 
 
 def test_overlapping_seeds_are_within_noise():
-    word, p = verdict([6.29, 6.35, 6.27], [6.30, 6.32, 6.31])
+    word, p, _ = verdict({42: 6.29, 43: 6.35, 44: 6.27}, {42: 6.30, 43: 6.32, 44: 6.31})
     assert word == "within noise" and p >= 0.05
 
 
 def test_one_seed_or_no_variance_is_within_noise():
-    assert verdict([5.0], [6.0]) == ("within noise", None)
-    assert verdict([5.0, 5.0], [6.0, 6.0]) == ("within noise", None)
+    assert verdict({42: 5.0}, {42: 6.0})[:2] == ("within noise", None)
+    assert verdict({42: 5.0, 43: 5.0}, {44: 6.0, 45: 6.0})[:2] == ("within noise", None)
 
 
-def seed_runs(losses, failed=()):
+def seed_runs(losses, first=42, failed=()):
     return [
         SeedRun(
-            42 + i, math.exp(loss), loss, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0
+            first + i, math.exp(loss), loss, 0.1, i not in failed, "stage 2: boom" if i in failed else None, False, 1.0
         )
         for i, loss in enumerate(losses)
     ]
@@ -98,6 +98,84 @@ def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
     assert child["failed_seeds"] == [44] and child["verdict"] == "within noise"
     assert summary["programs"][0]["verdict"] == "within noise" and summary["programs"][0]["change_vs_initial_pct"] == 0
     assert "Welch" in summary["rule"] and "never called better" in summary["rule"]
+
+
+def test_a_program_lower_on_every_shared_seed_is_better_beyond_noise_though_the_seeds_spread_more():
+    plan = Plan(
+        [Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")],
+        [42, 43, 44, 45],
+        "smoke",
+        None,
+        Path("ledger"),
+        Path("out"),
+        "test",
+    )
+    summary = summarise(
+        plan, {"initial": seed_runs([6.30, 6.40, 6.20, 6.35]), "child": seed_runs([6.28, 6.385, 6.19, 6.33])}
+    )
+    child = summary["programs"][1]
+    assert child["verdict"] == "better beyond noise" and child["test"] == "paired t-test" and child["paired_seeds"] == 4
+    assert child["change_vs_initial_pct"] == pytest.approx(100 * math.expm1(-0.01625))
+
+
+def test_a_run_programs_claim_stands_beside_its_change_on_unseen_seeds_with_the_share_taken_back(tmp_path):
+    """The audit's case: -1.7% on the seeds the run selected it on, -1.1% on seeds no run used."""
+    claimed_initial = {42: 6.30, 43: 6.34, 44: 6.26}
+    claimed_child = {s: v + math.log1p(-0.017) for s, v in claimed_initial.items()}
+    plan = Plan(
+        [
+            Candidate("initial", "initial", SOURCE, "here", claimed=claimed_initial),
+            Candidate("best", "program", SOURCE + "#", "there", claimed=claimed_child),
+        ],
+        [101, 102, 103],
+        "smoke",
+        None,
+        Path("ledger"),
+        tmp_path,
+        "test",
+    )
+    unseen = [6.31, 6.36, 6.28]
+    runs = {"initial": seed_runs(unseen, first=101), "best": seed_runs([v + math.log1p(-0.011) for v in unseen], 101)}
+    best = summarise(plan, runs)["programs"][1]
+    assert best["claimed_change_pct"] == pytest.approx(-1.7) and best["claimed_seeds"] == 3
+    assert best["unseen_change_pct"] == pytest.approx(-1.1) and best["unseen_seeds"] == 3
+    assert best["shrinkage"] == pytest.approx(1 - 1.1 / 1.7)
+    md, _ = write_reports(summarise(plan, runs), tmp_path)
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| best "))
+    assert "-1.70%" in row and "-1.10% (3 seeds)" in row and "35%" in row
+
+
+def test_a_run_replay_carries_each_programs_claim_from_the_runs_own_seeds():
+    plan = plan_replay([FIXTURE], top=1, seeds=[101, 102])
+    initial, program = plan.candidates
+    assert set(initial.claimed) == {42, 43, 44} and 42 in program.claimed  # the seeds it was trained on
+
+
+def test_ablation_replays_each_changed_block_of_a_program_alone_in_the_initial_program(tmp_path):
+    both = SOURCE.replace("INDEXER_LOSS_WEIGHT = 0.1", "INDEXER_LOSS_WEIGHT = 0.2")
+    both = schedule_variant(both, "DENSE")  # a second block changed
+    one = SOURCE.replace("INDEXER_LOSS_WEIGHT = 0.1", "INDEXER_LOSS_WEIGHT = 0.3")
+    (tmp_path / "both.py").write_text(both)
+    (tmp_path / "one.py").write_text(one)
+    plan = plan_replay([tmp_path / "both.py", tmp_path / "one.py"], seeds=[42], profile="smoke", ablate=True)
+    ablations = [c for c in plan.candidates if c.kind == "ablation"]
+    assert [c.name for c in ablations] == ["both.py:k_schedule", "both.py:indexer_training"] or [
+        c.name for c in ablations
+    ] == ["both.py:indexer_training", "both.py:k_schedule"]
+    for c in ablations:
+        changed = [n for n, body in block_bodies(c.code).items() if body != block_bodies(SOURCE)[n]]
+        assert changed == [c.name.split(":")[1]] and block_bodies(c.code)[changed[0]] == block_bodies(both)[changed[0]]
+
+
+def test_steps_train_every_candidate_longer_under_a_profile_of_its_own():
+    plan = plan_replay([FIXTURE], top=1, seeds=[42], steps=80)
+    assert plan.profile == "smoke@80" and get_profile(plan.profile).steps == 80
+    assert get_profile(plan.profile).val_batches == get_profile("smoke").val_batches
+    assert any("trained 80 steps" in note for note in plan.notes)
+    with pytest.raises(ReplayError, match="--steps must be at least 1"):
+        plan_replay([FIXTURE], steps=0)
+    with pytest.raises(ValueError, match="positive integer"):
+        get_profile("smoke@x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +276,7 @@ def test_smoke_replay_with_two_seeds_writes_report_and_verdicts_then_resumes_fro
         assert p["verdict"] in VERDICTS and [r["seed"] for r in p["runs"]] == [42, 43]
         assert p["val_ppl_mean"] > 0 and p["val_ppl_sd"] is not None and 0 <= p["val_acc_mean"] <= 1
     markdown = (run_dir / "report" / "replay.md").read_text()
-    assert "Welch" in markdown and programs[1]["verdict"] in markdown and "± " in markdown
+    assert "paired t-test" in markdown and programs[1]["verdict"] in markdown and "± " in markdown
     assert "val_ppl" in done.stdout and programs[1]["verdict"] in done.stdout
     assert "initial seed 43" in done.stderr  # progress names the evaluation in flight
     # the run itself trained seed 42 of both programs: replay reads those from the run's ledger

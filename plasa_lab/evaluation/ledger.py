@@ -196,20 +196,27 @@ class Ledger:
 
     def programs_with_seeds(self, key: Key, seeds) -> dict[str, dict[int, dict]]:
         """code_key -> {seed: metrics} for every program recorded under key's conditions (its code and
-        seed ignored) on every one of `seeds`."""
+        seed ignored) on every one of `seeds` (those seeds' rows only)."""
+        return {
+            code: {s: by_seed[s] for s in seeds}
+            for code, by_seed in self.programs(key).items()
+            if set(by_seed) >= set(seeds)
+        }
+
+    def programs(self, key: Key) -> dict[str, dict[int, dict]]:
+        """code_key -> {seed: metrics} for every program recorded under key's conditions (its code and
+        seed ignored), on whatever seeds it was trained."""
         conditions = [c for c in KEY_COLUMNS if c not in ("code_key", "seed")]
         values = [v for c, v in zip(KEY_COLUMNS, self._values(key)) if c in conditions]
-        marks = ",".join("?" * len(seeds))
         with self._connect() as db:
             rows = db.execute(
-                f"SELECT code_key, seed, metrics FROM evaluations WHERE "
-                f"{' AND '.join(f'{c}=?' for c in conditions)} AND seed IN ({marks})",
-                [*values, *seeds],
+                f"SELECT code_key, seed, metrics FROM evaluations WHERE {' AND '.join(f'{c}=?' for c in conditions)}",
+                values,
             ).fetchall()
         found: dict[str, dict[int, dict]] = {}
         for code, seed, metrics in rows:
             found.setdefault(code, {})[int(seed)] = json.loads(metrics)
-        return {code: by_seed for code, by_seed in found.items() if set(by_seed) >= set(seeds)}
+        return found
 
     def trainings(self, key: Key) -> list[tuple[str, int]]:
         """(code_key, seed) of every evaluation recorded under key's conditions (its code and seed ignored)."""

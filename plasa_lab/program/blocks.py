@@ -122,3 +122,19 @@ def with_schedule(code: str, name: str) -> str:
         f"    return ks\n"
     )
     return "".join(segment + body for segment, body in zip(outside, bodies + [""]))
+
+
+def changed_blocks(base: str, other: str) -> list[str]:
+    """The names of the blocks whose text differs between two programs with the same blocks."""
+    (_, ours), (_, theirs) = split_blocks(base), split_blocks(other)
+    if [b.name for b in ours] != [b.name for b in theirs]:
+        raise BlockError("the two programs do not have the same EVOLVE-BLOCKs")
+    return [a.name for a, b in zip(ours, theirs) if a.body != b.body]
+
+
+def with_blocks_of(base: str, donor: str, names) -> str:
+    """`base` with the named blocks taken from `donor` (an ablation: one edit of a program alone)."""
+    outside, blocks = split_blocks(base)
+    donated = {b.name: b.body for b in split_blocks(donor)[1]}
+    bodies = [donated[b.name] if b.name in names else b.body for b in blocks]
+    return "".join(segment + body for segment, body in zip(outside, bodies + [""]))

@@ -3,12 +3,15 @@ diffs, the per-iteration history, the Pareto front, the MAP-Elites grid as OpenE
 confirmation, the sandbox, and what became of the LLM's responses. No printing here."""
 
 import difflib
+import hashlib
+import json
 import math
 import statistics
 from dataclasses import dataclass
 
 from .. import rundir
 from ..program.blocks import BlockError, split_blocks
+from ..stats import paired_change, seed_losses
 from .load import UNKNOWN, Program, ReportError, RunView
 
 FEATURE_DIMENSIONS = ("density", "indexer_params")  # config.yaml's; used when a run has no run.json
@@ -247,6 +250,49 @@ def is_confirmed(program: Program) -> bool:
 
 def best_confirmed(view: RunView) -> Program | None:
     return next((p for p in view.population if p.passed and is_confirmed(p)), None)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A program's change against the initial program, paired by seed: on the run's seeds, where the
+    search selected it (claimed), and where a replay trained it on seeds the run never used."""
+
+    claimed_pct: float
+    claimed_seeds: int
+    unseen_pct: float | None = None  # None: not replayed on unseen seeds
+    unseen_seeds: int = 0
+    unseen_p: float | None = None
+    shrinkage: float | None = None  # the share of the claim the unseen seeds take back
+
+
+def claim(view: RunView, program: Program) -> Claim | None:
+    """None without the initial program's per-seed losses (a run that did not confirm on seeds)."""
+    initial = seed_losses(view.initial.metrics) if view.initial else {}
+    claimed, _, n = paired_change(seed_losses(program.metrics), initial)
+    if not n or program is view.initial:
+        return None
+    entry = _replayed(view, program)
+    if not entry or entry.get("unseen_change_pct") is None:
+        return Claim(100 * math.expm1(claimed), n)
+    return Claim(
+        100 * math.expm1(claimed),
+        n,
+        entry["unseen_change_pct"],
+        entry["unseen_seeds"],
+        entry.get("unseen_p"),
+        entry.get("shrinkage"),
+    )
+
+
+def _replayed(view: RunView, program: Program) -> dict | None:
+    """The program's entry in the run's replay report (RUN_DIR/report/replay.json), if it was replayed."""
+    path = view.run_dir / rundir.REPORT / "replay.json"
+    try:
+        entries = json.loads(path.read_text()).get("programs", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    sha = hashlib.sha256(program.code.encode()).hexdigest()
+    return next((e for e in entries if isinstance(e, dict) and e.get("code_sha256") == sha), None)
 
 
 def seed_metric_keys(programs: list[Program]) -> list[str]:

@@ -6,6 +6,7 @@ import math
 from .analyse import (
     RANKING_RULE,
     best_confirmed,
+    claim,
     is_confirmed,
     llm_outcomes,
     outcome_names,
@@ -181,7 +182,31 @@ def summary_lines(view: RunView) -> list[str]:
     confirmation = confirmation_line(view)
     if confirmation:
         lines.append(confirmation)
+    curse = winners_curse_line(view)
+    if curse:
+        lines.append(curse)
     return lines
+
+
+def winners_curse_line(view: RunView) -> str | None:
+    """The best's change against the initial program where the search selected it, beside its change
+    on seeds the run never used (when the run was replayed on them): how much of the claim held."""
+    best = best_confirmed(view) or view.best
+    c = claim(view, best)
+    if c is None:
+        return None
+    line = (
+        f"{best.short_id} claims {c.claimed_pct:+.2f}% val_ppl against the initial program on the "
+        f"{plural(c.claimed_seeds, 'seed')} the search selected it on (paired)"
+    )
+    if c.unseen_pct is None:
+        return line + (
+            f"; a search's best is flattered by its selection (the winner's curse): replay it on other seeds "
+            f"(scripts/replay.py {view.run_dir} --seeds 101,102,103,104,105) to see how much holds"
+        )
+    p = "" if c.unseen_p is None else f", p={c.unseen_p:.2g}"
+    taken = "" if c.shrinkage is None else f"; the winner's curse took {c.shrinkage:.0%} of the claim"
+    return line + f"; on {plural(c.unseen_seeds, 'unseen seed')} {c.unseen_pct:+.2f}%{p}{taken}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 bar while OpenEvolve runs. Display only: what the run records (the trace, llm_responses.jsonl,
 run.json) is written elsewhere, and a stop is asked for elsewhere (plasa_lab.search.stops)."""
 
+import math
 import sys
 import time
 
-from ..stats import ppl_change_pct, verdict
+from ..stats import paired_change, seed_losses, verdict
 from ..util import one_line
 
 
@@ -28,7 +29,7 @@ class Best:
     """The best program as OpenEvolve keeps it: the highest combined_score, the earlier on a tie. With
     noise-aware scores only a program confirmed on every seed can hold it (evaluation.noise_aware_stage2)."""
 
-    def __init__(self, metrics: dict | None, initial_losses: list[float]):
+    def __init__(self, metrics: dict | None, initial_losses: dict[int, float]):
         self.metrics, self.initial_losses = metrics or {}, initial_losses
 
     def offer(self, metrics: dict):
@@ -39,15 +40,15 @@ class Best:
         m = self.metrics
         if not child_ppl(m):
             return "no passing program yet"
-        seeds = sorted(int(k.removeprefix("val_loss_seed")) for k in m if k.startswith("val_loss_seed"))
-        if len(seeds) < 2 or len(self.initial_losses) < 2:
+        losses = seed_losses(m)
+        if len(losses) < 2 or len(self.initial_losses) < 2:
             return f"best val_ppl {m['val_ppl']:.1f}"
-        losses = [m[f"val_loss_seed{s}"] for s in seeds]
-        word, p = verdict(losses, self.initial_losses)
+        word, p, _ = verdict(losses, self.initial_losses)
+        change, _, n = paired_change(losses, self.initial_losses)
         p_text = f"p={p:.2g}" if p is not None else "p n/a"
         return (
-            f"best confirmed val_ppl {m['val_ppl']:.1f} ({len(seeds)} seeds, "
-            f"{ppl_change_pct(losses, self.initial_losses):+.2f}% vs initial, {p_text}: {word})"
+            f"best confirmed val_ppl {m['val_ppl']:.1f} ({len(losses)} seeds, "
+            f"{100 * math.expm1(change):+.2f}% vs initial on the same {n} seeds, {p_text}: {word})"
         )
 
 

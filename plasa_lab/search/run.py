@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .. import INITIAL_PROGRAM, PROJECT_ROOT, rundir
-from ..evaluation.fitness import confirmation_count
+from ..evaluation.fitness import confirmation_count, confirmed_gains
 from ..evaluation.ledger import Ledger
 from ..evaluation.stage import corpus_of
 from ..reporting import notebook
@@ -68,7 +68,10 @@ def search(plan: RunPlan, start: RunStart, stops: RunStops) -> int:
     from openevolve.controller import EvolutionFailedError
 
     controller = _construct_quietly(str(INITIAL_PROGRAM), str(EVALUATOR), plan.config, output_dir=str(plan.run_dir))
-    best = Best(_best_at(plan.checkpoint) or start.initial_metrics, start.noise_floor.val_losses)
+    best = Best(
+        _best_at(plan.checkpoint) or start.initial_metrics,
+        dict(zip(start.noise_floor.seeds, start.noise_floor.val_losses)),
+    )
     progress = Progress(plan.done + 1, plan.total, best, start.seconds_per_child)
     watch = Watch(plan.run_dir, plan.done + 1, plan.total, best, progress, stops, plan.config.llm.models[0].name)
     target = 1.0 / plan.target_ppl if plan.target_ppl else None
@@ -262,16 +265,27 @@ class Watch(threading.Thread):
 
 
 def _confirmation_accounting(run_dir: Path, settings: Settings) -> str:
-    """The share of the run's stage-2 trainings spent confirming contenders."""
-    spent, trainings = confirmation_count(settings, Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint)
+    """The share of the run's stage-2 trainings spent confirming contenders, and what they bought:
+    confirmed gains (better than the initial program beyond noise, paired on the run's seeds)."""
+    ledger, fingerprint = Ledger(settings.ledger), corpus_of(settings.corpus).fingerprint
+    spent, trainings = confirmation_count(settings, ledger, fingerprint)
+    gains = len(confirmed_gains(settings, ledger, fingerprint))
     share = spent / max(1, trainings)
     counts = dict(
-        confirmation_trainings=spent, stage2_trainings=trainings, share=round(share, 3), cap=settings.confirm_share
+        confirmation_trainings=spent,
+        stage2_trainings=trainings,
+        share=round(share, 3),
+        cap=settings.confirm_share,
+        confirmed_gains=gains,
+        trainings_per_confirmed_gain=round(trainings / gains, 1) if gains else None,
     )
     _update_run_record(run_dir, lambda record: record.update(confirmation=counts))
+    per_gain = f"{trainings / gains:.1f} stage-2 trainings per confirmed gain" if gains else "no confirmed gain"
     return (
         f"confirmations: {spent} of {trainings} stage-2 trainings ({share:.0%}; PLASA_CONFIRM_SHARE caps them "
-        f"at {settings.confirm_share:.0%})"
+        f"at {settings.confirm_share:.0%}); {gains} program(s) better than the initial one beyond noise on every "
+        f"seed, {per_gain}. A best's change is claimed on the seeds it was selected on: replay it on others "
+        f"(scripts/replay.py {run_dir} --seeds 101,102,103,104,105) to see how much of it holds"
     )
 
 
