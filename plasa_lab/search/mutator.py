@@ -1,19 +1,12 @@
 """The offline mutator: a seeded, LLM-free search operator that OpenEvolve calls like an LLM.
 
-It reads the parent program from the prompt and answers with one or two SEARCH/REPLACE edits
-inside the EVOLVE-BLOCKs, each named by its move. Two kinds of move:
-
-- Structural moves, on blocks it recognises: it reads the program as a `Design` (the knobs below),
-  changes one knob and writes the block again. The knobs reach structure, not only constants: the
-  selection rule composed from primitives (index score, a share of the most recent keys kept per
-  layer, attention-sink keys), the index score's form (head weighting, a recency term), the
-  schedule's shape (progressive thresholds, or one share of seq_len per layer), and the indexer's
-  training target (sharpened, over the selected or over every past key).
-- Line moves, on blocks an LLM has rewritten: a constant on a line it knows (loss weight, heads,
-  head size, activation, schedule thresholds and divisors, init scale).
-
-It is the no-LLM baseline of the system and lets the whole pipeline run without a network.
-Plugged in through OpenEvolve's `init_client` (see `offline_client`), which must be a
+It reads the parent and the other programs from the prompt and answers with SEARCH/REPLACE edits
+inside the EVOLVE-BLOCKs, each named by its move: one or two structural moves on blocks it wrote (it
+reads the program as a `Design` of knobs, changes one and writes the block again; the knobs reach
+the selection rule, the index score's form, the schedule's shape and the indexer's training target),
+or line moves on constants of blocks an LLM rewrote, or, alone, a crossover with another program of
+the prompt (each knob from one of the two parents, so that gains found apart stack). The no-LLM
+baseline; plugged in through OpenEvolve's `init_client` (see `offline_client`), which must be a
 module-level function so that worker processes can rebuild it.
 """
 
@@ -28,11 +21,14 @@ from ..program.blocks import split_blocks
 ACTIVATIONS = ("F.relu", "F.gelu", "F.silu", "F.softplus", "torch.sigmoid")
 FRACTIONS = ("1 / 8", "1 / 4", "1 / 3", "1 / 2", "2 / 3", "3 / 4", "7 / 8")
 DIVISORS = (1, 2, 4, 8, 16)
-RECENT_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75)
-K_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)
+RECENT_SHARES = (0.0, 0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75)
+K_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625, 0.03125)
+SMALL_K_SHARES = (1 / 32, 1 / 16)  # 4 or 8 of the 128 keys: a local window and a few keys by score
 RECENCY_SLOPES = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1)
 N_LAYERS, SEQ_LEN = 4, 128  # the fixed model's, for moves that must keep the schedule not uniform
 NAME = "offline-mutator"
+INIT_CALL = r"nn\.init\.normal_\(p, mean=0\.0, std="  # the indexer's init, as a pattern
+ACTIVATION_NAMES = {"F.relu": "ReLU", "F.gelu": "GELU", "F.silu": "SiLU", "F.softplus": "Softplus"}  # else sigmoid
 
 
 def _fraction(text: str) -> float:
@@ -59,7 +55,7 @@ class Design:
     head_dim: int = 32
     activation: str = "F.relu"
     head_weights: str = "linear"  # "linear" (w . relu(dots) / sqrt(H)) or "softmax" over the heads
-    recency_slope: float = 0.0  # index score lost per position between query and key
+    recency_slope: tuple = (0.0,) * N_LAYERS  # per layer: index score lost per position between query and key
     recent_share: tuple = (0.0,) * N_LAYERS  # per layer: share of k kept for the most recent keys
     sink_keys: int = 0  # the first keys every query keeps
     k_shares: tuple | None = None  # None: the progressive schedule below; else k / seq_len per layer
@@ -72,21 +68,23 @@ class Design:
     kl_keys: str = "selected"  # the keys softmax(I) spans: "selected" or "causal" (every past key)
     init_std: float = 0.02
 
+    def __post_init__(self):  # one recency slope (a number, as in older designs) is every layer's
+        slopes = self.recency_slope if isinstance(self.recency_slope, tuple) else (self.recency_slope,)
+        object.__setattr__(self, "recency_slope", slopes * N_LAYERS if len(slopes) == 1 else slopes)
+
     def schedule(self, n_layers=N_LAYERS, seq_len=SEQ_LEN) -> list[int]:
         """What the written layer_k_schedule returns (the same arithmetic)."""
-        ks = []
+        ks, shares = [], self.k_shares
         for i in range(n_layers):
-            if self.k_shares is not None:
-                share = self.k_shares[min(len(self.k_shares) - 1, i * len(self.k_shares) // n_layers)]
-                k = round(share * seq_len)
+            depth = (i + 0.5) / n_layers
+            if shares is not None:
+                k = round(shares[min(len(shares) - 1, i * len(shares) // n_layers)] * seq_len)
+            elif depth < _fraction(self.dense_until):
+                k = seq_len
+            elif depth < _fraction(self.middle_until):
+                k = seq_len // self.middle_divisor
             else:
-                depth = (i + 0.5) / n_layers
-                if depth < _fraction(self.dense_until):
-                    k = seq_len
-                elif depth < _fraction(self.middle_until):
-                    k = seq_len // self.middle_divisor
-                else:
-                    k = seq_len // self.late_divisor
+                k = seq_len // self.late_divisor
             ks.append(max(1, min(seq_len, k)))
         return ks
 
@@ -96,30 +94,30 @@ class Design:
 
 
 def indexer_block(d: Design) -> str:
-    recency = d.recency_slope > 0
-    weighting = "softmax(dim=-1)" if d.head_weights == "softmax" else None
-    formula = "sum_j w[t,j]" if weighting is None else "sum_j softmax_j(w[t])"
-    recency_doc = " - slope * (t - s)" if recency else ""
-    w_line = "w = self.w_proj(x).softmax(dim=-1)" if weighting else "w = self.w_proj(x) * self.n_heads**-0.5"
-    ret = "scores = " if recency else "return "
-    text = (
+    softmax, recency, per_layer = d.head_weights == "softmax", any(d.recency_slope), len(set(d.recency_slope)) > 1
+    # One slope for every layer is written as one number, as programs had it before slopes per layer
+    slopes, per = (_layers(d.recency_slope), "per layer: ") if per_layer else (_number(d.recency_slope[0]), "")
+    slope = "self.recency_slope" if per_layer else "RECENCY_SLOPE"
+    formula = "sum_j softmax_j(w[t])" if softmax else "sum_j w[t,j]"
+    formula += f" * {ACTIVATION_NAMES.get(d.activation, 'sigmoid')}(q[t,j] . k[s])"
+    formula += " - slope[layer] * (t - s)" if per_layer else " - slope * (t - s)" if recency else ""
+    score = f'torch.einsum("bth,bhts->bts", w, {d.activation}(dots))'
+    w = "w = self.w_proj(x).softmax(dim=-1)" if softmax else "w = self.w_proj(x) * self.n_heads**-0.5"
+    return (
         "# May change: how the indexer scores keys (heads, dims, activation, weighting, positions), per layer.\n"
         "# Must hold: forward(x[B,T,C]) -> scores[B,T,T] where scores[b,t,s] uses only x[b,:t+1] and x[b,s];\n"
         "# the indexers of all layers stay within the 2.0M budget with the fixed model's 1.53M (4 bytes a value).\n"
         f"INDEXER_HEADS = {d.heads}  # H_I query heads\n"
         f"INDEXER_HEAD_DIM = {d.head_dim}  # d_I, also the size of the one key shared by all heads\n"
-    )
-    if recency:
-        text += f"RECENCY_SLOPE = {_number(d.recency_slope)}  # index score lost per position between query and key\n"
-    text += (
-        "\n\nclass LightningIndexer(nn.Module):\n"
-        f'    """I[t,s] = {formula} * {_act_doc(d.activation)}(q[t,j] . k[s]){recency_doc}: H_I query heads, '
-        "one key shared by all heads.\n"
+        + (f"RECENCY_SLOPE = {slopes}  # {per}index score lost per position between query and key\n" if recency else "")
+        + "\n\nclass LightningIndexer(nn.Module):\n"
+        f'    """I[t,s] = {formula}: H_I query heads, one key shared by all heads.\n'
         '    `layer` (0 = first) is the attention layer this indexer serves: every layer may differ."""\n'
         "\n    def __init__(self, d_model, layer):\n"
         "        super().__init__()\n"
         "        self.n_heads, self.head_dim = INDEXER_HEADS, INDEXER_HEAD_DIM\n"
-        "        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)\n"
+        + ("        self.recency_slope = RECENCY_SLOPE[min(layer, len(RECENCY_SLOPE) - 1)]\n" if per_layer else "")
+        + "        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)\n"
         "        self.k_proj = nn.Linear(d_model, self.head_dim, bias=False)\n"
         "        self.w_proj = nn.Linear(d_model, self.n_heads, bias=False)\n"
         "\n    def components(self, x):\n"
@@ -127,65 +125,56 @@ def indexer_block(d: Design) -> str:
         "        B, T, _ = x.shape\n"
         "        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim) * self.head_dim**-0.5\n"
         "        k = self.k_proj(x)\n"
-        f"        {w_line}\n"
+        f"        {w}\n"
         "        return q, k, w\n"
         "\n    def forward(self, x):\n"
         "        q, k, w = self.components(x)\n"
         '        dots = torch.einsum("bthd,bsd->bhts", q, k)\n'
-        f'        {ret}torch.einsum("bth,bhts->bts", w, {d.activation}(dots))\n'
-    )
-    if recency:
-        text += (
+        + (
+            f"        scores = {score}\n"
             "        pos = torch.arange(x.shape[1], device=x.device)\n"
             "        distance = (pos[:, None] - pos[None, :]).clamp_min(0).to(scores.dtype)\n"
-            "        return scores - RECENCY_SLOPE * distance\n"
+            f"        return scores - {slope} * distance\n"
+            if recency
+            else f"        return {score}\n"
         )
-    return text + "\n\n"
-
-
-def _act_doc(activation: str) -> str:
-    return {"F.relu": "ReLU", "F.gelu": "GELU", "F.silu": "SiLU", "F.softplus": "Softplus"}.get(activation, "sigmoid")
+        + "\n\n"
+    )
 
 
 def selector_block(d: Design) -> str:
-    head = (
+    mixed = any(d.recent_share) or d.sink_keys
+    return (
         "# May change: which keys each query keeps, given index scores and the layer's budget k.\n"
         "# Must hold: returns BoolTensor[B,T,T]; row t keeps between 1 and min(k, t+1) keys, all with s <= t.\n"
-    )
-    mixed = any(d.recent_share) or d.sink_keys
-    if not mixed:
-        return head + (
-            "def select_topk(scores, k, layer):\n"
+        + (
+            f"RECENT_SHARE = {_layers(d.recent_share)}  # per layer: share of k kept for the most recent keys\n"
+            f"SINK_KEYS = {d.sink_keys}  # the first keys of the window, kept by every query (an attention sink)\n"
+            "\n\ndef select_topk(scores, k, layer):\n"
+            '    """Keep min(k, t+1) keys s <= t of every query t: the most recent int(k * RECENT_SHARE[layer]) '
+            "keys and\n"
+            '    the first SINK_KEYS whatever their score, the rest by highest index score."""\n'
+            if mixed
+            else "def select_topk(scores, k, layer):\n"
             '    """Keep the min(k, t+1) highest-scoring keys s <= t of every query t '
             '(the same rule in every layer)."""\n'
-            "    T = scores.shape[-1]\n"
-            "    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()\n"
-            "    if k >= T:\n"
-            "        return causal.expand_as(scores)\n"
-            '    candidates = scores.masked_fill(~causal, float("-inf"))\n'
-            "    top = candidates.topk(k, dim=-1).indices\n"
-            "    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)\n"
-            "    # Rows t < k-1 have fewer than k past keys, so top-k also returns future (-inf) slots:\n"
-            "    # the AND with the causal mask is what removes them, not the -inf.\n"
-            "    return selected & causal\n\n\n"
         )
-    return head + (
-        f"RECENT_SHARE = {_layers(d.recent_share)}  # per layer: share of k kept for the most recent keys\n"
-        f"SINK_KEYS = {d.sink_keys}  # the first keys of the window, kept by every query (an attention sink)\n"
-        "\n\ndef select_topk(scores, k, layer):\n"
-        '    """Keep min(k, t+1) keys s <= t of every query t: the most recent int(k * RECENT_SHARE[layer]) keys and\n'
-        '    the first SINK_KEYS whatever their score, the rest by highest index score."""\n'
-        "    T = scores.shape[-1]\n"
+        + "    T = scores.shape[-1]\n"
         "    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()\n"
         "    if k >= T:\n"
         "        return causal.expand_as(scores)\n"
-        "    pos = torch.arange(T, device=scores.device)\n"
-        "    distance = pos[:, None] - pos[None, :]  # t - s\n"
-        "    recent = int(k * RECENT_SHARE[min(layer, len(RECENT_SHARE) - 1)])\n"
-        "    forced = causal & ((distance < recent) | (pos[None, :] < SINK_KEYS))\n"
-        '    priority = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))\n'
-        "    top = priority.topk(k, dim=-1).indices\n"
-        "    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)\n"
+        + (
+            "    pos = torch.arange(T, device=scores.device)\n"
+            "    distance = pos[:, None] - pos[None, :]  # t - s\n"
+            "    recent = int(k * RECENT_SHARE[min(layer, len(RECENT_SHARE) - 1)])\n"
+            "    forced = causal & ((distance < recent) | (pos[None, :] < SINK_KEYS))\n"
+            '    priority = scores.masked_fill(forced, float("inf")).masked_fill(~causal, float("-inf"))\n'
+            "    top = priority.topk(k, dim=-1).indices\n"
+            if mixed
+            else '    candidates = scores.masked_fill(~causal, float("-inf"))\n'
+            "    top = candidates.topk(k, dim=-1).indices\n"
+        )
+        + "    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)\n"
         "    # Rows t < k-1 have fewer than k past keys, so top-k also returns future (-inf) slots:\n"
         "    # the AND with the causal mask is what removes them, not the -inf.\n"
         "    return selected & causal\n\n\n"
@@ -237,40 +226,30 @@ def schedule_block(d: Design) -> str:
 
 def training_block(d: Design) -> str:
     sharpen, causal = d.target_sharpness != 1.0, d.kl_keys == "causal"
-    keys = "every past key" if causal else "each query's selected keys"
-    text = (
+    keys, mask = ("every past key", "causal") if causal else ("each query's selected keys", "selected")
+    why = "p = 0 off the selection: q pushed down there" if causal else "zero outside the selection, where p = 0"
+    sharpness = f"TARGET_SHARPNESS = {_number(d.target_sharpness)}  # the target p ** a, renormalised (1: p itself)\n"
+    causal_mask = (
+        "    T = scores.shape[-1]\n    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()\n"
+    )
+    return (
         "# May change: the indexer's training signal, its weight and the indexer's initialisation.\n"
         "# Must hold: indexer_aux_loss returns a finite scalar; it trains the indexer only (its input is detached).\n"
-        f"INDEXER_LOSS_WEIGHT = {_number(d.loss_weight)}  "
-        "# small next to the LM loss: the indexer only has to rank keys\n"
-    )
-    if sharpen:
-        text += f"TARGET_SHARPNESS = {_number(d.target_sharpness)}  # the target p ** a, renormalised (1: p itself)\n"
-    text += (
-        "\n\ndef indexer_aux_loss(attn_probs, scores, selected, layer):\n"
+        f"INDEXER_LOSS_WEIGHT = {_number(d.loss_weight)}  # small next to the LM loss: the indexer only has to "
+        "rank keys\n"
+        + (sharpness if sharpen else "")
+        + "\n\ndef indexer_aux_loss(attn_probs, scores, selected, layer):\n"
         f'    """DeepSeek-V3.2\'s indexer loss: KL(p || softmax(I)) over {keys}.\n'
         "\n    attn_probs[B,H,T,T] is the main attention (already detached), summed over heads and\n"
         "    renormalised into the target p; scores[B,T,T] are the index scores; selected[B,T,T] the keys\n"
         "    kept; `layer` the attention layer (0 = first).\n"
         '    """\n'
         "    target = attn_probs.sum(dim=1)\n"
-    )
-    if sharpen:
-        text += "    target = target.clamp_min(0).pow(TARGET_SHARPNESS)\n"
-    text += "    target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-9)\n"
-    if causal:
-        text += (
-            "    T = scores.shape[-1]\n"
-            "    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()\n"
-            '    log_q = scores.masked_fill(~causal, float("-inf")).log_softmax(dim=-1).masked_fill(~causal, 0.0)\n'
-            "    kl = target * (target.clamp_min(1e-9).log() - log_q)  # p = 0 off the selection: q pushed down there\n"
-        )
-    else:
-        text += (
-            '    log_q = scores.masked_fill(~selected, float("-inf")).log_softmax(dim=-1).masked_fill(~selected, 0.0)\n'
-            "    kl = target * (target.clamp_min(1e-9).log() - log_q)  # zero outside the selection, where p = 0\n"
-        )
-    return text + (
+        + ("    target = target.clamp_min(0).pow(TARGET_SHARPNESS)\n" if sharpen else "")
+        + "    target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-9)\n"
+        + (causal_mask if causal else "")
+        + f'    log_q = scores.masked_fill(~{mask}, float("-inf")).log_softmax(dim=-1).masked_fill(~{mask}, 0.0)\n'
+        f"    kl = target * (target.clamp_min(1e-9).log() - log_q)  # {why}\n"
         "    return INDEXER_LOSS_WEIGHT * kl.sum(dim=-1).mean()\n"
         "\n\ndef init_indexer(indexer, layer):\n"
         "    for p in indexer.parameters():\n"
@@ -313,14 +292,13 @@ def _fraction_text(text: str) -> str:
 
 
 def read_design(code: str) -> tuple[Design, set[str]]:
-    """The design a program's blocks would have, and the names of the blocks that are exactly what
-    `WRITERS` write for it (the blocks the structural moves may rewrite)."""
+    """The design a program's blocks would have, and the blocks that are what `WRITERS` write for it."""
     d, found = Design(), {}
     try:
         for name, field, parse in (
             ("INDEXER_HEADS", "heads", int),
             ("INDEXER_HEAD_DIM", "head_dim", int),
-            ("RECENCY_SLOPE", "recency_slope", float),
+            ("RECENCY_SLOPE", "recency_slope", _tuple),
             ("RECENT_SHARE", "recent_share", _tuple),
             ("SINK_KEYS", "sink_keys", int),
             ("K_SHARE", "k_shares", _tuple),
@@ -339,7 +317,7 @@ def read_design(code: str) -> tuple[Design, set[str]]:
             found["head_weights"] = "softmax"
         if "log_q = scores.masked_fill(~causal" in code:
             found["kl_keys"] = "causal"
-        if m := re.search(r"nn\.init\.normal_\(p, mean=0\.0, std=([0-9.e+-]+)\)", code):
+        if m := re.search(rf"{INIT_CALL}([0-9.e+-]+)\)", code):
             found["init_std"] = float(m[1])
         d = dataclasses.replace(d, **found)
     except (ValueError, ZeroDivisionError, TypeError):
@@ -357,7 +335,6 @@ CHOICES = [  # (move, block, knob, options): the knob takes another of its optio
     ("indexer head size", "lightning_indexer", "head_dim", (8, 16, 32, 64)),
     ("index score activation", "lightning_indexer", "activation", ACTIVATIONS),
     ("index score head weights", "lightning_indexer", "head_weights", ("linear", "softmax")),
-    ("index score recency", "lightning_indexer", "recency_slope", RECENCY_SLOPES),
     ("selection sink keys", "topk_selector", "sink_keys", (0, 1, 2, 4)),
     ("schedule dense until", "k_schedule", "dense_until", FRACTIONS),
     ("schedule middle until", "k_schedule", "middle_until", FRACTIONS),
@@ -374,18 +351,17 @@ def _other(options, current, rng):
     return rng.choice([o for o in options if o != current])
 
 
-def _one_layer(values, options, rng):
-    values, layer = list(values), rng.randrange(len(values))
-    values[layer] = _other(options, values[layer], rng)
-    return tuple(values)
+def _one_layer(values: tuple, options, rng):
+    layer = rng.randrange(len(values))
+    return values[:layer] + (_other(options, values[layer], rng),) + values[layer + 1 :]
 
 
-def _recent_keys(d, rng):
-    return dataclasses.replace(d, recent_share=(_other(RECENT_SHARES, d.recent_share[0], rng),) * N_LAYERS)
+def _every_layer(knob, options):
+    return lambda d, rng: dataclasses.replace(d, **{knob: (_other(options, getattr(d, knob)[0], rng),) * N_LAYERS})
 
 
-def _recent_keys_of_one_layer(d, rng):
-    return dataclasses.replace(d, recent_share=_one_layer(d.recent_share, RECENT_SHARES, rng))
+def _of_one_layer(knob, options):
+    return lambda d, rng: dataclasses.replace(d, **{knob: _one_layer(getattr(d, knob), options, rng)})
 
 
 def _schedule_per_layer(d, rng):
@@ -394,14 +370,27 @@ def _schedule_per_layer(d, rng):
     return dataclasses.replace(d, k_shares=_one_layer(shares, K_SHARES, rng))
 
 
+def _small_k_with_recent_keys(d, rng):
+    """A middle layer (or each) keeps 4 or 8 keys, a share of them the most recent (schedule and selection)."""
+    shares = [k / SEQ_LEN for k in d.schedule()]  # one share a layer, the same ks (the form the schedule takes)
+    recent = [d.recent_share[min(i, len(d.recent_share) - 1)] for i in range(N_LAYERS)]  # as select_topk reads it
+    k_share, recent_share = rng.choice(SMALL_K_SHARES), rng.choice(RECENT_SHARES[1:])
+    for layer in rng.sample(range(1, N_LAYERS - 1), rng.randint(1, N_LAYERS - 2)):
+        shares[layer], recent[layer] = k_share, recent_share
+    return dataclasses.replace(d, k_shares=tuple(shares), recent_share=tuple(recent))
+
+
 def _choice(knob, options):
     return lambda d, rng: dataclasses.replace(d, **{knob: _other(options, getattr(d, knob), rng)})
 
 
-MOVES = [(move, block, _choice(knob, options)) for move, block, knob, options in CHOICES] + [
-    ("selection recent keys", "topk_selector", _recent_keys),
-    ("selection recent keys of one layer", "topk_selector", _recent_keys_of_one_layer),
-    ("schedule per layer", "k_schedule", _schedule_per_layer),
+MOVES = [(move, (block,), _choice(knob, options)) for move, block, knob, options in CHOICES] + [
+    ("index score recency", ("lightning_indexer",), _every_layer("recency_slope", RECENCY_SLOPES)),
+    ("index score recency of one layer", ("lightning_indexer",), _of_one_layer("recency_slope", RECENCY_SLOPES)),
+    ("selection recent keys", ("topk_selector",), _every_layer("recent_share", RECENT_SHARES)),
+    ("selection recent keys of one layer", ("topk_selector",), _of_one_layer("recent_share", RECENT_SHARES)),
+    ("schedule per layer", ("k_schedule",), _schedule_per_layer),
+    ("small middle k with recent keys", ("k_schedule", "topk_selector"), _small_k_with_recent_keys),
 ]
 
 
@@ -410,44 +399,83 @@ def _valid(d: Design) -> bool:
     return len(set(d.schedule())) > 1
 
 
+def _rewrites(design: Design, new: Design, blocks) -> dict[str, tuple[str, str]]:
+    """block -> (old text, new text) for each of `blocks` that `new` writes differently from `design`."""
+    texts = {b: (WRITERS[b](design).rstrip("\n"), WRITERS[b](new).rstrip("\n")) for b in blocks}
+    return {b: (old, new) for b, (old, new) in texts.items() if old != new}
+
+
+# ---------------------------------------------------------------------------------------------
+# Crossover: a child of the parent and another program of the prompt, so that gains found on two
+# branches of the search meet in one program (a structural move only ever adds one)
+
+KNOBS = {  # the knobs each block is written from
+    "lightning_indexer": ("heads", "head_dim", "activation", "head_weights", "recency_slope"),
+    "topk_selector": ("recent_share", "sink_keys"),
+    "k_schedule": ("k_shares", "dense_until", "middle_until", "middle_divisor", "late_divisor"),
+    "indexer_training": ("loss_weight", "target_sharpness", "kl_keys", "init_std"),
+}
+# Crossover only recombines values the archive holds; new values come from the other moves alone, so
+# they keep most children (7 in 10), and 3 in 10 let gains found apart meet within a few iterations.
+CROSSOVER_SHARE = 0.3
+
+
+def _genes(d: Design, blocks) -> dict:
+    """What crossover passes on whole: each knob, a per-layer knob layer by layer, the schedule's knobs together."""
+    genes = {"schedule": {knob: getattr(d, knob) for knob in KNOBS["k_schedule"]}} if "k_schedule" in blocks else {}
+    for knob in (knob for block in blocks if block != "k_schedule" for knob in KNOBS[block]):
+        value = getattr(d, knob)
+        genes |= {(knob, i): v for i, v in enumerate(value)} if isinstance(value, tuple) else {knob: value}
+    return genes
+
+
+def _differences(d: Design, other: Design, blocks) -> dict:
+    """The genes in which `other` differs from `d`, with its values (none if a per-layer knob's layers differ)."""
+    mine, theirs = _genes(d, blocks), _genes(other, blocks)
+    return {g: v for g, v in theirs.items() if mine[g] != v} if mine.keys() == theirs.keys() else {}
+
+
+def crossover(d: Design, other: Design, blocks, rng: random.Random) -> Design:
+    """A child that is neither parent: of the genes (two or more) in which `other` differs from `d`,
+    a non-empty proper share from `other`, the rest from `d`."""
+    differences = _differences(d, other, blocks)
+    taken = rng.sample(list(differences), rng.randint(1, len(differences) - 1))
+    knobs = {}
+    for gene, value in (_genes(d, blocks) | {g: differences[g] for g in taken}).items():
+        if isinstance(gene, tuple):  # one layer of a per-layer knob, in layer order
+            knobs[gene[0]] = knobs.get(gene[0], ()) + (value,)
+        else:
+            knobs |= value if gene == "schedule" else {gene: value}
+    return dataclasses.replace(d, **knobs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Line moves, for blocks the mutator did not write: (name, line pattern, rewrite(match, rng))
 
 
-def _scaled(m, rng, factors, low, high):
-    return f"{m['head']}{_number(min(max(float(m['value']) * rng.choice(factors), low), high))}{m['tail']}"
+def _scaled(factors, low, high):
+    return lambda m, rng: (
+        f"{m['head']}{_number(min(max(float(m['value']) * rng.choice(factors), low), high))}{m['tail']}"
+    )
 
 
-def _replaced(m, rng, options):
-    return f"{m['head']}{_other([str(o) for o in options], m['value'], rng)}{m['tail']}"
+def _replaced(options):
+    return lambda m, rng: f"{m['head']}{_other([str(o) for o in options], m['value'], rng)}{m['tail']}"
 
 
-def _line(constant, value=r"[0-9.e+-]+"):
-    return re.compile(rf"^(?P<head>{constant} = )(?P<value>{value})(?P<tail>(  #.*)?)$")
+def _line(head, value=r"[0-9.e+-]+", tail=r"(  #.*)?"):
+    return re.compile(rf"^(?P<head>{head})(?P<value>{value})(?P<tail>{tail})$")
 
 
+_ACTIVATION = "|".join(map(re.escape, ACTIVATIONS))  # as a pattern
 LINE_MOVES = [
-    (
-        "indexer loss weight",
-        _line("INDEXER_LOSS_WEIGHT"),
-        lambda m, rng: _scaled(m, rng, [0.25, 0.5, 2.0, 4.0], 1e-4, 10.0),
-    ),
-    ("indexer heads", _line("INDEXER_HEADS", r"\d+"), lambda m, rng: _replaced(m, rng, (1, 2, 4, 8))),
-    ("indexer head size", _line("INDEXER_HEAD_DIM", r"\d+"), lambda m, rng: _replaced(m, rng, (8, 16, 32, 64))),
-    (
-        "index score activation",
-        re.compile(
-            r"^(?P<head>.*\b)(?P<value>F\.relu|F\.gelu|F\.silu|F\.softplus|torch\.sigmoid)(?P<tail>\(dots\).*)$"
-        ),
-        lambda m, rng: _replaced(m, rng, ACTIVATIONS),
-    ),
-    ("schedule thresholds", _line("(?:DENSE|MIDDLE)_UNTIL", r"\d+ / \d+"), lambda m, rng: _replaced(m, rng, FRACTIONS)),
-    ("schedule divisors", _line("(?:MIDDLE|LATE)_DIVISOR", r"\d+"), lambda m, rng: _replaced(m, rng, DIVISORS)),
-    (
-        "indexer init scale",
-        re.compile(r"^(?P<head>\s+nn\.init\.normal_\(p, mean=0\.0, std=)(?P<value>[0-9.e+-]+)(?P<tail>\).*)$"),
-        lambda m, rng: _scaled(m, rng, [0.5, 2.0], 1e-5, 1.0),
-    ),
+    ("indexer loss weight", _line("INDEXER_LOSS_WEIGHT = "), _scaled([0.25, 0.5, 2.0, 4.0], 1e-4, 10.0)),
+    ("indexer heads", _line("INDEXER_HEADS = ", r"\d+"), _replaced((1, 2, 4, 8))),
+    ("indexer head size", _line("INDEXER_HEAD_DIM = ", r"\d+"), _replaced((8, 16, 32, 64))),
+    ("index score activation", _line(r".*\b", _ACTIVATION, r"\(dots\).*"), _replaced(ACTIVATIONS)),
+    ("schedule thresholds", _line("(?:DENSE|MIDDLE)_UNTIL = ", r"\d+ / \d+"), _replaced(FRACTIONS)),
+    ("schedule divisors", _line("(?:MIDDLE|LATE)_DIVISOR = ", r"\d+"), _replaced(DIVISORS)),
+    ("indexer init scale", _line(rf"\s+{INIT_CALL}", tail=r"\).*"), _scaled([0.5, 2.0], 1e-5, 1.0)),
 ]
 
 
@@ -466,44 +494,52 @@ def _line_edits(code: str, blocks, rng) -> list[tuple[str, str, str]]:
     return candidates
 
 
-def propose_edits(code: str, rng: random.Random, max_edits: int = 2) -> list[tuple[str, str, str]]:
-    """(move name, old text, new text) edits inside the blocks: structural moves on the blocks this
-    module wrote, line moves on the others; at most one edit per block."""
+def propose_edits(code: str, rng: random.Random, max_moves: int = 2, others=()) -> list[tuple[str, str, str]]:
+    """(move name, old text, new text) edits inside the blocks: now and then a crossover with one of
+    `others` ((label, code) of the prompt's other programs), else one or two moves, structural on the
+    blocks this module wrote, line moves on the others; at most one move per block or line."""
     design, known = read_design(code)
+    mates = []  # the other programs crossover may pair with: two genes apart at least, in blocks both wrote
+    for label, other_code in others:
+        other, wrote = read_design(other_code)
+        blocks = [b for b in WRITERS if b in known & wrote]
+        if len(_differences(design, other, blocks)) >= 2:
+            mates.append((label, other, blocks))
+    if mates and rng.random() < CROSSOVER_SHARE:
+        label, other, blocks = rng.choice(mates)
+        child = crossover(design, other, blocks, rng)
+        if _valid(child):  # not when it takes a schedule with one k everywhere (a failed program's)
+            return [(f"crossover with {label}", old, new) for old, new in _rewrites(design, child, blocks).values()]
     blocks = split_blocks(code)[1]
     line_moves = {}  # move name -> its first candidate edit, in the order of the lines (no set: hash order varies)
     for edit in _line_edits(code, [b for b in blocks if b.name not in known], rng):
         line_moves.setdefault(edit[0], edit)
-    options = [(name, block) for name, block, _ in MOVES if block in known] + [(name, None) for name in line_moves]
+    options = [move for move in MOVES if set(move[1]) <= known] + [(name, None, None) for name in line_moves]
     rng.shuffle(options)
-    wanted, edits, touched = rng.randint(1, max_edits), [], set()
-    for name, block in options:
-        if len(edits) >= wanted:
+    wanted, edits, touched = rng.randint(1, max_moves), [], set()
+    for name, move_blocks, change in options:
+        if wanted == 0:
             break
-        if block is None:  # a line move in a block this module did not write
-            if line_moves[name][1] not in touched:
-                edits.append(line_moves[name])
-                touched.add(line_moves[name][1])
-            continue
-        if block in touched:
-            continue
-        change = next(f for n, _, f in MOVES if n == name)
-        for _ in range(8):  # a move may hit a schedule with one k everywhere: draw again
-            new = change(design, rng)
-            if _valid(new) and WRITERS[block](new) != WRITERS[block](design):
-                break
+        if move_blocks is None:  # a line move in a block this module did not write
+            new, rewrites = design, {line_moves[name][1]: line_moves[name][1:]}
         else:
+            for _ in range(8):  # a move may hit a schedule with one k everywhere: draw again
+                new = change(design, rng)
+                if _valid(new) and (rewrites := _rewrites(design, new, move_blocks)):
+                    break
+            else:
+                continue
+        if rewrites.keys() & touched:  # blocks or lines
             continue
-        old_body = next(b.body for b in blocks if b.name == block)
-        edits.append((name, old_body.rstrip("\n"), WRITERS[block](new).rstrip("\n")))
-        touched.add(block)
-        design = new
+        edits += [(name, old, new_text) for old, new_text in rewrites.values()]
+        touched |= rewrites.keys()
+        design, wanted = new, wanted - 1
     return edits
 
 
 def format_diff(edits) -> str:
-    """OpenEvolve's SEARCH/REPLACE format, one block per edit, with a line saying why."""
-    parts = [f"Offline mutator: {', '.join(name for name, _, _ in edits)}."]
+    """OpenEvolve's SEARCH/REPLACE format, one block per edit, with a line naming the moves (each once)."""
+    parts = [f"Offline mutator: {', '.join(dict.fromkeys(name for name, _, _ in edits))}."]
     for _, old, new in edits:
         parts.append(f"<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE")
     return "\n\n".join(parts) + "\n"
@@ -512,24 +548,42 @@ def format_diff(edits) -> str:
 CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n(?P<code>.*?)\n```", re.DOTALL)
 
 
+# The other programs OpenEvolve shows (top, diverse, inspiration): a heading with a score over a code
+# fence, "### Program 2 (Score: 0.0019)" or "### Inspiration 1 (Score: 0.0018, Type: Exploratory)"
+OTHER_PROGRAM = re.compile(
+    r"^### (?P<title>[^\n]+?) \(Score: (?P<score>[^,)\n]+)[^\n]*\n```[a-z]*\n(?P<code>.*?)\n```",
+    re.DOTALL | re.MULTILINE,
+)
+
+
 def parent_program(prompt: str) -> str:
-    m = CURRENT_PROGRAM.search(prompt)
-    if not m:
+    if not (m := CURRENT_PROGRAM.search(prompt)):
         raise ValueError("the prompt has no '# Current Program' code block")
     return m["code"]
 
 
+def other_programs(prompt: str) -> list[tuple[str, str]]:
+    """(label, code) of each other program in the prompt, once: the label names it as the prompt does,
+    with its score and the start of its code's sha256, so that a crossover names its second parent."""
+    found = {}
+    for m in OTHER_PROGRAM.finditer(prompt):
+        digest = hashlib.sha256(m["code"].encode()).hexdigest()[:8]
+        found.setdefault(m["code"], f"{m['title']} (score {m['score']}, code {digest})")
+    return [(label, code) for code, label in found.items()]
+
+
 class OfflineMutator:
-    """Answers OpenEvolve's generate_with_context with a diff; same parent and iteration, same diff."""
+    """Answers OpenEvolve's generate_with_context with a diff; same prompt and iteration, same diff."""
 
     def __init__(self, model_cfg=None):
         self.model = NAME
         self.base_seed = getattr(model_cfg, "random_seed", None) or 0
 
     async def generate_with_context(self, system_message, messages, **kwargs):
-        parent = parent_program(messages[-1]["content"])
+        prompt = messages[-1]["content"]
+        parent = parent_program(prompt)
         digest = hashlib.sha256(f"{self.base_seed}:{kwargs.get('seed')}:{parent}".encode()).hexdigest()
-        edits = propose_edits(parent, random.Random(int(digest[:16], 16)))
+        edits = propose_edits(parent, random.Random(int(digest[:16], 16)), others=other_programs(prompt))
         if not edits:
             raise ValueError("no line inside the EVOLVE-BLOCKs that the offline mutator knows how to change")
         return format_diff(edits)
