@@ -31,7 +31,7 @@ from ..evaluation.ledger import Ledger, LedgerError
 from ..evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage
 from ..program.checks import integrity_violation
-from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint, newest_run
+from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint
 from ..settings import Settings
 from ..stats import mean_sd
 from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
@@ -85,6 +85,9 @@ class RunPlan:
         return get_profile(self.settings.profile)
 
 
+NO_CHECKPOINT = "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
+
+
 class NothingToDo(Exception):
     """A resume of a run that already reached its total: not an error (exit 0), one line."""
 
@@ -109,14 +112,17 @@ def plan_run(options: RunOptions) -> RunPlan:
         raise RunError(f"--iterations must be at least 1, got {total}")
     if options.target_ppl is not None and options.target_ppl <= 0:
         raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
-    llm = _checked_llm(options, previous, config)
-    configure_llm(config, llm, run_dir)
     checkpoint = latest_checkpoint(run_dir) if options.resume else None
     done = checkpoint[1] if checkpoint else 0
+    if options.resume:  # which run, before anything is spent on it (the endpoint check can take minutes)
+        where = f"{checkpoint[0].name} (iteration {done} of {total})" if checkpoint else NO_CHECKPOINT
+        say(f"resuming {run_dir} (profile {settings.profile}) from {where}")
     if done >= total:
         raise NothingToDo(
             f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on)."
         )
+    llm = _checked_llm(options, previous, config)
+    configure_llm(config, llm, run_dir)
     _check_isolation(settings)
     corpus = corpus_of(settings.corpus)
     if previous:
@@ -141,9 +147,9 @@ def plan_run(options: RunOptions) -> RunPlan:
 
 
 def run_folder(options: RunOptions) -> Path:
-    """The run's folder: the one to resume (default: the newest run), or a new one."""
+    """The run's folder: the one to resume (default: the newest run, rundir.newest_run), or a new one."""
     if options.resume:
-        run_dir = options.output or newest_run()
+        run_dir = options.output or rundir.newest_run()
         if run_dir is None or not (Path(run_dir) / rundir.RUN_RECORD).exists():
             raise RunError(f"nothing to resume: {run_dir or OUTPUT_ROOT} holds no run (run.json missing)")
         return Path(run_dir)
@@ -324,14 +330,12 @@ def start_run(plan: RunPlan) -> RunStart:
 
 
 def _set_aside_unsaved_iterations(plan: RunPlan):
-    lost = rundir.discard_unsaved_iterations(plan.run_dir, plan.done)
-    where = (
-        f"checkpoint_{plan.done} (iteration {plan.done} of {plan.total})"
-        if plan.checkpoint
-        else "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
-    )
-    moved = f"; {lost} record(s) of iterations after it moved to {TRACE_LOST} (their checkpoint was never written)"
-    say(f"resuming {plan.run_dir} from {where}{moved if lost else ''}")
+    """plan_run said where the resume starts; this says what it set aside."""
+    if lost := rundir.discard_unsaved_iterations(plan.run_dir, plan.done):
+        say(
+            f"{lost} record(s) of iterations after iteration {plan.done} moved to {TRACE_LOST} "
+            "(their checkpoint was never written)"
+        )
 
 
 def run_record(plan: RunPlan) -> dict:
