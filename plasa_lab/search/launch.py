@@ -28,6 +28,7 @@ from ..contract import HARNESS_VERSION, Profile, get_profile
 from ..data.tokens import Corpus
 from ..evaluation.fitness import screen_settings, screened_stage2
 from ..evaluation.ledger import Ledger, LedgerError
+from ..evaluation.parallel import in_slots
 from ..evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage
 from ..program.checks import integrity_violation
@@ -396,31 +397,36 @@ def _versions() -> dict:
     )
 
 
-def evaluate_initial_program(settings: Settings) -> tuple[NoiseFloor, dict]:
-    """Stage 1, then stage 2 on every seed of the run (ledger first): a broken set-up fails now with
-    its reason, the seeds give the run its noise floor, and the timings calibrate every time limit."""
+def evaluate_initial_program(settings: Settings, evaluate=evaluate_stage) -> tuple[NoiseFloor, dict]:
+    """Stage 1, then stage 2 on every seed of the run (ledger first), up to the run's evaluation slots
+    at once: a broken set-up fails now with its reason, the seeds give the run its noise floor, and
+    the timings calibrate every time limit. Lines come in seed order; the first seed that fails, in
+    that order, ends it. `evaluate`: evaluate_stage's signature (a test's stand-in)."""
     code = INITIAL_PROGRAM.read_text()
-    progress = lambda line: say(f"  {line}")
     say(
         f"evaluating the initial program: stage 1, then stage 2 on seed{'s' * (len(settings.seeds) > 1)} "
         f"{', '.join(map(str, settings.seeds))} (the noise floor)"
     )
-    first = evaluate_stage(code, 1, settings, progress)
+    first = evaluate(code, 1, settings, lambda line: say(f"  {line}"))
     if not first.passed:
         raise RunError(f"the initial program fails its own evaluation: {first.artifacts.get('failure')}")
-    losses = []
-    for seed in settings.seeds:
-        evaluation = evaluate_stage(code, 2, settings, progress, seed=seed)
+
+    def stage2(seed):
+        return evaluate(code, 2, settings, lambda line: say(f"  seed {seed}: {line}"), seed=seed)
+
+    def check(seed, evaluation):
         if not evaluation.passed:
             raise RunError(
                 f"the initial program fails its own evaluation (seed {seed}): {evaluation.artifacts.get('failure')}"
             )
         m = evaluation.metrics
-        losses.append(m["val_loss"])
         say(
             f"initial program, seed {seed}: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f} "
             f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})"
         )
+
+    evaluations = in_slots(stage2, settings.seeds, settings.parallel, check)
+    losses = [e.metrics["val_loss"] for e in evaluations]
     floor = NoiseFloor(list(settings.seeds), losses, mean_sd(losses)[1])
     # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best,
     # and with a screening rung the first program screened, which every child's screen is ranked against.
