@@ -57,7 +57,7 @@ class RunOptions:
     device: str | None = None
     corpus: str | None = None
     runner: str | None = None
-    seeds: str | None = None
+    seeds: list[int] | None = None  # noise floor and confirmation seeds (cli.seed_list)
     prompt: str | None = None  # compact | full (default: compact for --llm local)
     no_notebook: bool = False  # leave the lab notebook out of the prompts (a resume keeps the run's choice)
     screen: str | None = None  # none | quick | smoke: a cheaper first look at every child (a resume keeps it)
@@ -172,7 +172,7 @@ def run_settings(options: RunOptions, previous: dict | None, run_dir: Path) -> S
             f"incomparable scores"
         )
     seeds = options.seeds or before.get("seeds")
-    if before and options.seeds and [int(s) for s in options.seeds.split(",")] != before.get("seeds"):
+    if before and options.seeds and list(dict.fromkeys(options.seeds)) != before.get("seeds"):
         raise RunError(f"this run confirms on seeds {before.get('seeds')}; resuming it with others would mix scores")
     try:
         settings = Settings(
