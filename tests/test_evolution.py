@@ -376,7 +376,8 @@ def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(
     assert record["noise_floor"]["seeds"] == [42, 43] and record["noise_floor"]["val_loss_sd"] is not None
     assert record["calibration"]["stage1_seconds"] > 0 and record["sandbox"] == {"isolation": "bwrap"}
     assert record["settings"]["seeds"] == [42, 43] and record["settings"]["noise_aware"] is True
-    assert "offline mutator" in output and "noise floor: val_loss sd" in output and "iteration(s): about" in output
+    assert "offline mutator" in output and "noise floor: val_loss sd" in output
+    assert "2 iteration(s) to go (1..2 of 2) on the smoke profile: about" in output
     killed_at = latest_checkpoint(run_dir)[1]
     assert killed_at == 1
 

@@ -468,9 +468,13 @@ def _say_what_to_expect(plan: RunPlan, floor: NoiseFloor, cal: Calibration, per_
         f"time limits: {cal.multiple:g}x the initial program's time here: stage 1 {limits['stage1']:.0f} s, "
         f"stage 2 {limits['stage2']:.0f} s (PLASA_TIME_LIMIT sets the multiple)"
     )
+    # The run's cost, said before the first child: the last line before the search spends anything.
+    left = plan.total - plan.done
+    which = (
+        f"{left} iteration(s) to go ({plan.done + 1}..{plan.total} of {plan.total}) on the {settings.profile} profile"
+    )
     if per_child:
-        left = plan.total - plan.done
-        say(
-            f"{left} iteration(s): about {hours(per_child * left)} here "
-            f"({per_child / 60:.1f} min per child; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min)"
-        )
+        confirming = f"; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min" if settings.noise_aware else ""
+        say(f"{which}: about {hours(per_child * left)} here ({per_child / 60:.1f} min per child{confirming})")
+    else:
+        say(f"{which}: no time estimate (the initial program's times are not in the ledger)")
