@@ -14,6 +14,7 @@ import sys
 
 from openevolve.evaluation_result import EvaluationResult
 
+from plasa_lab.cli import profile_help
 from plasa_lab.evaluation.fitness import evaluate_code, evaluate_file
 from plasa_lab.evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from plasa_lab.evaluation.stage import failure_metrics
@@ -49,10 +50,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate one PLASA program; prints its metrics as JSON on the last line."
     )
-    parser.add_argument("program")
-    parser.add_argument("--stage", choices=["1", "2", "all"], default="all")
-    parser.add_argument("--profile", choices=["full", "quick", "smoke"], help="default: $PLASA_PROFILE or full")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("program", help="the program file to evaluate")
+    parser.add_argument(
+        "--stage", choices=["1", "2", "all"], default="all", help="1, 2, or all: stage 1, then stage 2 if it passed"
+    )
+    parser.add_argument("--profile", choices=["full", "quick", "smoke"], help=profile_help("$PLASA_PROFILE or full"))
+    parser.add_argument("--seed", type=int, default=42, help="the training seed (default 42)")
     parser.add_argument(
         "--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: $PLASA_CORPUS or auto)"
     )

@@ -2,6 +2,7 @@
 
 Standard library only: scripts import it before the heavy libraries load."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -16,6 +17,26 @@ def fail(message, status: int = 1) -> NoReturn:
     look the same and exit 2)."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+def profile_help(default: str) -> str:
+    """What --profile says of the three profiles (contract.PROFILES), with the script's default."""
+    return (
+        "full: the benchmark, 1000 steps; quick: 200 steps, a cheaper first look; smoke: 20 steps, a "
+        "plumbing check, not a search: every val_ppl is over the 10000 cap, so every program scores the same "
+        f"(default: {default})"
+    )
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse's type for --seeds ("42,43,44"): a bad value is argparse's one line, naming the option."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
 
 
 def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline")) -> Path:

@@ -26,6 +26,7 @@ from . import INITIAL_PROGRAM, rundir
 from .contract import PPL_CAP, get_profile
 from .evaluation.fitness import evaluate_code
 from .evaluation.ledger import code_sha256
+from .evaluation.parallel import in_slots
 from .evaluation.stage import describe_validation
 from .program.blocks import SCHEDULE_RULES, BlockError, changed_blocks, with_blocks_of, with_schedule
 from .reporting import ReportError, load_run, sandbox_warning
@@ -280,13 +281,16 @@ def _run_ledger(run_dir: Path, record: dict) -> Path:
 # Evaluating
 
 
-def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
-    """Evaluate every candidate on every seed (ledger first), with a progress bar and an ETA."""
+def run_plan(plan: Plan, console=None, evaluate=evaluate_code) -> dict[str, list[SeedRun]]:
+    """Evaluate every candidate on every seed (ledger first), up to this machine's evaluation slots at
+    once, with a progress bar and an ETA; lines and results in candidate, then seed, order.
+    `evaluate`: evaluate_code's signature (a test's stand-in)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True)
     jobs = [(c, s) for c in plan.candidates for s in plan.seeds]
+    slots = Settings(profile=plan.profile, corpus=plan.corpus).parallel
     results = {c.name: [] for c in plan.candidates}
     trained = []  # seconds of the evaluations that actually ran (not from the ledger): the ETA's basis
     columns = (
@@ -299,7 +303,9 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
     )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("", total=len(jobs), eta="ETA ?")
-        for done, (candidate, seed) in enumerate(jobs):
+
+        def evaluate_one(job) -> SeedRun:  # on a slot's thread
+            candidate, seed = job
             label = f"{candidate.name} seed {seed}"
             bar.update(task, description=label)
             settings = Settings(
@@ -312,17 +318,14 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
                 screen="none",  # a replay trains every candidate on its full budget
             )
             start = time.monotonic()
-            evaluation = evaluate_code(
+            evaluation = evaluate(
                 candidate.code,
                 "all",
                 settings,
-                on_line=lambda line, label=label: bar.update(task, description=f"{label}: {line.strip()[:60]}"),
+                on_line=lambda line: bar.update(task, description=f"{label}: {line.strip()[:60]}"),
             )
-            seconds = time.monotonic() - start
-            if not evaluation.from_ledger:
-                trained.append(seconds)
             m = evaluation.metrics
-            run = SeedRun(
+            return SeedRun(
                 seed,
                 m["val_ppl"],
                 m["val_loss"],
@@ -330,17 +333,25 @@ def run_plan(plan: Plan, console=None) -> dict[str, list[SeedRun]]:
                 evaluation.passed,
                 evaluation.artifacts.get("failure"),
                 evaluation.from_ledger,
-                round(seconds, 1),
+                round(time.monotonic() - start, 1),
             )
+
+        def show(job, run: SeedRun):  # on this thread, in the jobs' order
+            candidate, seed = job
+            if not run.from_ledger:
+                trained.append(run.seconds)
             results[candidate.name].append(run)
             outcome = f"val_ppl {run.val_ppl:.1f}" if run.passed else f"FAILED ({run.failure})"
             bar.console.print(
-                f"{label}: {outcome} ({'from the ledger' if run.from_ledger else f'trained in {seconds:.0f} s'})",
+                f"{candidate.name} seed {seed}: {outcome} "
+                f"({'from the ledger' if run.from_ledger else f'trained in {run.seconds:.0f} s'})",
                 highlight=False,
             )
-            remaining = len(jobs) - done - 1
-            eta = f"ETA {statistics.mean(trained) * remaining / 60:.1f} min" if trained else "ETA ?"
-            bar.update(task, completed=done + 1, eta=eta if remaining else "")
+            remaining = len(jobs) - sum(map(len, results.values()))
+            eta = f"ETA {statistics.mean(trained) * remaining / slots / 60:.1f} min" if trained else "ETA ?"
+            bar.update(task, completed=len(jobs) - remaining, eta=eta if remaining else "")
+
+        in_slots(evaluate_one, jobs, slots, show)
     return results
 
 

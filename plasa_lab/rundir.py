@@ -47,10 +47,16 @@ class RunDirError(Exception):
 
 
 def newest_run(root: Path | None = None) -> Path | None:
-    """The most recently modified run folder (one holding run.json) under root (default OUTPUT_ROOT)."""
+    """The newest run under root (default OUTPUT_ROOT), the one meaning of "newest" every script uses
+    (evolve.py --resume without --output, inspect_run.py and replay.py without a folder): the run
+    folder whose run.json was written last. A run writes run.json when it starts or resumes, once
+    its noise floor is measured, and when it ends; nothing that reads a run writes it. So the run
+    last started, resumed or finished is the newest, however it ended, and a report written into an
+    older run (which changes that folder's own modification time) never makes it the newest."""
     root = Path(root) if root is not None else OUTPUT_ROOT
-    runs = [p for p in root.glob("*/") if (p / RUN_RECORD).exists()]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+    records = [(p / RUN_RECORD) for p in root.glob("*/") if (p / RUN_RECORD).is_file()]
+    newest = max(records, key=lambda r: (r.stat().st_mtime_ns, r.parent.name), default=None)
+    return newest.parent if newest else None
 
 
 def read_run_record(run_dir: Path) -> dict | None:

@@ -107,13 +107,17 @@ def rounds_table(rounds: list[dict], steps: int) -> Table:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="full", choices=list(PROFILES))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--program", default=str(INITIAL_PROGRAM))
+    parser.add_argument("--profile", default="full", choices=list(PROFILES), help="the profile timed (default full)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over them (default 3)")
+    parser.add_argument(
+        "--program", default=str(INITIAL_PROGRAM), help="the program the cascade judges (default: initial_program.py)"
+    )
     parser.add_argument(
         "--threads", type=int, default=hardware.cpu_cores(), help="threads of each side (default: every core)"
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where both sides train (default: auto)"
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1:
         fail("--rounds and --threads must be at least 1")

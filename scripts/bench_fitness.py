@@ -109,10 +109,21 @@ def table(rows: list[dict], budget: int, spent: int, plain_trainings: int, profi
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="quick", choices=["full", "quick", "smoke"])
+    parser.add_argument(
+        "--profile", default="quick", choices=["full", "quick", "smoke"], help="the runs' profile (default quick)"
+    )
     parser.add_argument("--iterations", type=int, default=12, help="iterations of the noise-aware run (default 12)")
-    parser.add_argument("--replay-seeds", default="101,102,103,104,105")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-fitness")
+    parser.add_argument(
+        "--replay-seeds",
+        default="101,102,103,104,105",
+        help="seeds neither run used, on which the bests are replayed, comma-separated (default 101,102,103,104,105)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "openevolve_output" / "bench-fitness",
+        help="the runs, their ledgers and the report (default: openevolve_output/bench-fitness)",
+    )
     args = parser.parse_args(argv)
     try:
         replay_seeds = [int(s) for s in args.replay_seeds.split(",")]

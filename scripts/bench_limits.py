@@ -47,7 +47,12 @@ def evaluate(code: str, profile: str, ledger: str | None, stage: str) -> tuple[f
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=["smoke", "quick", "full"], default="smoke")
+    parser.add_argument(
+        "--profile",
+        choices=["smoke", "quick", "full"],
+        default="smoke",
+        help="the evaluations' profile (default smoke)",
+    )
     parser.add_argument("--load", type=int, default=os.cpu_count() or 1, help="spinning processes (default: cores)")
     parser.add_argument("--ledger", help="a ledger holding the initial program's measured CPU seconds")
     args = parser.parse_args()

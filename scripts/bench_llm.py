@@ -75,12 +75,21 @@ def evolve(args, run_dir: Path) -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--api-base", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--profile", default="smoke", choices=["full", "quick", "smoke"])
-    parser.add_argument("--prompt", choices=["compact", "full"], default="compact")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-llm")
+    parser.add_argument("--api-base", required=True, help="the OpenAI-compatible server, e.g. http://127.0.0.1:8012/v1")
+    parser.add_argument("--model", required=True, help="the model name to ask the server for")
+    parser.add_argument("--iterations", type=int, default=10, help="iterations of the run (default 10)")
+    parser.add_argument(
+        "--profile", default="smoke", choices=["full", "quick", "smoke"], help="the run's profile (default smoke)"
+    )
+    parser.add_argument(
+        "--prompt", choices=["compact", "full"], default="compact", help="the prompt evolve.py sends (default compact)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "openevolve_output" / "bench-llm",
+        help="the runs and their ledger (default: openevolve_output/bench-llm)",
+    )
     args = parser.parse_args(argv)
     if args.iterations < 1:
         parser.error("--iterations must be at least 1")

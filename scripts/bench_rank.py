@@ -49,9 +49,16 @@ def programs() -> list[Candidate]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="42,43")
-    parser.add_argument("--profiles", default="quick,full")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-rank")
+    parser.add_argument("--seeds", default="42,43", help="training seeds, comma-separated (default 42,43)")
+    parser.add_argument(
+        "--profiles", default="quick,full", help="the two profiles whose rankings are compared (default quick,full)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "openevolve_output" / "bench-rank",
+        help="the ledger and the report (default: openevolve_output/bench-rank)",
+    )
     args = parser.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]

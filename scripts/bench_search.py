@@ -61,13 +61,24 @@ def arm_best(run_dir: Path) -> tuple[Path, dict, int]:
 
 def main(argv=None):  # long: the arms, the replay and the table, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="full", choices=["full", "quick", "smoke"])
+    parser.add_argument(
+        "--profile", default="full", choices=["full", "quick", "smoke"], help="the arms' profile (default full)"
+    )
     parser.add_argument("--iterations", type=int, default=60, help="children per arm (default 60)")
-    parser.add_argument("--replay-seeds", default="101,102,103,104,105")
+    parser.add_argument(
+        "--replay-seeds",
+        default="101,102,103,104,105",
+        help="seeds no run used, on which the bests are replayed, comma-separated (default 101,102,103,104,105)",
+    )
     parser.add_argument("--api-base", help="an OpenAI-compatible server: adds the LLM arms")
     parser.add_argument("--model", help="the model name to ask the server for")
     parser.add_argument("--arms", help="comma-separated arms to run (default: every arm the arguments allow)")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "openevolve_output" / "bench-search")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "openevolve_output" / "bench-search",
+        help="the arms' runs and ledgers, the replay and the report (default: openevolve_output/bench-search)",
+    )
     args = parser.parse_args(argv)
     try:
         replay_seeds = [int(s) for s in args.replay_seeds.split(",")]

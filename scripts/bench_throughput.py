@@ -230,7 +230,7 @@ def table(rows: list[dict], gpu: bool) -> Table:
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="full", choices=list(PROFILES))
+    parser.add_argument("--profile", default="full", choices=list(PROFILES), help="the profile timed (default full)")
     parser.add_argument(
         "--concurrency",
         help="evaluations at once, e.g. 1,2,4 (default: 1,2,4,8,16 on a GPU, powers of two up to the cores on a CPU)",
@@ -244,7 +244,9 @@ def parse_args():
         choices=["all", "2"],
         help="all: stage 1 then 2, as a run evaluates a child (default); 2: stage 2 only",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the children train (default: auto)"
+    )
     parser.add_argument("--save", action="store_true", help="make the best split this machine's default")
     args = parser.parse_args()
     if min(args.rounds, args.waves, args.threads or 1) < 1:

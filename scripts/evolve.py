@@ -14,7 +14,7 @@ from plasa_lab.search.stops import stop_while_libraries_load
 if __name__ == "__main__":  # until run() takes over: a stop while the libraries load is one line too
     stop_while_libraries_load()
 
-from plasa_lab.cli import fail  # noqa: E402 (after the stop handlers)
+from plasa_lab.cli import fail, profile_help, seed_list  # noqa: E402 (after the stop handlers)
 from plasa_lab.data.tokens import CorpusError  # noqa: E402
 from plasa_lab.evaluation.ledger import LedgerError  # noqa: E402
 from plasa_lab.rundir import RunDirError  # noqa: E402
@@ -48,17 +48,20 @@ def main(argv=None):
         action="store_true",
         help="leave the lab notebook (what the run has tried, and its effects) out of the LLM's prompts",
     )
-    parser.add_argument("--profile", choices=["full", "quick", "smoke"], help="default: $PLASA_PROFILE or full")
+    parser.add_argument("--profile", choices=["full", "quick", "smoke"], help=profile_help("$PLASA_PROFILE or full"))
     parser.add_argument(
         "--output", type=Path, help="run folder (default: openevolve_output/run-<time>; with --resume: the newest run)"
     )
     parser.add_argument("--resume", action="store_true", help="continue a run from its latest checkpoint")
     parser.add_argument("--target-ppl", type=float, help="stop once a child reaches this validation perplexity")
-    parser.add_argument("--config", type=Path, default=RunOptions.config)
+    parser.add_argument(
+        "--config", type=Path, default=RunOptions.config, help="OpenEvolve's configuration (default: config.yaml)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where children train (default: auto)")
     parser.add_argument("--corpus", help="auto, wikitext2, wiki-summaries or text:PATH (default: auto)")
     parser.add_argument(
         "--seeds",
+        type=seed_list,
         help="training seeds of the noise floor and of confirmation, comma-separated "
         "(default 42,43,44; a single seed turns noise-aware fitness off)",
     )

@@ -9,6 +9,11 @@
 #
 # Writes what it measured to $OUT (default openevolve_output/gpu-checks).
 set -uo pipefail
+case "${1:-}" in  # before anything touches the GPU or the disk
+  "") ;;
+  -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+  *) echo "gpu_checks.sh: error: unknown argument '$1' (it takes none; see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-openevolve_output/gpu-checks}

@@ -9,18 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from plasa_lab.cli import fail
+from plasa_lab.cli import fail, profile_help, seed_list
 from plasa_lab.replay import DEFAULT_SEEDS, ReplayError, plan_replay, print_table, run_plan, summarise, write_reports
-
-
-def seed_list(text):
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}")
-    if not seeds:
-        raise argparse.ArgumentTypeError("give at least one seed")
-    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run folder (default: the newest under openevolve_output/), or program files",
     )
     parser.add_argument("--top", type=int, default=3, help="programs of the run to replay, best first (default 3)")
-    parser.add_argument("--seeds", type=seed_list, default=list(DEFAULT_SEEDS), help="default 42,43,44")
+    parser.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=list(DEFAULT_SEEDS),
+        help="training seeds, comma-separated (default 42,43,44)",
+    )
     parser.add_argument(
         "--baselines",
         action="store_true",
@@ -44,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         choices=["full", "quick", "smoke"],
-        help="default: the run's profile (program files: $PLASA_PROFILE or full)",
+        help=profile_help("the run's profile; program files: $PLASA_PROFILE or full"),
     )
     parser.add_argument(
         "--whole-val",

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from plasa_lab.rundir import discard_unsaved_iterations, latest_checkpoint, read
 from plasa_lab.search.launch import RunOptions, run_settings
 from plasa_lab.search.mutator import OfflineMutator, parent_program
 from plasa_lab.search.run_config import unknown_config_keys
+from plasa_lab.search.stops import Stopped, resume_line, stopped_line
 from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
@@ -374,13 +376,14 @@ def test_run_killed_then_resumed_reaches_the_requested_total_without_retraining(
     assert record["noise_floor"]["seeds"] == [42, 43] and record["noise_floor"]["val_loss_sd"] is not None
     assert record["calibration"]["stage1_seconds"] > 0 and record["sandbox"] == {"isolation": "bwrap"}
     assert record["settings"]["seeds"] == [42, 43] and record["settings"]["noise_aware"] is True
-    assert "offline mutator" in output and "noise floor: val_loss sd" in output and "iteration(s): about" in output
+    assert "offline mutator" in output and "noise floor: val_loss sd" in output
+    assert "2 iteration(s) to go (1..2 of 2) on the smoke profile: about" in output
     killed_at = latest_checkpoint(run_dir)[1]
     assert killed_at == 1
 
     resumed = evolve("--resume", "--output", str(run_dir), "--iterations", "2", ledger=shared_ledger)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {run_dir} from checkpoint_{killed_at}" in resumed.stderr
+    assert f"resuming {run_dir} (profile smoke) from checkpoint_{killed_at}" in resumed.stderr
     assert json.loads((run_dir / "run.json").read_text())["resumes"][0]["iteration"] == killed_at
     assert_trace_agrees_with_the_checkpoint(run_dir, 2)
     children = read_jsonl(run_dir / "evolution_trace.jsonl")
@@ -435,7 +438,7 @@ def test_sigterm_mid_child_then_ctrl_c_while_stopping_resumes_with_confirmed_sco
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
-    assert "Resume with: python scripts/evolve.py --resume" in output and "Traceback" not in output
+    assert resume_line(run_dir) in output and "Traceback" not in output
     checkpoint, stopped_at = latest_checkpoint(run_dir)
     assert stopped_at >= 1 and (run_dir / "best" / "best_program.py").exists()
     before = checkpoint_scores(checkpoint)
@@ -476,10 +479,7 @@ def test_a_stop_during_the_initial_evaluation_ends_with_the_resume_line(stop, tm
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
-    assert (
-        "while evaluating the initial program" in output
-        and f"Resume with: python scripts/evolve.py --resume --output {run_dir}" in output
-    )
+    assert "while evaluating the initial program" in output and resume_line(run_dir) in output
     assert "Traceback" not in output
     time.sleep(1)
     assert worker_processes() == []
@@ -489,6 +489,31 @@ def test_a_stop_during_the_initial_evaluation_ends_with_the_resume_line(stop, tm
         assert "no checkpoint yet: starting from the initial program" in resumed.stderr
         assert_trace_agrees_with_the_checkpoint(run_dir, 1)
         assert all(n == 1 for (n,) in ledger_runs(ledger))  # the interrupted stage ran again, nothing else
+
+
+def test_the_commands_a_stop_prints_start_with_the_interpreter_that_runs(tmp_path):
+    """Not a bare `python`: the system's lacks the project's packages. Shell-quoted, so a path with a
+    space pastes whole."""
+    run_dir = tmp_path / "my run"
+    command = resume_line(run_dir).removeprefix("Resume with: ")
+    assert shlex.split(command) == [sys.executable, "scripts/evolve.py", "--resume", "--output", str(run_dir)]
+    again = stopped_line(Stopped(signal.SIGINT), None, 1).split("Start it again with: ")[1]
+    assert shlex.split(again) == [sys.executable, *sys.argv]
+    (run_dir).mkdir()
+    (run_dir / "run.json").write_text("{}")
+    assert resume_line(run_dir) in stopped_line(Stopped(signal.SIGTERM), run_dir, 3)
+
+
+def test_resume_names_the_run_and_its_profile_before_anything_else(tmp_path, shared_ledger):
+    """The first line of a resume says which run and profile it took, before the endpoint is checked
+    (here it fails: --llm local without --api-base) or anything is evaluated."""
+    run_dir = Path(shutil.copytree(FIXTURE_RUN, tmp_path / "run"))
+    run = evolve(
+        "--resume", "--output", str(run_dir), "--iterations", "10", "--llm", "local", ledger=shared_ledger,
+        env={"OPENAI_API_BASE": ""},
+    )  # fmt: skip
+    assert run.returncode == 1 and "--llm local needs --api-base" in run.stderr, run.stderr[-2000:]
+    assert run.stderr.splitlines()[0] == f"resuming {run_dir} (profile smoke) from checkpoint_4 (iteration 4 of 10)"
 
 
 def test_a_stop_before_the_run_starts_says_so_in_one_line(tmp_path):

@@ -609,8 +609,9 @@ def test_without_an_argument_the_newest_run_is_inspected(tmp_path, monkeypatch):
     older, newer = tmp_path / "run-a", tmp_path / "run-b"
     shutil.copytree(FIXTURE, older)
     shutil.copytree(FIXTURE, newer)
-    os.utime(older, (1_000_000_000, 1_000_000_000))
-    os.utime(newer, (1_000_000_100, 1_000_000_100))
+    os.utime(older / "run.json", (1_000_000_100, 1_000_000_100))  # rundir.newest_run: run.json written last
+    os.utime(newer / "run.json", (1_000_000_200, 1_000_000_200))
+    os.utime(older, (1_000_000_300, 1_000_000_300))  # a report written into the older run changes only its folder
     monkeypatch.setattr(rundir, "OUTPUT_ROOT", tmp_path)
     assert resolve_target(None) == (newer, None)
     monkeypatch.setattr(rundir, "OUTPUT_ROOT", tmp_path / "empty")

@@ -104,19 +104,48 @@ def test_run_record_missing_is_none_and_unreadable_is_a_one_line_error(run_copy,
         read_run_record(tmp_path)
 
 
-def test_newest_run_is_the_most_recently_modified_folder_with_a_run_json(tmp_path, monkeypatch):
-    older, newer, stray = tmp_path / "run-a", tmp_path / "run-b", tmp_path / "notes"
-    for folder in (older, newer, stray):
-        folder.mkdir()
-    (older / "run.json").write_text("{}")
-    (newer / "run.json").write_text("{}")
-    os.utime(older, (1_000_000_000, 1_000_000_000))
-    os.utime(newer, (1_000_000_100, 1_000_000_100))
-    os.utime(stray, (1_000_000_200, 1_000_000_200))
-    assert newest_run(tmp_path) == newer
+def make_runs(root: Path) -> dict[str, Path]:
+    """Three real run folders, their run.json written in this order: a finished run, a run stopped while
+    its initial program was evaluated (run.json and a ledger, no checkpoint), and a finished run again.
+    Then a report is written into the first, as inspect_run.py --html would: its folder is now the most
+    recently modified, but no run.json changed."""
+    runs = dict(
+        finished=Path(shutil.copytree(FIXTURE, root / "run-a")),
+        aborted=root / "run-b",
+        newest=Path(shutil.copytree(FIXTURE, root / "run-c")),
+    )
+    runs["aborted"].mkdir()
+    (runs["aborted"] / "run.json").write_text((FIXTURE / "run.json").read_text())
+    (runs["aborted"] / "ledger.sqlite").write_bytes(b"")
+    for n, run in enumerate(runs.values()):  # run.json written a minute apart, in order
+        os.utime(run / "run.json", ns=(1_000_000_000_000_000_000 + n * 60_000_000_000,) * 2)
+    (root / "notes").mkdir()  # a folder without run.json is no run, however new
+    (runs["finished"] / "report").mkdir()
+    (runs["finished"] / "report" / "report.html").write_text("<html></html>")
+    return runs
+
+
+def test_the_newest_run_is_the_one_whose_run_json_was_written_last(tmp_path, monkeypatch):
+    runs = make_runs(tmp_path)
+    assert newest_run(tmp_path) == runs["newest"]
+    os.utime(runs["aborted"] / "run.json")  # the stopped run resumed: now it is the newest
+    assert newest_run(tmp_path) == runs["aborted"]
     monkeypatch.setattr(rundir, "OUTPUT_ROOT", tmp_path)
-    assert newest_run() == newer
+    assert newest_run() == runs["aborted"]
     assert newest_run(tmp_path / "empty") is None
+
+
+def test_every_script_takes_the_same_newest_run(tmp_path, monkeypatch):
+    """evolve.py --resume without --output, inspect_run.py and replay.py without a folder."""
+    from plasa_lab.replay import plan_replay
+    from plasa_lab.reporting import load_run
+    from plasa_lab.search.launch import RunOptions, run_folder
+
+    runs = make_runs(tmp_path)
+    monkeypatch.setattr(rundir, "OUTPUT_ROOT", tmp_path)
+    assert run_folder(RunOptions(resume=True)) == runs["newest"]
+    assert load_run(None).run_dir == runs["newest"]
+    assert plan_replay([]).title == f"run {runs['newest']}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from ..contract import HARNESS_VERSION, Profile, get_profile
 from ..data.tokens import Corpus
 from ..evaluation.fitness import screen_settings, screened_stage2
 from ..evaluation.ledger import Ledger, LedgerError
+from ..evaluation.parallel import in_slots
 from ..evaluation.sandbox import UNISOLATED_WARNING, SandboxUnavailable, require_isolation
 from ..evaluation.stage import Calibration, calibration, corpus_of, evaluate_stage
 from ..program.checks import integrity_violation
-from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint, newest_run
+from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint
 from ..settings import Settings
 from ..stats import mean_sd
 from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
@@ -56,7 +57,7 @@ class RunOptions:
     device: str | None = None
     corpus: str | None = None
     runner: str | None = None
-    seeds: str | None = None
+    seeds: list[int] | None = None  # noise floor and confirmation seeds (cli.seed_list)
     prompt: str | None = None  # compact | full (default: compact for --llm local)
     no_notebook: bool = False  # leave the lab notebook out of the prompts (a resume keeps the run's choice)
     screen: str | None = None  # none | quick | smoke: a cheaper first look at every child (a resume keeps it)
@@ -85,6 +86,9 @@ class RunPlan:
         return get_profile(self.settings.profile)
 
 
+NO_CHECKPOINT = "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
+
+
 class NothingToDo(Exception):
     """A resume of a run that already reached its total: not an error (exit 0), one line."""
 
@@ -109,14 +113,17 @@ def plan_run(options: RunOptions) -> RunPlan:
         raise RunError(f"--iterations must be at least 1, got {total}")
     if options.target_ppl is not None and options.target_ppl <= 0:
         raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
-    llm = _checked_llm(options, previous, config)
-    configure_llm(config, llm, run_dir)
     checkpoint = latest_checkpoint(run_dir) if options.resume else None
     done = checkpoint[1] if checkpoint else 0
+    if options.resume:  # which run, before anything is spent on it (the endpoint check can take minutes)
+        where = f"{checkpoint[0].name} (iteration {done} of {total})" if checkpoint else NO_CHECKPOINT
+        say(f"resuming {run_dir} (profile {settings.profile}) from {where}")
     if done >= total:
         raise NothingToDo(
             f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on)."
         )
+    llm = _checked_llm(options, previous, config)
+    configure_llm(config, llm, run_dir)
     _check_isolation(settings)
     corpus = corpus_of(settings.corpus)
     if previous:
@@ -141,9 +148,9 @@ def plan_run(options: RunOptions) -> RunPlan:
 
 
 def run_folder(options: RunOptions) -> Path:
-    """The run's folder: the one to resume (default: the newest run), or a new one."""
+    """The run's folder: the one to resume (default: the newest run, rundir.newest_run), or a new one."""
     if options.resume:
-        run_dir = options.output or newest_run()
+        run_dir = options.output or rundir.newest_run()
         if run_dir is None or not (Path(run_dir) / rundir.RUN_RECORD).exists():
             raise RunError(f"nothing to resume: {run_dir or OUTPUT_ROOT} holds no run (run.json missing)")
         return Path(run_dir)
@@ -165,7 +172,7 @@ def run_settings(options: RunOptions, previous: dict | None, run_dir: Path) -> S
             f"incomparable scores"
         )
     seeds = options.seeds or before.get("seeds")
-    if before and options.seeds and [int(s) for s in options.seeds.split(",")] != before.get("seeds"):
+    if before and options.seeds and list(dict.fromkeys(options.seeds)) != before.get("seeds"):
         raise RunError(f"this run confirms on seeds {before.get('seeds')}; resuming it with others would mix scores")
     try:
         settings = Settings(
@@ -324,14 +331,12 @@ def start_run(plan: RunPlan) -> RunStart:
 
 
 def _set_aside_unsaved_iterations(plan: RunPlan):
-    lost = rundir.discard_unsaved_iterations(plan.run_dir, plan.done)
-    where = (
-        f"checkpoint_{plan.done} (iteration {plan.done} of {plan.total})"
-        if plan.checkpoint
-        else "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
-    )
-    moved = f"; {lost} record(s) of iterations after it moved to {TRACE_LOST} (their checkpoint was never written)"
-    say(f"resuming {plan.run_dir} from {where}{moved if lost else ''}")
+    """plan_run said where the resume starts; this says what it set aside."""
+    if lost := rundir.discard_unsaved_iterations(plan.run_dir, plan.done):
+        say(
+            f"{lost} record(s) of iterations after iteration {plan.done} moved to {TRACE_LOST} "
+            "(their checkpoint was never written)"
+        )
 
 
 def run_record(plan: RunPlan) -> dict:
@@ -392,31 +397,36 @@ def _versions() -> dict:
     )
 
 
-def evaluate_initial_program(settings: Settings) -> tuple[NoiseFloor, dict]:
-    """Stage 1, then stage 2 on every seed of the run (ledger first): a broken set-up fails now with
-    its reason, the seeds give the run its noise floor, and the timings calibrate every time limit."""
+def evaluate_initial_program(settings: Settings, evaluate=evaluate_stage) -> tuple[NoiseFloor, dict]:
+    """Stage 1, then stage 2 on every seed of the run (ledger first), up to the run's evaluation slots
+    at once: a broken set-up fails now with its reason, the seeds give the run its noise floor, and
+    the timings calibrate every time limit. Lines come in seed order; the first seed that fails, in
+    that order, ends it. `evaluate`: evaluate_stage's signature (a test's stand-in)."""
     code = INITIAL_PROGRAM.read_text()
-    progress = lambda line: say(f"  {line}")
     say(
         f"evaluating the initial program: stage 1, then stage 2 on seed{'s' * (len(settings.seeds) > 1)} "
         f"{', '.join(map(str, settings.seeds))} (the noise floor)"
     )
-    first = evaluate_stage(code, 1, settings, progress)
+    first = evaluate(code, 1, settings, lambda line: say(f"  {line}"))
     if not first.passed:
         raise RunError(f"the initial program fails its own evaluation: {first.artifacts.get('failure')}")
-    losses = []
-    for seed in settings.seeds:
-        evaluation = evaluate_stage(code, 2, settings, progress, seed=seed)
+
+    def stage2(seed):
+        return evaluate(code, 2, settings, lambda line: say(f"  seed {seed}: {line}"), seed=seed)
+
+    def check(seed, evaluation):
         if not evaluation.passed:
             raise RunError(
                 f"the initial program fails its own evaluation (seed {seed}): {evaluation.artifacts.get('failure')}"
             )
         m = evaluation.metrics
-        losses.append(m["val_loss"])
         say(
             f"initial program, seed {seed}: val_ppl {m['val_ppl']:.1f}, val_acc {m['val_acc']:.3f} "
             f"({'from the ledger' if evaluation.from_ledger else f'{evaluation.seconds:.0f} s'})"
         )
+
+    evaluations = in_slots(stage2, settings.seeds, settings.parallel, check)
+    losses = [e.metrics["val_loss"] for e in evaluations]
     floor = NoiseFloor(list(settings.seeds), losses, mean_sd(losses)[1])
     # What OpenEvolve will file for it (the evaluator answers from the ledger): the run's first best,
     # and with a screening rung the first program screened, which every child's screen is ranked against.
@@ -458,9 +468,13 @@ def _say_what_to_expect(plan: RunPlan, floor: NoiseFloor, cal: Calibration, per_
         f"time limits: {cal.multiple:g}x the initial program's time here: stage 1 {limits['stage1']:.0f} s, "
         f"stage 2 {limits['stage2']:.0f} s (PLASA_TIME_LIMIT sets the multiple)"
     )
+    # The run's cost, said before the first child: the last line before the search spends anything.
+    left = plan.total - plan.done
+    which = (
+        f"{left} iteration(s) to go ({plan.done + 1}..{plan.total} of {plan.total}) on the {settings.profile} profile"
+    )
     if per_child:
-        left = plan.total - plan.done
-        say(
-            f"{left} iteration(s): about {hours(per_child * left)} here "
-            f"({per_child / 60:.1f} min per child; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min)"
-        )
+        confirming = f"; each confirmation seed adds {cal.stage2_seconds / 60:.1f} min" if settings.noise_aware else ""
+        say(f"{which}: about {hours(per_child * left)} here ({per_child / 60:.1f} min per child{confirming})")
+    else:
+        say(f"{which}: no time estimate (the initial program's times are not in the ledger)")

@@ -14,6 +14,7 @@ before the heavy libraries load.
 """
 
 import contextlib
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ class Stopped(BaseException):
 
 
 def resume_line(run_dir: Path) -> str:
-    return f"Resume with: python scripts/evolve.py --resume --output {run_dir}"
+    """The resume command, with this interpreter: a bare `python` is the system's, which lacks the
+    project's packages."""
+    return f"Resume with: {shlex.join([sys.executable, 'scripts/evolve.py', '--resume', '--output', str(run_dir)])}"
 
 
 def stop_while_libraries_load():
@@ -69,7 +72,7 @@ def stopped_line(stop: Stopped, run_dir: Path | None, next_iteration: int) -> st
     if run_dir is None or not (Path(run_dir) / RUN_RECORD).exists():
         return (
             f"stopped ({stop}) before the run started; nothing was written. Start it again with: "
-            f"python {' '.join(sys.argv)}"
+            f"{shlex.join([sys.executable, *sys.argv])}"
         )
     if stop.during:
         return (
