@@ -152,8 +152,9 @@ def _vs_density(view: RunView, plt, by_seed: bool):
 
 
 def _lineage(view: RunView, plt, by_seed: bool):
-    """Every known program at (iteration, its row in a depth-first walk), an edge from each parent
-    to each child; coloured by the effect, failures as red crosses, the best's chain drawn thick."""
+    """Every known program at (iteration, its row in a depth-first walk), an elbow from each parent
+    down its own iteration and across to each child; coloured by the effect, failures as red
+    crosses, the best's chain drawn thick."""
     layout, label = lineage_layout(view), effect_label(by_seed, short=True)
     fig, ax = plt.subplots(figsize=(9, max(3.5, min(16.0, 0.12 * len(layout) + 2))))
     chain = {p.id for p in view.chain}
@@ -162,7 +163,8 @@ def _lineage(view: RunView, plt, by_seed: bool):
         if parent in layout:
             on_chain = pid in chain and parent in chain
             px, py = layout[parent]
-            ax.plot([px, x], [py, y], color="tab:red" if on_chain else "0.75", linewidth=2.5 if on_chain else 0.8)
+            style = dict(color="tab:red", linewidth=2.5) if on_chain else dict(color="0.75", linewidth=0.8)
+            ax.plot([px, px, x], [py, y, y], **style)
     programs = [view.known[pid] for pid in layout]
     valued = [(p, effect(view, p.metrics, by_seed)) for p in programs]
     shown = [(layout[p.id], v) for p, v in valued if v is not None]
@@ -185,7 +187,7 @@ def _lineage(view: RunView, plt, by_seed: bool):
     ax.set(
         xlabel="iteration",
         ylabel="programs, depth-first by lineage",
-        title=f"{view.name}: parent -> child, the best's chain in red",
+        title=f"{view.name}: the population's lineage, parent -> child, the best's chain in red",
     )
     ax.set_yticks([])
     ax.invert_yaxis()
