@@ -1,8 +1,10 @@
 """inspect_run.py on a real smoke run (tests/fixtures/smoke_run: 4 offline-mutator iterations, logs
-dropped, the last checkpoint kept): the ranking (OpenEvolve's), the lineage, the block diff, the
-MAP-Elites grid as OpenEvolve saved it, plots, the HTML page, exports, the marks newer runs add
-(confirmation, sandbox, LLM responses), partly written checkpoints and bad input. Real
-subprocesses for the command line."""
+dropped, the last checkpoint kept): the ranking (OpenEvolve's), each program against the initial
+program paired by seed, the lineage, the block diff, the MAP-Elites grid as OpenEvolve saved it,
+plots, the HTML page of the whole run (notebook, failures by rule, replay verdicts, settings, every
+program's story), exports, the marks newer runs add (confirmation, sandbox, LLM responses), --program,
+--watch, a child's words kept as text, partly written checkpoints and bad input. Real subprocesses
+for the command line."""
 
 import base64
 import csv
@@ -30,6 +32,7 @@ from plasa_lab.reporting import (
     pareto_front,
     rank,
     resolve_target,
+    vs_initial,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_run"
@@ -86,12 +89,76 @@ def make_a_child_the_best(run_dir) -> str:
     return child
 
 
+def trace_records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / rundir.TRACE).read_text().splitlines()]
+
+
+def fail_children(run_dir, failures: dict[str, str]):
+    """{child id prefix: its failure line}: those children scored 0, in the trace and in the checkpoint."""
+    failed = lambda child_id: next((line for prefix, line in failures.items() if child_id.startswith(prefix)), None)
+    records = trace_records(run_dir)
+    for r in records:
+        if line := failed(r["child_id"]):
+            r["child_metrics"].update(combined_score=0.0, stage2_passed=0.0)
+            r["artifacts"]["failure"] = line
+    (run_dir / rundir.TRACE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    edit_programs(run_dir, lambda d: d["metrics"].update(combined_score=0.0) if failed(d["id"]) else None)
+
+
+def add_iterations_without_a_child(run_dir, errors: dict[int, str]):
+    """OpenEvolve's record of iterations that produced no child (an LLM error, a diff that did not apply)."""
+    with (run_dir / rundir.TRACE_FAILURES).open("a") as f:
+        f.writelines(json.dumps(dict(iteration=i, error=error)) + "\n" for i, error in errors.items())
+
+
+def log_llm_responses(run_dir, outcome="passed"):
+    """llm_responses.jsonl as a run writes it: one line per iteration, the trace's response in it."""
+    lines = [
+        dict(
+            iteration=r["iteration"], model="offline-mutator", seconds=0.5, outcome=outcome, response=r["llm_response"]
+        )
+        for r in trace_records(run_dir)
+    ]
+    (run_dir / rundir.LLM_RESPONSES).write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def write_replay(run_dir, program, **entry):
+    """report/replay.json as scripts/replay.py writes it, with the initial program and `program` replayed."""
+    import hashlib
+
+    sha = lambda p: hashlib.sha256(p.code.encode()).hexdigest()
+    initial = load_run(run_dir).initial
+    programs = [
+        dict(name="initial", kind="initial", code_sha256=sha(initial), verdict="within noise", p_value=None),
+        dict(name=program.short_id, kind="program", code_sha256=sha(program), **entry),
+    ]
+    report = dict(profile="smoke", seeds=[101, 102, 103], created="2026-12-04T07:00:00+00:00", programs=programs)
+    (run_dir / rundir.REPORT).mkdir(exist_ok=True)
+    (run_dir / rundir.REPORT / "replay.json").write_text(json.dumps(dict(report, rule="a paired t-test")))
+
+
+REPLAYED = dict(
+    verdict="within noise",
+    change_vs_initial_pct=-0.05,
+    paired_seeds=3,
+    p_value=0.41,
+    test="paired t-test",
+    claimed_change_pct=-0.19,
+    claimed_seeds=1,
+    unseen_change_pct=-0.05,
+    unseen_seeds=3,
+    shrinkage=0.74,
+)
+
+
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
-    """One inspect_run.py call with every output on a copy of the fixture whose best is a child:
-    (run folder, the process)."""
+    """One inspect_run.py call with every output on a copy of the fixture whose best is a child, one
+    iteration of which produced no child, replayed: (run folder, the process)."""
     run_dir = Path(shutil.copytree(FIXTURE, tmp_path_factory.mktemp("inspect") / "run"))
-    make_a_child_the_best(run_dir)
+    best = make_a_child_the_best(run_dir)
+    add_iterations_without_a_child(run_dir, {3: "No valid diffs found in response"})
+    write_replay(run_dir, load_run(run_dir).known[best], **REPLAYED)
     done = inspect(
         run_dir, "--top", "3", "--plots", "--html", "--json", run_dir / "table.json", "--csv", run_dir / "table.csv"
     )
@@ -319,7 +386,7 @@ def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
 
     view = load_run(run_copy)
     assert view.checkpoint.name == CHECKPOINT and "unsaved-child" not in view.known
-    assert [i for i, _ in reporting.history(view)] == [0, 1, 2, 3, 4] and len(view.trace) == 4
+    assert [p.iteration for p in reporting.history(view, True)] == [0, 1, 2, 3, 4] and len(view.trace) == 4
     assert view.warnings[-1] == (
         "warning: left out 1 trace record(s) of iterations after 4 (checkpoint_4's last): "
         "no checkpoint holds them (killed during a save?)"
@@ -336,7 +403,12 @@ def test_trace_records_after_the_checkpoint_are_left_out_and_counted(run_copy):
 def test_plots_are_written_as_non_empty_pngs(reported):
     run_dir, done = reported
     pngs = sorted((run_dir / "report").glob("*.png"))
-    assert [p.name for p in pngs] == ["map_elites_grid.png", "ppl_per_iteration.png", "ppl_vs_density.png"]
+    assert [p.name for p in pngs] == [
+        "effect_per_iteration.png",
+        "effect_vs_density.png",
+        "lineage.png",
+        "map_elites_grid.png",
+    ]
     for png in pngs:
         assert png.read_bytes().startswith(PNG) and png.stat().st_size > 5000
         assert f"wrote {png}" in done.stdout
@@ -350,7 +422,7 @@ def test_plots_are_written_even_when_every_child_failed(run_copy):
     view = load_run(run_copy)
     assert not any(p.passed for p in view.population)
     plots = reporting.write_plots(view, run_copy / "report")
-    assert len(plots) == 3 and all(p.read_bytes().startswith(PNG) for p in plots.values())
+    assert len(plots) == 4 and all(p.read_bytes().startswith(PNG) for p in plots.values())
 
 
 class Page(HTMLParser):
@@ -387,7 +459,7 @@ def test_html_report_is_one_self_contained_page_with_tables_diffs_and_decodable_
     text = (run_dir / "report" / "report.html").read_text()
     page = parse(text)
     assert page.tables >= 2 and page.rows >= 5 and page.external == []
-    assert len(page.images) == 3
+    assert len(page.images) == 4
     for image in page.images:
         kind, data = image["src"].split(",", 1)
         assert kind == "data:image/png;base64" and base64.b64decode(data).startswith(PNG)
@@ -432,7 +504,7 @@ def browser_dom(html_file: Path, profile_dir: Path) -> str:
 def test_html_report_tables_and_images_load_in_headless_chromium(reported, tmp_path):
     run_dir, _ = reported
     page = parse(browser_dom(run_dir / "report" / "report.html", tmp_path / "profile"))
-    assert page.body.get("data-images-loaded") == "3/3" and int(page.body.get("data-tables")) >= 2
+    assert page.body.get("data-images-loaded") == "4/4" and int(page.body.get("data-tables")) >= 2
     assert all(i.get("data-loaded") == "yes" and int(i["data-natural-width"]) > 100 for i in page.images)
 
     broken = tmp_path / "broken.html"  # the page's own check tells a broken image from a good one
@@ -445,7 +517,43 @@ def test_html_report_tables_and_images_load_in_headless_chromium(reported, tmp_p
         )
     )
     page = parse(browser_dom(broken, tmp_path / "profile"))
-    assert page.body.get("data-images-loaded") == "2/3"
+    assert page.body.get("data-images-loaded") == "3/4"
+
+
+def section(dom: str, start: str, end: str) -> str:
+    """The DOM from the first `start` to the next `end` after it."""
+    at = dom.index(start)
+    return dom[at : dom.index(end, at + len(start))]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (.ci/run installs Debian's); the page is parsed instead")
+def test_headless_chromium_shows_the_whole_run_notebook_failures_replay_paired_column_and_each_programs_story(
+    reported, tmp_path
+):
+    run_dir, _ = reported
+    view = load_run(run_dir)
+    dom = browser_dom(run_dir / "report" / "report.html", tmp_path / "profile")
+    programs = section(dom, 'id="programs"', "</table>")
+    assert "<th>vs initial (paired)</th>" in programs and "<th>val_loss</th>" in programs
+    assert "<td>reference</td>" in programs and re.search(r"<td>[+-]\d\.\d\d% \(1 seed\)</td>", programs)
+    failures = section(dom, 'id="failures"', "</table>")
+    assert '<td class="text">no child (1)</td>' in failures and "No valid diffs found in response" in failures
+    notebook = section(dom, 'id="notebook"', "</pre>")
+    assert "# Lab notebook (what this run has tried)" in notebook and "| iter | lever | change |" in notebook
+    replay = section(dom, 'id="replay"', "</table>")
+    assert "within noise" in replay and "74%" in replay and "-0.19% (1 seed)" in replay
+    settings = section(dom, 'id="settings"', "</body>")
+    assert "session 1: 290.3 s wall" in settings and "confirmations: 0 of 7 stage-2 trainings" in settings
+    assert '<td class="text">time_limit</td>' in settings
+
+    assert dom.count('<details class="program"') == len(view.population)
+    best = section(dom, f'id="program-{view.best.short_id}"', '<details class="program"')
+    assert f"made at iteration {view.best.iteration} from {view.chain[-2].short_id} by offline-mutator" in best
+    assert f"--- parent {view.chain[-2].short_id} [" in best and f"--- initial {view.initial.short_id} [" in best
+    assert '<span class="add">+' in best
+    assert "<summary>prompt: user</summary>" in best and "# Current Program" in best
+    record = next(r for r in trace_records(run_dir) if r["child_id"] == view.best.id)
+    assert "<summary>response</summary>" in best and record["llm_response"].splitlines()[0] in best
 
 
 def test_json_and_csv_export_every_program_in_rank_order(reported):
@@ -582,6 +690,7 @@ def test_llm_responses_are_counted_per_model_and_outcome(run_copy):
 
 def test_runs_without_llm_responses_show_no_llm_table(reported):
     run_dir, done = reported
+    assert not (run_dir / rundir.LLM_RESPONSES).exists()
     assert "LLM responses" not in done.stdout
     assert "LLM responses" not in (run_dir / "report" / "report.html").read_text()
 
@@ -664,3 +773,229 @@ def test_bad_input_exits_nonzero_with_one_line(case, message, run_copy, tmp_path
     assert done.returncode == 1 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert done.stderr.startswith("inspect_run.py: error: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# like with like: each program against the initial program on the seeds both were trained on
+
+
+def test_each_program_is_set_against_the_initial_program_on_the_seeds_both_were_trained_on(run_copy):
+    from plasa_lab.stats import verdict
+
+    confirm(run_copy, {"2cac6f25": 3, "7aae45ed": 3})  # the initial and one child on seeds 42-44; the rest on 42
+    view = load_run(run_copy)
+    initial, confirmed = view.initial, view.known[next(pid for pid in view.known if pid.startswith("7aae45ed"))]
+    one_seed = next(p for p in view.population if p.metrics["seeds"] == 1.0)
+    loss = lambda p, seed: p.metrics[f"val_loss_seed{seed}"]
+
+    paired = vs_initial(view, one_seed)
+    assert paired.seeds == 1 and paired.p is None  # one seed: no estimate of the noise, no p
+    assert math.isclose(paired.change_pct, 100 * math.expm1(loss(one_seed, 42) - loss(initial, 42)))
+
+    paired = vs_initial(view, confirmed)
+    mean = sum(loss(confirmed, s) - loss(initial, s) for s in (42, 43, 44)) / 3
+    assert paired.seeds == 3 and math.isclose(paired.change_pct, 100 * math.expm1(mean))
+    losses = lambda p: {s: loss(p, s) for s in (42, 43, 44)}
+    assert paired.p == verdict(losses(confirmed), losses(initial))[1]  # the verdict's paired p
+
+
+def test_the_table_says_beside_each_paired_change_how_many_seeds_it_rests_on(run_copy):
+    records = trace_records(run_copy)  # a child confirmed on 3 seeds, a little better than the initial program
+    child = records[0]["child_id"]
+    initial = load_run(run_copy).initial.metrics
+    better = {f"val_loss_seed{s}": initial[f"val_loss_seed{s}"] - 0.01 - s / 1e4 for s in (42, 43, 44)}
+    edit_programs(run_copy, lambda d: d["metrics"].update(better, seeds=3.0, confirmed=1.0) if d["id"] == child else 0)
+    done = inspect(run_copy, "--csv", run_copy / "table.csv")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("Top 5 of 5")[1].split("Lineage")[0]
+    header = next(line for line in table.splitlines() if line.startswith("┃") and "val_ppl" in line)
+    assert header.index("val_ppl") < header.index("val_loss") < header.index("vs initial (paired)")
+    rows = {line.split()[1]: line for line in table.splitlines() if re.match(r"│ [0-9a-f]{8} ", line)}
+    assert "reference" in rows["2cac6f25"] and "10.0899" in rows["2cac6f25"]  # val_loss: val_ppl reads 10000.0
+    assert re.search(r"-1\.\d\d% \(3 seeds, p=[0-9.e-]+\)", rows[child[:8]])
+    assert all(re.search(r"[+-]0\.\d\d% \(1 seed\)", rows[r["child_id"][:8]]) for r in records[1:])
+    with (run_copy / "table.csv").open() as f:
+        exported = {r["id"][:8]: r for r in csv.DictReader(f)}
+    assert exported[child[:8]]["vs_initial_seeds"] == "3" and float(exported[child[:8]]["vs_initial_pct"]) < -1
+    assert exported["2cac6f25"]["vs_initial_pct"] == "" and exported["2cac6f25"]["val_loss"].startswith("10.089")
+
+
+def test_the_plots_show_the_paired_change_or_else_the_uncapped_val_loss_never_the_capped_ppl(run_copy):
+    view = load_run(run_copy)
+    points = reporting.history(view, True)
+    assert {p.iteration: p.seeds for p in points} == {0: 3, 1: 1, 2: 1, 3: 1, 4: 1}
+    assert points[0].value == 0.0  # the initial program against itself
+    assert points[1].value == vs_initial(view, next(p for p in view.population if p.iteration == 1)).change_pct
+    titles = reporting.write_plots(view, run_copy / "report")
+    assert "change of val_ppl vs the initial program, % (paired by seed) per iteration" in titles
+
+    # a run with one seed records no val_loss_seed<N>: its plots show val_loss, which val_ppl's cap hides
+    edit_programs(run_copy, lambda d: unconfirm_metrics(d["metrics"]))
+    records = trace_records(run_copy)
+    for r in records:
+        unconfirm_metrics(r["child_metrics"])
+    (run_copy / rundir.TRACE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    view = load_run(run_copy)
+    assert not reporting.analyse.pairs_by_seed(view)
+    points = reporting.history(view, False)
+    by_iteration = {r["iteration"]: r["child_metrics"]["val_loss"] for r in records}
+    assert [p.value for p in points] == [view.initial.metrics["val_loss"]] + [by_iteration[i] for i in (1, 2, 3, 4)]
+    assert all(p.value > math.log(10000) for p in points)  # every val_ppl here reads 10000.0
+    titles = reporting.write_plots(view, run_copy / "report")
+    assert "val_loss (uncapped) per iteration" in titles
+
+
+def test_lineage_picture_places_each_program_after_its_parent_and_each_subtree_in_one_band_of_rows(run_copy):
+    view = load_run(run_copy)
+    layout = reporting.analyse.lineage_layout(view)
+    rows = {pid: y for pid, (_, y) in layout.items()}
+    assert set(layout) == set(view.known) and sorted(rows.values()) == list(range(len(layout)))
+    assert layout[view.initial.id] == (0, 0)
+
+    def subtree(pid):
+        return [pid] + [c for child in view.known.values() if child.parent_id == pid for c in subtree(child.id)]
+
+    for pid, (x, y) in layout.items():
+        parent = view.known[pid].parent_id
+        if parent in layout:
+            assert layout[parent][0] < x and layout[parent][1] < y
+        band = sorted(rows[c] for c in subtree(pid))
+        assert band == list(range(y, y + len(band)))
+    written = reporting.write_plots(view, run_copy / "report")
+    assert run_copy / "report" / "lineage.png" in written.values()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run: failures by rule, each program's story, a child's words kept as text
+
+
+def test_failures_are_grouped_by_the_rule_that_refused_them_each_reason_counted(run_copy):
+    imports = "stage 1: line 40: imports: os may not be imported: use only math, torch, torch.nn"
+    fail_children(
+        run_copy,
+        {"7aae45ed": imports, "b8cb83b2": imports, "8d66d074": "screened out: quick val_loss 10.2 ranks 3 of 3"},
+    )
+    add_iterations_without_a_child(run_copy, {2: "No valid diffs found in response", 4: "LLM generation failed: 500"})
+    groups = reporting.failure_groups(load_run(run_copy))
+    assert [(g.rule, g.count) for g in groups] == [("stage 1", 2), ("no child", 2), ("screened out", 1)]
+    assert groups[0].reasons == {"line 40: imports: os may not be imported: use only math, torch, torch.nn": [1, 2]}
+    assert groups[1].reasons == {"No valid diffs found in response": [2], "LLM generation failed: 500": [4]}
+    done = inspect(run_copy)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("Failures by the rule that refused them (5 in all")[1]
+    assert re.search(r"│ stage 1 \(2\) +│ +2 │ line 40: imports: os may not be imported", table)
+    assert re.search(r"│ screened out \(1\) +│ +1 │ quick val_loss 10.2 ranks 3 of 3 +│ +3 │", table)
+
+
+def test_program_option_prints_its_lineage_its_diffs_and_the_prompt_and_response_that_made_it(run_copy):
+    log_llm_responses(run_copy)
+    view = load_run(run_copy)
+    child = next(p for p in view.population if p.generation == 2)  # df2e15c8, a grandchild of the initial program
+    parent = view.known[child.parent_id]
+    record = next(r for r in trace_records(run_copy) if r["child_id"] == child.id)
+    done = inspect(run_copy, "--program", child.id[:5])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"{child.short_id} (#") and "vs initial (paired)" in lines[0] and "(1 seed)" in lines[0]
+    assert lines[1] == f"made at iteration {child.iteration} from {parent.short_id} by offline-mutator in 0.5 s: passed"
+    lineage_rows = [
+        line for line in done.stdout.split("Lineage of")[1].splitlines() if re.match(r"│ [0-9a-f]{8}", line)
+    ]
+    assert [row.split()[1] for row in lineage_rows] == [view.initial.short_id, parent.short_id, child.short_id]
+    assert "Diff against its parent, EVOLVE-BLOCKs only: 1 block(s) changed" in done.stdout
+    assert f"--- parent {parent.short_id} [k_schedule]" in done.stdout
+    assert f"--- initial {view.initial.short_id} [" in done.stdout
+    prompt, response = done.stdout.split("--- prompt: user ---")[1].split("--- response ---")
+    assert record["prompt"]["user"].strip() in prompt and record["llm_response"].strip() in response
+    assert "--- prompt: system ---" in done.stdout
+
+
+def test_an_unknown_or_ambiguous_program_id_is_one_line_and_exit_1():
+    for prefix, message in (("zzzz", "no program 'zzzz' in"), ("", "'' names 5 programs (")):
+        done = inspect(FIXTURE, "--program", prefix)
+        assert done.returncode == 1 and done.stdout == ""
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("inspect_run.py: error: ")
+        assert message in done.stderr
+
+
+def test_a_childs_words_are_escaped_on_the_page_and_printed_as_they_are_in_the_terminal(run_copy):
+    """A failure line, an LLM response and the notebook carry a child's or an LLM's words: on the page
+    they are text (never markup a browser runs), in the terminal plain characters (never rich markup)."""
+    words = "<script>alert('x')</script> [/] [bold red]# Task"
+    fail_children(run_copy, {"8d66d074": f"stage 1: line 40: imports: {words}"})
+    records = trace_records(run_copy)
+    for r in records:
+        if r["child_id"].startswith("8d66d074"):
+            r["llm_response"] = f"Offline mutator: {words}\n<<<<<<< SEARCH"
+    (run_copy / rundir.TRACE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_copy / "notebook.md").write_text(f"# Lab notebook (what this run has tried)\n\n| 3 | selection | {words} |\n")
+
+    done = inspect(run_copy, "--html")
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"│ stage 1 \(1\) +│ +1 │ line 40: imports: <script>alert\('x'\)</script> \[/\] \[bold red\]# Task", done.stdout
+    )
+    shown = inspect(run_copy, "--program", "8d66d074")
+    assert shown.returncode == 0, shown.stderr
+    assert f"failed: stage 1: line 40: imports: {words}" in shown.stdout
+    assert f"Offline mutator: {words}" in shown.stdout
+
+    page = (run_copy / "report" / "report.html").read_text()
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; [/] [bold red]# Task"
+    assert "<script>alert" not in page and page.count("<script>") == 1  # the page's own image check only
+    failures, notebook = section(page, 'id="failures"', "</table>"), section(page, 'id="notebook"', "</pre>")
+    program = section(page, 'id="program-8d66d074"', 'id="settings"')  # the last program: the ranking's #5
+    assert escaped in failures and escaped in notebook
+    assert f"failed: stage 1: line 40: imports: {escaped}" in program and f"Offline mutator: {escaped}" in program
+
+
+# ---------------------------------------------------------------------------------------------
+# following a running run
+
+
+def test_only_a_page_written_by_watch_reloads_itself(reported, run_copy):
+    run_dir, _ = reported
+    assert "http-equiv" not in (run_dir / "report" / "report.html").read_text()
+    page = reporting.write_html(load_run(run_copy), run_copy / "report", 3, {}, refresh=30).read_text()
+    assert '<meta http-equiv="refresh" content="30">' in page and "this page reloads every 30 s" in page
+
+
+def test_watch_rewrites_the_page_at_each_new_checkpoint_until_ctrl_c_which_exits_0(run_copy):
+    import signal
+    import time
+
+    page = run_copy / "report" / "report.html"
+
+    def wait_for(text):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if page.exists() and text in page.read_text():
+                return
+            assert watcher.poll() is None, watcher.communicate()
+            time.sleep(0.2)
+        pytest.fail(f"the page never showed {text!r}")
+
+    watcher = subprocess.Popen(
+        [sys.executable, "scripts/inspect_run.py", str(run_copy), "--watch", "0.5"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(f"checkpoint {CHECKPOINT} (iteration 4 of 4)")
+        assert '<meta http-equiv="refresh" content="1">' in page.read_text()
+        newer = run_copy / "checkpoints" / "checkpoint_5"  # the run goes on: a checkpoint appears
+        shutil.copytree(run_copy / "checkpoints" / CHECKPOINT, newer)
+        metadata = json.loads((newer / "metadata.json").read_text())
+        (newer / "metadata.json").write_text(json.dumps(dict(metadata, last_iteration=5)))
+        wait_for("checkpoint checkpoint_5 (iteration 5 of 4)")
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == 0 and "Traceback" not in err, err
+    assert f"wrote {page} ({CHECKPOINT}, iteration 4)" in out and f"wrote {page} (checkpoint_5, iteration 5)" in out
+    assert out.splitlines()[-1] == "stopped watching"

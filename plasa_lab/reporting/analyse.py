@@ -1,17 +1,20 @@
-"""Analyse: what a RunView means. The ranking (OpenEvolve's), the lineage of the best, block
-diffs, the per-iteration history, the Pareto front, the MAP-Elites grid as OpenEvolve saved it,
-confirmation, the sandbox, and what became of the LLM's responses. No printing here."""
+"""Analyse: what a RunView means. The ranking (OpenEvolve's), each program against the initial
+program paired by seed, lineages (of one program and of the whole population), block diffs, how a
+program was made (its prompt and response), the per-iteration history, the Pareto front, the
+MAP-Elites grid as OpenEvolve saved it, failures by rule, confirmation, replays, the sandbox, and
+what became of the LLM's responses. No printing here."""
 
 import difflib
 import hashlib
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import rundir
 from ..program.blocks import BlockError, split_blocks
 from ..stats import paired_change, seed_losses
+from ..util import one_line
 from .load import UNKNOWN, Program, ReportError, RunView
 
 FEATURE_DIMENSIONS = ("density", "indexer_params")  # config.yaml's; used when a run has no run.json
@@ -82,6 +85,50 @@ def prepare(view: RunView) -> RunView:
 
 
 # ---------------------------------------------------------------------------------------------
+# Like with like: each program against the initial program, on the seeds both were trained on
+
+
+@dataclass(frozen=True)
+class Paired:
+    change_pct: float  # 100 * expm1(mean per-seed val_loss difference): the change of val_ppl; negative is better
+    seeds: int  # the seeds both were trained on
+    p: float | None  # two-sided paired t-test; None on one seed
+
+
+def paired(view: RunView, metrics: dict) -> Paired | None:
+    """A program's change against the initial program paired by seed (its val_loss_seed<N> metrics
+    against the initial program's); None for a failed program or one that shares no seed with it."""
+    if view.initial is None or (metrics.get("combined_score") or 0) <= 0:
+        return None
+    change, p, n = paired_change(seed_losses(metrics), seed_losses(view.initial.metrics))
+    return Paired(100 * math.expm1(change), n, p) if n else None
+
+
+def vs_initial(view: RunView, program: Program) -> Paired | None:
+    """paired() of a program; None for the initial program itself, the reference."""
+    return None if is_initial(view, program) else paired(view, program.metrics)
+
+
+def is_initial(view: RunView, program: Program) -> bool:
+    return view.initial is not None and program.id == view.initial.id
+
+
+def pairs_by_seed(view: RunView) -> bool:
+    """Whether any program other than the initial one has a paired change (a run that records
+    val_loss per seed): then every view shows that change, else the uncapped val_loss."""
+    return any(vs_initial(view, p) for p in view.known.values())
+
+
+def effect(view: RunView, metrics: dict, by_seed: bool) -> float | None:
+    """What the plots show of a program: its paired change in % (by_seed), else its val_loss
+    (uncapped, where val_ppl stops at 10000); None when it failed or shares no seed."""
+    if by_seed:
+        found = paired(view, metrics)
+        return found.change_pct if found else None
+    return metrics.get("val_loss") if (metrics.get("combined_score") or 0) > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
 # Lineage and diff
 
 
@@ -92,13 +139,38 @@ def lineage(view: RunView, program: Program | None = None) -> list[Program]:
         seen.add(chain[-1].id)
         parent = view.known.get(chain[-1].parent_id)
         if parent is None:
-            view.warnings.append(
+            warning = (
                 f"warning: lineage breaks at {chain[-1].short_id}: parent "
                 f"{chain[-1].parent_id[:8]} is in neither the checkpoint nor the trace"
             )
+            if warning not in view.warnings:  # every program below the break meets it
+                view.warnings.append(warning)
             break
         chain.append(parent)
     return chain[::-1]
+
+
+def lineage_layout(view: RunView) -> dict[str, tuple[float, int]]:
+    """(x, y) of every known program for a picture of the whole population's lineage: x its
+    iteration, y its row in a depth-first walk from the roots (children by iteration), so that each
+    subtree holds a band of rows. A parent known only from the trace sits half an iteration before
+    its first child."""
+    children = {}
+    for p in sorted(view.known.values(), key=lambda p: (p.iteration, p.id)):
+        parent = p.parent_id if p.parent_id in view.known else None
+        children.setdefault(parent, []).append(p)
+    rows, stack = {}, list(reversed(children.get(None, [])))
+    while stack:
+        p = stack.pop()
+        if p.id not in rows:
+            rows[p.id] = len(rows)
+            stack += reversed(children.get(p.id, []))
+    layout = {}
+    for pid, row in rows.items():
+        p = view.known[pid]
+        firsts = [c.iteration for c in children.get(pid, []) if c.iteration >= 0]
+        layout[pid] = (p.iteration if p.iteration >= 0 else min(firsts, default=0.5) - 0.5, row)
+    return layout
 
 
 @dataclass
@@ -139,26 +211,107 @@ def best_diffs(view: RunView) -> list[BlockDiff] | None:
     return None if view.initial is None else block_diffs(view.initial.code, view.best.code)
 
 
+def diffs_or_why(before: Program | None, after: Program, before_name: str) -> list[BlockDiff] | str | None:
+    """Block diffs of `after` against `before`; None without `before`; the reason as a line when
+    one of them has no readable EVOLVE-BLOCKs (a child the checks refused may have broken them)."""
+    if before is None:
+        return None
+    try:
+        return block_diffs(before.code, after.code, f"{before_name} {before.short_id}", after.short_id)
+    except ReportError as e:
+        return str(e)
+
+
+@dataclass
+class Story:
+    """One program: where it comes from, what it changed, and the LLM call that made it."""
+
+    program: Program
+    chain: list[Program]  # from the initial program to it
+    parent: Program | None
+    vs_parent: list[BlockDiff] | str | None  # diffs_or_why's
+    vs_initial: list[BlockDiff] | str | None
+    prompt: dict = field(default_factory=dict)  # the trace's {"system": ..., "user": ...} ({} when not kept)
+    response: str | None = None
+    call: dict | None = None  # its llm_responses.jsonl line (model, seconds, outcome)
+    failure: str | None = None  # its one-line failure artifact, when it failed
+    model: str | None = None  # the model that wrote the response (the call's, else the trace's)
+
+
+def story(view: RunView, program: Program) -> Story:
+    record = next((r for r in view.trace if r.get("child_id") == program.id), {})
+    response = record.get("llm_response")
+    calls = [c for c in view.llm_calls if program.iteration > 0 and record_iteration(c) == program.iteration]
+    call = next((c for c in calls if response is not None and c.get("response") == response), None)
+    call = call or next(iter(calls), None)
+    parent = view.known.get(program.parent_id) if program.parent_id else None
+    initial = None if is_initial(view, program) else view.initial
+    prompt = record.get("prompt")
+    return Story(
+        program,
+        lineage(view, program),
+        parent,
+        diffs_or_why(parent, program, "parent"),
+        diffs_or_why(initial, program, "initial"),
+        prompt if isinstance(prompt, dict) else {},
+        response if response is not None else (call or {}).get("response"),
+        call,
+        (record.get("artifacts") or {}).get("failure"),
+        (call or {}).get("model") or (record.get("metadata") or {}).get("llm_model"),
+    )
+
+
+def record_iteration(record: dict) -> int | None:
+    try:
+        return int(record.get("iteration"))
+    except (TypeError, ValueError):
+        return None
+
+
+def find_program(view: RunView, prefix: str) -> Program:
+    """The known program whose id is or starts with `prefix`; ReportError when none or several do."""
+    if prefix in view.known:
+        return view.known[prefix]
+    found = sorted(pid for pid in view.known if pid.startswith(prefix))
+    if len(found) == 1:
+        return view.known[found[0]]
+    if not found:
+        example = view.best.short_id
+        raise ReportError(f"no program {prefix!r} in {view.run_dir} (an id as the tables show it: {example})")
+    raise ReportError(
+        f"{prefix!r} names {len(found)} programs ({', '.join(f[:8] for f in found[:5])}): give more of it"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-iteration history and the Pareto front
 
 
-def history(view: RunView) -> list[tuple[int, float | None]]:
-    """(iteration, val_ppl or None if it failed) of the initial program (iteration 0) and every child."""
+@dataclass(frozen=True)
+class Point:
+    iteration: int
+    passed: bool
+    value: float | None  # effect(): None when it failed or shares no seed with the initial program
+    seeds: int  # the seeds the value rests on: shared with the initial program (by seed), else its own
+
+
+def history(view: RunView, by_seed: bool) -> list[Point]:
+    """The initial program (iteration 0) and every child, in iteration order."""
+    records = [dict(iteration=0, child_metrics=view.initial.metrics)] if view.initial else []
     points = []
-    if view.initial is not None:
-        points.append((0, view.initial.val_ppl if view.initial.passed else None))
-    for r in sorted(view.trace, key=lambda r: r["iteration"]):
+    for r in records + sorted(view.trace, key=lambda r: r["iteration"]):
         m = r.get("child_metrics") or {}
-        points.append((int(r["iteration"]), m.get("val_ppl") if (m.get("combined_score") or 0) > 0 else None))
+        found = paired(view, m) if by_seed else None
+        seeds = found.seeds if found else int(m.get("seeds") or 1)
+        points.append(Point(int(r["iteration"]), (m.get("combined_score") or 0) > 0, effect(view, m, by_seed), seeds))
     return points
 
 
-def best_and_median(points) -> list[tuple[int, float, float]]:
-    """(iteration, best val_ppl so far, median val_ppl so far) over the passing programs."""
+def best_and_median(points: list[Point]) -> list[tuple[int, float, float]]:
+    """(iteration, lowest value so far, median so far) over the programs with a value."""
     rows, seen = [], []
-    for iteration in sorted({i for i, _ in points}):
-        seen += [ppl for i, ppl in points if i == iteration and ppl is not None]
+    for iteration in sorted({p.iteration for p in points}):
+        seen += [p.value for p in points if p.iteration == iteration and p.value is not None]
         if seen:
             rows.append((iteration, min(seen), statistics.median(seen)))
     return rows
@@ -267,16 +420,15 @@ class Claim:
 
 def claim(view: RunView, program: Program) -> Claim | None:
     """None without the initial program's per-seed losses (a run that did not confirm on seeds)."""
-    initial = seed_losses(view.initial.metrics) if view.initial else {}
-    claimed, _, n = paired_change(seed_losses(program.metrics), initial)
-    if not n or program is view.initial:
+    found = vs_initial(view, program)
+    if found is None:
         return None
     entry = _replayed(view, program)
     if not entry or entry.get("unseen_change_pct") is None:
-        return Claim(100 * math.expm1(claimed), n)
+        return Claim(found.change_pct, found.seeds)
     return Claim(
-        100 * math.expm1(claimed),
-        n,
+        found.change_pct,
+        found.seeds,
         entry["unseen_change_pct"],
         entry["unseen_seeds"],
         entry.get("unseen_p"),
@@ -284,15 +436,61 @@ def claim(view: RunView, program: Program) -> Claim | None:
     )
 
 
-def _replayed(view: RunView, program: Program) -> dict | None:
-    """The program's entry in the run's replay report (RUN_DIR/report/replay.json), if it was replayed."""
-    path = view.run_dir / rundir.REPORT / "replay.json"
+def replay_report(view: RunView) -> dict | None:
+    """The run's replay report (RUN_DIR/report/replay.json, written by scripts/replay.py), if any."""
     try:
-        entries = json.loads(path.read_text()).get("programs", [])
-    except (OSError, ValueError, AttributeError):
+        report = json.loads((view.run_dir / rundir.REPORT / "replay.json").read_text())
+    except (OSError, ValueError):
         return None
+    if not isinstance(report, dict) or not isinstance(report.get("programs"), list):
+        return None
+    report["programs"] = [e for e in report["programs"] if isinstance(e, dict)]
+    return report
+
+
+def _replayed(view: RunView, program: Program) -> dict | None:
+    """The program's entry in the run's replay report, if it was replayed."""
     sha = hashlib.sha256(program.code.encode()).hexdigest()
-    return next((e for e in entries if isinstance(e, dict) and e.get("code_sha256") == sha), None)
+    return next((e for e in (replay_report(view) or {}).get("programs", []) if e.get("code_sha256") == sha), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures, by the rule that refused them
+
+
+@dataclass
+class FailureGroup:
+    rule: str  # the failure line's first words ("stage 1", "screened out"; "no child": no program came back)
+    reasons: dict[str, list[int]]  # each distinct reason -> the iterations it ended, most frequent first
+
+    @property
+    def count(self):
+        return sum(map(len, self.reasons.values()))
+
+
+RULE_WORDS = 40  # a head longer than this is not a rule's name but a sentence: "other"
+
+
+def failure_groups(view: RunView) -> list[FailureGroup]:
+    """Every child that failed (its one-line `failure`) and every iteration that produced no child
+    (OpenEvolve's error), grouped by the words before the line's first colon; most frequent first."""
+    lines = [
+        (int(r["iteration"]), (r.get("artifacts") or {}).get("failure") or "scored 0 with no failure line")
+        for r in view.trace
+        if ((r.get("child_metrics") or {}).get("combined_score") or 0) <= 0
+    ]
+    lines += [(record_iteration(r) or 0, f"no child: {r.get('error') or 'no error recorded'}") for r in view.failures]
+    groups = {}
+    for iteration, line in sorted(lines):
+        rule, colon, reason = one_line(line, 1000).partition(": ")
+        if not colon or len(rule) > RULE_WORDS:
+            rule, reason = "other", one_line(line, 1000)
+        groups.setdefault(rule, {}).setdefault(reason, []).append(iteration)
+    found = [
+        FailureGroup(rule, dict(sorted(reasons.items(), key=lambda kv: -len(kv[1]))))
+        for rule, reasons in groups.items()
+    ]
+    return sorted(found, key=lambda g: -g.count)
 
 
 def seed_metric_keys(programs: list[Program]) -> list[str]:

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 from ..util import atomic_write
-from .analyse import RANKING_RULE
+from .analyse import RANKING_RULE, pairs_by_seed
 from .load import RunView
-from .text import export_extra, export_row
+from .text import export_extra, export_row, paired_fields
 
 
 def rows(view: RunView) -> list[dict]:
-    extra = export_extra(view.population)
-    return [export_row(p, extra) for p in view.population]
+    extra, by_seed = export_extra(view.population), pairs_by_seed(view)
+    return [export_row(p, extra) | (paired_fields(view, p) if by_seed else {}) for p in view.population]
 
 
 def export_json(view: RunView, path: Path):

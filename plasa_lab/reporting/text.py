@@ -1,17 +1,25 @@
 """The words and cells every rendering shows (the terminal, the HTML page, the exports), so that
 they cannot drift apart."""
 
+import json
 import math
 
+from ..util import printable
+from . import notebook
 from .analyse import (
     RANKING_RULE,
+    FailureGroup,
+    Story,
     best_confirmed,
     claim,
     is_confirmed,
+    is_initial,
     llm_outcomes,
     outcome_names,
+    pairs_by_seed,
     seed_metric_keys,
     uses_confirmation,
+    vs_initial,
 )
 from .load import Program, RunView
 
@@ -21,14 +29,16 @@ TABLE_COLUMNS = (
     "generation",
     "island",
     "val_ppl",
+    "val_loss",
     "val_acc",
     "density",
     "indexer_params",
     "train_seconds",
     "parent",
 )
-SEEDS_COLUMN = "seeds"  # shown after val_ppl when the run confirms programs on several seeds
-LINEAGE_COLUMNS = ("id", "iteration", "generation", "val_ppl", "vs parent", "changes")
+SEEDS_COLUMN = "seeds"  # shown after val_loss when the run confirms programs on several seeds
+PAIRED_COLUMN = "vs initial (paired)"  # shown after it when the run records val_loss per seed
+LINEAGE_COLUMNS = ("id", "iteration", "generation", "val_loss", PAIRED_COLUMN, "changes")
 
 
 def fmt(value, kind="float"):
@@ -38,6 +48,8 @@ def fmt(value, kind="float"):
         return f"{value:,.0f}"
     if kind in ("ppl", "seconds"):
         return f"{value:.1f}"
+    if kind == "loss":
+        return f"{value:.4f}"
     return f"{value:.3f}"
 
 
@@ -63,31 +75,52 @@ def shows_seeds(programs: list[Program]) -> bool:
     return uses_confirmation(programs) or any("seeds" in p.metrics for p in programs)
 
 
-def table_columns(programs: list[Program]) -> tuple[str, ...]:
-    if not shows_seeds(programs):
-        return TABLE_COLUMNS
-    at = TABLE_COLUMNS.index("val_ppl") + 1
-    return TABLE_COLUMNS[:at] + (SEEDS_COLUMN,) + TABLE_COLUMNS[at:]
+def paired_cell(view: RunView, program: Program) -> str:
+    """ "-1.2% (1 seed)", "-1.5% (3 seeds, p=0.01)": the change of val_ppl against the initial
+    program on the seeds both were trained on, never a mean of one program's seeds beside another's."""
+    if is_initial(view, program):
+        return "reference"
+    found = vs_initial(view, program)
+    if found is None:
+        return "-" if not program.passed else "no shared seed"
+    p = "" if found.p is None else f", p={found.p:.2g}"
+    return f"{found.change_pct:+.2f}% ({plural(found.seeds, 'seed')}{p})"
 
 
-def table_cells(program: Program, seeds: bool = False) -> list[str]:
+def table_columns(view: RunView) -> tuple[str, ...]:
+    at = TABLE_COLUMNS.index("val_loss") + 1
+    shown = (SEEDS_COLUMN,) * shows_seeds(view.population) + (PAIRED_COLUMN,) * pairs_by_seed(view)
+    return TABLE_COLUMNS[:at] + shown + TABLE_COLUMNS[at:]
+
+
+def table_cells(view: RunView, program: Program, columns: tuple[str, ...]) -> list[str]:
     m = program.metrics
-    cells = [
-        program.short_id,
-        str(program.iteration),
-        str(program.generation),
-        "-" if program.island is None else str(program.island),
-        fmt(m.get("val_ppl"), "ppl") if program.passed else "FAILED",
-    ]
-    if seeds:
-        cells.append(seeds_cell(program))
-    return cells + [
-        fmt(m.get("val_acc")),
-        fmt(m.get("density")),
-        fmt(m.get("indexer_params"), "int"),
-        fmt(m.get("train_seconds"), "seconds"),
-        (program.parent_id or "-")[:8],
-    ]
+    cells = dict(
+        id=program.short_id,
+        iteration=str(program.iteration),
+        generation=str(program.generation),
+        island="-" if program.island is None else str(program.island),
+        val_ppl=fmt(m.get("val_ppl"), "ppl") if program.passed else "FAILED",
+        val_loss=fmt(m.get("val_loss"), "loss") if program.passed else "-",
+        val_acc=fmt(m.get("val_acc")),
+        density=fmt(m.get("density")),
+        indexer_params=fmt(m.get("indexer_params"), "int"),
+        train_seconds=fmt(m.get("train_seconds"), "seconds"),
+        parent=(program.parent_id or "-")[:8],
+    )
+    cells[SEEDS_COLUMN] = seeds_cell(program)
+    cells[PAIRED_COLUMN] = paired_cell(view, program)
+    return [cells[c] for c in columns]
+
+
+def paired_fields(view: RunView, program: Program) -> dict:
+    """The paired change in the export: vs_initial_pct, vs_initial_seeds, vs_initial_p."""
+    found = vs_initial(view, program)
+    return dict(
+        vs_initial_pct=found.change_pct if found else None,
+        vs_initial_seeds=found.seeds if found else None,
+        vs_initial_p=found.p if found else None,
+    )
 
 
 def export_row(program: Program, extra: list[str] = ()) -> dict:
@@ -99,6 +132,7 @@ def export_row(program: Program, extra: list[str] = ()) -> dict:
         generation=program.generation,
         island=program.island,
         val_ppl=m.get("val_ppl"),
+        val_loss=m.get("val_loss"),
         val_acc=m.get("val_acc"),
         density=m.get("density"),
         indexer_params=m.get("indexer_params"),
@@ -121,23 +155,20 @@ def export_extra(programs: list[Program]) -> list[str]:
 # The lineage
 
 
-def lineage_cells(chain: list[Program]) -> list[list[str]]:
-    rows, previous = [], None
+def lineage_cells(view: RunView, chain: list[Program]) -> list[list[str]]:
+    rows = []
     for p in chain:
-        ppl = p.val_ppl if p.passed else None
-        change = "-" if previous is None or ppl is None else f"{(ppl - previous) / previous * 100:+.2f}%"
         what = "initial program" if p.parent_id is None else (p.changes.replace("\n", "; ")[:160] or "-")
         rows.append(
             [
                 p.short_id,
                 "?" if p.iteration < 0 else str(p.iteration),
                 str(p.generation),
-                fmt(ppl, "ppl") if ppl is not None else "FAILED",
-                change,
+                fmt(p.metrics.get("val_loss"), "loss") if p.passed else "FAILED",
+                paired_cell(view, p),
                 what,
             ]
         )
-        previous = ppl if ppl is not None else previous
     return rows
 
 
@@ -229,3 +260,197 @@ def llm_cells(view: RunView) -> list[list[str]]:
         [row.model, str(row.responses), *map(str, row.outcomes.values()), fmt(row.mean_seconds, "seconds")]
         for row in llm_outcomes(view.llm_calls)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plots' measure
+
+
+def effect_label(by_seed: bool, short: bool = False) -> str:
+    """What the plots show: the paired change where the run records val_loss per seed, else val_loss."""
+    if by_seed:
+        return "vs initial, % (paired)" if short else "change of val_ppl vs the initial program, % (paired by seed)"
+    return "val_loss (uncapped)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures by rule, replay verdicts, the lab notebook
+
+
+FAILURE_COLUMNS = ("rule", "count", "reason", "iterations")
+
+
+def failures_title(groups: list[FailureGroup]) -> str:
+    total = sum(g.count for g in groups)
+    return f"Failures by the rule that refused them ({total} in all: children rejected, iterations without a child)"
+
+
+def failure_cells(groups: list[FailureGroup]) -> list[list[str]]:
+    """One row per distinct reason; the rule and its total on the first row of its group."""
+    rows = []
+    for g in groups:
+        for i, (reason, iterations) in enumerate(g.reasons.items()):
+            shown = ", ".join(map(str, iterations[:12])) + (", ..." if len(iterations) > 12 else "")
+            rows.append([f"{g.rule} ({g.count})" if i == 0 else "", str(len(iterations)), reason, shown])
+    return rows
+
+
+REPLAY_COLUMNS = (
+    "program",
+    "kind",
+    "verdict",
+    "change vs initial (paired)",
+    "p (test)",
+    "claimed (run seeds)",
+    "on unseen seeds",
+    "winner's curse",
+)
+
+
+def replay_title(report: dict) -> str:
+    seeds = ", ".join(map(str, report.get("seeds") or [])) or "?"
+    return (
+        f"Replay verdicts (report/replay.json: profile {report.get('profile', '?')}, seeds {seeds}, "
+        f"{report.get('created', '?')})"
+    )
+
+
+def _pct(value, seeds=None) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:+.2f}%" + (f" ({plural(seeds, 'seed')})" if isinstance(seeds, int) and seeds else "")
+
+
+def replay_cells(report: dict) -> list[list[str]]:
+    rows = []
+    for e in report["programs"]:
+        reference = e.get("kind") == "initial"
+        p, curse = e.get("p_value"), e.get("shrinkage")
+        rows.append(
+            [
+                str(e.get("name", "?")),
+                str(e.get("kind", "?")),
+                str(e.get("verdict", "?")) + (" (reference)" if reference else ""),
+                "reference" if reference else _pct(e.get("change_vs_initial_pct"), e.get("paired_seeds")),
+                "-"
+                if reference or not isinstance(p, (int, float))
+                else f"{p:.3g} ({str(e.get('test', '?')).split()[0]})",
+                _pct(e.get("claimed_change_pct"), e.get("claimed_seeds")),
+                _pct(e.get("unseen_change_pct"), e.get("unseen_seeds")),
+                f"{curse:.0%}" if isinstance(curse, (int, float)) else "-",
+            ]
+        )
+    return rows
+
+
+def lab_notebook(view: RunView) -> str:
+    """notebook.md as the run last wrote it (what the LLM read), else built from the trace (a run
+    from before the notebook)."""
+    return notebook.read(view.run_dir) or notebook.build(view.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's settings and where the time went (run.json)
+
+
+def _value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return "-" if value is None else str(value)
+
+
+def settings_sections(view: RunView) -> list[tuple[str, list[list[str]]]]:
+    """(title, [key, value] rows) of run.json's settings, profile and llm."""
+    sections = []
+    for key, title in (("settings", "settings (PLASA_*)"), ("profile", "profile"), ("llm", "LLM")):
+        d = view.record.get(key)
+        if isinstance(d, dict) and d:
+            sections.append((title, [[str(k), _value(v)] for k, v in d.items()]))
+    return sections
+
+
+def time_lines(view: RunView) -> list[str]:
+    """Per session: its wall time, the evaluation slots' shares, and the confirmations' share."""
+    lines = []
+    for i, t in enumerate(view.record.get("time_accounting") or [], 1):
+        if not isinstance(t, dict):
+            continue
+        shares = t.get("shares") if isinstance(t.get("shares"), dict) else {}
+        share = lambda k, shares=shares: f"{shares[k]:.0%}" if isinstance(shares.get(k), (int, float)) else "?"
+        lines.append(
+            f"session {i}: {fmt(t.get('wall_seconds'), 'seconds')} s wall, {t.get('parallel', '?')} evaluation slots: "
+            f"waiting on the LLM {share('llm')} ({fmt(t.get('llm_seconds'), 'seconds')} s), evaluating "
+            f"{share('evaluations')} ({fmt(t.get('evaluation_seconds'), 'seconds')} s), idle or OpenEvolve's own "
+            f"work {share('idle_or_other')}"
+        )
+    c = view.record.get("confirmation")
+    if isinstance(c, dict) and isinstance(c.get("share"), (int, float)):
+        cap = f"{c['cap']:.0%}" if isinstance(c.get("cap"), (int, float)) else "?"
+        lines.append(
+            f"confirmations: {c.get('confirmation_trainings', '?')} of {c.get('stage2_trainings', '?')} stage-2 "
+            f"trainings ({c['share']:.0%}; cap {cap})"
+        )
+    expected = view.record.get("expected_seconds_per_child")
+    if isinstance(expected, (int, float)):
+        lines.append(f"expected per child at the start: {fmt(expected, 'seconds')} s")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# One program: where it comes from, what it changed, the prompt and the response that made it
+
+
+def program_title(view: RunView, program: Program) -> str:
+    where = f"#{view.population.index(program) + 1}" if program in view.population else "displaced from the population"
+    head = f"{program.short_id} ({where}): iteration {'?' if program.iteration < 0 else program.iteration}, "
+    head += f"generation {program.generation}, island {'-' if program.island is None else program.island}; "
+    if not program.passed:
+        return head + "FAILED"
+    return (
+        head + f"val_loss {fmt(program.metrics.get('val_loss'), 'loss')} ({seeds_cell(program)}); "
+        f"{PAIRED_COLUMN} {paired_cell(view, program)}"
+    )
+
+
+def making_line(story: Story) -> str:
+    p, call = story.program, story.call or {}
+    if p.parent_id is None:
+        return "the initial program: no parent, no prompt"
+    if not story.prompt and story.response is None and not call:
+        return "made by an LLM call the run did not record (a parent known only from the trace)"
+    parent = story.parent.short_id if story.parent else (p.parent_id or "?")[:8]
+    seconds = f" in {fmt(call['seconds'], 'seconds')} s" if isinstance(call.get("seconds"), (int, float)) else ""
+    outcome = f": {call['outcome']}" if call.get("outcome") else ""
+    return f"made at iteration {p.iteration} from {parent} by {story.model or 'the LLM'}{seconds}{outcome}"
+
+
+def failure_line(story: Story) -> str | None:
+    if story.program.passed:
+        return None
+    return f"failed: {story.failure or 'scored 0 (no failure line)'}"
+
+
+def diff_sections(story: Story) -> list[tuple[str, list, str]]:
+    """(heading, block diffs, what to say when there are none) against the parent and the initial program."""
+    if story.program.parent_id is None:
+        return [("Diff", [], "none: it is the initial program")]
+
+    def section(heading, diffs, missing):
+        if isinstance(diffs, str):  # a program whose blocks do not split
+            return (f"Diff {heading}", [], diffs)
+        return (f"Diff {heading}", diffs or [], missing if diffs is None else "no EVOLVE-BLOCK changed")
+
+    sections = [section("against its parent", story.vs_parent, "its parent is not recorded")]
+    if story.parent is not None and story.parent.parent_id is None:
+        return sections + [("Diff against the initial program", [], "the same: its parent is the initial program")]
+    return sections + [section("against the initial program", story.vs_initial, "the initial program is unknown")]
+
+
+def conversation(story: Story) -> list[tuple[str, str]]:
+    """(title, text) of the prompt's system and user messages and the response, as printable text."""
+    parts = [(f"prompt: {role}", story.prompt[role]) for role in ("system", "user") if story.prompt.get(role)]
+    if story.response is not None:
+        parts.append(("response", story.response))
+    return [(title, printable(str(text))) for title, text in parts]
