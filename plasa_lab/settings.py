@@ -32,8 +32,8 @@ ENVIRONMENT = {  # field -> variable
     "screen": "PLASA_SCREEN",
     "screen_share": "PLASA_SCREEN_SHARE",
 }
-DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see README "What best means"
-DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (README, "What best means")
+DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see docs/statistics.md
+DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (docs/statistics.md)
 DEFAULT_SCREEN_SHARE = 0.5  # of the programs screened, the best this share go on to the full budget
 CACHE_VARIABLE = "PLASA_CACHE"  # where token caches, the tokenizer and downloaded wheels live
 CHOICES = dict(device=("auto", "cpu", "cuda"), runner=("local", "ray"), sandbox=("bwrap", "none"))

@@ -8,7 +8,7 @@ client, the sandboxed evaluator) for N iterations, then counts what became of ea
 (llm_responses.jsonl) and how many children were novel and valid: the diff applied, the child
 passed stage 1, and its code (by AST) differs from its parent's and from every program the run had
 seen before it. Prints a table, the seconds per response and the machine's load, and last
-`novel_valid_rate: X`. Needs a server (see README, "A local model on a CPU"); not a test.
+`novel_valid_rate: X`. Needs a server (see docs/llm.md, "A local model on a CPU"); not a test.
 """
 
 import argparse

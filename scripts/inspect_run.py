@@ -1,4 +1,4 @@
-"""Tables, lineage, diffs, plots and one HTML page of an evolution run (see README, "In the morning").
+"""Tables, lineage, diffs, plots and one HTML page of an evolution run (see docs/reports.md).
 
 python scripts/inspect_run.py [RUN_DIR | CHECKPOINT_DIR] [--top N] [--plots] [--html] [--json FILE] [--csv FILE]
                               [--program ID] [--watch [SECONDS]]

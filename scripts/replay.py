@@ -1,5 +1,5 @@
 """Re-evaluate the top programs of a run (or program files) over several seeds, against the initial
-program, with a verdict per program (see README, "In the morning").
+program, with a verdict per program (see docs/reports.md).
 
     python scripts/replay.py [RUN_DIR | PROGRAM ...] [--top K] [--seeds 42,43,44] [--baselines] [--profile ...]
                              [--whole-val] [--steps N] [--ablate]

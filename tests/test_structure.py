@@ -227,16 +227,16 @@ def test_no_function_is_over_80_lines_unless_it_says_why():
 
 
 # ---------------------------------------------------------------------------------------------
-# the README's code map is the tree
+# the code map (docs/code.md) is the tree
 
-CODE_MAP = "## Code and tests"
+CODE_MAP = "## The code map"
 
 
-def code_map(readme: str) -> tuple[list[str], list[str]]:
-    """(folders, paths) the README's code map names: each table's header names the folder its rows
+def code_map(page: str) -> tuple[list[str], list[str]]:
+    """(folders, paths) the code map on a page names: each table's header names the folder its rows
     are in (`plasa_lab/search/`; a header without one, `path`, the project's root), and the first
     column of each row names paths in it."""
-    section = readme.split(f"\n{CODE_MAP}\n", 1)[1].split("\n## ", 1)[0]
+    section = page.split(f"\n{CODE_MAP}\n", 1)[1].split("\n## ", 1)[0]
     folders, paths, folder, previous = [], [], "", ""
     for line in section.splitlines():
         if line.startswith("|") and not line.startswith("| ---"):
@@ -251,19 +251,19 @@ def code_map(readme: str) -> tuple[list[str], list[str]]:
 
 
 def test_the_code_map_reader_reads_folders_and_paths():
-    readme = (
+    page = (
         f"# x\n{CODE_MAP}\n\ntext `not/a/row.py`\n\n| path | what |\n| --- | --- |\n| `a.py`, `b/` | ab |\n\n"
         "| `pkg/sub/` | sub |\n| --- | --- |\n| `c.py`, `d.py` | `e.py` is a description |\n\n## Next\n| `f.py` | f |\n"
     )
-    assert code_map(readme) == (["pkg/sub/"], ["a.py", "b/", "pkg/sub/c.py", "pkg/sub/d.py"])
+    assert code_map(page) == (["pkg/sub/"], ["a.py", "b/", "pkg/sub/c.py", "pkg/sub/d.py"])
 
 
-def test_the_readme_code_map_names_every_module_of_the_package_and_only_what_exists():
-    folders, named = code_map((PROJECT_ROOT / "README.md").read_text())
+def test_the_code_map_in_docs_names_every_module_of_the_package_and_only_what_exists():
+    folders, named = code_map((PROJECT_ROOT / "docs" / "code.md").read_text())
     package = PROJECT_ROOT / PACKAGE
     modules = {str(p.relative_to(PROJECT_ROOT)) for p in package.rglob("*.py") if p.name != "__init__.py"}
     packages = {str(p.parent.relative_to(PROJECT_ROOT)) + "/" for p in package.rglob("__init__.py")}
     assert [p for p in folders + named if not (PROJECT_ROOT / p).exists()] == [], "named, not there"
-    assert sorted(modules - set(named)) == [], "modules the README's code map does not name"
+    assert sorted(modules - set(named)) == [], "modules the code map (docs/code.md) does not name"
     assert sorted(packages - set(folders)) == [], "packages without a table of their own in the code map"
     assert len(named) == len(set(named)), "a path named twice"

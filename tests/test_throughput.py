@@ -1,4 +1,4 @@
-"""Children per hour without a change of metric (README, "Children per hour").
+"""Children per hour without a change of metric (docs/benchmarks.md, "Children per hour").
 
 How many evaluations share the machine is decided from what nvidia-smi and the OS report (pure
 functions, tested here on made-up machines); the same program must score the same val_loss
@@ -144,7 +144,7 @@ def test_the_first_nonfinite_step_is_named_exactly_between_two_checks():
 # ---------------------------------------------------------------------------------------------
 # Real evaluations: the same val_loss alone, eight at once, and with a sync every step
 
-AT_ONCE = 8  # N=1 and N=8, as the README states; stage 1 (12 training steps, one validation batch) keeps 8 cheap
+AT_ONCE = 8  # N=1 and N=8, as docs/benchmarks.md says; stage 1 (12 training steps, one validation batch) keeps 8 cheap
 
 
 def stage1(threads, check_every=None):

@@ -40,7 +40,7 @@ GPU_FREE_SHARE = 0.9  # of the free memory: what else runs on the GPU may grow
 RAM_MIB_PER_EVALUATION = 4096
 # CPU threads per evaluation until bench_throughput.py --save has measured this machine: one, so
 # as many evaluations as cores (as the RAM allows). Measured on 2 cores (quick profile, stage 1 and
-# 2, README "Children per hour"): 2 evaluations x 1 thread gave 61.4 children/h, 1 x 2 threads
+# 2, docs/benchmarks.md "Children per hour"): 2 evaluations x 1 thread gave 61.4 children/h, 1 x 2 threads
 # 49.2 (1.26x, the same val_loss): batch-2 operations gain less from a second thread than a second
 # evaluation gains from its own core. Not measured on bigger machines.
 CPU_THREADS_PER_EVALUATION = 1

@@ -31,7 +31,7 @@ from ..util import atomic_write, first_line
 from .jobs import Job, StageResult
 
 CONNECT_TIMEOUT = 5.0
-GPU_SHARE = 0.25  # of a GPU per stage: this 1.5M-parameter model leaves a GPU mostly idle (see README)
+GPU_SHARE = 0.25  # of a GPU per stage: this 1.5M-parameter model leaves a GPU mostly idle (docs/settings.md)
 DRIVER_MARGIN = 120.0  # seconds beyond the stage's own limit for connecting, scheduling, a retry's start
 
 
