@@ -39,6 +39,17 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def price_pair(text: str) -> tuple[float, float]:
+    """argparse's type for --price-per-million ("3,15": dollars per million prompt and completion tokens)."""
+    try:
+        prices = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        prices = ()
+    if len(prices) != 2 or any(not p >= 0 for p in prices):
+        raise argparse.ArgumentTypeError(f"give two prices, IN,OUT in dollars per million tokens, got {text!r}")
+    return prices
+
+
 def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline")) -> Path:
     """A benchmark's run of scripts/evolve.py in run_dir with its own ledger, resumed where it
     stopped; the machine's PLASA_TIME_LIMIT and PLASA_CACHE kept, every other PLASA_ setting the

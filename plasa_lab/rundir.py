@@ -271,6 +271,8 @@ class LLMResponseLog:
             model=c.get("model", self.model),
             prompt_chars=c.get("prompt_chars"),
             prompt_tokens=c.get("prompt_tokens"),
+            completion_tokens=c.get("completion_tokens"),
+            tokens_estimated=c.get("tokens_estimated"),  # True: characters/4, the server gave no usage
             seconds=c.get("seconds"),
             outcome=outcome,
             error=error or (record.get("artifacts") or {}).get("failure"),

@@ -2,7 +2,8 @@
 
 python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile full|quick|smoke]
                          [--output DIR] [--resume] [--target-ppl X] [--seeds 42,43,44]
-                         [--screen none|quick|smoke]
+                         [--screen none|quick|smoke] [--answer diff|block]
+                         [--max-llm-tokens N] [--price-per-million IN,OUT]
 """
 
 import argparse
@@ -14,7 +15,7 @@ from plasa_lab.search.stops import stop_while_libraries_load
 if __name__ == "__main__":  # until run() takes over: a stop while the libraries load is one line too
     stop_while_libraries_load()
 
-from plasa_lab.cli import fail, profile_help, seed_list  # noqa: E402 (after the stop handlers)
+from plasa_lab.cli import fail, price_pair, profile_help, seed_list  # noqa: E402 (after the stop handlers)
 from plasa_lab.data.tokens import CorpusError  # noqa: E402
 from plasa_lab.evaluation.ledger import LedgerError  # noqa: E402
 from plasa_lab.rundir import RunDirError  # noqa: E402
@@ -47,6 +48,24 @@ def main(argv=None):
         "--no-notebook",
         action="store_true",
         help="leave the lab notebook (what the run has tried, and its effects) out of the LLM's prompts",
+    )
+    parser.add_argument(
+        "--answer",
+        choices=["diff", "block"],
+        help="diff: SEARCH/REPLACE edits (default); block: the LLM rewrites the block the prompt's focus "
+        "names in full, and the edit is built from it (a block that does not parse is sent back once)",
+    )
+    parser.add_argument(
+        "--max-llm-tokens",
+        type=int,
+        help="stop the run cleanly (a checkpoint, the resume command) once its LLM calls, resumes included, "
+        "have used this many tokens (the server's counts, else characters/4)",
+    )
+    parser.add_argument(
+        "--price-per-million",
+        type=price_pair,
+        metavar="IN,OUT",
+        help="dollars per million prompt and completion tokens: the run's summary and run.json give its cost",
     )
     parser.add_argument("--profile", choices=["full", "quick", "smoke"], help=profile_help("$PLASA_PROFILE or full"))
     parser.add_argument(

@@ -7,11 +7,15 @@ and answers from a scripted `reply(prompt)` function.
 
 import json
 import random
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from plasa_lab.program.blocks import split_blocks
 from plasa_lab.search.mutator import format_diff, parent_program, propose_edits
+
+USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
 
 
 def mutator_reply(prompt: str) -> str:
@@ -27,13 +31,28 @@ def outside_edit_reply(prompt: str) -> str:
     )
 
 
+def asked_block(prompt: str) -> str:
+    """The block a block-answer prompt names, and its body in the prompt's current program."""
+    name = re.search(r"Rewrite the EVOLVE-BLOCK named (\w+)", prompt)[1]
+    return name, next(b.body for b in split_blocks(parent_program(prompt))[1] if b.name == name)
+
+
+def block_reply(prompt: str) -> str:
+    """A block answer (--answer block): the named block in full, one comment line added (a change the
+    ledger answers, as it keys on the code's AST: the child needs no training)."""
+    name, body = asked_block(prompt)
+    return f"```python\n# rewritten whole by the fake LLM\n{body}```\n"
+
+
 class FakeLLMServer:
     """`reply(prompt)` answers each chat request; `fail_after=n` answers every request after the
     first n with HTTP 500 and a fixed error (a server that keeps failing the same way);
-    `context_chars` refuses longer prompts with HTTP 400, as llama.cpp does past its context."""
+    `context_chars` refuses longer prompts with HTTP 400, as llama.cpp does past its context;
+    `usage` is the token count each answer reports (None: the answer has no `usage`)."""
 
-    def __init__(self, reply=mutator_reply, fail_after=None, context_chars=None, fail_seconds=0.0):
+    def __init__(self, reply=mutator_reply, fail_after=None, context_chars=None, fail_seconds=0.0, usage=USAGE):
         self.reply, self.requests, self.fail_after, self.context_chars = reply, [], fail_after, context_chars
+        self.usage = usage
         self.fail_seconds = fail_seconds  # how long a failing request takes
         server = self
 
@@ -79,7 +98,7 @@ class FakeLLMServer:
                         "choices": [
                             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
                         ],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        **({"usage": server.usage} if server.usage is not None else {}),
                     }
                 )
 

@@ -13,6 +13,7 @@ floor, and the timings calibrate every time limit.
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from ..rundir import OUTPUT_ROOT, TRACE_LOST, latest_checkpoint
 from ..settings import Settings
 from ..stats import mean_sd
 from .llm_setup import LLMChoice, check_endpoint, choose_llm, configure_llm
+from .llm_usage import TokenMeter
 from .progress import hours, say
 from .run_config import RunError, load_config
 from .stops import Stopped
@@ -61,6 +63,9 @@ class RunOptions:
     prompt: str | None = None  # compact | full (default: compact for --llm local)
     no_notebook: bool = False  # leave the lab notebook out of the prompts (a resume keeps the run's choice)
     screen: str | None = None  # none | quick | smoke: a cheaper first look at every child (a resume keeps it)
+    answer: str | None = None  # diff | block: the LLM's answer format (a resume keeps the run's)
+    max_llm_tokens: int | None = None  # the run's LLM token budget, resumes included (a resume keeps it)
+    price_per_million: tuple[float, float] | None = None  # dollars per million prompt, completion tokens
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def plan_run(options: RunOptions) -> RunPlan:
         raise NothingToDo(
             f"{run_dir}: already at iteration {done} of {total}; nothing to do (raise --iterations to go on)."
         )
-    llm = _checked_llm(options, previous, config)
+    llm = _checked_llm(options, previous, config, run_dir)
     configure_llm(config, llm, run_dir)
     _check_isolation(settings)
     corpus = corpus_of(settings.corpus)
@@ -192,9 +197,10 @@ def run_settings(options: RunOptions, previous: dict | None, run_dir: Path) -> S
     return settings
 
 
-def _checked_llm(options: RunOptions, previous: dict | None, config) -> LLMChoice:
-    """The LLM the options ask for (a resume keeps the run's mode, and its endpoint and prompts unless
-    the mode changes), its endpoint proved to answer."""
+def _checked_llm(options: RunOptions, previous: dict | None, config, run_dir: Path) -> LLMChoice:
+    """The LLM the options ask for (a resume keeps the run's mode, and its endpoint, prompts and answer
+    format unless the mode changes, and its token budget and price unless given others), its budget
+    not yet spent and its endpoint proved to answer."""
     before = (previous or {}).get("llm") or {}
     same_llm = previous is not None and options.llm in (None, before.get("mode"))
     choice = choose_llm(
@@ -204,10 +210,33 @@ def _checked_llm(options: RunOptions, previous: dict | None, config) -> LLMChoic
         config,
         options.prompt or (before.get("prompt") if same_llm else None),
         notebook=not (options.no_notebook or (same_llm and before.get("notebook") is False)),
+        answer=options.answer or (before.get("answer") if same_llm else None),
     )
-    if choice.mode != "offline":
-        check_endpoint(choice, config)
+    if choice.mode == "offline":
+        return choice  # the mutator answers in SEARCH/REPLACE, and costs nothing
+    price = options.price_per_million or before.get("price_per_million")
+    choice = dataclasses.replace(
+        choice,
+        max_llm_tokens=options.max_llm_tokens or before.get("max_llm_tokens"),
+        price_per_million=tuple(price) if price else None,
+    )
+    _check_the_budget(choice, run_dir)
+    check_endpoint(choice, config)
     return choice
+
+
+def _check_the_budget(llm: LLMChoice, run_dir: Path):
+    """A resume of a run whose LLM tokens already reached its budget would stop at once: one line."""
+    if llm.max_llm_tokens is None:
+        return
+    if llm.max_llm_tokens < 1:
+        raise RunError(f"--max-llm-tokens must be at least 1, got {llm.max_llm_tokens}")
+    used = TokenMeter(run_dir).update().total
+    if used >= llm.max_llm_tokens:
+        raise RunError(
+            f"this run has used {used:,} LLM tokens, its budget is {llm.max_llm_tokens:,}: resume it with a "
+            f"larger --max-llm-tokens to go on"
+        )
 
 
 def _check_isolation(settings: Settings):
@@ -360,6 +389,9 @@ def run_record(plan: RunPlan) -> dict:
             prompt="compact" if llm.compact else "full",
             notebook=llm.notebook,
             timeout=llm.timeout,
+            answer=llm.answer,
+            max_llm_tokens=llm.max_llm_tokens,
+            price_per_million=list(llm.price_per_million) if llm.price_per_million else None,
         ),
         iterations_total=plan.total,
         target_ppl=plan.target_ppl,

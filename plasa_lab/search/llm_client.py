@@ -24,7 +24,10 @@ from pathlib import Path
 from ..program.blocks import BlockError, split_blocks
 from ..reporting import notebook
 from ..rundir import LLM_CALLS
+from . import block_answers
+from .llm_usage import added, call_tokens
 
+BLOCK_REFUSED = "block answer refused"  # an answer that made no edit: no child, and not the server's failure
 CODE_FENCE = re.compile(r"```(?P<lang>[a-z]*)\n(?P<code>.*?)\n```", re.DOTALL)
 CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n", re.DOTALL)
 
@@ -108,6 +111,13 @@ def changed_blocks(code: str, reference: str) -> str:
     return "".join(f"# EVOLVE-BLOCK-START {b.name}\n{b.body}# EVOLVE-BLOCK-END\n" for b in changed)
 
 
+def current_program(user: str) -> str | None:
+    """The program a prompt asks the LLM to change: the code under its "# Current Program" heading."""
+    heading = CURRENT_PROGRAM.search(user)
+    fence = next((f for f in CODE_FENCE.finditer(user) if heading and f.start() >= heading.start()), None)
+    return fence["code"] + "\n" if fence is not None and "EVOLVE-BLOCK-START" in fence["code"] else None
+
+
 def compact_prompt(user: str) -> str:
     """The user message with the current program compacted and every other program shown only
     as the blocks in which it differs from the current one."""
@@ -140,6 +150,8 @@ def outcome_of(child_metrics: dict | None, error: str | None) -> str:
     """One of rundir.LLM_OUTCOMES for an iteration: from OpenEvolve's failure line when it made no
     child, else from the child's evaluation."""
     if error is not None:
+        if BLOCK_REFUSED in error:  # a block answer that did not parse, or held a marker
+            return "no diff"
         if error.startswith("LLM generation failed") or error.startswith("LLM returned None"):
             return "llm error"
         if "No valid diffs" in error:
@@ -182,14 +194,18 @@ def describe_failure(e: BaseException, timeout: float) -> str:
 
 class LLMClient:
     """OpenEvolve's LLM interface (`.model`, async `generate_with_context`) over an OpenAI-compatible
-    endpoint, one attempt per call, every call recorded."""
+    endpoint, one attempt per call (a refused block answer is told why once, within the call), every
+    call recorded with its tokens."""
 
-    def __init__(self, model_cfg, run_dir: str | None = None, compact: bool = False, notebook: bool = True):
+    def __init__(
+        self, model_cfg, run_dir: str | None = None, compact: bool = False, notebook: bool = True, answer="diff"
+    ):
         self.model = model_cfg.name
         self.api_base, self.api_key = model_cfg.api_base, model_cfg.api_key or "none"
         self.temperature, self.max_tokens = model_cfg.temperature, model_cfg.max_tokens
         self.timeout = float(model_cfg.timeout or 180)
         self.run_dir, self.compact, self.notebook = run_dir, compact, notebook and run_dir is not None
+        self.answer = answer  # diff | block (plasa_lab.search.block_answers)
         self.last_usage = None
         self._client = None
 
@@ -202,27 +218,55 @@ class LLMClient:
             )
         return self._client
 
-    async def generate_with_context(self, system_message, messages, **kwargs):
+    def _prepared(self, messages: list[dict]) -> tuple[list[dict], str | None, str | None]:
+        """(the messages as sent, the parent program, the block a block answer rewrites): prompts
+        compacted, the notebook added, and for block answers the answer format naming the block."""
         messages = [dict(m) for m in messages]
+        user = messages[-1]["content"] if messages and messages[-1].get("role") == "user" else None
+        parent = current_program(user) if user and self.answer == "block" else None
+        block = block_answers.focus_block(user, parent) if parent else None
         if self.compact:
             for m in messages:
                 if m.get("role") == "user":
                     m["content"] = compact_prompt(m["content"])
-        if self.notebook and messages and messages[-1].get("role") == "user":
+        if self.notebook and user is not None:
             messages[-1]["content"] = notebook.with_notebook(messages[-1]["content"], notebook.read(self.run_dir))
+        if block is not None:
+            messages[-1]["content"] = block_answers.block_prompt(messages[-1]["content"], block.name)
+        return messages, parent, block.name if block else None
+
+    async def _complete(self, request: list[dict], **kwargs) -> tuple[str, dict]:
+        """One completion: (its text, its tokens)."""
+        answer = await self._openai().chat.completions.create(
+            model=self.model,
+            messages=request,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            **({"seed": kwargs["seed"]} if "seed" in kwargs else {}),
+        )
+        text = answer.choices[0].message.content or ""
+        usage = getattr(answer, "usage", None)
+        self.last_usage = usage.model_dump() if usage is not None else None
+        return text, call_tokens(usage, sum(len(m["content"]) for m in request), len(text))
+
+    async def generate_with_context(self, system_message, messages, **kwargs):
+        messages, parent, block = self._prepared(messages)
         request = [{"role": "system", "content": system_message}, *messages]
         chars = sum(len(m["content"]) for m in request)
-        start, response, error = time.monotonic(), None, None
+        start, response, error, tokens, raw = time.monotonic(), None, None, None, []
         try:
-            answer = await self._openai().chat.completions.create(
-                model=self.model,
-                messages=request,
-                temperature=self.temperature,
-                max_tokens=self.max_tokens,
-                **({"seed": kwargs["seed"]} if "seed" in kwargs else {}),
-            )
-            response = answer.choices[0].message.content or ""
-            self.last_usage = answer.usage.model_dump() if getattr(answer, "usage", None) else None
+            for _ in range(block_answers.RETRIES + 1 if block else 1):
+                text, used = await self._complete(request, **kwargs)
+                tokens, response, error = added(tokens, used), text, None
+                if block is None:
+                    break
+                raw.append(text)
+                try:
+                    response = block_answers.read_block(text, parent, block)
+                    break
+                except block_answers.BlockRefused as refused:  # told why, once, within the call
+                    response, error = None, f"{BLOCK_REFUSED}: {refused}"
+                    request = [*request, dict(role="assistant", content=text), dict(role="user", content=str(refused))]
         except Exception as e:
             error = describe_failure(e, self.timeout)
         finally:
@@ -231,10 +275,11 @@ class LLMClient:
                     time=time.time(),
                     model=self.model,
                     prompt_chars=chars,
-                    prompt_tokens=(self.last_usage or {}).get("prompt_tokens") if error is None else None,
+                    **(tokens or dict(prompt_tokens=None, completion_tokens=None, tokens_estimated=None)),
                     seconds=round(time.monotonic() - start, 2),
                     response=response,
                     error=error,
+                    **(dict(answer="block", block=block, raw_responses=raw) if block else {}),
                 )
             )
         if error:
@@ -247,10 +292,10 @@ class LLMClient:
                 f.write(json.dumps(call) + "\n")
 
 
-def llm_client(model_cfg, run_dir=None, compact=False, notebook=True):
+def llm_client(model_cfg, run_dir=None, compact=False, notebook=True, answer="diff"):
     """OpenEvolve's init_client hook (a module-level function: `functools.partial` of it pickles)."""
-    return LLMClient(model_cfg, run_dir, compact, notebook)
+    return LLMClient(model_cfg, run_dir, compact, notebook, answer)
 
 
-def client_factory(run_dir: Path, compact: bool, notebook: bool = True):
-    return functools.partial(llm_client, run_dir=str(run_dir), compact=compact, notebook=notebook)
+def client_factory(run_dir: Path, compact: bool, notebook: bool = True, answer: str = "diff"):
+    return functools.partial(llm_client, run_dir=str(run_dir), compact=compact, notebook=notebook, answer=answer)

@@ -27,10 +27,19 @@ class LLMChoice:
     compact: bool = False  # compact prompts (plasa_lab.search.llm_client): default for local servers
     timeout: float | None = None
     notebook: bool = True  # the lab notebook (plasa_lab.reporting.notebook) in every prompt
+    answer: str = "diff"  # diff: SEARCH/REPLACE edits; block: one named block in full (search.block_answers)
+    max_llm_tokens: int | None = None  # the run's token budget (search.llm_usage): a clean stop once reached
+    price_per_million: tuple[float, float] | None = None  # dollars per million prompt, completion tokens
 
 
 def choose_llm(
-    mode: str | None, api_base: str | None, model: str | None, config, prompt: str | None = None, notebook=True
+    mode: str | None,
+    api_base: str | None,
+    model: str | None,
+    config,
+    prompt: str | None = None,
+    notebook=True,
+    answer: str | None = None,
 ) -> LLMChoice:
     """The LLM a run asks for (None: the environment's key decides, else the offline mutator), with
     its endpoint, models, prompt style and per-call limit; RunError when a mode lacks what it needs."""
@@ -57,15 +66,17 @@ def choose_llm(
     models = [model] if model else [m.name for m in config.llm.models]
     compact = (prompt or ("compact" if mode == "local" else "full")) == "compact"
     timeout = LOCAL_TIMEOUT if mode == "local" else float(config.llm.timeout or 180)
+    answer = answer or "diff"  # block answers are unmeasured: diff stays the default everywhere
     return LLMChoice(
         mode,
         base,
         models,
         f"{mode} LLM at {base} ({'compact' if compact else 'full'} prompts{', no notebook' * (not notebook)}, "
-        f"{timeout:.0f} s per call)",
+        f"{'whole-block' if answer == 'block' else 'SEARCH/REPLACE'} answers, {timeout:.0f} s per call)",
         compact,
         timeout,
         notebook,
+        answer,
     )
 
 
@@ -164,5 +175,5 @@ def configure_llm(config, choice: LLMChoice, run_dir: Path):
             if choice.mode == "local":
                 m.api_key = os.environ.get("OPENAI_API_KEY") or "local"  # llama.cpp and friends ignore it
             # one attempt per call, every call recorded, the notebook in every prompt
-            m.init_client = client_factory(run_dir, choice.compact, choice.notebook)
+            m.init_client = client_factory(run_dir, choice.compact, choice.notebook, choice.answer)
     config.llm.evaluator_models = list(config.llm.models)

@@ -33,7 +33,8 @@ from ..reporting import notebook
 from ..rundir import TRACE, LLMResponseLog, finished_iterations, read_jsonl
 from ..settings import Settings
 from .launch import NothingToDo, RunOptions, RunPlan, RunStart, plan_run, start_run
-from .llm_client import outcome_of
+from .llm_client import BLOCK_REFUSED, outcome_of
+from .llm_usage import TokenMeter
 from .progress import Best, Progress, child_ppl, hours, say
 from .run_config import RunError
 from .stops import STOPPED_EXIT, RunStops, Stopped, resume_line, stopped_line
@@ -74,6 +75,7 @@ def search(plan: RunPlan, start: RunStart, stops: RunStops) -> int:
     )
     progress = Progress(plan.done + 1, plan.total, best, start.seconds_per_child)
     watch = Watch(plan.run_dir, plan.done + 1, plan.total, best, progress, stops, plan.config.llm.models[0].name)
+    watch.budget = plan.llm.max_llm_tokens
     target = 1.0 / plan.target_ppl if plan.target_ppl else None
     failed, stopped, started = None, False, time.time()
     watch.start()
@@ -100,12 +102,15 @@ def search(plan: RunPlan, start: RunStart, stops: RunStops) -> int:
     best_metrics = best_program.metrics if best_program else {}
     target_hit = bool(target and best_metrics.get("combined_score", 0) >= target)
     time_line = _time_accounting(plan, started, reached)
+    tokens_line = _token_accounting(plan)
     if (missing or stopped) and not target_hit and failed is None:  # stopped by Ctrl-C, SIGTERM or the run
         return _stop_with_a_checkpoint(controller, plan, stops, reached)
-    if stops.reason:  # OpenEvolve ran out of iterations before the stop reached it
+    if stops.reason and stops.failure:  # OpenEvolve ran out of iterations before the stop reached it
         failed = f"{stops.reason}; fix the LLM, then: {resume_line(plan.run_dir).removeprefix('Resume with: ')}"
     _say_the_outcome(plan, reached, Best(best_metrics, best.initial_losses), failed)
     say(time_line)
+    if tokens_line:
+        say(tokens_line)
     if plan.settings.noise_aware:
         say(_confirmation_accounting(plan.run_dir, plan.settings))
     return 0
@@ -148,14 +153,16 @@ def _stop_with_a_checkpoint(controller, plan: RunPlan, stops: RunStops, reached:
         # stop promises; without this, leaving would wait for them (its worker pool joins at exit).
         for worker in multiprocessing.active_children():
             worker.kill()
-        if stops.reason:  # not the user's stop
+        if stops.reason and stops.failure:  # not the user's stop
             raise RunError(
                 f"stopped at iteration {reached} of {plan.total} after {stops.reason}; fix the LLM, "
                 f"then: {resume_line(plan.run_dir).removeprefix('Resume with: ')}"
             )
+        budget = plan.llm.max_llm_tokens
+        more = f" --max-llm-tokens {2 * budget}" if stops.reason and budget else ""  # the budget: a larger one
         say(
-            f"stopped at iteration {reached} of {plan.total}; checkpoint saved in "
-            f"{plan.run_dir / rundir.CHECKPOINTS}. {resume_line(plan.run_dir)}"
+            f"stopped at iteration {reached} of {plan.total}{f' ({stops.reason})' if stops.reason else ''}; "
+            f"checkpoint saved in {plan.run_dir / rundir.CHECKPOINTS}. {resume_line(plan.run_dir)}{more}"
         )
         return STOPPED_EXIT
 
@@ -191,7 +198,7 @@ class FailureStreak:
 
     def see(self, error: str | None) -> str | None:
         """Count one iteration's error (None: it had an answer); the reason to stop, once it is one."""
-        if not (error and error.startswith("LLM generation failed")):
+        if not (error and error.startswith("LLM generation failed")) or BLOCK_REFUSED in error:
             self.error, self.count = None, 0
             return None
         self.count = self.count + 1 if error == self.error else 1
@@ -215,6 +222,7 @@ class Watch(threading.Thread):
         self.responses = LLMResponseLog(run_dir, model, since=time.time())
         self.failures, self.seen, self.done = FailureStreak(), set(), threading.Event()
         self.display_failed = False
+        self.tokens, self.budget = TokenMeter(run_dir), None  # budget: the run's --max-llm-tokens
 
     def run(self):
         with contextlib.ExitStack() as stack:
@@ -255,6 +263,9 @@ class Watch(threading.Thread):
         for f in new:
             if (reason := self.failures.see(f.error)) and self.stops is not None:
                 self.stops.request(reason)
+        if self.budget and self.stops is not None and self.tokens.update().total >= self.budget:
+            spent = f"the LLM token budget is spent: {self.tokens.total:,} tokens of --max-llm-tokens {self.budget:,}"
+            self.stops.request(spent, failure=False)
         for f in new:  # shown last: the records above never wait on the display
             self.display(lambda f=f: self.progress.iteration(f.iteration, f.record, f.failed))
         self.display(self.progress.refresh)
@@ -312,6 +323,17 @@ def _time_accounting(plan: RunPlan, started: float, reached: int) -> str:
         f"time: {hours(wall)} wall, {settings.parallel} evaluation slot(s): {shares['llm']:.0%} waiting on the LLM, "
         f"{shares['evaluations']:.0%} evaluating, {shares['idle_or_other']:.0%} idle or other; {limit} limited this run"
     )
+
+
+def _token_accounting(plan: RunPlan) -> str | None:
+    """The run's LLM tokens, resumes included, and their estimated cost, recorded in run.json's
+    llm_usage; its line (None for a run with no LLM calls: the offline mutator)."""
+    meter, llm = TokenMeter(plan.run_dir).update(), plan.llm
+    if not meter.calls:
+        return None
+    usage = meter.record(llm.price_per_million, llm.max_llm_tokens)
+    _update_run_record(plan.run_dir, lambda record: record.update(llm_usage=usage))
+    return meter.line(llm.price_per_million, llm.max_llm_tokens)
 
 
 def _update_run_record(run_dir: Path, update):

@@ -1,5 +1,6 @@
 """How a run stops before its last iteration, in one place: Ctrl-C and SIGTERM from the user, the
-run's own stop (an LLM that keeps failing), and the one line each ends with.
+run's own stop (an LLM that keeps failing: an error line; a token budget spent: the line a Ctrl-C
+gives, naming the budget), and the one line each ends with.
 
 A stop means something different as the run goes, and says so:
 
@@ -90,6 +91,7 @@ class RunStops:
 
     def __init__(self):
         self.reason: str | None = None  # why the run stopped itself (None: it did not)
+        self.failure = True  # whether that reason is a failure (the LLM's) or a limit reached (a budget)
         self._controller = None  # OpenEvolve's controller while it runs
 
     def raising(self):
@@ -118,11 +120,14 @@ class RunStops:
         finally:
             self._controller = None
 
-    def request(self, reason: str):
+    def request(self, reason: str, failure: bool = True):
         """The run stops itself, as a first Ctrl-C would stop OpenEvolve: it finishes the iterations in
-        flight and returns, and the run saves a checkpoint and says `reason`. No signal is sent: a
-        signal sent from a thread lands on the main thread wherever it is, even after OpenEvolve ended."""
-        self.reason = self.reason or reason
+        flight and returns, and the run saves a checkpoint and says `reason` (a failure: an error
+        line; not one, as a token budget spent: the stop line of a Ctrl-C, exit STOPPED_EXIT). No
+        signal is sent: a signal sent from a thread lands on the main thread wherever it is, even
+        after OpenEvolve ended."""
+        if self.reason is None:
+            self.reason, self.failure = reason, failure
         parallel = getattr(self._controller, "parallel_controller", None)  # None unless evolving
         if parallel is not None:
             parallel.request_shutdown()

@@ -1,0 +1,129 @@
+"""Block answers (`--answer block`): the model rewrites one named EVOLVE-BLOCK in full, and the LLM
+client turns its answer into the SEARCH/REPLACE edit OpenEvolve applies.
+
+A small model copies a SEARCH badly (a dropped blank line, a changed comment and the edit matches
+nothing); asked for a whole block it only has to write code. The block is the one the prompt's
+focus names (`focus_block`); the prompt's answer format says exactly what to return
+(`block_prompt`); the answer is read (`read_block`): one fenced python block holding the block's
+new body, which must parse in place and may hold no EVOLVE-BLOCK marker. A refusal is one
+printable line the client sends back to the model once, within the same call.
+
+Nothing here widens what a child may be: the edit replaces the body of one block of the parent,
+and the child then meets the same static checks (the text outside the blocks unchanged, markers
+included) and the same judge as any other.
+"""
+
+import ast
+import re
+
+from ..program.blocks import BLOCK_END, BLOCK_START, Block, BlockError, program_lines, split_blocks
+from ..util import one_line
+
+ANSWER_FORMATS = ("diff", "block")
+RETRIES = 1  # a refused block is answered once with the reason, within the same call
+FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)```", re.DOTALL)
+TASK = "# Task"
+ANSWER_FORMAT = "# Answer format"
+DIFF_TASK_SENTENCE = "Propose one concrete idea of your own in one or two sentences, then make exactly that change."
+BLOCK_TASK_SENTENCE = "Make one concrete change of your own; a comment in the block may say what it is."
+
+
+class BlockRefused(ValueError):
+    """A block answer that cannot become an edit; the message is the one line the model is told."""
+
+
+def _defined_names(code: str, block: Block) -> set[str]:
+    """The block's name and the top-level names it defines (functions, classes, constants)."""
+    names = {block.name}
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return names
+    for node in tree.body:
+        if not block.start < node.lineno - 1 < block.end:
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        for sub in ast.walk(node) if isinstance(node, (ast.Assign, ast.AnnAssign)) else ():
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                names.add(sub.id)
+    return names
+
+
+def focus_block(user: str, parent: str) -> Block | None:
+    """The block the prompt's task is about: the one whose name, or a name it defines, the task
+    mentions first (the focus: "work on the selection rule in select_topk"); when it names none, a
+    block chosen by the prompt's length. None when the parent has no blocks."""
+    try:
+        blocks = split_blocks(parent)[1]
+    except BlockError:
+        return None
+    if not blocks:
+        return None
+    task = user[user.rfind(TASK) :] if TASK in user else ""
+    first = {}
+    for block in blocks:
+        for name in _defined_names(parent, block):
+            if found := re.search(rf"\b{re.escape(name)}\b", task):
+                first[block.name] = min(first.get(block.name, len(task)), found.start())
+    if first:
+        name = min(first, key=first.get)
+        return next(b for b in blocks if b.name == name)
+    return blocks[len(user) % len(blocks)]
+
+
+def block_prompt(user: str, name: str) -> str:
+    """The user message with its answer format asking for the block `name` in full (everything from
+    the "# Answer format" heading on is replaced; a message without one gets it appended)."""
+    head = user[: user.rfind(ANSWER_FORMAT)] if ANSWER_FORMAT in user else user.rstrip() + "\n\n"
+    head = head.replace(DIFF_TASK_SENTENCE, BLOCK_TASK_SENTENCE)
+    return head + (
+        f"{ANSWER_FORMAT}\n"
+        f"Rewrite the EVOLVE-BLOCK named {name} in full; the other blocks stay as they are. Return exactly "
+        f"one fenced python code block holding the whole new body of {name}: every line between its "
+        f"`{BLOCK_START} {name}` line and its `{BLOCK_END}` line (those two marker lines left out), the "
+        "lines you keep copied as they are. Nothing else: no other code block, no SEARCH/REPLACE markers.\n"
+    )
+
+
+def _body_of(answer: str, name: str) -> str:
+    """The new body an answer gives: its one fenced block (the longest of several), else the whole
+    answer; a START marker of the block on its first line and an END marker on its last dropped."""
+    fences = FENCE.findall(answer)
+    text = max(fences, key=len) if fences else answer
+    lines = text.strip("\n").split("\n")
+    if lines and lines[0].strip() == f"{BLOCK_START} {name}":
+        lines = lines[1:]
+    if lines and lines[-1].strip() == BLOCK_END:
+        lines = lines[:-1]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def read_block(answer: str, parent: str, name: str) -> str:
+    """The SEARCH/REPLACE edit (the block's START marker and its parent body, then the marker and the
+    new body) that a block answer means; BlockRefused with one line for the model when it means none."""
+    try:
+        block = next(b for b in split_blocks(parent)[1] if b.name == name)
+    except (BlockError, StopIteration):
+        raise BlockRefused(f"the parent has no EVOLVE-BLOCK named {name}") from None
+    body = _body_of(answer, name)
+    if not body.strip():
+        raise BlockRefused(f"the answer holds no code: give the whole body of {name} in one fenced python block")
+    if any("EVOLVE-BLOCK" in line for line in body.split("\n")):
+        raise BlockRefused(f"the body of {name} may hold no EVOLVE-BLOCK marker: give only the lines between them")
+    if body == block.body:
+        raise BlockRefused(f"the body of {name} is unchanged: make one concrete change")
+    outside, blocks = split_blocks(parent)
+    bodies = [body if b is block else b.body for b in blocks]
+    child = "".join(o + b for o, b in zip(outside, bodies)) + outside[-1]
+    try:
+        ast.parse(child)
+    except SyntaxError as e:
+        line = (e.lineno or 0) - block.start - 1
+        where = f"line {line} of the block" if 0 < line <= body.count("\n") else "the block"
+        raise BlockRefused(one_line(f"the block does not parse: {e.msg} at {where}; fix it and answer again")) from None
+    start = program_lines(parent)[block.start]  # the parent's own marker line
+    return (
+        f"Rewrote the EVOLVE-BLOCK {name} in full.\n<<<<<<< SEARCH\n{start}\n{block.body.rstrip()}\n=======\n"
+        f"{start}\n{body.rstrip()}\n>>>>>>> REPLACE\n"
+    )
