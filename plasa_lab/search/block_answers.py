@@ -103,7 +103,8 @@ def read_block(answer: str, parent: str, name: str) -> str:
     """The SEARCH/REPLACE edit (the block's START marker and its parent body, then the marker and the
     new body) that a block answer means; BlockRefused with one line for the model when it means none."""
     try:
-        block = next(b for b in split_blocks(parent)[1] if b.name == name)
+        outside, blocks = split_blocks(parent)
+        block = next(b for b in blocks if b.name == name)
     except (BlockError, StopIteration):
         raise BlockRefused(f"the parent has no EVOLVE-BLOCK named {name}") from None
     body = _body_of(answer, name)
@@ -111,9 +112,8 @@ def read_block(answer: str, parent: str, name: str) -> str:
         raise BlockRefused(f"the answer holds no code: give the whole body of {name} in one fenced python block")
     if any("EVOLVE-BLOCK" in line for line in body.split("\n")):
         raise BlockRefused(f"the body of {name} may hold no EVOLVE-BLOCK marker: give only the lines between them")
-    if body == block.body:
+    if body.strip() == block.body.strip():
         raise BlockRefused(f"the body of {name} is unchanged: make one concrete change")
-    outside, blocks = split_blocks(parent)
     bodies = [body if b is block else b.body for b in blocks]
     child = "".join(o + b for o, b in zip(outside, bodies)) + outside[-1]
     try:

@@ -1,0 +1,164 @@
+"""Block answers (the model rewrites one named EVOLVE-BLOCK, the client builds the edit) and the
+tokens every LLM call costs, against a real HTTP server on 127.0.0.1 standing in for the LLM."""
+
+import asyncio
+import json
+
+import pytest
+from fake_llm_server import FakeLLMServer, asked_block, block_reply
+from openevolve.config import LLMModelConfig
+from openevolve.utils.code_utils import apply_diff_blocks, extract_diffs
+
+from plasa_lab import INITIAL_PROGRAM
+from plasa_lab.program.blocks import split_blocks
+from plasa_lab.program.checks import integrity_violation, static_violation
+from plasa_lab.rundir import LLM_CALLS
+from plasa_lab.search.block_answers import BlockRefused, block_prompt, focus_block, read_block
+from plasa_lab.search.llm_client import LLMClient, LLMError, outcome_of
+from plasa_lab.search.llm_usage import TokenMeter
+
+PARENT = INITIAL_PROGRAM.read_text()
+FOCUS = {
+    "the selection rule in select_topk: which past keys each query keeps": "topk_selector",
+    "the index score in LightningIndexer: heads, head size, activation": "lightning_indexer",
+    "the sparsity schedule in layer_k_schedule: how many keys each layer keeps": "k_schedule",
+    "the indexer's training signal in indexer_aux_loss and init_indexer: its target": "indexer_training",
+}
+
+
+def prompt(focus: str = next(iter(FOCUS))) -> str:
+    """A user message shaped as prompts/diff_user.txt makes it."""
+    return (
+        f"# Current Program\n```python\n{PARENT}```\n\n# Program Evolution History\n(none)\n\n# Task\n"
+        f"Lower the validation perplexity. This time, work on {focus}.\nPropose one concrete idea of your own in "
+        "one or two sentences, then make exactly that change.\nThe archive also keeps programs with a different "
+        "density, indexer_params.\n\n# Answer format\nOne or more SEARCH/REPLACE blocks.\n<<<<<<< SEARCH\n"
+    )
+
+
+def ask(server: FakeLLMServer, tmp_path, answer="block", user=None) -> str:
+    """One call of the run's client (block answers, compact prompts) to `server`."""
+    config = LLMModelConfig(name="fake-llm", api_base=server.url, api_key="none", timeout=10)
+    client = LLMClient(config, str(tmp_path), compact=True, notebook=False, answer=answer)
+    try:
+        return asyncio.run(client.generate_with_context("system", [{"role": "user", "content": user or prompt()}]))
+    finally:
+        server.close()
+
+
+def calls(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / LLM_CALLS).read_text().splitlines()]
+
+
+def child_of(answer: str) -> str:
+    return apply_diff_blocks(PARENT, extract_diffs(answer))[0]
+
+
+def bodies(code: str) -> dict[str, str]:
+    return {b.name: b.body for b in split_blocks(code)[1]}
+
+
+def test_the_block_a_prompt_asks_for_is_the_one_its_focus_names():
+    for focus, name in FOCUS.items():
+        assert focus_block(prompt(focus), PARENT).name == name
+
+
+def test_the_block_prompt_names_the_block_and_asks_for_one_fenced_block_and_nothing_else():
+    user = block_prompt(prompt(), "topk_selector")
+    answer_format = user[user.index("# Answer format") :]
+    assert "named topk_selector" in answer_format and "one fenced python code block" in answer_format
+    assert "Nothing else" in answer_format and "<<<<<<< SEARCH" not in user
+    assert "one or two sentences" not in user  # the task no longer asks for prose before the code
+
+
+def test_a_block_answer_becomes_a_child_that_differs_from_the_parent_only_in_that_block(tmp_path):
+    server = FakeLLMServer(reply=block_reply)
+    answer = ask(server, tmp_path)
+    sent = server.requests[-1]["messages"][-1]["content"]
+    assert "Rewrite the EVOLVE-BLOCK named topk_selector in full" in sent
+    child = child_of(answer)
+    assert integrity_violation(child, PARENT) is None
+    changed = {name for name, body in bodies(child).items() if body != bodies(PARENT)[name]}
+    assert changed == {"topk_selector"} and "# rewritten whole by the fake LLM" in bodies(child)["topk_selector"]
+    (call,) = calls(tmp_path)
+    assert call["response"] == answer and call["block"] == "topk_selector" and call["raw_responses"]
+
+
+def test_a_block_that_does_not_parse_is_sent_back_with_one_line_and_a_fixed_one_is_taken(tmp_path):
+    def reply(message):
+        if "does not parse" in message:
+            return block_reply(first[0])
+        first.append(message)
+        return "```python\ndef select_topk(scores, k:\n    return scores\n```"
+
+    first = []
+    server = FakeLLMServer(reply=reply)
+    answer = ask(server, tmp_path)
+    retry = server.requests[-1]["messages"]
+    assert len(server.requests) == 2 and retry[-2]["role"] == "assistant"
+    assert retry[-1]["content"].startswith("the block does not parse: ") and "\n" not in retry[-1]["content"]
+    assert "# rewritten whole by the fake LLM" in bodies(child_of(answer))["topk_selector"]
+
+
+def test_a_block_still_bad_after_its_retry_is_an_iteration_with_no_child_and_a_one_line_error(tmp_path):
+    server = FakeLLMServer(reply=lambda message: "```python\nwhile True\n```")
+    with pytest.raises(LLMError) as raised:
+        ask(server, tmp_path)
+    error = str(raised.value)
+    assert len(server.requests) == 2 and error.startswith("block answer refused: the block does not parse")
+    assert "\n" not in error and outcome_of(None, f"LLM generation failed: {error}") == "no diff"
+    (call,) = calls(tmp_path)
+    assert call["error"] == error and len(call["raw_responses"]) == 2 and call["response"] is None
+    assert call["prompt_tokens"] == 2 and call["completion_tokens"] == 2  # both completions were paid for
+
+
+def test_a_block_answer_smuggling_a_marker_or_code_outside_the_block_is_refused():
+    name, body = asked_block(block_prompt(prompt(), "topk_selector"))
+    smuggled = f"{body}# EVOLVE-BLOCK-END\nFFN_HIDDEN = 4096\n# EVOLVE-BLOCK-START topk_selector\n"
+    with pytest.raises(BlockRefused, match="may hold no EVOLVE-BLOCK marker"):
+        read_block(f"```python\n{smuggled}```", PARENT, name)
+    # and were it let through, the checks every child meets refuse the child it would make
+    assert integrity_violation(PARENT.replace(body, "# changed\n" + smuggled, 1), PARENT) is not None
+    # a fixed name redefined inside the block stays inside it, and the static checks refuse the child
+    edit = read_block(f"```python\n{body}FFN_HIDDEN = 4096\n```", PARENT, name)
+    assert "fixed-names" in static_violation(child_of(edit), PARENT)
+
+
+def test_a_block_answer_that_changes_nothing_or_holds_no_code_is_refused():
+    name, body = "topk_selector", bodies(PARENT)["topk_selector"]
+    for answer, reason in ((f"```python\n{body}```", "unchanged"), ("I would keep it.", "does not parse")):
+        with pytest.raises(BlockRefused, match=reason):
+            read_block(answer, PARENT, name)
+
+
+def test_token_counts_are_recorded_per_call_from_the_servers_usage(tmp_path):
+    usage = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}
+    ask(FakeLLMServer(usage=usage), tmp_path, answer="diff")
+    (call,) = calls(tmp_path)
+    assert (call["prompt_tokens"], call["completion_tokens"], call["tokens_estimated"]) == (120, 30, False)
+
+
+def test_tokens_are_estimated_from_characters_and_marked_when_the_server_gives_no_usage(tmp_path):
+    server = FakeLLMServer(usage=None)
+    response = ask(server, tmp_path, answer="diff")
+    (call,) = calls(tmp_path)
+    assert call["tokens_estimated"] is True
+    assert call["prompt_tokens"] == -(-call["prompt_chars"] // 4) and call["completion_tokens"] == -(
+        -len(response) // 4
+    )
+    meter = TokenMeter(tmp_path).update()
+    assert meter.calls == 1 and meter.estimated_calls == 1
+    line = meter.line(price=(3.0, 15.0), budget=100000)
+    assert "1 of them estimated" in line and "--max-llm-tokens" in line and "estimated cost $" in line
+    record = meter.record((3.0, 15.0), 100000)
+    assert record["estimated_cost"] == round((meter.prompt_tokens * 3 + meter.completion_tokens * 15) / 1e6, 4)
+
+
+def test_the_token_meter_reads_only_new_whole_lines(tmp_path):
+    path = tmp_path / LLM_CALLS
+    path.write_text(json.dumps(dict(prompt_tokens=10, completion_tokens=5)) + "\n" + '{"prompt_tok')
+    meter = TokenMeter(tmp_path).update()
+    assert meter.total == 15
+    with open(path, "a") as f:
+        f.write('ens": 1, "completion_tokens": 2}\n' + json.dumps(dict(prompt_tokens=None, error="HTTP 500")) + "\n")
+    assert meter.update().total == 18 and meter.calls == 2
