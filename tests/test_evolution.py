@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_llm_server import FakeLLMServer, outside_edit_reply
+from fake_llm_server import FakeLLMServer, block_reply, outside_edit_reply
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.evaluation.ledger import code_key
+from plasa_lab.program.blocks import split_blocks
 from plasa_lab.program.checks import static_violation
 from plasa_lab.rundir import discard_unsaved_iterations, latest_checkpoint, read_jsonl
 from plasa_lab.search.launch import RunOptions, run_settings
@@ -549,6 +550,49 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     assert trace[0]["llm_response"] == responses[0]["response"] and trace[0]["prompt"]["user"]  # kept in the run
     assert record["llm"]["notebook"] is True  # the next prompts carry what the run has tried (tests/test_notebook.py)
     assert "| 1 |" in (tmp_path / "run" / "notebook.md").read_text()
+
+
+def test_block_answers_drive_a_run_whose_child_differs_from_its_parent_only_in_the_named_block(tmp_path, shared_ledger):
+    server = FakeLLMServer(reply=block_reply)  # a comment added: the ledger answers the child, no training
+    run = evolve_against(
+        server,
+        *("--answer", "block", "--iterations", "1", "--seeds", "42", "--output", str(tmp_path / "run")),
+        ledger=shared_ledger,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["llm"]["answer"] == "block"
+    asked = re.search(r"Rewrite the EVOLVE-BLOCK named (\w+)", server.requests[-1]["messages"][-1]["content"])[1]
+    (child,) = read_jsonl(tmp_path / "run" / "evolution_trace.jsonl")
+    assert static_violation(child["child_code"], SOURCE) is None
+    mine, theirs = split_blocks(child["child_code"])[1], split_blocks(SOURCE)[1]
+    assert [b.name for b, p in zip(mine, theirs) if b.body != p.body] == [asked]
+
+
+def test_a_token_budget_stops_the_run_after_the_call_that_crosses_it_with_the_resume_command(tmp_path, shared_ledger):
+    usage = {"prompt_tokens": 150, "completion_tokens": 50, "total_tokens": 200}
+    server = FakeLLMServer(reply=block_reply, usage=usage)
+    run = evolve_against(
+        server,
+        *("--answer", "block", "--iterations", "8", "--seeds", "42", "--output", str(tmp_path / "run")),
+        *("--max-llm-tokens", "300", "--price-per-million", "3,15"),
+        ledger=shared_ledger,
+    )
+    assert run.returncode == 130, run.stderr[-3000:]
+    last = (run.stdout + run.stderr).strip().splitlines()[-1]
+    assert "the LLM token budget is spent" in last and "--max-llm-tokens 300" in last
+    assert "Resume with:" in last and "--resume" in last and "--max-llm-tokens 600" in last
+    checkpoint, reached = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and 2 <= reached < 8
+    usage = json.loads((tmp_path / "run" / "run.json").read_text())["llm_usage"]
+    # the second call crossed it; after it only calls already in flight, one per other evaluation slot
+    assert (
+        2 <= usage["calls"] <= 1 + Settings(profile="smoke").parallel
+        and usage["total_tokens"] >= 300
+        and usage["estimated_calls"] == 0
+        and usage["estimated_cost"] > 0
+    )
+    responses = read_jsonl(tmp_path / "run" / "llm_responses.jsonl")
+    assert responses[0]["prompt_tokens"] == 150 and responses[0]["completion_tokens"] == 50
 
 
 def test_an_llm_that_keeps_failing_the_same_way_stops_the_run_in_one_line(tmp_path, shared_ledger):

@@ -15,6 +15,7 @@ them with the real OpenAI client and adds what a small model on a CPU needs:
 """
 
 import ast
+import asyncio
 import functools
 import json
 import re
@@ -25,9 +26,11 @@ from ..program.blocks import BlockError, split_blocks
 from ..reporting import notebook
 from ..rundir import LLM_CALLS
 from . import block_answers
-from .llm_usage import added, call_tokens
+from .llm_usage import TokenMeter, added, call_tokens
 
 BLOCK_REFUSED = "block answer refused"  # an answer that made no edit: no child, and not the server's failure
+BUDGET_SPENT = "the LLM token budget is spent"  # no call made: the run is stopping (--max-llm-tokens)
+BUDGET_GRACE = 5.0  # seconds a call past the budget waits, so that the run stops before more iterations start
 CODE_FENCE = re.compile(r"```(?P<lang>[a-z]*)\n(?P<code>.*?)\n```", re.DOTALL)
 CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n", re.DOTALL)
 
@@ -198,7 +201,13 @@ class LLMClient:
     call recorded with its tokens."""
 
     def __init__(
-        self, model_cfg, run_dir: str | None = None, compact: bool = False, notebook: bool = True, answer="diff"
+        self,
+        model_cfg,
+        run_dir: str | None = None,
+        compact: bool = False,
+        notebook: bool = True,
+        answer="diff",
+        max_llm_tokens: int | None = None,
     ):
         self.model = model_cfg.name
         self.api_base, self.api_key = model_cfg.api_base, model_cfg.api_key or "none"
@@ -206,6 +215,8 @@ class LLMClient:
         self.timeout = float(model_cfg.timeout or 180)
         self.run_dir, self.compact, self.notebook = run_dir, compact, notebook and run_dir is not None
         self.answer = answer  # diff | block (plasa_lab.search.block_answers)
+        self.budget = max_llm_tokens  # the run's: no call starts once its calls have used it
+        self.meter = TokenMeter(Path(run_dir)) if run_dir and max_llm_tokens else None
         self.last_usage = None
         self._client = None
 
@@ -250,6 +261,11 @@ class LLMClient:
         return text, call_tokens(usage, sum(len(m["content"]) for m in request), len(text))
 
     async def generate_with_context(self, system_message, messages, **kwargs):
+        if self.meter is not None and self.meter.update().total >= self.budget:
+            await asyncio.sleep(BUDGET_GRACE)  # the run's stop (its watch sees the budget too) comes meanwhile
+            error = f"{BUDGET_SPENT} ({self.meter.total:,} tokens of {self.budget:,}): no call made"
+            self._record(dict(time=time.time(), model=self.model, response=None, error=error))
+            raise LLMError(error)
         messages, parent, block = self._prepared(messages)
         request = [{"role": "system", "content": system_message}, *messages]
         chars = sum(len(m["content"]) for m in request)
@@ -292,10 +308,17 @@ class LLMClient:
                 f.write(json.dumps(call) + "\n")
 
 
-def llm_client(model_cfg, run_dir=None, compact=False, notebook=True, answer="diff"):
+def llm_client(model_cfg, run_dir=None, compact=False, notebook=True, answer="diff", max_llm_tokens=None):
     """OpenEvolve's init_client hook (a module-level function: `functools.partial` of it pickles)."""
-    return LLMClient(model_cfg, run_dir, compact, notebook, answer)
+    return LLMClient(model_cfg, run_dir, compact, notebook, answer, max_llm_tokens)
 
 
-def client_factory(run_dir: Path, compact: bool, notebook: bool = True, answer: str = "diff"):
-    return functools.partial(llm_client, run_dir=str(run_dir), compact=compact, notebook=notebook, answer=answer)
+def client_factory(run_dir: Path, compact: bool, notebook=True, answer="diff", max_llm_tokens=None):
+    return functools.partial(
+        llm_client,
+        run_dir=str(run_dir),
+        compact=compact,
+        notebook=notebook,
+        answer=answer,
+        max_llm_tokens=max_llm_tokens,
+    )

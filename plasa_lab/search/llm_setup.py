@@ -80,10 +80,12 @@ def choose_llm(
     )
 
 
-def first_prompt(config, compact: bool) -> dict:
-    """The run's first prompt, as OpenEvolve builds it for the initial program (metrics as a placeholder)."""
+def first_prompt(config, compact: bool, answer: str = "diff") -> dict:
+    """The run's first prompt, as OpenEvolve builds it for the initial program (metrics as a placeholder),
+    and as the LLM client sends it (compacted, and for block answers asking for the focus's block)."""
     from openevolve.prompt.sampler import PromptSampler
 
+    from .block_answers import block_prompt, focus_block
     from .llm_client import compact_prompt
 
     code = INITIAL_PROGRAM.read_text()
@@ -107,7 +109,10 @@ def first_prompt(config, compact: bool) -> dict:
         diff_based_evolution=True,
         feature_dimensions=config.database.feature_dimensions,
     )
-    return dict(prompt, user=compact_prompt(prompt["user"])) if compact else prompt
+    user = compact_prompt(prompt["user"]) if compact else prompt["user"]
+    if answer == "block":
+        user = block_prompt(user, focus_block(prompt["user"], code).name)
+    return dict(prompt, user=user)
 
 
 def check_endpoint(choice: LLMChoice, config, timeout: float = 10.0):
@@ -131,7 +136,7 @@ def check_endpoint(choice: LLMChoice, config, timeout: float = 10.0):
         raise RunError(f"cannot reach the LLM endpoint {api_base}: {type(cause).__name__}: {cause}")
     except openai.APIStatusError:
         pass  # it answered; some OpenAI-compatible servers have no /models
-    prompt = first_prompt(config, choice.compact)
+    prompt = first_prompt(config, choice.compact, choice.answer)
     if choice.mode == "api":  # a paid API: a short request proves the model name and the key
         prompt = dict(system="Answer with one word.", user="Ready?")
     size = len(prompt["system"]) + len(prompt["user"])
@@ -175,5 +180,7 @@ def configure_llm(config, choice: LLMChoice, run_dir: Path):
             if choice.mode == "local":
                 m.api_key = os.environ.get("OPENAI_API_KEY") or "local"  # llama.cpp and friends ignore it
             # one attempt per call, every call recorded, the notebook in every prompt
-            m.init_client = client_factory(run_dir, choice.compact, choice.notebook, choice.answer)
+            m.init_client = client_factory(
+                run_dir, choice.compact, choice.notebook, choice.answer, choice.max_llm_tokens
+            )
     config.llm.evaluator_models = list(config.llm.models)

@@ -33,7 +33,7 @@ from ..reporting import notebook
 from ..rundir import TRACE, LLMResponseLog, finished_iterations, read_jsonl
 from ..settings import Settings
 from .launch import NothingToDo, RunOptions, RunPlan, RunStart, plan_run, start_run
-from .llm_client import BLOCK_REFUSED, outcome_of
+from .llm_client import BLOCK_REFUSED, BUDGET_SPENT, outcome_of
 from .llm_usage import TokenMeter
 from .progress import Best, Progress, child_ppl, hours, say
 from .run_config import RunError
@@ -198,7 +198,7 @@ class FailureStreak:
 
     def see(self, error: str | None) -> str | None:
         """Count one iteration's error (None: it had an answer); the reason to stop, once it is one."""
-        if not (error and error.startswith("LLM generation failed")) or BLOCK_REFUSED in error:
+        if not (error and error.startswith("LLM generation failed")) or BLOCK_REFUSED in error or BUDGET_SPENT in error:
             self.error, self.count = None, 0
             return None
         self.count = self.count + 1 if error == self.error else 1
