@@ -21,9 +21,20 @@ VERDICTS = ("better beyond noise", "within noise", "worse beyond noise")
 ALPHA = 0.05  # two-sided
 
 
-def seed_losses(metrics: dict) -> dict[int, float]:
-    """seed -> val_loss of the seeds a program's metrics carry (a noise-aware run's val_loss_seedN)."""
-    return {int(k.removeprefix("val_loss_seed")): v for k, v in metrics.items() if k.startswith("val_loss_seed")}
+def seed_losses(metrics: dict, search_seed: int | None = None) -> dict[int, float]:
+    """seed -> val_loss of the seeds a program's metrics carry (a noise-aware run's val_loss_seedN);
+    without them, its val_loss at `search_seed` (a one-seed run trains every program on that seed)."""
+
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    out = {}
+    for key, value in (metrics or {}).items():
+        if key.startswith("val_loss_seed") and key[13:].isdigit() and finite(value):
+            out[int(key[13:])] = float(value)
+    if not out and search_seed is not None and finite((metrics or {}).get("val_loss")):
+        out[search_seed] = float(metrics["val_loss"])
+    return out
 
 
 def mean_sd(values) -> tuple[float, float | None]:

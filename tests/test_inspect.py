@@ -616,8 +616,9 @@ def test_without_confirmation_marks_the_table_and_exports_keep_their_columns(run
     assert done.returncode == 0, done.stderr
     shown = done.stdout.split("Lab notebook")[0]  # the notebook speaks of seeds in its own words
     assert "seeds" not in shown and "confirmed" not in shown
-    with (run_copy / "table.csv").open() as f:
-        assert next(csv.reader(f)) == [*reporting.TABLE_COLUMNS, "combined_score", "passed"]
+    with (run_copy / "table.csv").open() as f:  # every program paired with the initial one on the run's seed
+        paired = ["vs_initial_pct", "vs_initial_seeds", "vs_initial_p"]
+        assert next(csv.reader(f)) == [*reporting.TABLE_COLUMNS, "combined_score", "passed", *paired]
 
 
 def test_unsandboxed_run_puts_its_warning_first_in_every_report(run_copy):
@@ -799,6 +800,22 @@ def test_each_program_is_set_against_the_initial_program_on_the_seeds_both_were_
     assert paired.p == verdict(losses(confirmed), losses(initial))[1]  # the verdict's paired p
 
 
+def test_in_a_one_seed_run_every_program_is_set_against_the_initial_program_on_that_seed(run_copy):
+    """A run on one seed (make demo's) records no val_loss_seed<N>: each child still pairs with the
+    initial program on the run's seed, from its val_loss."""
+    edit_programs(run_copy, lambda d: [d["metrics"].pop(k) for k in list(d["metrics"]) if k.startswith("val_loss_s")])
+    record = json.loads((run_copy / "run.json").read_text())
+    record["settings"]["seeds"] = [42]
+    (run_copy / "run.json").write_text(json.dumps(record))
+    view = load_run(run_copy)
+    child = next(p for p in view.population if p is not view.initial)
+    paired = vs_initial(view, child)
+    assert paired.seeds == 1 and paired.p is None
+    assert math.isclose(
+        paired.change_pct, 100 * math.expm1(child.metrics["val_loss"] - view.initial.metrics["val_loss"])
+    )
+
+
 def test_the_table_says_beside_each_paired_change_how_many_seeds_it_rests_on(run_copy):
     records = trace_records(run_copy)  # a child confirmed on 3 seeds, a little better than the initial program
     child = records[0]["child_id"]
@@ -829,12 +846,16 @@ def test_the_plots_show_the_paired_change_or_else_the_uncapped_val_loss_never_th
     titles = reporting.write_plots(view, run_copy / "report")
     assert "change of val_ppl vs the initial program, % (paired by seed) per iteration" in titles
 
-    # a run with one seed records no val_loss_seed<N>: its plots show val_loss, which val_ppl's cap hides
+    # a run without val_loss_seed<N> whose run.json does not name its seeds (an older run): nothing to
+    # pair on, so its plots show val_loss, which val_ppl's cap hides
     edit_programs(run_copy, lambda d: unconfirm_metrics(d["metrics"]))
     records = trace_records(run_copy)
     for r in records:
         unconfirm_metrics(r["child_metrics"])
     (run_copy / rundir.TRACE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    record = json.loads((run_copy / "run.json").read_text())
+    del record["settings"]
+    (run_copy / "run.json").write_text(json.dumps(record))
     view = load_run(run_copy)
     assert not reporting.analyse.pairs_by_seed(view)
     points = reporting.history(view, False)

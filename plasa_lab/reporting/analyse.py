@@ -100,8 +100,15 @@ def paired(view: RunView, metrics: dict) -> Paired | None:
     against the initial program's); None for a failed program or one that shares no seed with it."""
     if view.initial is None or (metrics.get("combined_score") or 0) <= 0:
         return None
-    change, p, n = paired_change(seed_losses(metrics), seed_losses(view.initial.metrics))
+    seed = search_seed(view)
+    change, p, n = paired_change(seed_losses(metrics, seed), seed_losses(view.initial.metrics, seed))
     return Paired(100 * math.expm1(change), n, p) if n else None
+
+
+def search_seed(view: RunView) -> int | None:
+    """The run's first seed, on which every child is trained (run.json's settings)."""
+    settings = view.record.get("settings") or {}
+    return (settings.get("seeds") or [settings.get("seed")])[0]
 
 
 def vs_initial(view: RunView, program: Program) -> Paired | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..contract import SCREENED_OUT
 from ..program.blocks import BlockError, split_blocks
 from ..rundir import TRACE, read_jsonl, read_run_record
-from ..stats import paired_change
+from ..stats import paired_change, seed_losses
 
 NOTEBOOK = "notebook.md"
 LEVERS = {
@@ -33,7 +33,6 @@ LEVERS = {
 MAX_ROWS = 12  # the best 9 and the 3 latest failures at most
 MAX_FAILURES = 3
 SUMMARY_CHARS = 90
-SEED_KEY = re.compile(r"^val_loss_seed(\d+)$")
 
 
 @dataclass
@@ -89,18 +88,6 @@ def summary(response: str, child_code: str = "", parent_code: str = "") -> str:
     first = re.split(r"(?<=[.!?])\s", head, maxsplit=1)[0].rstrip(".") if head else "(no explanation)"
     constants = constant_changes(child_code, parent_code)
     return _one_line(f"{first}: {constants}" if constants else first, SUMMARY_CHARS)
-
-
-def seed_losses(metrics: dict, search_seed: int | None = None) -> dict[int, float]:
-    """val_loss per seed: the val_loss_seedN metrics of a noise-aware run, else val_loss at the search seed."""
-    out = {}
-    for key, value in (metrics or {}).items():
-        if (m := SEED_KEY.match(key)) and isinstance(value, (int, float)) and math.isfinite(value):
-            out[int(m[1])] = float(value)
-    value = (metrics or {}).get("val_loss")
-    if not out and search_seed is not None and isinstance(value, (int, float)) and math.isfinite(value):
-        out[search_seed] = float(value)
-    return out
 
 
 def rows(trace: list[dict], initial: dict[int, float], search_seed: int | None = None) -> list[Row]:
