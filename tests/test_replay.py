@@ -80,16 +80,14 @@ def seed_runs(losses, first=42, failed=()):
     ]
 
 
+def initial_and_child_plan(seeds):
+    """A replay plan of the initial program and one child, for summaries of made-up seed runs."""
+    candidates = [Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")]
+    return Plan(candidates, seeds, "smoke", None, Path("ledger"), Path("out"), "test")
+
+
 def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
-    plan = Plan(
-        [Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")],
-        [42, 43, 44],
-        "smoke",
-        None,
-        Path("ledger"),
-        Path("out"),
-        "test",
-    )
+    plan = initial_and_child_plan([42, 43, 44])
     summary = summarise(
         plan,
         {"initial": seed_runs([10.1, 10.12, 10.11]), "child": seed_runs([9.0, 9.01, math.log(10000)], failed=(2,))},
@@ -101,15 +99,7 @@ def test_a_program_that_failed_on_a_seed_is_flagged_and_never_better():
 
 
 def test_a_program_lower_on_every_shared_seed_is_better_beyond_noise_though_the_seeds_spread_more():
-    plan = Plan(
-        [Candidate("initial", "initial", SOURCE, "here"), Candidate("child", "program", SOURCE + "#", "there")],
-        [42, 43, 44, 45],
-        "smoke",
-        None,
-        Path("ledger"),
-        Path("out"),
-        "test",
-    )
+    plan = initial_and_child_plan([42, 43, 44, 45])
     summary = summarise(
         plan, {"initial": seed_runs([6.30, 6.40, 6.20, 6.35]), "child": seed_runs([6.28, 6.385, 6.19, 6.33])}
     )

@@ -1,5 +1,6 @@
 """A PLASA program file: its EVOLVE-BLOCKs, and loading it as a module."""
 
+import ast
 import importlib.util
 import itertools
 import re
@@ -138,3 +139,19 @@ def with_blocks_of(base: str, donor: str, names) -> str:
     donated = {b.name: b.body for b in split_blocks(donor)[1]}
     bodies = [donated[b.name] if b.name in names else b.body for b in blocks]
     return "".join(segment + body for segment, body in zip(outside, bodies + [""]))
+
+
+def names_defined_in(code: str, blocks: list[Block]) -> set[str]:
+    """Top-level names the given blocks of a program define (functions, classes, constants).
+    Raises SyntaxError when the program does not parse."""
+    inside = lambda line: any(b.start < line - 1 < b.end for b in blocks)
+    names = set()
+    for node in ast.parse(code).body:
+        if not inside(node.lineno):
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        for sub in ast.walk(node) if isinstance(node, (ast.Assign, ast.AnnAssign)) else ():
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                names.add(sub.id)
+    return names

@@ -16,7 +16,15 @@ included) and the same judge as any other.
 import ast
 import re
 
-from ..program.blocks import BLOCK_END, BLOCK_START, Block, BlockError, program_lines, split_blocks
+from ..program.blocks import (
+    BLOCK_END,
+    BLOCK_START,
+    Block,
+    BlockError,
+    names_defined_in,
+    program_lines,
+    split_blocks,
+)
 from ..util import one_line
 
 ANSWER_FORMATS = ("diff", "block")
@@ -34,20 +42,10 @@ class BlockRefused(ValueError):
 
 def _defined_names(code: str, block: Block) -> set[str]:
     """The block's name and the top-level names it defines (functions, classes, constants)."""
-    names = {block.name}
     try:
-        tree = ast.parse(code)
+        return {block.name} | names_defined_in(code, [block])
     except SyntaxError:
-        return names
-    for node in tree.body:
-        if not block.start < node.lineno - 1 < block.end:
-            continue
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        for sub in ast.walk(node) if isinstance(node, (ast.Assign, ast.AnnAssign)) else ():
-            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
-                names.add(sub.id)
-    return names
+        return {block.name}
 
 
 def focus_block(user: str, parent: str) -> Block | None:

@@ -14,7 +14,6 @@ them with the real OpenAI client and adds what a small model on a CPU needs:
   RUN_DIR/llm_calls.jsonl; the run joins them with OpenEvolve's trace into llm_responses.jsonl.
 """
 
-import ast
 import asyncio
 import functools
 import json
@@ -22,7 +21,7 @@ import re
 import time
 from pathlib import Path
 
-from ..program.blocks import BlockError, split_blocks
+from ..program.blocks import BlockError, names_defined_in, split_blocks
 from ..reporting import notebook
 from ..rundir import LLM_CALLS
 from . import block_answers
@@ -37,21 +36,6 @@ CURRENT_PROGRAM = re.compile(r"# Current Program\s*```[a-z]*\n", re.DOTALL)
 
 # ---------------------------------------------------------------------------------------------
 # Compact prompts
-
-
-def _block_names(code: str) -> set[str]:
-    """Top-level names the EVOLVE-BLOCKs define (functions, classes, constants)."""
-    inside = {i + 1 for b in split_blocks(code)[1] for i in range(b.start, b.end + 1)}
-    names = set()
-    for node in ast.parse(code).body:
-        if node.lineno not in inside:
-            continue
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        for sub in ast.walk(node) if isinstance(node, (ast.Assign, ast.AnnAssign)) else ():
-            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
-                names.add(sub.id)
-    return names
 
 
 def _header_of(lines: list[str], i: int) -> int | None:
@@ -70,7 +54,7 @@ def compact_program(code: str) -> str:
     variables it is assigned to, twice), with its enclosing headers; `...` marks what is left out."""
     try:
         blocks = split_blocks(code)[1]
-        names = _block_names(code)
+        names = names_defined_in(code, split_blocks(code)[1])
     except (BlockError, SyntaxError, ValueError):
         return code  # not a program we can read: show it whole
     lines = code.splitlines()
