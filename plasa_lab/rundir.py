@@ -37,6 +37,7 @@ LLM_RESPONSES = "llm_responses.jsonl"
 LLM_CALLS = "llm_calls.jsonl"  # written by the LLM client as calls end; joined with the trace into LLM_RESPONSES
 REPORT = "report"
 LOGS = "logs"
+SLOTS = "slots"  # the evaluation slots' lock files (plasa_lab.evaluation.slots) of a run with proposals ahead
 
 # What became of one LLM response (the `outcome` of an llm_responses.jsonl line), in pipeline order.
 LLM_OUTCOMES = ("no diff", "diff did not apply", "llm error", "rejected by a check", "passed")

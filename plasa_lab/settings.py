@@ -31,6 +31,7 @@ ENVIRONMENT = {  # field -> variable
     "confirm_share": "PLASA_CONFIRM_SHARE",
     "screen": "PLASA_SCREEN",
     "screen_share": "PLASA_SCREEN_SHARE",
+    "slot_dir": "PLASA_SLOT_DIR",
 }
 DEFAULT_CONFIRM_MARGIN = 0.0  # noise sds; see docs/statistics.md
 DEFAULT_CONFIRM_SHARE = 0.3  # of a run's stage-2 trainings that confirmations may take (docs/statistics.md)
@@ -58,6 +59,7 @@ class Settings:
     confirm_share: float = None  # confirmations stop while they hold this share of the stage-2 trainings
     screen: str = None  # none | a cheaper profile every child trains on first (evaluation.screened_stage2)
     screen_share: float = None  # of the programs screened, the best this share go on to the full profile
+    slot_dir: str | None = None  # trainings take one of `parallel` slots here first (evaluation.slots; None: no gate)
     allow_uniform_schedule: bool = False  # baselines (DENSE, UNIFORM) only; children must adapt k
     whole_validation: bool = False  # stage 2 validates on every window of the split (replay)
     compile: bool = None  # torch.compile the fixed model's pure parts, eager where that fails (PLASA_COMPILE=1)
@@ -86,6 +88,7 @@ class Settings:
         self.memory_gb = float(self.memory_gb or env("PLASA_MEMORY_GB") or RAM_MIB_PER_EVALUATION / 1024)
         self.compile = bool(self.compile) if self.compile is not None else env("PLASA_COMPILE", "") == "1"
         self.ledger = self.ledger if self.ledger is not None else env("PLASA_LEDGER")
+        self.slot_dir = self.slot_dir or env("PLASA_SLOT_DIR") or None
         self.time_limit = float(self.time_limit or env("PLASA_TIME_LIMIT") or 3.0)
         if self.time_limit < 1:
             raise ValueError(

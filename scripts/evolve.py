@@ -3,7 +3,7 @@
 python scripts/evolve.py [--iterations N] [--llm api|offline|local] [--profile full|quick|smoke]
                          [--output DIR] [--resume] [--target-ppl X] [--seeds 42,43,44]
                          [--screen none|quick|smoke] [--answer diff|block]
-                         [--max-llm-tokens N] [--price-per-million IN,OUT]
+                         [--max-llm-tokens N] [--price-per-million IN,OUT] [--proposals-ahead N]
 """
 
 import argparse
@@ -25,11 +25,8 @@ from plasa_lab.search.run_config import RunError  # noqa: E402
 from plasa_lab.util import first_line  # noqa: E402
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Launch or resume an OpenEvolve run over PLASA programs.")
-    parser.add_argument(
-        "--iterations", type=int, help="total iterations of the run, resumes included (default: config.yaml)"
-    )
+def add_llm_options(parser):
+    """The LLM: which, where, its prompts and answers, and what it may spend."""
     parser.add_argument(
         "--llm",
         choices=["api", "offline", "local"],
@@ -67,6 +64,21 @@ def main(argv=None):
         metavar="IN,OUT",
         help="dollars per million prompt and completion tokens: the run's summary and run.json give its cost",
     )
+    parser.add_argument(
+        "--proposals-ahead",
+        type=int,
+        metavar="N",
+        help="iterations in flight beyond the evaluation slots: the LLM writes the next children while the "
+        "slots train, and trainings never exceed the slots (default: 1 with an LLM, 0 offline)",
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Launch or resume an OpenEvolve run over PLASA programs.")
+    parser.add_argument(
+        "--iterations", type=int, help="total iterations of the run, resumes included (default: config.yaml)"
+    )
+    add_llm_options(parser)
     parser.add_argument("--profile", choices=["full", "quick", "smoke"], help=profile_help("$PLASA_PROFILE or full"))
     parser.add_argument(
         "--output", type=Path, help="run folder (default: openevolve_output/run-<time>; with --resume: the newest run)"

@@ -48,11 +48,14 @@ class FakeLLMServer:
     """`reply(prompt)` answers each chat request; `fail_after=n` answers every request after the
     first n with HTTP 500 and a fixed error (a server that keeps failing the same way);
     `context_chars` refuses longer prompts with HTTP 400, as llama.cpp does past its context;
-    `usage` is the token count each answer reports (None: the answer has no `usage`)."""
+    `usage` is the token count each answer reports (None: the answer has no `usage`); `reply_seconds`
+    is how long each answer takes (a slow LLM: a small model on a CPU)."""
 
-    def __init__(self, reply=mutator_reply, fail_after=None, context_chars=None, fail_seconds=0.0, usage=USAGE):
+    def __init__(
+        self, reply=mutator_reply, fail_after=None, context_chars=None, fail_seconds=0.0, usage=USAGE, reply_seconds=0.0
+    ):
         self.reply, self.requests, self.fail_after, self.context_chars = reply, [], fail_after, context_chars
-        self.usage = usage
+        self.usage, self.reply_seconds = usage, reply_seconds
         self.fail_seconds = fail_seconds  # how long a failing request takes
         server = self
 
@@ -88,6 +91,7 @@ class FakeLLMServer:
                 if server.fail_after is not None and len(server.requests) > server.fail_after:
                     time.sleep(server.fail_seconds)
                     return self._send({"error": {"message": "model crashed: out of memory"}}, 500)
+                time.sleep(server.reply_seconds)
                 content = server.reply(request["messages"][-1]["content"])
                 self._send(
                     {

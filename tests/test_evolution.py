@@ -20,9 +20,11 @@ import yaml
 from fake_llm_server import FakeLLMServer, block_reply, outside_edit_reply
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
-from plasa_lab.evaluation.ledger import code_key
+from plasa_lab.evaluation.ledger import Ledger, code_key
 from plasa_lab.program.blocks import split_blocks
 from plasa_lab.program.checks import static_violation
+from plasa_lab.reporting import load_run
+from plasa_lab.reporting.text import time_lines
 from plasa_lab.rundir import discard_unsaved_iterations, latest_checkpoint, read_jsonl
 from plasa_lab.search.launch import RunOptions, run_settings
 from plasa_lab.search.mutator import OfflineMutator, parent_program
@@ -552,6 +554,41 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     assert "| 1 |" in (tmp_path / "run" / "notebook.md").read_text()
 
 
+def test_the_llm_writes_the_next_child_while_the_slot_trains_and_no_two_trainings_overlap(tmp_path, shared_ledger):
+    ledger = tmp_path / "ledger.sqlite"  # the initial program's rows: its noise floor is not trained again
+    shutil.copy(shared_ledger, ledger)
+    server = FakeLLMServer(reply_seconds=4.0)  # a slow LLM; a smoke training takes longer still here
+    began = time.time()
+    run = evolve(
+        *("--llm", "local", "--api-base", server.url, "--model", "fake-llm"),
+        *("--iterations", "3", "--seeds", "42", "--output", str(tmp_path / "run")),
+        ledger=str(ledger),
+        env=dict(PLASA_PARALLEL="1"),  # one evaluation slot; one proposal ahead (the default with an LLM)
+    )
+    server.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["in_flight"] == {"evaluation_slots": 1, "proposals_ahead": 1}
+    trainings = [
+        (r["created_at"] - r["seconds"], r["created_at"])
+        for r in Ledger(str(ledger)).rows()
+        if r["created_at"] - r["seconds"] >= began
+    ]
+    calls = [(c["time"] - c["seconds"], c["time"]) for c in read_jsonl(tmp_path / "run" / "llm_calls.jsonl")]
+    assert len(trainings) >= 3 and len(calls) >= 3
+    # the slot: no two trainings at once, though two iterations were in flight
+    assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(sorted(trainings), sorted(trainings)[1:]))
+    # the overlap: an LLM call ran while a child trained
+    overlap = max(min(c_end, t_end) - max(c_start, t_start) for c_start, c_end in calls for t_start, t_end in trainings)
+    assert overlap > 2.0, (calls, trainings)
+    (session,) = record["time_accounting"]
+    assert session["most_trainings_at_once"] == 1 and session["proposals_ahead"] == 1
+    assert 0 < session["busy"]["llm"] <= 1 and 0 < session["busy"]["evaluation_slots"] <= 1
+    assert "the LLM busy" in run.stdout + run.stderr
+    (line,) = [t for t in time_lines(load_run(tmp_path / "run")) if t.startswith("session 1")]
+    assert "evaluation slots busy" in line and "at most 1 at once" in line  # the report says it too
+
+
 def test_block_answers_drive_a_run_whose_child_differs_from_its_parent_only_in_the_named_block(tmp_path, shared_ledger):
     server = FakeLLMServer(reply=block_reply)  # a comment added: the ledger answers the child, no training
     run = evolve_against(
@@ -584,9 +621,10 @@ def test_a_token_budget_stops_the_run_after_the_call_that_crosses_it_with_the_re
     checkpoint, reached = latest_checkpoint(tmp_path / "run")
     assert checkpoint is not None and 2 <= reached < 8
     usage = json.loads((tmp_path / "run" / "run.json").read_text())["llm_usage"]
-    # the second call crossed it; after it only calls already in flight, one per other evaluation slot
+    # the second call crossed it; after it only calls already in flight: one per other iteration in flight
+    in_flight = json.loads((tmp_path / "run" / "run.json").read_text())["in_flight"]
     assert (
-        2 <= usage["calls"] <= 1 + Settings(profile="smoke").parallel
+        2 <= usage["calls"] <= 1 + in_flight["evaluation_slots"] + in_flight["proposals_ahead"]
         and usage["total_tokens"] >= 300
         and usage["estimated_calls"] == 0
         and usage["estimated_cost"] > 0

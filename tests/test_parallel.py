@@ -1,16 +1,22 @@
 """Evaluations side by side (plasa_lab.evaluation.parallel.in_slots), and the two places that use it:
 the noise floor's seeds and replays. Real threads and real functions that take time, standing in
-for evaluations (a real one takes minutes; the smoke replay test in test_replay.py runs real ones)."""
+for evaluations (a real one takes minutes; the smoke replay test in test_replay.py runs real ones).
+And the evaluation slots that processes share (plasa_lab.evaluation.slots), with real processes: a run's
+trainings never exceed them however many iterations are in flight (the run itself: test_evolution.py)."""
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from plasa_lab.evaluation.parallel import in_slots
+from plasa_lab.evaluation.slots import evaluation_slot
 from plasa_lab.evaluation.stage import Evaluation
 from plasa_lab.search.launch import evaluate_initial_program
+from plasa_lab.search.run import covered_seconds, most_at_once
 from plasa_lab.search.run_config import RunError
 from plasa_lab.settings import Settings
 
@@ -166,3 +172,67 @@ def test_a_replay_evaluates_side_by_side_and_keeps_candidate_then_seed_order(mon
     first = plan.candidates[0].code
     (a0, a1), (b0, b1) = spans[(first, 42)], spans[(first, 43)]
     assert b0 < a1 and a0 < b1  # the initial program's two seeds ran at once
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation slots shared by processes (plasa_lab.evaluation.slots): a run with proposals ahead
+
+
+HOLD_A_SLOT = """
+import sys, time
+from plasa_lab.evaluation.slots import evaluation_slot
+with evaluation_slot(sys.argv[1], 1):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_n_slots_let_n_trainings_run_at_once_and_never_more(tmp_path):
+    spans, lock = [], threading.Lock()
+
+    def training():
+        with evaluation_slot(str(tmp_path / "slots"), 2):
+            start = time.monotonic()
+            time.sleep(0.4)
+            with lock:
+                spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=training) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(spans) == 5 and most_at_once(spans) == 2
+
+
+def test_a_slot_is_held_across_processes_and_let_go_when_its_holder_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_SLOT, str(tmp_path / "slots")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = threading.Event()
+
+        def training():
+            with evaluation_slot(str(tmp_path / "slots"), 1):
+                got.set()
+
+        threading.Thread(target=training, daemon=True).start()
+        assert not got.wait(1.5)  # the other process holds the only slot
+        holder.kill()  # no clean-up runs: the kernel lets go of the lock
+        assert got.wait(10)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_without_a_slot_folder_there_is_no_gate():
+    with evaluation_slot(None, 1), evaluation_slot(None, 1):
+        pass
+
+
+def test_busy_time_counts_overlapping_spans_once_and_the_most_at_once_counts_them():
+    spans = [(0, 4), (1, 2), (3, 6), (8, 9), (9, 10)]
+    assert covered_seconds(spans) == 8  # 0..6, 8..10
+    assert most_at_once(spans) == 2  # (8, 9) ends as (9, 10) begins: never both
+    assert covered_seconds([]) == 0 and most_at_once([]) == 0

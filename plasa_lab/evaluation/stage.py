@@ -41,6 +41,7 @@ from .jobs import Job, StageResult
 from .judge import run_local
 from .ledger import Key, Ledger, code_key, code_sha256
 from .ray_runner import run_ray  # imports ray only inside its functions: ray stays optional
+from .slots import evaluation_slot
 
 # Where a stage runs (Settings.runner): the judge here, its workers sandboxed on this machine, or the
 # same on a Ray node. Both take a Job and return a StageResult.
@@ -281,9 +282,12 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     if on_line:
         on_line(f"stage {stage}: limits {limits.describe()}")
     job = Job.of(code, stage, settings, corpus, seed, limits, val_windows)
-    start = time.monotonic()
-    result: StageResult = RUNNERS[settings.runner](job, on_line)
-    seconds = time.monotonic() - start
+    with evaluation_slot(settings.slot_dir, settings.parallel):  # a run with proposals ahead: never past its slots
+        if settings.slot_dir and ledger and (known := ledger.get(key)):  # trained by another while this one waited
+            return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
+        start = time.monotonic()
+        result: StageResult = RUNNERS[settings.runner](job, on_line)
+        seconds = time.monotonic() - start
     if result.ok:
         metrics = passed_metrics(result.metrics, stage)
     else:

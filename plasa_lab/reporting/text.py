@@ -377,7 +377,16 @@ def time_lines(view: RunView) -> list[str]:
     for i, t in enumerate(view.record.get("time_accounting") or [], 1):
         if not isinstance(t, dict):
             continue
-        shares = t.get("shares") if isinstance(t.get("shares"), dict) else {}
+        if isinstance(busy := t.get("busy"), dict):  # each resource's busy share (runs with proposals ahead)
+            share = lambda k, busy=busy: f"{busy[k]:.0%}" if isinstance(busy.get(k), (int, float)) else "?"
+            lines.append(
+                f"session {i}: {fmt(t.get('wall_seconds'), 'seconds')} s wall; {t.get('parallel', '?')} evaluation "
+                f"slots busy {share('evaluation_slots')} ({fmt(t.get('evaluation_seconds'), 'seconds')} s training, "
+                f"at most {t.get('most_trainings_at_once', '?')} at once); the LLM busy {share('llm')} "
+                f"({fmt(t.get('llm_seconds'), 'seconds')} s); {t.get('proposals_ahead', '?')} proposal(s) ahead"
+            )
+            continue
+        shares = t.get("shares") if isinstance(t.get("shares"), dict) else {}  # a run from before: shares of the slots
         share = lambda k, shares=shares: f"{shares[k]:.0%}" if isinstance(shares.get(k), (int, float)) else "?"
         lines.append(
             f"session {i}: {fmt(t.get('wall_seconds'), 'seconds')} s wall, {t.get('parallel', '?')} evaluation slots: "

@@ -66,6 +66,7 @@ class RunOptions:
     answer: str | None = None  # diff | block: the LLM's answer format (a resume keeps the run's)
     max_llm_tokens: int | None = None  # the run's LLM token budget, resumes included (a resume keeps it)
     price_per_million: tuple[float, float] | None = None  # dollars per million prompt, completion tokens
+    proposals_ahead: int | None = None  # iterations in flight beyond the evaluation slots (default: 1 with an LLM)
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,14 @@ class RunPlan:
     done: int  # the iterations that checkpoint holds (0 for a new run)
     total: int  # the run's total, resumes included
     target_ppl: float | None
+    proposals_ahead: int  # iterations in flight beyond the slots: the LLM writes while the slots train
 
     @property
     def profile(self) -> Profile:
         return get_profile(self.settings.profile)
 
 
+DEFAULT_PROPOSALS_AHEAD = 1  # with an LLM: one child written while the slots train (see _proposals_ahead)
 NO_CHECKPOINT = "no checkpoint yet: starting from the initial program, whose evaluation is in the ledger"
 
 
@@ -116,6 +119,8 @@ def plan_run(options: RunOptions) -> RunPlan:
         total = (previous or {}).get("iterations_total") or config.max_iterations
     if total < 1:
         raise RunError(f"--iterations must be at least 1, got {total}")
+    if options.proposals_ahead is not None and options.proposals_ahead < 0:
+        raise RunError(f"--proposals-ahead must be at least 0, got {options.proposals_ahead}")
     if options.target_ppl is not None and options.target_ppl <= 0:
         raise RunError(f"--target-ppl must be positive, got {options.target_ppl}")
     checkpoint = latest_checkpoint(run_dir) if options.resume else None
@@ -134,7 +139,9 @@ def plan_run(options: RunOptions) -> RunPlan:
     if previous:
         _check_the_resume(previous, corpus, checkpoint[0] if checkpoint else None)
     settings.corpus = corpus.name
-    config.evaluator.parallel_evaluations = _evaluation_slots(settings)
+    ahead = _proposals_ahead(options, llm)
+    config.evaluator.parallel_evaluations = _evaluation_slots(settings) + ahead  # OpenEvolve's iterations in flight
+    settings.slot_dir = str(run_dir / rundir.SLOTS) if ahead else None  # trainings still at most settings.parallel
     return RunPlan(
         run_dir=run_dir,
         resume=options.resume,
@@ -149,6 +156,7 @@ def plan_run(options: RunOptions) -> RunPlan:
         done=done,
         total=total,
         target_ppl=options.target_ppl,
+        proposals_ahead=ahead,
     )
 
 
@@ -262,6 +270,17 @@ def _evaluation_slots(settings: Settings) -> int:
     else:
         say(f"evaluations: {settings.slots_reason}")
     return settings.parallel
+
+
+def _proposals_ahead(options: RunOptions, llm: LLMChoice) -> int:
+    """Iterations OpenEvolve runs beyond the evaluation slots. Each of its iterations is an LLM call,
+    then an evaluation, in one worker; with one more worker than slots the LLM writes the next child
+    while the slots train, and the slots (evaluation.slots) keep the trainings at their number. The
+    offline mutator answers at once: nothing to overlap, and a child made ahead only sees an older
+    population."""
+    if options.proposals_ahead is not None:
+        return options.proposals_ahead
+    return 0 if llm.mode == "offline" else DEFAULT_PROPOSALS_AHEAD
 
 
 def _check_the_resume(previous: dict, corpus: Corpus, checkpoint: Path | None):
@@ -394,6 +413,7 @@ def run_record(plan: RunPlan) -> dict:
             price_per_million=list(llm.price_per_million) if llm.price_per_million else None,
         ),
         iterations_total=plan.total,
+        in_flight=dict(evaluation_slots=settings.parallel, proposals_ahead=plan.proposals_ahead),
         target_ppl=plan.target_ppl,
         ledger=settings.ledger,
         settings=settings.record(),

@@ -301,28 +301,60 @@ def _confirmation_accounting(run_dir: Path, settings: Settings) -> str:
 
 
 def _time_accounting(plan: RunPlan, started: float, reached: int) -> str:
-    """Where this session's wall time went, per evaluation slot: waiting on the LLM, evaluating, the rest
-    (OpenEvolve's own work, ledger answers, idle slots)."""
-    settings = plan.settings
-    wall = max(1e-9, time.time() - started)
-    slots = wall * max(1, settings.parallel)
-    evaluating = sum(r["seconds"] for r in Ledger(settings.ledger).rows() if r["created_at"] >= started)
-    llm = sum(float(r.get("seconds") or 0) for r in rundir.read_llm_responses(plan.run_dir, reached, after=plan.done))
-    shares = dict(llm=min(1.0, llm / slots), evaluations=min(1.0, evaluating / slots))
-    shares["idle_or_other"] = max(0.0, 1.0 - shares["llm"] - shares["evaluations"])
+    """Where this session's wall time went, per resource: the share of it the LLM was busy (at least one
+    call in flight) and the share of the evaluation slots' time spent training; and the most trainings
+    that ran at once, which the slots bound (evaluation.slots)."""
+    settings, now = plan.settings, time.time()
+    wall = max(1e-9, now - started)
+    trainings = [
+        (r["created_at"] - r["seconds"], r["created_at"])
+        for r in Ledger(settings.ledger).rows()
+        if r["created_at"] >= started
+    ]
+    calls = [
+        (c["time"] - c["seconds"], c["time"])
+        for c in read_jsonl(plan.run_dir / rundir.LLM_CALLS)
+        if isinstance(c.get("seconds"), (int, float)) and c.get("time", 0) >= started
+    ]
+    slots = max(1, settings.parallel)
+    llm, evaluating = covered_seconds(calls), sum(end - begin for begin, end in trainings)
+    busy = dict(llm=min(1.0, llm / wall), evaluation_slots=min(1.0, evaluating / (wall * slots)))
     session = dict(
         wall_seconds=round(wall, 1),
         parallel=settings.parallel,
+        proposals_ahead=plan.proposals_ahead,
         llm_seconds=round(llm, 1),
         evaluation_seconds=round(evaluating, 1),
-        shares={k: round(v, 3) for k, v in shares.items()},
+        most_trainings_at_once=most_at_once(trainings),
+        busy={k: round(v, 3) for k, v in busy.items()},
     )
     _update_run_record(plan.run_dir, lambda record: record.setdefault("time_accounting", []).append(session))
-    limit = "the LLM" if shares["llm"] > shares["evaluations"] else "the evaluations"
+    llm_line = f"the LLM busy {busy['llm']:.0%}" if calls else "no LLM calls"
     return (
-        f"time: {hours(wall)} wall, {settings.parallel} evaluation slot(s): {shares['llm']:.0%} waiting on the LLM, "
-        f"{shares['evaluations']:.0%} evaluating, {shares['idle_or_other']:.0%} idle or other; {limit} limited this run"
+        f"time: {hours(wall)} wall; {slots} evaluation slot(s) busy {busy['evaluation_slots']:.0%} "
+        f"(at most {session['most_trainings_at_once']} training(s) at once), {llm_line}; "
+        f"{plan.proposals_ahead} proposal(s) ahead of the slots (--proposals-ahead)"
     )
+
+
+def covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of the (begin, end) intervals was running."""
+    total, reach = 0.0, float("-inf")
+    for begin, end in sorted(intervals):
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The most (begin, end) intervals running at one moment (one that ends as another begins: not both)."""
+    events = sorted([(begin, 1) for begin, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, step in events:  # at a tie the end (-1) sorts first
+        running += step
+        most = max(most, running)
+    return most
 
 
 def _token_accounting(plan: RunPlan) -> str | None:
