@@ -1,6 +1,7 @@
 """The benchmarks' own arithmetic (their runs are hours, not tests): the search benchmark's paired
 test, the rank benchmark's Spearman's rho and its eight programs, which the judge's static checks
-accept."""
+accept; and the search and LLM benchmarks end to end on the smoke profile (the LLM one against a fake
+server that needs no training)."""
 
 import importlib.util
 import json
@@ -90,3 +91,39 @@ def test_the_search_benchmark_runs_an_arm_then_replays_its_best_on_seeds_no_run_
     (arm,) = json.loads((out / "bench_search.json").read_text())["arms"]
     assert arm["arm"] == "offline" and arm["children"] == 1 and arm["seeds"] == 2
     assert arm["stage2_trainings"] >= 3  # the initial program on 42, 43, 44 (and the child, if it passed stage 1)
+
+
+def test_the_llm_benchmark_compares_answer_formats_and_says_why_each_response_failed(tmp_path):
+    import shutil
+    import subprocess
+
+    from fake_llm_server import FakeLLMServer, block_reply, outside_edit_reply
+
+    def reply(prompt):  # a fake LLM (no real one runs in the tests): a block when asked for one, else a bad diff
+        return block_reply(prompt) if "Rewrite the EVOLVE-BLOCK named" in prompt else outside_edit_reply(prompt)
+
+    out, server = tmp_path / "bench", FakeLLMServer(reply=reply)
+    out.mkdir()
+    shutil.copy(PROJECT_ROOT / "tests" / "fixtures" / "smoke_run" / "ledger.sqlite", out / "ledger.sqlite")
+    try:
+        done = subprocess.run(
+            [
+                *(sys.executable, "scripts/bench_llm.py", "--api-base", server.url, "--model", "fake-llm"),
+                *("--iterations", "1", "--answers", "diff,block", "--out", str(out)),
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "novel_valid_rate: diff 0.000, block 0.000"
+    diff, block = json.loads((out / "bench_llm.json").read_text())["results"]
+    assert diff["answer"] == "diff" and diff["outcomes"]["diff did not apply"] == 1
+    assert "outside the EVOLVE-BLOCK" in diff["failures"][0]["why"]  # why it failed, in its own words
+    assert block["answer"] == "block" and block["outcomes"]["passed"] == 1  # a comment added: not a new program
+    assert block["failures"][0]["why"].startswith("passed, but its code (by AST) was the parent's")
+    table = (out / "bench_llm.md").read_text()
+    assert "| diff | 1 | 0 | 0.000 |" in table and "| block | 1 | 0 | 0.000 |" in table
