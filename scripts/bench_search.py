@@ -9,9 +9,10 @@ Arms: `offline` (the offline mutator); `offline+screen` (the same with the scree
 trains on the next cheaper profile first and only the better half go on); with --api-base,
 `llm+notebook` and `llm` (the same local or API model with and without the lab notebook in its
 prompts); --arms picks some of them. Every arm is one noise-aware run
-(scripts/evolve.py, seeds 42,43,44) of the same number of iterations with its own ledger; each arm's
-best (OpenEvolve's, which a noise-aware run only lets a confirmed program be) and the initial program
-are then replayed on the replay seeds. The change against the initial program is paired by seed (every
+(scripts/evolve.py, seeds 42,43,44) of the same number of iterations with its own ledger; as each
+arm's run ends, its best (OpenEvolve's, which a noise-aware run only lets a confirmed program be) and
+the initial program are replayed on the replay seeds and its row is written, so each arm's result
+can be committed as it comes. The change against the initial program is paired by seed (every
 program trains from the same trunk initialisation and batches on a seed) and tested with a paired t-test.
 Resumable: a run resumes from its last checkpoint, a replay from its ledger. To cut a benchmark short,
 stop it and run it again with --iterations at the children its arms have done: each arm's best so far
@@ -23,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
@@ -59,7 +61,7 @@ def arm_best(run_dir: Path) -> tuple[Path, dict, int]:
     return path / "best_program.py", info["metrics"], done
 
 
-def main(argv=None):  # long: the arms, the replay and the table, read top to bottom
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--profile", default="full", choices=["full", "quick", "smoke"], help="the arms' profile (default full)"
@@ -93,53 +95,79 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
         parser.error(f"--arms: {', '.join(unknown) or 'none given'}: choose from {', '.join(available)}")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    initial = INITIAL_PROGRAM.read_text()
-    candidates, runs = [Candidate("initial", "initial", initial, "initial_program.py")], {}
-    for arm in chosen:
-        run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", available[arm])
-        program, claim, children = arm_best(run_dir)
-        evaluations = Ledger(run_dir / "ledger.sqlite").rows()
-        floor = (read_run_record(run_dir) or {}).get("noise_floor") or {}
-        confirmation = (read_run_record(run_dir) or {}).get("confirmation") or {}
-        runs[arm] = dict(
-            initial_on_run_seeds=dict(zip(floor.get("seeds", []), floor.get("val_losses", []))),
-            trainings_per_gain=confirmation.get("trainings_per_confirmed_gain"),
-            run_dir=run_dir,
-            claim=claim,
-            trainings=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] == args.profile),
-            screens=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] != args.profile),
-            hours=sum(r["seconds"] for r in evaluations) / 3600,  # what the arm's evaluations cost, every stage
-            children=children,
-        )
-        candidates.append(Candidate(arm, "program", program.read_text(), str(program)))
-    plan = Plan(candidates, replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, "search")
-    results = run_plan(plan)
-    by_seed = {c.name: {r.seed: r.val_loss for r in results[c.name] if r.passed} for c in candidates}
-
+    initial = Candidate("initial", "initial", INITIAL_PROGRAM.read_text(), "initial_program.py")
     rows = []
-    for arm, run in runs.items():
-        change, p, n = paired_change(by_seed[arm], by_seed["initial"])
-        replayed = statistics.fmean(by_seed[arm].values()) if by_seed[arm] else math.nan
-        claimed, _, _ = paired_change(seed_losses(run["claim"]), run["initial_on_run_seeds"])
-        claimed_pct, replayed_pct = 100 * math.expm1(claimed), 100 * math.expm1(change)
-        rows.append(
-            dict(
-                arm=arm,
-                children=run["children"],
-                stage2_trainings=run["trainings"],
-                screens=run["screens"],
-                evaluation_hours=run["hours"],
-                best_is_initial=code_key(next(c.code for c in candidates if c.name == arm)) == code_key(initial),
-                claimed_val_ppl=math.exp(run["claim"]["val_loss"]),
-                replayed_val_ppl=math.exp(replayed),
-                claimed_change_pct=claimed_pct,
-                change_vs_initial_pct=replayed_pct,
-                shrinkage=shrinkage(claimed_pct, replayed_pct),
-                p_vs_initial=p,
-                seeds=n,
-                trainings_per_confirmed_gain=run["trainings_per_gain"],
-            )
-        )
+    for arm in chosen:  # each arm's row is written as soon as its run and replay are done
+        run = run_arm(args, arm, available[arm])
+        best = Candidate(arm, "program", run["program"].read_text(), str(run["program"]))
+        plan = Plan([initial, best], replay_seeds, args.profile, None, args.out / "replay-ledger.sqlite", args.out, arm)
+        results = run_plan(plan)  # the initial program's seeds come from the ledger after the first arm
+        by_seed = {c.name: {r.seed: r.val_loss for r in results[c.name] if r.passed} for c in (initial, best)}
+        rows.append(arm_row(arm, run, by_seed[arm], by_seed["initial"], code_key(best.code) == code_key(initial.code)))
+        lines, last = write_table(args, replay_seeds, rows)
+        print(f"{arm}: done; the table so far is in {args.out / 'bench_search.md'}", file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    print(last)
+
+
+def run_arm(args, arm: str, evolve_args: list[str]) -> dict:
+    """One arm's run (resumed if it exists) and what its ledger and run.json say of it."""
+    run_dir = evolve(args.out / arm, args.profile, args.iterations, "42,43,44", evolve_args)
+    program, claim, children = arm_best(run_dir)
+    evaluations = Ledger(run_dir / "ledger.sqlite").rows()
+    record = read_run_record(run_dir) or {}
+    floor, confirmation = record.get("noise_floor") or {}, record.get("confirmation") or {}
+    return dict(
+        program=program,
+        initial_on_run_seeds=dict(zip(floor.get("seeds", []), floor.get("val_losses", []))),
+        trainings_per_gain=confirmation.get("trainings_per_confirmed_gain"),
+        claim=claim,
+        trainings=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] == args.profile),
+        screens=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] != args.profile),
+        hours=sum(r["seconds"] for r in evaluations) / 3600,  # what the arm's evaluations cost, every stage
+        children=children,
+        busy=busy_shares(record),
+    )
+
+
+def busy_shares(record: dict) -> dict:
+    """Each resource's busy share over the run's sessions (weighted by their wall time), from run.json's
+    time_accounting: the evaluation slots and the LLM (None: no session recorded it)."""
+    sessions = [t for t in record.get("time_accounting") or [] if isinstance(t.get("busy"), dict)]
+    wall = sum(t["wall_seconds"] for t in sessions)
+    return {
+        resource: sum(t["busy"].get(resource, 0) * t["wall_seconds"] for t in sessions) / wall if wall else None
+        for resource in ("evaluation_slots", "llm")
+    }
+
+
+def arm_row(arm: str, run: dict, replayed: dict, initial: dict, best_is_initial: bool) -> dict:
+    """An arm's row: its best's claimed change (the run's seeds) and replayed change (unseen seeds), paired."""
+    change, p, n = paired_change(replayed, initial)
+    claimed, _, _ = paired_change(seed_losses(run["claim"]), run["initial_on_run_seeds"])
+    claimed_pct, replayed_pct = 100 * math.expm1(claimed), 100 * math.expm1(change)
+    return dict(
+        arm=arm,
+        children=run["children"],
+        stage2_trainings=run["trainings"],
+        screens=run["screens"],
+        evaluation_hours=run["hours"],
+        best_is_initial=best_is_initial,
+        claimed_val_ppl=math.exp(run["claim"]["val_loss"]),
+        replayed_val_ppl=math.exp(statistics.fmean(replayed.values())) if replayed else math.nan,
+        claimed_change_pct=claimed_pct,
+        change_vs_initial_pct=replayed_pct,
+        shrinkage=shrinkage(claimed_pct, replayed_pct),
+        p_vs_initial=p,
+        seeds=n,
+        trainings_per_confirmed_gain=run["trainings_per_gain"],
+        slots_busy=run["busy"]["evaluation_slots"],
+        llm_busy=run["busy"]["llm"],
+    )
+
+
+def write_table(args, replay_seeds: list[int], rows: list[dict]) -> tuple[list[str], str]:
+    """OUT/bench_search.md and .json for the arms done so far: (the table's lines, the last line)."""
     lines = [
         f"# Search benchmark ({args.profile} profile, {args.iterations} children an arm)",
         "",
@@ -148,21 +176,24 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
         "seeds, where the search selected it; the winner's curse is the share of the claim the unseen seeds take "
         f"back. Stage-2 trainings on the {args.profile} profile (per confirmed gain: per program the run confirmed "
         "better than the initial one beyond noise); screens on the cheaper one; evaluation hours summed over the "
-        "arm's ledger.",
+        "arm's ledger; busy: the share of the run's wall time the evaluation slots trained and the LLM had a call "
+        "in flight.",
         "",
-        "| arm | children | stage-2 trainings | per confirmed gain | screens | evaluation h | claimed val_ppl "
-        "| replayed val_ppl | claimed vs initial | replayed vs initial | winner's curse | p | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | children | stage-2 trainings | per confirmed gain | screens | evaluation h | slots busy "
+        "| LLM busy | claimed val_ppl | replayed val_ppl | claimed vs initial | replayed vs initial "
+        "| winner's curse | p | seeds |",
+        "|---" * 15 + "|",
     ]
+    share = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     for r in rows:
         p = "-" if r["p_vs_initial"] is None else f"{r['p_vs_initial']:.3g}"
         curse = "-" if r["shrinkage"] is None else f"{r['shrinkage']:.0%}"
         per_gain = r["trainings_per_confirmed_gain"] or "-"
         lines.append(
             f"| {r['arm']}{' (= initial)' * r['best_is_initial']} | {r['children']} | {r['stage2_trainings']} | "
-            f"{per_gain} | {r['screens']} | {r['evaluation_hours']:.2f} | {r['claimed_val_ppl']:.2f} | "
-            f"{r['replayed_val_ppl']:.2f} | {r['claimed_change_pct']:+.2f}% | {r['change_vs_initial_pct']:+.2f}% | "
-            f"{curse} | {p} | {r['seeds']} |"
+            f"{per_gain} | {r['screens']} | {r['evaluation_hours']:.2f} | {share(r['slots_busy'])} | "
+            f"{share(r['llm_busy'])} | {r['claimed_val_ppl']:.2f} | {r['replayed_val_ppl']:.2f} | "
+            f"{r['claimed_change_pct']:+.2f}% | {r['change_vs_initial_pct']:+.2f}% | {curse} | {p} | {r['seeds']} |"
         )
     winners = [
         r
@@ -176,8 +207,7 @@ def main(argv=None):  # long: the arms, the replay and the table, read top to bo
     summary = dict(profile=args.profile, iterations=args.iterations, replay_seeds=replay_seeds, arms=rows)
     atomic_write(args.out / "bench_search.json", json.dumps(summary, indent=2, default=str))
     atomic_write(args.out / "bench_search.md", "\n".join(lines + ["", last]) + "\n")
-    print("\n".join(lines))
-    print(last)
+    return lines, last
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def test_the_search_benchmark_runs_an_arm_then_replays_its_best_on_seeds_no_run_
     (arm,) = json.loads((out / "bench_search.json").read_text())["arms"]
     assert arm["arm"] == "offline" and arm["children"] == 1 and arm["seeds"] == 2
     assert arm["stage2_trainings"] >= 3  # the initial program on 42, 43, 44 (and the child, if it passed stage 1)
+    assert 0 < arm["slots_busy"] <= 1 and arm["llm_busy"] == 0  # the offline mutator makes no LLM call
 
 
 def test_the_llm_benchmark_compares_answer_formats_and_says_why_each_response_failed(tmp_path):
