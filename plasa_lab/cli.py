@@ -50,12 +50,20 @@ def price_pair(text: str) -> tuple[float, float]:
     return prices
 
 
+MACHINE_SETTINGS = ("PLASA_TIME_LIMIT", "PLASA_CACHE", "PLASA_PARALLEL", "PLASA_THREADS")  # not the science's
+
+
+def benchmark_env() -> dict:
+    """The environment of a benchmark's run: this one without PLASA_ settings other than the machine's
+    (how long, where the caches are, how many evaluations at once: a local LLM server may need a core)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in MACHINE_SETTINGS}
+
+
 def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline")) -> Path:
     """A benchmark's run of scripts/evolve.py in run_dir with its own ledger, resumed where it
-    stopped; the machine's PLASA_TIME_LIMIT and PLASA_CACHE kept, every other PLASA_ setting the
+    stopped; the machine's settings kept (MACHINE_SETTINGS), every other PLASA_ setting the
     benchmark's (and no API key where the run needs none); fail() when the run does not end well."""
-    keep = ("PLASA_TIME_LIMIT", "PLASA_CACHE")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in keep}
+    env = benchmark_env()
     if "offline" in llm:
         env.pop("OPENAI_API_KEY", None)
     env["PLASA_LEDGER"] = str(Path(run_dir) / "ledger.sqlite")  # each run pays for its own evaluations

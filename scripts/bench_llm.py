@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from plasa_lab import PROJECT_ROOT
-from plasa_lab.cli import fail
+from plasa_lab.cli import benchmark_env, fail
 from plasa_lab.evaluation.ledger import code_key
 from plasa_lab.rundir import LLM_OUTCOMES, LLM_RESPONSES, TRACE, read_jsonl
 from plasa_lab.util import atomic_write, one_line
@@ -50,9 +50,7 @@ def novel_valid(children: list[dict], initial_code: str) -> list[dict]:
 
 def evolve(args, run_dir: Path, answer: str) -> int:
     """A real run against the server (scripts/evolve.py --llm local, one seed); its exit code."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in ("PLASA_TIME_LIMIT", "PLASA_CACHE")
-    }
+    env = benchmark_env()
     env["PLASA_LEDGER"] = str(args.out / "ledger.sqlite")  # the initial program's evaluation is paid once
     command = [
         *(sys.executable, "scripts/evolve.py", "--profile", args.profile, "--llm", "local"),
