@@ -30,7 +30,6 @@ from plasa_lab.search.launch import RunOptions, run_settings
 from plasa_lab.search.mutator import OfflineMutator, parent_program
 from plasa_lab.search.run_config import unknown_config_keys
 from plasa_lab.search.stops import Stopped, resume_line, stopped_line
-from plasa_lab.settings import Settings
 
 SOURCE = INITIAL_PROGRAM.read_text()
 CONFIG = PROJECT_ROOT / "config.yaml"
@@ -642,8 +641,9 @@ def test_an_llm_that_keeps_failing_the_same_way_stops_the_run_in_one_line(tmp_pa
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower() and "evolve.py" in line]
     assert len(errors) == 1 and "3 LLM failures in a row" in errors[0] and "HTTP 500: model crashed" in errors[0]
     assert "--resume" in errors[0]
-    # the check, three failures, and what each evaluation slot had started before the stop reached OpenEvolve
-    assert len(server.requests) <= 1 + 3 + 2 * Settings(profile="smoke").parallel
+    # the check, three failures, and what each iteration in flight had started before the stop reached OpenEvolve
+    in_flight = json.loads((tmp_path / "run" / "run.json").read_text())["in_flight"]
+    assert len(server.requests) <= 1 + 3 + 2 * (in_flight["evaluation_slots"] + in_flight["proposals_ahead"])
     failures = read_jsonl(tmp_path / "run" / "llm_responses.jsonl")
     assert {r["outcome"] for r in failures} == {"llm error"} and "HTTP 500" in failures[0]["error"]
 
