@@ -5,6 +5,7 @@ python scripts/inspect_run.py [RUN_DIR | CHECKPOINT_DIR] [--top N] [--plots] [--
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def watch(args) -> int:
     print(
         f"watching {args.run or 'the newest run'} for new checkpoints every {args.watch:g} s; Ctrl-C stops", flush=True
     )
+    # Ctrl-C (SIGINT) stops it even when it was started ignoring SIGINT, as a shell starts a background job
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         follow(args.run, args.watch, render)
     except KeyboardInterrupt:

@@ -1012,7 +1012,7 @@ def test_watch_rewrites_the_page_at_each_new_checkpoint_until_ctrl_c_which_exits
         (newer / "metadata.json").write_text(json.dumps(dict(metadata, last_iteration=5)))
         wait_for("checkpoint checkpoint_5 (iteration 5 of 4)")
         watcher.send_signal(signal.SIGINT)
-        out, err = watcher.communicate(timeout=120)  # 60 s once ran out on a machine loaded 4 deep
+        out, err = watcher.communicate(timeout=60)
     finally:
         if watcher.poll() is None:
             watcher.kill()
