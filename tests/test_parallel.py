@@ -227,8 +227,14 @@ def test_a_slot_is_held_across_processes_and_let_go_when_its_holder_is_killed(tm
 
 
 def test_without_a_slot_folder_there_is_no_gate():
-    with evaluation_slot(None, 1), evaluation_slot(None, 1):
-        pass
+    done = threading.Event()
+
+    def nested():  # a gate of one slot would wait here forever
+        with evaluation_slot(None, 1), evaluation_slot(None, 1):
+            done.set()
+
+    threading.Thread(target=nested, daemon=True).start()
+    assert done.wait(5)
 
 
 def test_busy_time_counts_overlapping_spans_once_and_the_most_at_once_counts_them():
