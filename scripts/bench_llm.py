@@ -18,14 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from plasa_lab import PROJECT_ROOT
-from plasa_lab.cli import benchmark_env, fail
+from plasa_lab.cli import evolve, fail
 from plasa_lab.evaluation.ledger import code_key
 from plasa_lab.rundir import LLM_OUTCOMES, LLM_RESPONSES, TRACE, read_jsonl
 from plasa_lab.util import atomic_write, one_line
@@ -48,17 +47,12 @@ def novel_valid(children: list[dict], initial_code: str) -> list[dict]:
     return novel
 
 
-def evolve(args, run_dir: Path, answer: str) -> int:
-    """A real run against the server (scripts/evolve.py --llm local, one seed); its exit code."""
-    env = benchmark_env()
-    env["PLASA_LEDGER"] = str(args.out / "ledger.sqlite")  # the initial program's evaluation is paid once
-    command = [
-        *(sys.executable, "scripts/evolve.py", "--profile", args.profile, "--llm", "local"),
-        *("--api-base", args.api_base, "--model", args.model, "--prompt", args.prompt, "--answer", answer),
-        *("--iterations", str(args.iterations), "--seeds", "42", "--output", str(run_dir)),
-    ]
-    print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
+def run_in_format(args, run_dir: Path, answer: str) -> int:
+    """A real run against the server (scripts/evolve.py --llm local, one seed); its exit code. The
+    formats share one ledger: the initial program's evaluation is paid once."""
+    llm = ["--llm", "local", "--api-base", args.api_base, "--model", args.model]
+    llm += ["--prompt", args.prompt, "--answer", answer]
+    return evolve(run_dir, args.profile, args.iterations, "42", llm, ledger=args.out / "ledger.sqlite", check=False)
 
 
 def why_not(response: dict, novel_iterations: set) -> str | None:
@@ -75,7 +69,7 @@ def measure(args, answer: str) -> dict:
     """One run in one answer format, and what became of each of its responses."""
     run_dir = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{answer}"
     load_before, start = os.getloadavg(), time.monotonic()
-    code = evolve(args, run_dir, answer)
+    code = run_in_format(args, run_dir, answer)
     minutes = (time.monotonic() - start) / 60
     responses = read_jsonl(run_dir / LLM_RESPONSES)
     if not responses:

@@ -256,6 +256,12 @@ def ledger_key(code: str, stage: int, settings: Settings, fingerprint: str, seed
     )
 
 
+def recorded(ledger: Ledger | None, key: Key) -> Evaluation | None:
+    """The ledger's answer for this key (None: none, or no ledger), with the seconds it cost then."""
+    known = ledger.get(key) if ledger else None
+    return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2]) if known else None
+
+
 def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed: int | None = None) -> Evaluation:
     """One stage of one program at one seed: checked statically, then from the ledger if known, else
     judged in the sandbox and recorded."""
@@ -274,8 +280,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
     )
     key = ledger_key(code, stage, settings, corpus.fingerprint, seed)
     ledger = Ledger(settings.ledger) if settings.ledger else None
-    if ledger and (known := ledger.get(key)):
-        return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
+    if known := recorded(ledger, key):
+        return known
 
     val_windows = validation_windows(profile, len(corpus.val), whole)
     limits = calibration(settings, ledger, corpus.fingerprint).limits(stage, profile, val_windows, settings.parallel)
@@ -283,8 +289,8 @@ def evaluate_stage(code: str, stage: int, settings: Settings, on_line=None, seed
         on_line(f"stage {stage}: limits {limits.describe()}")
     job = Job.of(code, stage, settings, corpus, seed, limits, val_windows)
     with evaluation_slot(settings.slot_dir, settings.parallel):  # a run with proposals ahead: never past its slots
-        if settings.slot_dir and ledger and (known := ledger.get(key)):  # trained by another while this one waited
-            return Evaluation(known[0], known[1], from_ledger=True, seconds=known[2])
+        if settings.slot_dir and (known := recorded(ledger, key)):  # trained by another while this one waited
+            return known
         start = time.monotonic()
         result: StageResult = RUNNERS[settings.runner](job, on_line)
         seconds = time.monotonic() - start
