@@ -132,13 +132,18 @@ def run_arm(args, arm: str, evolve_args: list[str]) -> dict:
 
 def busy_shares(record: dict) -> dict:
     """Each resource's busy share over the run's sessions (weighted by their wall time), from run.json's
-    time_accounting: the evaluation slots and the LLM (None: no session recorded it)."""
-    sessions = [t for t in record.get("time_accounting") or [] if isinstance(t.get("busy"), dict)]
-    wall = sum(t["wall_seconds"] for t in sessions)
-    return {
-        resource: sum(t["busy"].get(resource, 0) * t["wall_seconds"] for t in sessions) / wall if wall else None
-        for resource in ("evaluation_slots", "llm")
-    }
+    time_accounting: the evaluation slots and the LLM (None: no session recorded it). In a session with
+    LLM calls, from its first proposal on: before it the LLM check and the initial program's seeds keep
+    the LLM idle by design."""
+    shares, weights = {"evaluation_slots": 0.0, "llm": 0.0}, 0.0
+    for t in record.get("time_accounting") or []:
+        after = t.get("busy_after_first_proposal")
+        busy, wall = (after, t["seconds_after_first_proposal"]) if after else (t.get("busy"), t.get("wall_seconds"))
+        if isinstance(busy, dict) and wall:
+            weights += wall
+            for resource in shares:
+                shares[resource] += busy.get(resource, 0) * wall
+    return {resource: share / weights if weights else None for resource, share in shares.items()}
 
 
 def arm_row(arm: str, run: dict, replayed: dict, initial: dict, best_is_initial: bool) -> dict:
@@ -176,8 +181,8 @@ def write_table(args, replay_seeds: list[int], rows: list[dict]) -> tuple[list[s
         "seeds, where the search selected it; the winner's curse is the share of the claim the unseen seeds take "
         f"back. Stage-2 trainings on the {args.profile} profile (per confirmed gain: per program the run confirmed "
         "better than the initial one beyond noise); screens on the cheaper one; evaluation hours summed over the "
-        "arm's ledger; busy: the share of the run's wall time the evaluation slots trained and the LLM had a call "
-        "in flight.",
+        "arm's ledger; busy: the share of the run's wall time (from the first proposal on, in an LLM run) the "
+        "evaluation slots trained and the LLM had a call in flight.",
         "",
         "| arm | children | stage-2 trainings | per confirmed gain | screens | evaluation h | slots busy "
         "| LLM busy | claimed val_ppl | replayed val_ppl | claimed vs initial | replayed vs initial "

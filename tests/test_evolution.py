@@ -583,9 +583,14 @@ def test_the_llm_writes_the_next_child_while_the_slot_trains_and_no_two_training
     (session,) = record["time_accounting"]
     assert session["most_trainings_at_once"] == 1 and session["proposals_ahead"] == 1
     assert 0 < session["busy"]["llm"] <= 1 and 0 < session["busy"]["evaluation_slots"] <= 1
+    first_proposal = min(end for _, end in calls)  # the busy shares from then on are over that window only
+    assert session["seconds_after_first_proposal"] < session["wall_seconds"]
+    assert set(session["busy_after_first_proposal"]) == {"llm", "evaluation_slots"}
+    assert abs(session["wall_seconds"] - session["seconds_after_first_proposal"] - (first_proposal - began)) < 30
     assert "the LLM busy" in run.stdout + run.stderr
     (line,) = [t for t in time_lines(load_run(tmp_path / "run")) if t.startswith("session 1")]
     assert "evaluation slots busy" in line and "at most 1 at once" in line  # the report says it too
+    assert "from the first proposal on" in line
 
 
 def test_block_answers_drive_a_run_whose_child_differs_from_its_parent_only_in_the_named_block(tmp_path, shared_ledger):

@@ -16,7 +16,7 @@ from plasa_lab.evaluation.parallel import in_slots
 from plasa_lab.evaluation.slots import evaluation_slot
 from plasa_lab.evaluation.stage import Evaluation
 from plasa_lab.search.launch import evaluate_initial_program
-from plasa_lab.search.run import covered_seconds, most_at_once
+from plasa_lab.search.run import busy_shares, covered_seconds, most_at_once
 from plasa_lab.search.run_config import RunError
 from plasa_lab.settings import Settings
 
@@ -242,3 +242,12 @@ def test_busy_time_counts_overlapping_spans_once_and_the_most_at_once_counts_the
     assert covered_seconds(spans) == 8  # 0..6, 8..10
     assert most_at_once(spans) == 2  # (8, 9) ends as (9, 10) begins: never both
     assert covered_seconds([]) == 0 and most_at_once([]) == 0
+
+
+def test_busy_shares_cut_every_span_to_the_window_they_are_taken_over():
+    trainings, calls = [(0, 10), (10, 20)], [(5, 12), (11, 15), (18, 30)]
+    whole = busy_shares(0, 20, trainings, calls, slots=2)
+    assert whole == {"llm": 0.6, "evaluation_slots": 0.5}  # calls cover 5..15 and 18..20: 12 s; 20 of 40 slot-s
+    late = busy_shares(12, 20, trainings, calls, slots=1)  # e.g. from the first proposal on
+    assert late == {"llm": 0.625, "evaluation_slots": 1.0}  # 12..15 and 18..20 of 8 s; training all 8 s
+    assert busy_shares(40, 50, trainings, calls, slots=1) == {"llm": 0.0, "evaluation_slots": 0.0}

@@ -385,6 +385,12 @@ def time_lines(view: RunView) -> list[str]:
                 f"at most {t.get('most_trainings_at_once', '?')} at once); the LLM busy {share('llm')} "
                 f"({fmt(t.get('llm_seconds'), 'seconds')} s); {t.get('proposals_ahead', '?')} proposal(s) ahead"
             )
+            if isinstance(after := t.get("busy_after_first_proposal"), dict):
+                share = lambda k, busy=after: f"{busy[k]:.0%}" if isinstance(busy.get(k), (int, float)) else "?"
+                lines[-1] += (
+                    f"; from the first proposal on ({fmt(t.get('seconds_after_first_proposal'), 'seconds')} s): "
+                    f"slots busy {share('evaluation_slots')}, the LLM busy {share('llm')}"
+                )
             continue
         shares = t.get("shares") if isinstance(t.get("shares"), dict) else {}  # a run from before: shares of the slots
         share = lambda k, shares=shares: f"{shares[k]:.0%}" if isinstance(shares.get(k), (int, float)) else "?"

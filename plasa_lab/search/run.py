@@ -302,10 +302,10 @@ def _confirmation_accounting(run_dir: Path, settings: Settings) -> str:
 
 def _time_accounting(plan: RunPlan, started: float, reached: int) -> str:
     """Where this session's wall time went, per resource: the share of it the LLM was busy (at least one
-    call in flight) and the share of the evaluation slots' time spent training; and the most trainings
-    that ran at once, which the slots bound (evaluation.slots)."""
+    call in flight) and the share of the evaluation slots' time spent training, over the whole session
+    and from the first proposal on (before it, the LLM check and the initial program's seeds leave the
+    LLM idle by design); and the most trainings that ran at once, which the slots bound (evaluation.slots)."""
     settings, now = plan.settings, time.time()
-    wall = max(1e-9, now - started)
     trainings = [
         (r["created_at"] - r["seconds"], r["created_at"])
         for r in Ledger(settings.ledger).rows()
@@ -317,23 +317,44 @@ def _time_accounting(plan: RunPlan, started: float, reached: int) -> str:
         if isinstance(c.get("seconds"), (int, float)) and c.get("time", 0) >= started
     ]
     slots = max(1, settings.parallel)
-    llm, evaluating = covered_seconds(calls), sum(end - begin for begin, end in trainings)
-    busy = dict(llm=min(1.0, llm / wall), evaluation_slots=min(1.0, evaluating / (wall * slots)))
+    busy = busy_shares(started, now, trainings, calls, slots)
+    first_proposal = min((end for _, end in calls), default=None)
+    after_first = busy_shares(first_proposal, now, trainings, calls, slots) if first_proposal else None
     session = dict(
-        wall_seconds=round(wall, 1),
+        wall_seconds=round(now - started, 1),
         parallel=settings.parallel,
         proposals_ahead=plan.proposals_ahead,
-        llm_seconds=round(llm, 1),
-        evaluation_seconds=round(evaluating, 1),
+        llm_seconds=round(covered_seconds(calls), 1),
+        evaluation_seconds=round(sum(end - begin for begin, end in trainings), 1),
         most_trainings_at_once=most_at_once(trainings),
-        busy={k: round(v, 3) for k, v in busy.items()},
+        busy=busy,
+        busy_after_first_proposal=after_first,
+        seconds_after_first_proposal=round(now - first_proposal, 1) if first_proposal else None,
     )
     _update_run_record(plan.run_dir, lambda record: record.setdefault("time_accounting", []).append(session))
     llm_line = f"the LLM busy {busy['llm']:.0%}" if calls else "no LLM calls"
+    if after_first:
+        llm_line += (
+            f" (from the first proposal on: slots {after_first['evaluation_slots']:.0%}, "
+            f"the LLM {after_first['llm']:.0%})"
+        )
     return (
-        f"time: {hours(wall)} wall; {slots} evaluation slot(s) busy {busy['evaluation_slots']:.0%} "
+        f"time: {hours(now - started)} wall; {slots} evaluation slot(s) busy {busy['evaluation_slots']:.0%} "
         f"(at most {session['most_trainings_at_once']} training(s) at once), {llm_line}; "
         f"{plan.proposals_ahead} proposal(s) ahead of the slots (--proposals-ahead)"
+    )
+
+
+def busy_shares(begin: float, end: float, trainings: list, calls: list, slots: int) -> dict:
+    """Each resource's busy share of the wall time from begin to end: the LLM's (at least one call in
+    flight) and the evaluation slots' (training seconds over wall seconds times slots); the (begin, end)
+    spans of trainings and calls are cut to that window."""
+    wall = max(1e-9, end - begin)
+    cut = lambda spans: [(max(b, begin), min(e, end)) for b, e in spans if e > begin and b < end]  # noqa: E731
+    evaluating = sum(e - b for b, e in cut(trainings))
+    return dict(
+        llm=round(min(1.0, covered_seconds(cut(calls)) / wall), 3),
+        evaluation_slots=round(min(1.0, evaluating / (wall * slots)), 3),
     )
 
 
