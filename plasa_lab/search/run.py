@@ -294,9 +294,9 @@ def _confirmation_accounting(run_dir: Path, settings: Settings) -> str:
     per_gain = f"{trainings / gains:.1f} stage-2 trainings per confirmed gain" if gains else "no confirmed gain"
     return (
         f"confirmations: {spent} of {trainings} stage-2 trainings ({share:.0%}; PLASA_CONFIRM_SHARE caps them "
-        f"at {settings.confirm_share:.0%}); {gains} program(s) better than the initial one beyond noise on every "
-        f"seed, {per_gain}. A best's change is claimed on the seeds it was selected on: replay it on others "
-        f"(scripts/replay.py {run_dir} --seeds 101,102,103,104,105) to see how much of it holds"
+        f"at {settings.confirm_share:.0%}); {gains} program(s) trained on every seed and better than the initial "
+        f"one beyond noise, {per_gain}. A best's change is claimed on the seeds it was selected on: replay it on "
+        f"others (scripts/replay.py {run_dir} --seeds 101,102,103,104,105) to see how much of it holds"
     )
 
 
