@@ -38,6 +38,7 @@ LLM_CALLS = "llm_calls.jsonl"  # written by the LLM client as calls end; joined 
 REPORT = "report"
 LOGS = "logs"
 SLOTS = "slots"  # the evaluation slots' lock files (plasa_lab.evaluation.slots) of a run with proposals ahead
+LLM_SLOT = "llm-slot"  # the lock a local server's calls take in turn (plasa_lab.search.llm_client)
 
 # What became of one LLM response (the `outcome` of an llm_responses.jsonl line), in pipeline order.
 LLM_OUTCOMES = ("no diff", "diff did not apply", "llm error", "rejected by a check", "passed")

@@ -27,7 +27,9 @@ from plasa_lab.reporting import load_run
 from plasa_lab.reporting.text import time_lines
 from plasa_lab.rundir import discard_unsaved_iterations, latest_checkpoint, read_jsonl
 from plasa_lab.search.launch import RunOptions, run_settings
+from plasa_lab.search.llm_setup import LOCAL_MAX_TOKENS
 from plasa_lab.search.mutator import OfflineMutator, parent_program
+from plasa_lab.search.run import covered_seconds
 from plasa_lab.search.run_config import unknown_config_keys
 from plasa_lab.search.stops import Stopped, resume_line, stopped_line
 
@@ -538,6 +540,7 @@ def test_local_openai_compatible_server_drives_a_run(tmp_path, shared_ledger):
     assert server.requests and server.requests[0]["model"] == "fake-llm"
     assert server.requests[0]["messages"][0]["role"] == "system"
     assert server.requests[0]["max_tokens"] == 1  # the start-up check: a prompt like the run's, one token back
+    assert {r["max_tokens"] for r in server.requests[1:]} == {LOCAL_MAX_TOKENS}  # a rambling answer ends in time
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["llm"]["mode"] == "local" and record["llm"]["models"] == ["fake-llm"]
     assert record["llm"]["prompt"] == "compact" and record["llm"]["timeout"] == 900
@@ -573,12 +576,21 @@ def test_the_llm_writes_the_next_child_while_the_slot_trains_and_no_two_training
         for r in Ledger(str(ledger)).rows()
         if r["created_at"] - r["seconds"] >= began
     ]
-    calls = [(c["time"] - c["seconds"], c["time"]) for c in read_jsonl(tmp_path / "run" / "llm_calls.jsonl")]
+    records = read_jsonl(tmp_path / "run" / "llm_calls.jsonl")
+    calls = sorted((c["time"] - c["seconds"], c["time"]) for c in records)
     assert len(trainings) >= 3 and len(calls) >= 3
+    # a local server's calls take turns: the two iterations in flight at the start did not call at once,
+    # and a call's seconds (and its timeout) are its own answer's, not the wait before it
+    assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(calls, calls[1:])), calls
+    assert max(c["waited_seconds"] for c in records) > 1.0 and all(c["seconds"] < 30 for c in records)
     # the slot: no two trainings at once, though two iterations were in flight
     assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(sorted(trainings), sorted(trainings)[1:]))
-    # the overlap: an LLM call ran while a child trained
-    overlap = max(min(c_end, t_end) - max(c_start, t_start) for c_start, c_end in calls for t_start, t_end in trainings)
+    # the overlap: the LLM was busy while a child trained (a call may straddle a child's two stages,
+    # between which the slot is free: so the seconds of every call inside every training, each counted once)
+    overlap = sum(
+        covered_seconds([(max(b, t_begin), min(e, t_end)) for b, e in calls if b < t_end and e > t_begin])
+        for t_begin, t_end in trainings
+    )
     assert overlap > 2.0, (calls, trainings)
     (session,) = record["time_accounting"]
     assert session["most_trainings_at_once"] == 1 and session["proposals_ahead"] == 1

@@ -10,6 +10,8 @@ them with the real OpenAI client and adds what a small model on a CPU needs:
 - **calls that finish**: one attempt with the configured timeout (a local server cannot cancel a
   request, so a retry would queue behind the one it abandons), and every failure raised with a
   real reason ("timed out after 900 s", "HTTP 400: the prompt has 9562 tokens, the context 8192").
+  A local server computes one answer at a time: its calls take turns (a lock in the run folder,
+  RUN_DIR/llm-slot), so that a call's timeout counts its own answer, not the queue before it.
 - **calls recorded**: every call's model, prompt size, seconds, response or error goes to
   RUN_DIR/llm_calls.jsonl; the run joins them with OpenEvolve's trace into llm_responses.jsonl.
 """
@@ -21,9 +23,10 @@ import re
 import time
 from pathlib import Path
 
+from ..evaluation.slots import evaluation_slot
 from ..program.blocks import BlockError, names_defined_in, split_blocks
 from ..reporting import notebook
-from ..rundir import LLM_CALLS
+from ..rundir import LLM_CALLS, LLM_SLOT
 from . import block_answers
 from .llm_usage import TokenMeter, added, call_tokens
 
@@ -192,6 +195,7 @@ class LLMClient:
         notebook: bool = True,
         answer="diff",
         max_llm_tokens: int | None = None,
+        one_call_at_a_time: bool = False,
     ):
         self.model = model_cfg.name
         self.api_base, self.api_key = model_cfg.api_base, model_cfg.api_key or "none"
@@ -203,6 +207,8 @@ class LLMClient:
         self.meter = TokenMeter(Path(run_dir)) if run_dir and max_llm_tokens else None
         self.last_usage = None
         self._client = None
+        # a local server's calls take turns (one slot in the run folder, shared by OpenEvolve's workers)
+        self.turns = str(Path(run_dir) / LLM_SLOT) if one_call_at_a_time and run_dir else None
 
     def _openai(self):
         import openai
@@ -253,6 +259,8 @@ class LLMClient:
         messages, parent, block = self._prepared(messages)
         request = [{"role": "system", "content": system_message}, *messages]
         chars = sum(len(m["content"]) for m in request)
+        turn, queued = evaluation_slot(self.turns, 1), time.monotonic()
+        await asyncio.to_thread(turn.__enter__)  # waits for the server's previous call, off the event loop
         start, response, error, tokens, raw = time.monotonic(), None, None, None, []
         try:
             for _ in range(block_answers.RETRIES + 1 if block else 1):
@@ -270,6 +278,7 @@ class LLMClient:
         except Exception as e:
             error = describe_failure(e, self.timeout)
         finally:
+            turn.__exit__(None, None, None)
             self._record(
                 dict(
                     time=time.time(),
@@ -277,6 +286,7 @@ class LLMClient:
                     prompt_chars=chars,
                     **(tokens or dict(prompt_tokens=None, completion_tokens=None, tokens_estimated=None)),
                     seconds=round(time.monotonic() - start, 2),
+                    waited_seconds=round(start - queued, 2),  # for the local server's previous call
                     response=response,
                     error=error,
                     **(dict(answer="block", block=block, raw_responses=raw) if block else {}),
@@ -292,12 +302,16 @@ class LLMClient:
                 f.write(json.dumps(call) + "\n")
 
 
-def llm_client(model_cfg, run_dir=None, compact=False, notebook=True, answer="diff", max_llm_tokens=None):
+def llm_client(
+    model_cfg, run_dir=None, compact=False, notebook=True, answer="diff", max_llm_tokens=None, one_call_at_a_time=False
+):
     """OpenEvolve's init_client hook (a module-level function: `functools.partial` of it pickles)."""
-    return LLMClient(model_cfg, run_dir, compact, notebook, answer, max_llm_tokens)
+    return LLMClient(model_cfg, run_dir, compact, notebook, answer, max_llm_tokens, one_call_at_a_time)
 
 
-def client_factory(run_dir: Path, compact: bool, notebook=True, answer="diff", max_llm_tokens=None):
+def client_factory(
+    run_dir: Path, compact: bool, notebook=True, answer="diff", max_llm_tokens=None, one_call_at_a_time=False
+):
     return functools.partial(
         llm_client,
         run_dir=str(run_dir),
@@ -305,4 +319,5 @@ def client_factory(run_dir: Path, compact: bool, notebook=True, answer="diff", m
         notebook=notebook,
         answer=answer,
         max_llm_tokens=max_llm_tokens,
+        one_call_at_a_time=one_call_at_a_time,
     )

@@ -14,6 +14,10 @@ from .progress import say
 from .run_config import RunError
 
 LOCAL_TIMEOUT = 900.0  # seconds: a CPU server reads a 3,000-token prompt in ~3 min and writes ~5 tokens/s
+# An answer's tokens from a local server: the largest EVOLVE-BLOCK is ~470 tokens, so a diff that rewrites
+# it (SEARCH and REPLACE) or a whole-block answer fits. Measured: with OpenEvolve's 4096, a small model
+# that rambled wrote for ~800 s at 5 tokens/s, and the calls queued behind it timed out.
+LOCAL_MAX_TOKENS = 1200
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ def choose_llm(
         base,
         models,
         f"{mode} LLM at {base} ({'compact' if compact else 'full'} prompts{', no notebook' * (not notebook)}, "
-        f"{'whole-block' if answer == 'block' else 'SEARCH/REPLACE'} answers, {timeout:.0f} s per call)",
+        f"{'whole-block' if answer == 'block' else 'SEARCH/REPLACE'} answers, {timeout:.0f} s per call"
+        f"{f', at most {LOCAL_MAX_TOKENS:,} tokens an answer, one call at a time' * (mode == 'local')})",
         compact,
         timeout,
         notebook,
@@ -170,6 +175,9 @@ def configure_llm(config, choice: LLMChoice, run_dir: Path):
         config.llm.models[0].init_client = offline_client
     else:
         template = config.llm.models[0]
+        if choice.mode == "local":
+            cap = min(template.max_tokens or LOCAL_MAX_TOKENS, LOCAL_MAX_TOKENS)
+            template = dataclasses.replace(template, max_tokens=cap)
         config.llm.models = [
             dataclasses.replace(
                 template, name=name, api_base=choice.api_base, weight=1.0, timeout=choice.timeout, retries=0
@@ -181,6 +189,6 @@ def configure_llm(config, choice: LLMChoice, run_dir: Path):
                 m.api_key = os.environ.get("OPENAI_API_KEY") or "local"  # llama.cpp and friends ignore it
             # one attempt per call, every call recorded, the notebook in every prompt
             m.init_client = client_factory(
-                run_dir, choice.compact, choice.notebook, choice.answer, choice.max_llm_tokens
+                run_dir, choice.compact, choice.notebook, choice.answer, choice.max_llm_tokens, choice.mode == "local"
             )
     config.llm.evaluator_models = list(config.llm.models)
