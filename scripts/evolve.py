@@ -49,8 +49,9 @@ def add_llm_options(parser):
     parser.add_argument(
         "--answer",
         choices=["diff", "block"],
-        help="diff: SEARCH/REPLACE edits (default); block: the LLM rewrites the block the prompt's focus "
-        "names in full, and the edit is built from it (a block that does not parse is sent back once)",
+        help="diff: SEARCH/REPLACE edits (the default with --llm api); block: the LLM rewrites the block the "
+        "prompt's focus names in full, and the edit is built from it (a block that does not parse is sent back "
+        "once; the default with --llm local)",
     )
     parser.add_argument(
         "--max-llm-tokens",

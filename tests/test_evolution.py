@@ -230,7 +230,8 @@ def evolve_against(server, *args, ledger):
     """evolve.py with --llm local against `server` (a fake LLM: no real one runs in the tests), then
     the server closed whatever happened."""
     try:
-        return evolve("--llm", "local", "--api-base", server.url, "--model", "fake-llm", *args, ledger=ledger)
+        local = ("--llm", "local", "--api-base", server.url, "--model", "fake-llm")
+        return evolve(*local, "--answer", "diff", *args, ledger=ledger)  # the fake's diffs, unless args say block
     finally:
         server.close()
 
@@ -562,7 +563,7 @@ def test_the_llm_writes_the_next_child_while_the_slot_trains_and_no_two_training
     server = FakeLLMServer(reply_seconds=4.0)  # a slow LLM; a smoke training takes longer still here
     began = time.time()
     run = evolve(
-        *("--llm", "local", "--api-base", server.url, "--model", "fake-llm"),
+        *("--llm", "local", "--api-base", server.url, "--model", "fake-llm", "--answer", "diff"),
         *("--iterations", "3", "--seeds", "42", "--output", str(tmp_path / "run")),
         ledger=str(ledger),
         env=dict(PLASA_PARALLEL="1"),  # one evaluation slot; one proposal ahead (the default with an LLM)

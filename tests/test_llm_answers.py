@@ -9,13 +9,15 @@ from fake_llm_server import FakeLLMServer, asked_block, block_reply
 from openevolve.config import LLMModelConfig
 from openevolve.utils.code_utils import apply_diff_blocks, extract_diffs
 
-from plasa_lab import INITIAL_PROGRAM
+from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.program.blocks import split_blocks
 from plasa_lab.program.checks import integrity_violation, static_violation
 from plasa_lab.rundir import LLM_CALLS
 from plasa_lab.search.block_answers import BlockRefused, block_prompt, focus_block, read_block
 from plasa_lab.search.llm_client import LLMClient, LLMError, outcome_of
+from plasa_lab.search.llm_setup import LOCAL_MAX_TOKENS, choose_llm, configure_llm
 from plasa_lab.search.llm_usage import TokenMeter
+from plasa_lab.search.run_config import load_config
 
 PARENT = INITIAL_PROGRAM.read_text()
 FOCUS = {
@@ -162,3 +164,24 @@ def test_the_token_meter_reads_only_new_whole_lines(tmp_path):
     with open(path, "a") as f:
         f.write('ens": 1, "completion_tokens": 2}\n' + json.dumps(dict(prompt_tokens=None, error="HTTP 500")) + "\n")
     assert meter.update().total == 18 and meter.calls == 2
+
+
+def test_a_local_server_answers_in_whole_blocks_and_an_api_in_diffs_unless_told_otherwise(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    config, _ = load_config(PROJECT_ROOT / "config.yaml")
+    local = choose_llm("local", "http://127.0.0.1:1/v1", "m", config)
+    assert local.answer == "block" and "whole-block answers" in local.note and "one call at a time" in local.note
+    assert choose_llm("api", None, "m", config).answer == "diff"
+    assert choose_llm("local", "http://127.0.0.1:1/v1", "m", config, answer="diff").answer == "diff"
+
+
+def test_a_local_servers_answers_are_capped_so_a_rambling_one_ends_within_its_call(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    config, _ = load_config(PROJECT_ROOT / "config.yaml")
+    assert config.llm.models[0].max_tokens > LOCAL_MAX_TOKENS  # the config's, for API models
+    configure_llm(config, choose_llm("local", "http://127.0.0.1:1/v1", "m", config), tmp_path)
+    assert [m.max_tokens for m in config.llm.models] == [LOCAL_MAX_TOKENS]
+    api, _ = load_config(PROJECT_ROOT / "config.yaml")
+    configured = api.llm.models[0].max_tokens
+    configure_llm(api, choose_llm("api", None, None, api), tmp_path)
+    assert {m.max_tokens for m in api.llm.models} == {configured}

@@ -70,7 +70,9 @@ def choose_llm(
     models = [model] if model else [m.name for m in config.llm.models]
     compact = (prompt or ("compact" if mode == "local" else "full")) == "compact"
     timeout = LOCAL_TIMEOUT if mode == "local" else float(config.llm.timeout or 180)
-    answer = answer or "diff"  # block answers are unmeasured: diff stays the default everywhere
+    # a small local model rewrote a named block whole far more often than it wrote a diff that applied
+    # (docs/llm.md, "Whole-block answers"); an API model keeps SEARCH/REPLACE, which costs fewer tokens
+    answer = answer or ("block" if mode == "local" else "diff")
     return LLMChoice(
         mode,
         base,
