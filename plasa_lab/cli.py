@@ -59,11 +59,10 @@ def benchmark_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("PLASA_") or k in MACHINE_SETTINGS}
 
 
-def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline"), ledger=None, check=True):
+def run_evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline"), ledger=None) -> int:
     """A benchmark's run of scripts/evolve.py in run_dir, resumed where it stopped, with its own ledger
     (or the given one); the machine's settings kept (MACHINE_SETTINGS), every other PLASA_ setting the
-    benchmark's (and no API key where the run needs none). Returns run_dir; fail()s when the run does
-    not end well, unless check is False: then it returns the run's exit code."""
+    benchmark's (and no API key where the run needs none). Returns the run's exit code."""
     env = benchmark_env()
     if "offline" in llm:
         env.pop("OPENAI_API_KEY", None)
@@ -72,9 +71,12 @@ def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm
     command = [sys.executable, "scripts/evolve.py", "--profile", profile, "--iterations", str(iterations)]
     command += [*llm, "--seeds", seeds, "--output", str(run_dir), *resume]
     print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
-    if not check:
-        return done.returncode
-    if done.returncode != 0:
-        fail(f"the {Path(run_dir).name} run exited with {done.returncode}")
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env).returncode
+
+
+def evolve(run_dir: Path, profile: str, iterations: int, seeds: str, llm=("--llm", "offline")) -> Path:
+    """run_evolve with the run's own ledger; run_dir, or fail() when the run does not end well."""
+    code = run_evolve(run_dir, profile, iterations, seeds, llm)
+    if code != 0:
+        fail(f"the {Path(run_dir).name} run exited with {code}")
     return Path(run_dir)

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from plasa_lab import PROJECT_ROOT
-from plasa_lab.cli import evolve, fail
+from plasa_lab.cli import fail, run_evolve
 from plasa_lab.evaluation.ledger import code_key
 from plasa_lab.rundir import LLM_OUTCOMES, LLM_RESPONSES, TRACE, read_jsonl
 from plasa_lab.util import atomic_write, one_line
@@ -52,7 +52,7 @@ def run_in_format(args, run_dir: Path, answer: str) -> int:
     formats share one ledger: the initial program's evaluation is paid once."""
     llm = ["--llm", "local", "--api-base", args.api_base, "--model", args.model]
     llm += ["--prompt", args.prompt, "--answer", answer]
-    return evolve(run_dir, args.profile, args.iterations, "42", llm, ledger=args.out / "ledger.sqlite", check=False)
+    return run_evolve(run_dir, args.profile, args.iterations, "42", llm, ledger=args.out / "ledger.sqlite")
 
 
 def why_not(response: dict, novel_iterations: set) -> str | None:

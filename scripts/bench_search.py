@@ -126,11 +126,11 @@ def run_arm(args, arm: str, evolve_args: list[str]) -> dict:
         screens=sum(1 for r in evaluations if r["stage"] == 2 and r["profile"] != args.profile),
         hours=sum(r["seconds"] for r in evaluations) / 3600,  # what the arm's evaluations cost, every stage
         children=children,
-        busy=busy_shares(record),
+        busy=run_busy_shares(record),
     )
 
 
-def busy_shares(record: dict) -> dict:
+def run_busy_shares(record: dict) -> dict:
     """Each resource's busy share over the run's sessions (weighted by their wall time), from run.json's
     time_accounting: the evaluation slots and the LLM (None: no session recorded it). In a session with
     LLM calls, from its first proposal on: before it the LLM check and the initial program's seeds keep

@@ -583,7 +583,8 @@ def test_the_llm_writes_the_next_child_while_the_slot_trains_and_no_two_training
     # a local server's calls take turns: the two iterations in flight at the start did not call at once,
     # and a call's seconds (and its timeout) are its own answer's, not the wait before it
     assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(calls, calls[1:])), calls
-    assert max(c["waited_seconds"] for c in records) > 1.0 and all(c["seconds"] < 30 for c in records)
+    assert max(c["waited_seconds"] for c in records) > 1.0  # 4 s an answer: counting the wait would make 8 s
+    assert all(c["seconds"] < 7.0 for c in records), records
     # the slot: no two trainings at once, though two iterations were in flight
     assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(sorted(trainings), sorted(trainings)[1:]))
     # the overlap: the LLM was busy while a child trained (a call may straddle a child's two stages,

@@ -371,6 +371,11 @@ def settings_sections(view: RunView) -> list[tuple[str, list[list[str]]]]:
     return sections
 
 
+def _percent(shares: dict, key: str) -> str:
+    """A recorded share as a percentage ("?" where the record lacks it)."""
+    return f"{shares[key]:.0%}" if isinstance(shares.get(key), (int, float)) else "?"
+
+
 def time_lines(view: RunView) -> list[str]:
     """Per session: its wall time, the evaluation slots' shares, and the confirmations' share."""
     lines = []
@@ -378,27 +383,25 @@ def time_lines(view: RunView) -> list[str]:
         if not isinstance(t, dict):
             continue
         if isinstance(busy := t.get("busy"), dict):  # each resource's busy share (runs with proposals ahead)
-            share = lambda k, busy=busy: f"{busy[k]:.0%}" if isinstance(busy.get(k), (int, float)) else "?"
             lines.append(
                 f"session {i}: {fmt(t.get('wall_seconds'), 'seconds')} s wall; {t.get('parallel', '?')} evaluation "
-                f"slots busy {share('evaluation_slots')} ({fmt(t.get('evaluation_seconds'), 'seconds')} s training, "
-                f"at most {t.get('most_trainings_at_once', '?')} at once); the LLM busy {share('llm')} "
+                f"slots busy {_percent(busy, 'evaluation_slots')} "
+                f"({fmt(t.get('evaluation_seconds'), 'seconds')} s training, "
+                f"at most {t.get('most_trainings_at_once', '?')} at once); the LLM busy {_percent(busy, 'llm')} "
                 f"({fmt(t.get('llm_seconds'), 'seconds')} s); {t.get('proposals_ahead', '?')} proposal(s) ahead"
             )
             if isinstance(after := t.get("busy_after_first_proposal"), dict):
-                share = lambda k, busy=after: f"{busy[k]:.0%}" if isinstance(busy.get(k), (int, float)) else "?"
                 lines[-1] += (
                     f"; from the first proposal on ({fmt(t.get('seconds_after_first_proposal'), 'seconds')} s): "
-                    f"slots busy {share('evaluation_slots')}, the LLM busy {share('llm')}"
+                    f"slots busy {_percent(after, 'evaluation_slots')}, the LLM busy {_percent(after, 'llm')}"
                 )
             continue
         shares = t.get("shares") if isinstance(t.get("shares"), dict) else {}  # a run from before: shares of the slots
-        share = lambda k, shares=shares: f"{shares[k]:.0%}" if isinstance(shares.get(k), (int, float)) else "?"
         lines.append(
             f"session {i}: {fmt(t.get('wall_seconds'), 'seconds')} s wall, {t.get('parallel', '?')} evaluation slots: "
-            f"waiting on the LLM {share('llm')} ({fmt(t.get('llm_seconds'), 'seconds')} s), evaluating "
-            f"{share('evaluations')} ({fmt(t.get('evaluation_seconds'), 'seconds')} s), idle or OpenEvolve's own "
-            f"work {share('idle_or_other')}"
+            f"waiting on the LLM {_percent(shares, 'llm')} ({fmt(t.get('llm_seconds'), 'seconds')} s), evaluating "
+            f"{_percent(shares, 'evaluations')} ({fmt(t.get('evaluation_seconds'), 'seconds')} s), "
+            f"idle or OpenEvolve's own work {_percent(shares, 'idle_or_other')}"
         )
     c = view.record.get("confirmation")
     if isinstance(c, dict) and isinstance(c.get("share"), (int, float)):

@@ -73,13 +73,13 @@ def choose_llm(
     # a small local model rewrote a named block whole far more often than it wrote a diff that applied
     # (docs/llm.md, "Whole-block answers"); an API model keeps SEARCH/REPLACE, which costs fewer tokens
     answer = answer or ("block" if mode == "local" else "diff")
+    local_limits = f", at most {LOCAL_MAX_TOKENS:,} tokens an answer, one call at a time" if mode == "local" else ""
     return LLMChoice(
         mode,
         base,
         models,
         f"{mode} LLM at {base} ({'compact' if compact else 'full'} prompts{', no notebook' * (not notebook)}, "
-        f"{'whole-block' if answer == 'block' else 'SEARCH/REPLACE'} answers, {timeout:.0f} s per call"
-        f"{f', at most {LOCAL_MAX_TOKENS:,} tokens an answer, one call at a time' * (mode == 'local')})",
+        f"{'whole-block' if answer == 'block' else 'SEARCH/REPLACE'} answers, {timeout:.0f} s per call{local_limits})",
         compact,
         timeout,
         notebook,
