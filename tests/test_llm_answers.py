@@ -13,7 +13,7 @@ from plasa_lab import INITIAL_PROGRAM, PROJECT_ROOT
 from plasa_lab.program.blocks import split_blocks
 from plasa_lab.program.checks import integrity_violation, static_violation
 from plasa_lab.rundir import LLM_CALLS
-from plasa_lab.search.block_answers import BlockRefused, block_prompt, focus_block, read_block
+from plasa_lab.search.block_answers import BlockRefused, block_prompt, focus_block, read_block, unresolved_names
 from plasa_lab.search.llm_client import LLMClient, LLMError, outcome_of
 from plasa_lab.search.llm_setup import LOCAL_MAX_TOKENS, choose_llm, configure_llm
 from plasa_lab.search.llm_usage import TokenMeter
@@ -96,10 +96,22 @@ def test_a_block_that_does_not_parse_is_sent_back_with_one_line_and_a_fixed_one_
     first = []
     server = FakeLLMServer(reply=reply)
     answer = ask(server, tmp_path)
-    retry = server.requests[-1]["messages"]
-    assert len(server.requests) == 2 and retry[-2]["role"] == "assistant"
-    assert retry[-1]["content"].startswith("the block does not parse: ") and "\n" not in retry[-1]["content"]
+    assert len(server.requests) == 2
+    (reason,) = [line for line in server.requests[-1]["messages"][-1]["content"].split("\n") if "refused" in line]
+    assert reason.startswith("It was refused: the block does not parse: ")  # one line
     assert "# rewritten whole by the fake LLM" in bodies(child_of(answer))["topk_selector"]
+
+
+def test_a_retry_sends_the_block_the_refused_body_and_the_reason_not_the_whole_first_prompt_again(tmp_path):
+    server = FakeLLMServer(reply=lambda message: "```python\ndef select_topk(scores, k:\n    return scores\n```")
+    with pytest.raises(LLMError):
+        ask(server, tmp_path)
+    first, retry = (r["messages"] for r in server.requests)
+    assert retry[0] == first[0] and [m["role"] for m in retry] == ["system", "user"]
+    sent = retry[-1]["content"]
+    assert bodies(PARENT)["topk_selector"].rstrip() in sent and "def select_topk(scores, k:" in sent
+    assert "Return exactly one fenced python code block" in sent
+    assert len(sent) < len(first[-1]["content"]) / 2  # it fits wherever the first request fitted
 
 
 def test_a_block_still_bad_after_its_retry_is_an_iteration_with_no_child_and_a_one_line_error(tmp_path):
@@ -126,9 +138,33 @@ def test_a_block_answer_smuggling_a_marker_or_code_outside_the_block_is_refused(
     assert "fixed-names" in static_violation(child_of(edit), PARENT)
 
 
-def test_a_block_answer_that_changes_nothing_or_holds_no_code_is_refused():
+def test_a_block_answer_that_leaves_a_name_the_program_reads_undefined_is_refused_naming_it():
+    body = bodies(PARENT)["k_schedule"]
+    dropped = body.replace("DENSE_UNTIL = 1 / 3", "")  # as the local model answered three times
+    with pytest.raises(BlockRefused, match=r"would read DENSE_UNTIL, which nothing defines \(a NameError\)"):
+        read_block(f"```python\n{dropped}```", PARENT, "k_schedule")
+    invented = body.replace("k = seq_len // LATE_DIVISOR", "k = seq_len // LATE_DIVISOR // EXTRA")
+    with pytest.raises(BlockRefused, match="would read EXTRA"):
+        read_block(f"```python\n{invented}```", PARENT, "k_schedule")
+    renamed = dropped.replace("DENSE_UNTIL", "DENSE_BELOW") + "DENSE_BELOW = 0.3\n"  # defined in the block
+    assert "DENSE_BELOW = 0.3" in child_of(read_block(f"```python\n{renamed}```", PARENT, "k_schedule"))
+
+
+def test_unresolved_names_are_the_globals_read_anywhere_and_defined_nowhere():
+    code = (
+        "import math\nX = 1\nclass A:\n    y = Z\n"
+        "    def f(self):\n        return W + X + math.pi + len([q for q in R])\n"
+        "def g():\n    global NEW\n    NEW = 3\n    return lambda t: t + V + NEW + __name__\n"
+    )
+    assert unresolved_names(code) == {"Z", "W", "R", "V"}
+    assert unresolved_names(PARENT) == set()
+
+
+def test_a_block_answer_that_changes_nothing_holds_no_code_or_does_not_compile_is_refused():
     name, body = "topk_selector", bodies(PARENT)["topk_selector"]
-    for answer, reason in ((f"```python\n{body}```", "unchanged"), ("I would keep it.", "does not parse")):
+    refusals = (f"```python\n{body}```", "unchanged"), ("I would keep it.", "does not parse")
+    refusals += ((f"```python\n{body}nonlocal k\n```", "does not parse: nonlocal declaration"),)  # compile() refuses
+    for answer, reason in refusals:
         with pytest.raises(BlockRefused, match=reason):
             read_block(answer, PARENT, name)
 

@@ -5,16 +5,19 @@ A small model copies a SEARCH badly (a dropped blank line, a changed comment and
 nothing); asked for a whole block it only has to write code. The block is the one the prompt's
 focus names (`focus_block`); the prompt's answer format says exactly what to return
 (`block_prompt`); the answer is read (`read_block`): one fenced python block holding the block's
-new body, which must parse in place and may hold no EVOLVE-BLOCK marker. A refusal is one
-printable line the client sends back to the model once, within the same call.
+new body, which must parse in place, may hold no EVOLVE-BLOCK marker, and may leave no name the
+program reads undefined (a block rewritten without a constant the rest still reads would only fail
+its training with a NameError). A refusal is one printable line the client sends back to the model
+once, within the same call, in a short request of its own (`retry_prompt`).
 
 Nothing here widens what a child may be: the edit replaces the body of one block of the parent,
 and the child then meets the same static checks (the text outside the blocks unchanged, markers
 included) and the same judge as any other.
 """
 
-import ast
+import builtins
 import re
+import symtable
 
 from ..program.blocks import (
     BLOCK_END,
@@ -34,6 +37,9 @@ TASK = "# Task"
 ANSWER_FORMAT = "# Answer format"
 DIFF_TASK_SENTENCE = "Propose one concrete idea of your own in one or two sentences, then make exactly that change."
 BLOCK_TASK_SENTENCE = "Make one concrete change of your own; a comment in the block may say what it is."
+
+
+MODULE_NAMES = set(dir(builtins)) | {"__name__", "__file__", "__doc__", "__spec__", "__builtins__"}
 
 
 class BlockRefused(ValueError):
@@ -97,6 +103,39 @@ def _body_of(answer: str, name: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def retry_prompt(parent: str, name: str, answer: str, reason: str) -> str:
+    """The user message of a refused answer's retry: the block as the parent has it, the body the
+    model gave, the reason, and the answer format again. Blocks, not the whole first prompt with the
+    answer appended: a retry then fits wherever the first request fitted (a small local server's
+    context once overflowed on a retry that resent everything)."""
+    block = next(b for b in split_blocks(parent)[1] if b.name == name)
+    return (
+        f"You were asked to rewrite the EVOLVE-BLOCK named {name} of a program, whose body is now:\n"
+        f"```python\n{block.body.rstrip()}\n```\n\nYour answer gave this body:\n```python\n"
+        f"{_body_of(answer, name).rstrip()}\n```\n\nIt was refused: {reason}\n\n"
+        f"{ANSWER_FORMAT}\nReturn exactly one fenced python code block holding the whole corrected body of "
+        f"{name} (the two marker lines left out). Nothing else.\n"
+    )
+
+
+def unresolved_names(code: str) -> set[str]:
+    """The global names a program reads (at top level or in any function, class or lambda) that it
+    never defines (by assignment, def, class, import or a `global` declaration that assigns) and that
+    are not builtins: each a NameError waiting to happen. Raises SyntaxError."""
+    defined, read, tables = set(), set(), [symtable.symtable(code, "<program>", "exec")]
+    while tables:
+        table = tables.pop()
+        tables += table.get_children()
+        for symbol in table.get_symbols():
+            if table.get_type() == "module" and (symbol.is_assigned() or symbol.is_imported()):
+                defined.add(symbol.get_name())
+            if symbol.is_declared_global() and symbol.is_assigned():
+                defined.add(symbol.get_name())
+            if symbol.is_global() and symbol.is_referenced():
+                read.add(symbol.get_name())
+    return read - defined - MODULE_NAMES
+
+
 def read_block(answer: str, parent: str, name: str) -> str:
     """The SEARCH/REPLACE edit (the block's START marker and its parent body, then the marker and the
     new body) that a block answer means; BlockRefused with one line for the model when it means none."""
@@ -115,11 +154,15 @@ def read_block(answer: str, parent: str, name: str) -> str:
     bodies = [body if b is block else b.body for b in blocks]
     child = "".join(o + b for o, b in zip(outside, bodies)) + outside[-1]
     try:
-        ast.parse(child)
+        unresolved = unresolved_names(child)  # symtable parses it, and refuses what only compile() would
     except SyntaxError as e:
         line = (e.lineno or 0) - block.start - 1
         where = f"line {line} of the block" if 0 < line <= body.count("\n") else "the block"
         raise BlockRefused(one_line(f"the block does not parse: {e.msg} at {where}; fix it and answer again")) from None
+    if "import *" not in child and (missing := sorted(unresolved - unresolved_names(parent))):
+        names = ", ".join(missing[:5])
+        why = f"the program would read {names}, which nothing defines (a NameError)"
+        raise BlockRefused(one_line(f"{why}: define it in {name} or stop reading it"))
     start = program_lines(parent)[block.start]  # the parent's own marker line
     return (
         f"Rewrote the EVOLVE-BLOCK {name} in full.\n<<<<<<< SEARCH\n{start}\n{block.body.rstrip()}\n=======\n"

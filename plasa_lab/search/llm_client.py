@@ -274,7 +274,8 @@ class LLMClient:
                     break
                 except block_answers.BlockRefused as refused:  # told why, once, within the call
                     response, error = None, f"{BLOCK_REFUSED}: {refused}"
-                    request = [*request, dict(role="assistant", content=text), dict(role="user", content=str(refused))]
+                    retry = block_answers.retry_prompt(parent, block, text, str(refused))
+                    request = [request[0], dict(role="user", content=retry)]
         except Exception as e:
             error = describe_failure(e, self.timeout)
         finally:
