@@ -126,6 +126,20 @@ def test_a_block_still_bad_after_its_retry_is_an_iteration_with_no_child_and_a_o
     assert call["prompt_tokens"] == 2 and call["completion_tokens"] == 2  # both completions were paid for
 
 
+def test_a_diff_answer_that_gives_whole_blocks_instead_is_read_as_their_block_answers(tmp_path):
+    body = bodies(PARENT)["topk_selector"]
+    whole = f"Here it is:\n```python\n# EVOLVE-BLOCK-START topk_selector\n# keep fewer\n{body}# EVOLVE-BLOCK-END\n```\n"
+    answer = ask(FakeLLMServer(reply=lambda message: whole), tmp_path, answer="diff")
+    child = child_of(answer)
+    assert integrity_violation(child, PARENT) is None and bodies(child)["topk_selector"] == f"# keep fewer\n{body}"
+    assert {n for n, b in bodies(child).items() if b != bodies(PARENT)[n]} == {"topk_selector"}
+    (call,) = calls(tmp_path)
+    assert call["response"] == answer and call["raw_responses"] == [whole] and "block" not in call
+    # a fence without a block's marker, or an answer with SEARCH/REPLACE, is left as the model gave it
+    for untouched in (f"```python\n# keep fewer\n{body}```", f"<<<<<<< SEARCH\n{whole}"):
+        assert ask(FakeLLMServer(reply=lambda message, u=untouched: u), tmp_path, answer="diff") == untouched
+
+
 def test_a_block_answer_smuggling_a_marker_or_code_outside_the_block_is_refused():
     name, body = asked_block(block_prompt(prompt(), "topk_selector"))
     smuggled = f"{body}# EVOLVE-BLOCK-END\nFFN_HIDDEN = 4096\n# EVOLVE-BLOCK-START topk_selector\n"

@@ -103,6 +103,28 @@ def _body_of(answer: str, name: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def blocks_in_diff_answer(answer: str, parent: str) -> str | None:
+    """The edit a diff answer means when it holds no SEARCH/REPLACE but whole blocks instead: each
+    fence whose first line is a parent block's START marker, read as a block answer (a small model
+    asked for diffs answered so in 6 of 12 responses); refused ones left out. None when none is read."""
+    if "<<<<<<< SEARCH" in answer:
+        return None
+    try:
+        names = {b.name for b in split_blocks(parent)[1]}
+    except BlockError:
+        return None
+    edits = []
+    for fence in FENCE.findall(answer):
+        first = fence.split("\n", 1)[0].strip()
+        name = first[len(BLOCK_START) :].strip() if first.startswith(BLOCK_START) else None
+        if name in names:
+            try:
+                edits.append(read_block(f"```python\n{fence}```", parent, name))
+            except BlockRefused:
+                continue
+    return "".join(edits) or None
+
+
 def retry_prompt(parent: str, name: str, answer: str, reason: str) -> str:
     """The user message of a refused answer's retry: the block as the parent has it, the body the
     model gave, the reason, and the answer format again. Blocks, not the whole first prompt with the

@@ -224,8 +224,8 @@ class LLMClient:
         compacted, the notebook added, and for block answers the answer format naming the block."""
         messages = [dict(m) for m in messages]
         user = messages[-1]["content"] if messages and messages[-1].get("role") == "user" else None
-        parent = current_program(user) if user and self.answer == "block" else None
-        block = block_answers.focus_block(user, parent) if parent else None
+        parent = current_program(user) if user else None
+        block = block_answers.focus_block(user, parent) if parent and self.answer == "block" else None
         if self.compact:
             for m in messages:
                 if m.get("role") == "user":
@@ -266,7 +266,9 @@ class LLMClient:
             for _ in range(block_answers.RETRIES + 1 if block else 1):
                 text, used = await self._complete(request, **kwargs)
                 tokens, response, error = added(tokens, used), text, None
-                if block is None:
+                if block is None:  # a diff answer; whole blocks given in its place are read as block answers
+                    if parent and (edit := block_answers.blocks_in_diff_answer(text, parent)):
+                        raw, response = [text], edit
                     break
                 raw.append(text)
                 try:
@@ -290,7 +292,8 @@ class LLMClient:
                     waited_seconds=round(start - queued, 2),  # for the local server's previous call
                     response=response,
                     error=error,
-                    **(dict(answer="block", block=block, raw_responses=raw) if block else {}),
+                    **(dict(answer="block", block=block) if block else {}),
+                    **(dict(raw_responses=raw) if raw else {}),
                 )
             )
         if error:
