@@ -608,15 +608,22 @@ def test_the_llm_writes_the_next_child_while_the_slot_trains_and_no_two_training
 
 
 def test_block_answers_drive_a_run_whose_child_differs_from_its_parent_only_in_the_named_block(tmp_path, shared_ledger):
-    server = FakeLLMServer(reply=block_reply)  # a comment added: the ledger answers the child, no training
+    answered = []  # the start-up check, then one block with a comment added (the ledger answers it), then none
+
+    def reply(prompt):
+        answered.append(prompt)
+        return block_reply(prompt) if len(answered) <= 2 else "I would keep it."
+
+    server = FakeLLMServer(reply=reply)
     run = evolve_against(
         server,
-        *("--answer", "block", "--iterations", "1", "--seeds", "42", "--output", str(tmp_path / "run")),
+        *("--answer", "block", "--iterations", "3", "--seeds", "42", "--output", str(tmp_path / "run")),
         ledger=shared_ledger,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: iteration 3 of 3; 1 of 1 children passed" in run.stderr  # the last one left no program
     assert json.loads((tmp_path / "run" / "run.json").read_text())["llm"]["answer"] == "block"
-    asked = re.search(r"Rewrite the EVOLVE-BLOCK named (\w+)", server.requests[-1]["messages"][-1]["content"])[1]
+    asked = re.search(r"Rewrite the EVOLVE-BLOCK named (\w+)", server.requests[1]["messages"][-1]["content"])[1]
     (child,) = read_jsonl(tmp_path / "run" / "evolution_trace.jsonl")
     assert static_violation(child["child_code"], SOURCE) is None
     mine, theirs = split_blocks(child["child_code"])[1], split_blocks(SOURCE)[1]

@@ -107,7 +107,8 @@ def search(plan: RunPlan, start: RunStart, stops: RunStops) -> int:
         return _stop_with_a_checkpoint(controller, plan, stops, reached)
     if stops.reason and stops.failure:  # OpenEvolve ran out of iterations before the stop reached it
         failed = f"{stops.reason}; fix the LLM, then: {resume_line(plan.run_dir).removeprefix('Resume with: ')}"
-    _say_the_outcome(plan, reached, Best(best_metrics, best.initial_losses), failed)
+    last_run = max(finished | {reached})  # the last iteration run, whether or not it left a program
+    _say_the_outcome(plan, last_run, Best(best_metrics, best.initial_losses), failed)
     say(time_line)
     if tokens_line:
         say(tokens_line)
@@ -167,7 +168,7 @@ def _stop_with_a_checkpoint(controller, plan: RunPlan, stops: RunStops, reached:
         return STOPPED_EXIT
 
 
-def _say_the_outcome(plan: RunPlan, reached: int, best: Best, failed: str | None):
+def _say_the_outcome(plan: RunPlan, last_run: int, best: Best, failed: str | None):
     """The run's last word: how many children passed and the best, or RunError when none passed."""
     children = read_jsonl(plan.run_dir / TRACE)
     passed = [r for r in children if child_ppl(r.get("child_metrics")) is not None]
@@ -180,7 +181,7 @@ def _say_the_outcome(plan: RunPlan, reached: int, best: Best, failed: str | None
             + (f"; last failure: {last}" if last else "")
         )
     say(
-        f"done: iteration {reached} of {plan.total}; {len(passed)} of {len(children)} children passed; "
+        f"done: iteration {last_run} of {plan.total}; {len(passed)} of {len(children)} children passed; "
         f"{best.describe()} ({plan.run_dir / rundir.BEST_PROGRAM})"
     )
 
