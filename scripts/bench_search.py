@@ -96,7 +96,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
 
     initial = Candidate("initial", "initial", INITIAL_PROGRAM.read_text(), "initial_program.py")
-    rows = []
+    rows = rows_written_before(args, replay_seeds, chosen)  # arms run earlier into OUT keep their rows
     for arm in chosen:  # each arm's row is written as soon as its run and replay are done
         run = run_arm(args, arm, available[arm])
         best = Candidate(arm, "program", run["program"].read_text(), str(run["program"]))
@@ -169,6 +169,22 @@ def arm_row(arm: str, run: dict, replayed: dict, initial: dict, best_is_initial:
         slots_busy=run["busy"]["evaluation_slots"],
         llm_busy=run["busy"]["llm"],
     )
+
+
+def rows_written_before(args, replay_seeds: list[int], chosen: list[str]) -> list[dict]:
+    """The rows OUT/bench_search.json holds for arms not run now, when it was written for the same
+    profile, children and replay seeds: a benchmark run one arm at a time builds one table."""
+    try:
+        before = json.loads((args.out / "bench_search.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if [before.get(k) for k in ("profile", "iterations", "replay_seeds")] != [
+        args.profile,
+        args.iterations,
+        replay_seeds,
+    ]:
+        return []
+    return [r for r in before.get("arms", []) if r.get("arm") not in chosen]
 
 
 def write_table(args, replay_seeds: list[int], rows: list[dict]) -> tuple[list[str], str]:

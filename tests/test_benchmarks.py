@@ -93,6 +93,20 @@ def test_the_search_benchmark_runs_an_arm_then_replays_its_best_on_seeds_no_run_
     assert arm["stage2_trainings"] >= 3  # the initial program on 42, 43, 44 (and the child, if it passed stage 1)
     assert 0 < arm["slots_busy"] <= 1 and arm["llm_busy"] == 0  # the offline mutator makes no LLM call
 
+    # an arm run before into the same folder (here the same row under another name) keeps its row
+    summary = json.loads((out / "bench_search.json").read_text())
+    (out / "bench_search.json").write_text(json.dumps(summary | {"arms": [arm | {"arm": "llm"}]}))
+    again = subprocess.run(
+        [*command, "--replay-seeds", "101,102", "--out", str(out), "--arms", "offline"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["arm"] for r in json.loads((out / "bench_search.json").read_text())["arms"]] == ["llm", "offline"]
+    assert sum(line.startswith(("| llm", "| offline")) for line in again.stdout.splitlines()) == 2
+
 
 def test_the_llm_benchmark_compares_answer_formats_and_says_why_each_response_failed(tmp_path):
     import shutil
