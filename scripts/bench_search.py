@@ -132,13 +132,17 @@ def run_arm(args, arm: str, evolve_args: list[str]) -> dict:
 
 def run_busy_shares(record: dict) -> dict:
     """Each resource's busy share over the run's sessions (weighted by their wall time), from run.json's
-    time_accounting: the evaluation slots and the LLM (None: no session recorded it). In a session with
-    LLM calls, from its first proposal on: before it the LLM check and the initial program's seeds keep
-    the LLM idle by design."""
+    time_accounting: the evaluation slots and the LLM (None: no session recorded it). In a run with LLM
+    calls, from each session's first proposal on (a session stopped before its first has none): before
+    it the LLM check and the initial program's seeds keep the LLM idle by design."""
     shares, weights = {"evaluation_slots": 0.0, "llm": 0.0}, 0.0
-    for t in record.get("time_accounting") or []:
+    sessions = [t for t in record.get("time_accounting") or [] if isinstance(t, dict)]
+    llm_run = any(t.get("busy_after_first_proposal") for t in sessions)
+    for t in sessions:
         after = t.get("busy_after_first_proposal")
-        busy, wall = (after, t["seconds_after_first_proposal"]) if after else (t.get("busy"), t.get("wall_seconds"))
+        busy, wall = (
+            (after, t.get("seconds_after_first_proposal")) if llm_run else (t.get("busy"), t.get("wall_seconds"))
+        )
         if isinstance(busy, dict) and wall:
             weights += wall
             for resource in shares:

@@ -38,6 +38,19 @@ def test_the_search_benchmark_pairs_by_seed_as_a_paired_t_test_does():
     assert change == pytest.approx(sum(losses[s] - reference[s] for s in seeds) / 5)
 
 
+def test_the_search_benchmarks_busy_shares_weigh_sessions_and_count_an_llm_run_from_each_first_proposal():
+    shares = script("bench_search").run_busy_shares
+    stopped = {"wall_seconds": 108, "busy": {"llm": 0.0, "evaluation_slots": 0.0}}  # stopped in its LLM check
+    resumed = {
+        **{"wall_seconds": 1575, "busy": {"llm": 0.9, "evaluation_slots": 0.08}},
+        **{"seconds_after_first_proposal": 1000, "busy_after_first_proposal": {"llm": 1.0, "evaluation_slots": 0.1}},
+    }
+    assert shares({"time_accounting": [stopped, resumed]}) == {"llm": 1.0, "evaluation_slots": 0.1}
+    offline = [{"wall_seconds": 100, "busy": {"evaluation_slots": 1.0}}, stopped]  # no proposal: whole sessions
+    assert shares({"time_accounting": offline}) == {"evaluation_slots": pytest.approx(100 / 208), "llm": 0.0}
+    assert shares({}) == {"evaluation_slots": None, "llm": None}
+
+
 def test_the_search_benchmark_takes_an_arms_best_from_its_newest_checkpoint(tmp_path):
     """A run stopped early and rerun with --iterations at what it had done is replayed as it stands:
     the best and the children count of the newest complete checkpoint, not of an older one."""
