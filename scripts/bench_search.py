@@ -182,11 +182,8 @@ def rows_written_before(args, replay_seeds: list[int], chosen: list[str]) -> lis
         before = json.loads((args.out / "bench_search.json").read_text())
     except (OSError, ValueError):
         return []
-    if [before.get(k) for k in ("profile", "iterations", "replay_seeds")] != [
-        args.profile,
-        args.iterations,
-        replay_seeds,
-    ]:
+    written_for = (before.get("profile"), before.get("iterations"), before.get("replay_seeds"))
+    if written_for != (args.profile, args.iterations, replay_seeds):
         return []
     return [r for r in before.get("arms", []) if r.get("arm") not in chosen]
 

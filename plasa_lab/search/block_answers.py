@@ -8,7 +8,8 @@ focus names (`focus_block`); the prompt's answer format says exactly what to ret
 new body, which must parse in place, may hold no EVOLVE-BLOCK marker, and may leave no name the
 program reads undefined (a block rewritten without a constant the rest still reads would only fail
 its training with a NameError). A refusal is one printable line the client sends back to the model
-once, within the same call, in a short request of its own (`retry_prompt`).
+once, within the same call, in a short request of its own (`retry_prompt`). A diff answer that
+gives whole blocks instead of SEARCH/REPLACE is read the same way (`blocks_in_diff_answer`).
 
 Nothing here widens what a child may be: the edit replaces the body of one block of the parent,
 and the child then meets the same static checks (the text outside the blocks unchanged, markers
