@@ -140,6 +140,18 @@ def test_a_diff_answer_that_gives_whole_blocks_instead_is_read_as_their_block_an
         assert ask(FakeLLMServer(reply=lambda message, u=untouched: u), tmp_path, answer="diff") == untouched
 
 
+def test_a_block_answer_is_read_with_its_marker_lines_or_without_its_closing_fence():
+    body = bodies(PARENT)["k_schedule"].replace("DENSE_UNTIL = 1 / 3", "DENSE_UNTIL = 0.5")
+    answers = (
+        f"```python\n# EVOLVE-BLOCK-START k_schedule\n{body}# EVOLVE-BLOCK-END k_schedule\n```",  # as answered
+        f"```python\n{body}",  # cut before its closing fence
+    )
+    for answer in answers:
+        assert bodies(child_of(read_block(answer, PARENT, "k_schedule")))["k_schedule"].strip() == body.strip()
+    with pytest.raises(BlockRefused, match="may hold no EVOLVE-BLOCK marker"):  # another block's START stays
+        read_block(f"```python\n# EVOLVE-BLOCK-START topk_selector\n{body}```", PARENT, "k_schedule")
+
+
 def test_a_block_answer_smuggling_a_marker_or_code_outside_the_block_is_refused():
     name, body = asked_block(block_prompt(prompt(), "topk_selector"))
     smuggled = f"{body}# EVOLVE-BLOCK-END\nFFN_HIDDEN = 4096\n# EVOLVE-BLOCK-START topk_selector\n"

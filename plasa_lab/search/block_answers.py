@@ -34,6 +34,7 @@ from ..util import one_line
 ANSWER_FORMATS = ("diff", "block")
 RETRIES = 1  # a refused block is answered once with the reason, within the same call
 FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)```", re.DOTALL)
+OPENING_FENCE = re.compile(r"\A\s*```[\w+-]*[ \t]*\n")  # of an answer cut before its closing fence
 TASK = "# Task"
 ANSWER_FORMAT = "# Answer format"
 DIFF_TASK_SENTENCE = "Propose one concrete idea of your own in one or two sentences, then make exactly that change."
@@ -93,13 +94,14 @@ def block_prompt(user: str, name: str) -> str:
 
 def _body_of(answer: str, name: str) -> str:
     """The new body an answer gives: its one fenced block (the longest of several), else the whole
-    answer; a START marker of the block on its first line and an END marker on its last dropped."""
+    answer (an opening fence that was never closed left out); a START marker of the block on its
+    first line and an END marker on its last (`# EVOLVE-BLOCK-END k_schedule` too) dropped."""
     fences = FENCE.findall(answer)
-    text = max(fences, key=len) if fences else answer
+    text = max(fences, key=len) if fences else OPENING_FENCE.sub("", answer, count=1)
     lines = text.strip("\n").split("\n")
-    if lines and lines[0].strip() == f"{BLOCK_START} {name}":
+    if lines and lines[0].split() == [*BLOCK_START.split(), name]:
         lines = lines[1:]
-    if lines and lines[-1].strip() == BLOCK_END:
+    if lines and lines[-1].split()[:2] == BLOCK_END.split():
         lines = lines[:-1]
     return "\n".join(lines).rstrip() + "\n"
 
