@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-POLL_SECONDS = 0.2  # how often a waiting training tries the slots again
+POLL_SECONDS = 0.2  # how often a training waiting for one of several slots tries them again
 
 
 @contextlib.contextmanager
@@ -30,7 +30,9 @@ def evaluation_slot(directory: str | None, count: int):
         for slot in range(max(1, count)):
             fd = os.open(folder / f"slot-{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # one slot: wait in the kernel's queue, woken as its holder lets go; a poller can lose
+                # every race to a newcomer (an LLM call once waited 30 min behind three later calls)
+                fcntl.flock(fd, fcntl.LOCK_EX if count <= 1 else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
