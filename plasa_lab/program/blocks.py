@@ -37,6 +37,12 @@ def program_lines(text: str, keepends: bool = False) -> list[str]:
     return lines if keepends else [line.rstrip("\r\n") for line in lines]
 
 
+def start_marker_name(line: str) -> str | None:
+    """The name a block's START marker line gives ("" when it gives none); None for any other line."""
+    stripped = line.strip()
+    return stripped[len(BLOCK_START) :].strip() if stripped.startswith(BLOCK_START) else None
+
+
 def split_blocks(text: str) -> tuple[list[str], list[Block]]:
     """Cut a program into the text outside the blocks (one segment before, between and after
     the blocks, markers included) and the blocks. len(outside) == len(blocks) + 1."""
@@ -53,7 +59,7 @@ def split_blocks(text: str) -> tuple[list[str], list[Block]]:
         elif stripped.startswith(BLOCK_END):
             if open_at is None:
                 raise BlockError(f"line {i + 1}: EVOLVE-BLOCK-END without a START")
-            name = lines[open_at].strip()[len(BLOCK_START) :].strip() or f"block{len(blocks)}"
+            name = start_marker_name(lines[open_at]) or f"block{len(blocks)}"
             blocks.append(Block(name, open_at, i, "".join(current)))
             current, open_at = [line], None
         else:

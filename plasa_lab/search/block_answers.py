@@ -28,6 +28,7 @@ from ..program.blocks import (
     names_defined_in,
     program_lines,
     split_blocks,
+    start_marker_name,
 )
 from ..util import one_line
 
@@ -99,7 +100,7 @@ def _body_of(answer: str, name: str) -> str:
     fences = FENCE.findall(answer)
     text = max(fences, key=len) if fences else OPENING_FENCE.sub("", answer, count=1)
     lines = text.strip("\n").split("\n")
-    if lines and lines[0].split() == [*BLOCK_START.split(), name]:
+    if lines and start_marker_name(lines[0]) == name:
         lines = lines[1:]
     if lines and lines[-1].split()[:2] == BLOCK_END.split():
         lines = lines[:-1]
@@ -118,9 +119,7 @@ def blocks_in_diff_answer(answer: str, parent: str) -> str | None:
         return None
     edits = []
     for fence in FENCE.findall(answer):
-        first = fence.split("\n", 1)[0].strip()
-        name = first[len(BLOCK_START) :].strip() if first.startswith(BLOCK_START) else None
-        if name in names:
+        if (name := start_marker_name(fence.split("\n", 1)[0])) in names:
             try:
                 edits.append(read_block(f"```python\n{fence}```", parent, name))
             except BlockRefused:
